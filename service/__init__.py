@@ -1,0 +1,1 @@
+"""The HTTP image-generation service (FastAPI + queue + workers)."""
