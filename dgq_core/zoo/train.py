@@ -1,0 +1,421 @@
+"""Train the bundled model on the shapes dataset: first the AutoencoderKL, then the UNet and text encoder jointly.
+
+    python -m dgq_core.zoo.train --out runs/zoo --steps 6000 --seed 0
+    python -m dgq_core.zoo.train --out runs/zoo --steps 9000 --seed 0 --resume   # continue the same run
+
+Every batch is generated from (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+Checkpoints (weights, EMA weights, optimizer moments) are safetensors plus a JSON state file -- never pickle.
+The EMA weights are exported as a diffusers `save_pretrained` directory every `--export-every` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel
+
+from dgq_core.zoo import shapes
+from dgq_core.zoo.model import (
+    BETA_END,
+    BETA_START,
+    NUM_TRAIN_TIMESTEPS,
+    ZooModelConfig,
+    assemble_pipeline,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+)
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.json"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a training run (stored in the run's state file; a resume must not change them).
+
+    Args:
+        seed: seeds initialisation, batches, noise and timesteps.
+        vae_steps: AutoencoderKL steps, run before the UNet stage.
+        vae_batch_size: images per AutoencoderKL step.
+        vae_lr: AutoencoderKL learning rate.
+        vae_kl_weight: weight of the KL term; small, as in SD's VAE, but enough to keep the latent smooth.
+        batch_size: images per UNet step.
+        lr: UNet + text-encoder learning rate (constant after warm-up, so a run can stop at any step).
+        warmup_steps: linear learning-rate warm-up of the UNet stage.
+        ema_decay: decay of the exported exponential moving average of the UNet and text-encoder weights.
+        uncond_prob: probability of training on the empty prompt, so classifier-free guidance works.
+        min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023), which speeds up convergence.
+    """
+
+    seed: int = 0
+    vae_steps: int = 1000
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-5
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    uncond_prob: float = 0.1
+    min_snr_gamma: float = 5.0
+
+
+def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _batch_seed(seed: int, stage: str, step: int) -> int:
+    return seed * 10_000_000 + (0 if stage == "vae" else 5_000_000) + step
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (safetensors) and plain JSON."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, param_state in state["state"].items():
+        for name, value in param_state.items():
+            if torch.is_tensor(value) and value.ndim > 0:
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = float(value)
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = torch.tensor(value)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class Trainer:
+    """Owns the models, optimizers and EMA copies of one run directory.
+
+    Args:
+        out_dir: the run directory (checkpoints, log, sample grids, exported pipeline).
+        model_config: component sizes.
+        train_config: hyper-parameters.
+    """
+
+    def __init__(self, out_dir: Path, model_config: ZooModelConfig, train_config: TrainConfig):
+        self.out_dir = out_dir
+        self.model_config = model_config
+        self.config = train_config
+        torch.manual_seed(train_config.seed)
+        self.tokenizer = build_tokenizer(out_dir / "tokenizer", model_config)
+        self.vae = build_vae(model_config)
+        self.text_encoder = build_text_encoder(self.tokenizer, model_config)
+        self.unet = build_unet(model_config)
+        self.ema_text_encoder = build_text_encoder(self.tokenizer, model_config).requires_grad_(False)
+        self.ema_unet = build_unet(model_config).requires_grad_(False)
+        self.ema_text_encoder.load_state_dict(self.text_encoder.state_dict())
+        self.ema_unet.load_state_dict(self.unet.state_dict())
+        self.vae_optimizer = torch.optim.AdamW(self.vae.parameters(), lr=train_config.vae_lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(
+            list(self.unet.parameters()) + list(self.text_encoder.parameters()), lr=train_config.lr, weight_decay=1e-2
+        )
+        self.noise_scheduler = DDPMScheduler(
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END, beta_schedule="scaled_linear"
+        )
+        alphas_cumprod = self.noise_scheduler.alphas_cumprod
+        self.snr = alphas_cumprod / (1 - alphas_cumprod)
+        self.vae_step = 0
+        self.unet_step = 0
+        self.uncond_ids = self._tokenize([""])
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        return {
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "unet": self.unet,
+            "ema_text_encoder": self.ema_text_encoder,
+            "ema_unet": self.ema_unet,
+        }
+
+    def save_checkpoint(self) -> None:
+        directory = self.out_dir / CHECKPOINT_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {f"{name}.{k}": v for name, m in self._modules().items() for k, v in m.state_dict().items()}
+        _save_atomic(weights, directory / "model.safetensors")
+        meta = {}
+        for name, optimizer in (("vae_optimizer", self.vae_optimizer), ("optimizer", self.optimizer)):
+            tensors, meta[name] = _optimizer_tensors(optimizer)
+            _save_atomic(tensors, directory / f"{name}.safetensors")
+        state = {
+            "vae_step": self.vae_step,
+            "unet_step": self.unet_step,
+            "vae_scaling_factor": self.vae.config.scaling_factor,
+            "train_config": asdict(self.config),
+            "optimizers": meta,
+        }
+        tmp = directory / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, directory / STATE_FILE)
+
+    def load_checkpoint(self) -> None:
+        directory = self.out_dir / CHECKPOINT_DIR
+        state = json.loads((directory / STATE_FILE).read_text())
+        if state["train_config"] != asdict(self.config):
+            raise SystemExit(f"--resume with different hyper-parameters than {directory / STATE_FILE}")
+        weights = load_file(str(directory / "model.safetensors"))
+        for name, module in self._modules().items():
+            prefix = name + "."
+            module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+        for name, optimizer in (("vae_optimizer", self.vae_optimizer), ("optimizer", self.optimizer)):
+            _load_optimizer(optimizer, load_file(str(directory / f"{name}.safetensors")), state["optimizers"][name])
+        self.vae_step = state["vae_step"]
+        self.unet_step = state["unet_step"]
+        self.vae.register_to_config(scaling_factor=state["vae_scaling_factor"])
+
+    def init_from_pipeline(self, model_dir: Path) -> None:
+        """Warm-start from an exported pipeline (e.g. the committed one): its weights, a fresh optimizer."""
+        self.vae.load_state_dict(AutoencoderKL.from_pretrained(model_dir, subfolder="vae").state_dict())
+        self.vae.register_to_config(
+            scaling_factor=AutoencoderKL.load_config(model_dir, subfolder="vae")["scaling_factor"]
+        )
+        text_state = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").state_dict()
+        unet_state = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").state_dict()
+        for module, state in (
+            (self.text_encoder, text_state), (self.ema_text_encoder, text_state),
+            (self.unet, unet_state), (self.ema_unet, unet_state),
+        ):  # fmt: skip
+            module.load_state_dict(state)
+        provenance = json.loads((model_dir / "zoo_training.json").read_text())
+        self.vae_step = provenance["vae_steps"]
+        self.unet_step = provenance["unet_steps"]
+
+    # ---- training ----------------------------------------------------------------------------------------------
+
+    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def train_vae_step(self) -> float:
+        images, _ = shapes.make_batch(
+            self.config.vae_batch_size, _batch_seed(self.config.seed, "vae", self.vae_step), "train"
+        )
+        torch.manual_seed(_batch_seed(self.config.seed, "vae", self.vae_step))
+        pixels = _images_to_tensor(images)
+        posterior = self.vae.encode(pixels).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(reconstruction, pixels) + self.config.vae_kl_weight * posterior.kl().mean()
+        self.vae_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.vae_optimizer.step()
+        self.vae_step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def calibrate_latent_scale(self, num_images: int = 512) -> float:
+        """Set the VAE's scaling_factor to 1 / std of training latents, as SD's 0.18215 was chosen."""
+        images, _ = shapes.make_batch(num_images, _batch_seed(self.config.seed, "vae", 9_999_999 - 5_000_000), "train")
+        latents = self.vae.encode(_images_to_tensor(images)).latent_dist.mean
+        scaling_factor = float(1.0 / latents.std())
+        self.vae.register_to_config(scaling_factor=scaling_factor)
+        return scaling_factor
+
+    def train_unet_step(self) -> float:
+        step_seed = _batch_seed(self.config.seed, "unet", self.unet_step)
+        images, scenes = shapes.make_batch(self.config.batch_size, step_seed, "train")
+        generator = torch.Generator().manual_seed(step_seed)
+        with torch.no_grad():
+            latents = self.vae.encode(_images_to_tensor(images)).latent_dist.sample(generator)
+            latents = latents * self.vae.config.scaling_factor
+        input_ids = self._tokenize([scene.prompt for scene in scenes])
+        drop = torch.rand(len(scenes), generator=generator) < self.config.uncond_prob
+        input_ids[drop] = self.uncond_ids
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(scenes),), generator=generator)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+
+        warmup = min(1.0, (self.unet_step + 1) / self.config.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * warmup
+        hidden_states = self.text_encoder(input_ids).last_hidden_state
+        prediction = self.unet(noisy, timesteps, hidden_states).sample
+        snr = self.snr[timesteps]
+        weight = torch.clamp(snr, max=self.config.min_snr_gamma) / snr
+        loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text_encoder.parameters()), 1.0)
+        self.optimizer.step()
+        self._update_ema()
+        self.unet_step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Bias-corrected early on, so the EMA is usable after a few hundred steps.
+        decay = min(self.config.ema_decay, (1 + self.unet_step) / (10 + self.unet_step))
+        for ema, live in ((self.ema_unet, self.unet), (self.ema_text_encoder, self.text_encoder)):
+            for ema_param, param in zip(ema.parameters(), live.parameters(), strict=True):
+                ema_param.lerp_(param, 1 - decay)
+
+    # ---- export ------------------------------------------------------------------------------------------------
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """The EMA weights as a StableDiffusionPipeline."""
+        pipeline = assemble_pipeline(self.vae, self.ema_text_encoder, self.tokenizer, self.ema_unet)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def export(self, directory: Path, wall_seconds: float) -> None:
+        """save_pretrained of the EMA pipeline plus a provenance file (steps, seed, sizes, command)."""
+        tmp = directory.with_name(directory.name + ".tmp")
+        self.pipeline().save_pretrained(tmp, safe_serialization=True)
+        provenance = {
+            "vae_steps": self.vae_step,
+            "unet_steps": self.unet_step,
+            "train_config": asdict(self.config),
+            "model_config": asdict(self.model_config),
+            "train_wall_seconds_this_process": round(wall_seconds, 1),
+            "command": "python -m dgq_core.zoo.train " + " ".join(sys.argv[1:]),
+        }
+        (tmp / "zoo_training.json").write_text(json.dumps(provenance, indent=1) + "\n")
+        if directory.exists():
+            old = directory.with_name(directory.name + ".old")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            _remove_tree(old)
+        else:
+            os.replace(tmp, directory)
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path, num_prompts: int = 16, num_inference_steps: int = 20) -> None:
+        """A grid of held-out prompts (real image left, generated right) to watch training."""
+        scenes = shapes.sample_scenes(num_prompts, seed=1234, split="heldout")
+        result = self.pipeline()(
+            [s.prompt for s in scenes],
+            height=self.model_config.image_size,
+            width=self.model_config.image_size,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        )
+        generated = (result.images * 255).round().astype(np.uint8)
+        real = np.stack([np.asarray(shapes.render_scene(s, seed=i)) for i, s in enumerate(scenes)])
+        pairs = np.concatenate([real, generated], axis=2)
+        rows = [np.concatenate(list(pairs[i : i + 4]), axis=1) for i in range(0, num_prompts, 4)]
+        Image.fromarray(np.concatenate(rows, axis=0)).resize((rows[0].shape[1] * 4, len(rows) * 32 * 4), Image.NEAREST).save(path)
+
+
+def _remove_tree(path: Path) -> None:
+    for child in sorted(path.rglob("*"), reverse=True):
+        child.rmdir() if child.is_dir() else child.unlink()
+    path.rmdir()
+
+
+def _log(out_dir: Path, record: dict) -> None:
+    with open(out_dir / LOG_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dgq train-zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, log, sample grids)")
+    parser.add_argument("--steps", type=int, required=True, help="total UNet steps (the VAE stage comes first)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    parser.add_argument("--init-from", type=Path, help="warm-start from an exported pipeline dir (fresh optimizer)")
+    parser.add_argument("--export", type=Path, help="where to save_pretrained the EMA pipeline (default OUT/pipeline)")
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--export-every", type=int, default=500)
+    parser.add_argument("--sample-every", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m dgq_core.zoo.train` / `dgq train-zoo`.
+
+    Args:
+        argv: command-line arguments (sys.argv[1:] when None).
+
+    Returns:
+        process exit status.
+    """
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    export_dir = args.export or args.out / "pipeline"
+    train_config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, batch_size=args.batch_size, lr=args.lr)
+    trainer = Trainer(args.out, ZooModelConfig(), train_config)
+    if args.resume:
+        trainer.load_checkpoint()
+    elif args.init_from:
+        trainer.init_from_pipeline(args.init_from)
+    start = time.time()
+
+    if trainer.vae_step < train_config.vae_steps:
+        with tqdm(total=train_config.vae_steps, initial=trainer.vae_step, desc="vae", dynamic_ncols=True) as bar:
+            while trainer.vae_step < train_config.vae_steps:
+                loss = trainer.train_vae_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if trainer.vae_step % 50 == 0:
+                    _log(args.out, {"stage": "vae", "step": trainer.vae_step, "loss": loss, "time": time.time()})
+        scale = trainer.calibrate_latent_scale()
+        _log(args.out, {"stage": "vae", "step": trainer.vae_step, "scaling_factor": scale})
+        trainer.save_checkpoint()
+
+    running = None
+    with tqdm(total=args.steps, initial=trainer.unet_step, desc="unet", dynamic_ncols=True) as bar:
+        while trainer.unet_step < args.steps:
+            loss = trainer.train_unet_step()
+            running = loss if running is None else 0.98 * running + 0.02 * loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
+            step = trainer.unet_step
+            if step % 50 == 0:
+                _log(args.out, {"stage": "unet", "step": step, "loss": running, "time": time.time()})
+            if step % args.checkpoint_every == 0:
+                trainer.save_checkpoint()
+            if step % args.export_every == 0:
+                trainer.export(export_dir, time.time() - start)
+            if step % args.sample_every == 0:
+                trainer.sample_grid(args.out / f"samples_{step:06d}.png")
+    trainer.save_checkpoint()
+    trainer.export(export_dir, time.time() - start)
+    if math.isfinite(running or 0.0):
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
