@@ -219,62 +219,57 @@ def sample_scenes(num: int, seed: int, split: str = "train", pair_fraction: floa
     return [pairs[p] if pair else singles[s] for pair, s, p in zip(is_pair, single_idx, pair_idx, strict=True)]
 
 
-def _shape_polygon(shape: str, cx: float, cy: float, side: float) -> list[tuple[float, float]] | None:
-    """Polygon corners of a shape with bounding box `side` x `side` centred at (cx, cy); None for a circle."""
-    h = side / 2
-    if shape == "square":
-        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
-    if shape == "triangle":
-        return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
-    if shape == "cross":
-        t = side / 6  # half the arm width: arms are a third of the side
-        return [
-            (cx - t, cy - h), (cx + t, cy - h), (cx + t, cy - t), (cx + h, cy - t), (cx + h, cy + t), (cx + t, cy + t),
-            (cx + t, cy + h), (cx - t, cy + h), (cx - t, cy + t), (cx - h, cy + t), (cx - h, cy - t), (cx - t, cy - t),
-        ]  # fmt: skip
-    if shape == "circle":
-        return None
-    raise ValueError(f"unknown shape {shape!r}")
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, left: int, top: int, side: int, fill) -> None:
+    """Draw one filled shape into the pixel box [left, left + side) x [top, top + side).
 
-
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side: float, fill) -> None:
-    """Draw one filled shape with bounding box `side` x `side` centred at (cx, cy), in pixel coordinates.
+    Shapes are drawn on whole pixels with odd sides, so every instance of a (shape, size) is the same pixel pattern
+    wherever it is placed; the scorer's templates are drawn with this same function.
 
     Args:
         draw: the PIL drawing context.
         shape: a name from `SHAPES`.
-        cx: centre column.
-        cy: centre row.
-        side: bounding-box side in pixels.
-        fill: PIL fill colour (an RGB tuple, or 1 on a mode "1"/"L" image).
+        left: first pixel column of the box.
+        top: first pixel row of the box.
+        side: box side in pixels.
+        fill: PIL fill colour (an RGB tuple, or 1 on a mode "L" image).
     """
-    # PIL boxes include their right/bottom pixel, hence the -1.
-    polygon = _shape_polygon(shape, cx - 0.5, cy - 0.5, side - 1)
-    if polygon is None:
-        h = (side - 1) / 2
-        draw.ellipse([cx - 0.5 - h, cy - 0.5 - h, cx - 0.5 + h, cy - 0.5 + h], fill=fill)
+    right, bottom = left + side - 1, top + side - 1  # PIL boxes include their right/bottom pixel
+    if shape == "square":
+        draw.rectangle([left, top, right, bottom], fill=fill)
+    elif shape == "circle":
+        draw.ellipse([left, top, right, bottom], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(left + (side - 1) / 2, top), (right, bottom), (left, bottom)], fill=fill)
+    elif shape == "cross":
+        arm = side // 3 | 1  # odd, so the arms are centred
+        offset = (side - arm) // 2
+        draw.rectangle([left + offset, top, left + offset + arm - 1, bottom], fill=fill)
+        draw.rectangle([left, top + offset, right, top + offset + arm - 1], fill=fill)
     else:
-        draw.polygon(polygon, fill=fill)
+        raise ValueError(f"unknown shape {shape!r}")
 
 
-def layout_scene(scene: Scene, rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> list[tuple[float, float, int]]:
-    """Random pixel placement (centre column, centre row, side) of each object, consistent with the relation."""
+def layout_scene(scene: Scene, rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> list[tuple[int, int, int]]:
+    """Random pixel placement (left, top, side) of each object's box, consistent with the relation."""
     if len(scene.objects) == 1:
-        side = SIZE_PIXELS[scene.objects[0].size] * image_size // IMAGE_SIZE
-        margin = side / 2 + 1
-        cx, cy = rng.uniform(margin, image_size - margin, 2)
-        return [(cx, cy, side)]
-    side = PAIR_PIXELS * image_size // IMAGE_SIZE
-    quarter = image_size / 4
-    # The two objects sit in opposite halves along the relation's axis, jittered on both axes.
-    near, far = quarter + rng.uniform(-1.5, 1.5, 2) * image_size / IMAGE_SIZE
-    along_first, along_second = near, image_size - far
-    across = image_size / 2 + rng.uniform(-4, 4, 2) * image_size / IMAGE_SIZE
-    if scene.relation in ("below", "right"):
-        along_first, along_second = along_second, along_first
-    if scene.relation in ("above", "below"):
-        return [(across[0], along_first, side), (across[1], along_second, side)]
-    return [(along_first, across[0], side), (along_second, across[1], side)]
+        side = SIZE_PIXELS[scene.objects[0].size] * image_size // IMAGE_SIZE | 1
+        left, top = rng.integers(1, image_size - side, 2, endpoint=True)
+        return [(int(left), int(top), side)]
+    side = PAIR_PIXELS * image_size // IMAGE_SIZE | 1
+    quarter = image_size // 4
+    jitter_along = max(1, image_size // 16)
+    jitter_across = max(1, image_size // 8)
+    # The two objects' centres sit in opposite halves along the relation's axis, jittered on both axes.
+    near = quarter + rng.integers(-jitter_along, jitter_along, endpoint=True)
+    far = image_size - quarter + rng.integers(-jitter_along, jitter_along, endpoint=True)
+    across = image_size // 2 + rng.integers(-jitter_across, jitter_across, 2, endpoint=True)
+    first_along, second_along = (far, near) if scene.relation in ("below", "right") else (near, far)
+    centres = (
+        [(across[0], first_along), (across[1], second_along)]
+        if scene.relation in ("above", "below")
+        else [(first_along, across[0]), (second_along, across[1])]
+    )
+    return [(int(cx) - side // 2, int(cy) - side // 2, side) for cx, cy in centres]
 
 
 def render_scene(scene: Scene, seed: int, image_size: int = IMAGE_SIZE) -> Image.Image:
@@ -288,8 +283,8 @@ def render_scene(scene: Scene, seed: int, image_size: int = IMAGE_SIZE) -> Image
     rng = np.random.default_rng([seed, 0x1A40])
     image = Image.new("RGB", (image_size, image_size), PALETTE[scene.background])
     draw = ImageDraw.Draw(image)
-    for obj, (cx, cy, side) in zip(scene.objects, layout_scene(scene, rng, image_size), strict=True):
-        draw_shape(draw, obj.shape, cx, cy, side, PALETTE[obj.color])
+    for obj, (left, top, side) in zip(scene.objects, layout_scene(scene, rng, image_size), strict=True):
+        draw_shape(draw, obj.shape, left, top, side, PALETTE[obj.color])
     return image
 
 
