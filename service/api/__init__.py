@@ -1,0 +1,1 @@
+"""Thin FastAPI routers over `service.serving`; `app.create_app` assembles them."""

@@ -1,0 +1,15 @@
+"""OpenAI-compatible `GET /v1/models`: the one model this deployment serves."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.api.deps import Authenticated, ServiceDep
+from service.schemas import OpenAIModel, OpenAIModelList
+
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Authenticated])
+
+
+@router.get("/models")
+async def list_models(service: ServiceDep) -> OpenAIModelList:
+    return OpenAIModelList(data=[OpenAIModel(id=service.model_name, created=service.started_at)])

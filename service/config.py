@@ -1,0 +1,95 @@
+"""One `Settings` object for the API and the workers, read from the environment (`DGQ_*`) and the CLI."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+BUNDLED_MODEL = "bundled"
+
+
+class Settings(BaseSettings):
+    """Everything a `dgq serve` or `dgq worker` process can be told.
+
+    Environment variables are the field names upper-cased with the `DGQ_` prefix (`DGQ_MAX_BATCH=8`);
+    `REDIS_URL` is also read without the prefix. On the command line they are `--max_batch 8` etc.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DGQ_", env_file=".env", extra="ignore")
+
+    # --- model ---
+    model: str = Field(BUNDLED_MODEL, description="Diffusers model dir or hub id; 'bundled' = the model in dgq_core.zoo.")
+    quantized: str | None = Field(
+        "auto",
+        description="Quantized checkpoint dir; 'auto' = quantize at first start and cache; 'none' = full precision.",
+    )
+    exec_mode: str = Field("fake", description="DGQ execution backend: 'fake' (quantize-dequantize) or 'int'.")
+    device: str = Field("cpu", description="Torch device for the workers' UNet and VAE, e.g. 'cuda:0'.")
+    default_width: int | None = Field(None, description="Image width when a request gives none; None = model native.")
+    default_height: int | None = Field(None, description="Image height when a request gives none; None = model native.")
+    warmup_steps: int = Field(2, ge=0, description="Denoising steps of the warm-up run a worker does before taking jobs.")
+
+    # --- HTTP ---
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Accepted bearer tokens (comma-separated); empty = no authentication."
+    )
+
+    # --- queue ---
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("redis_url", "DGQ_REDIS_URL", "REDIS_URL"),
+        description="redis://host:port/db; unset = the in-process queue (embedded mode).",
+    )
+    embedded_worker: bool | None = Field(
+        None, description="Run a worker inside the API process; None = only when no Redis is configured."
+    )
+    queue_max: int = Field(64, ge=1, description="Jobs queued or running before POST answers 429.")
+    result_ttl_s: float = Field(600.0, gt=0, description="How long images are kept after a job ends (then 410).")
+    request_timeout_s: float = Field(120.0, gt=0, description="How long a synchronous request waits for its images.")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 429 and 503.")
+
+    # --- batching / workers ---
+    max_batch: int = Field(4, ge=1, description="Most images one denoising loop runs together.")
+    batch_window_s: float = Field(0.05, ge=0, description="How long a worker waits for more compatible jobs.")
+    worker_id: str | None = Field(None, description="Consumer name in the Redis group; None = host-pid-random.")
+    worker_metrics_port: int | None = Field(9100, description="Port of a worker's own /metrics; None = off, 0 = any.")
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="How often a worker renews its claim on running jobs.")
+    worker_ttl_s: float = Field(10.0, gt=0, description="A worker silent this long is dead; its jobs are reclaimed.")
+    reaper_interval_s: float = Field(5.0, gt=0, description="How often a worker looks for jobs of dead workers.")
+    max_deliveries: int = Field(3, ge=1, description="Deliveries after which a job goes to the dead-letter stream.")
+
+    # --- limits ---
+    max_width: int = Field(1024, ge=8, description="Largest width a request may ask for (a multiple of 8).")
+    max_height: int = Field(1024, ge=8, description="Largest height a request may ask for (a multiple of 8).")
+    max_steps: int = Field(100, ge=1)
+    max_num_images: int = Field(4, ge=1)
+    prompt_cache_size: int = Field(256, ge=0, description="Prompts whose text-encoder output is kept (LRU).")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_comma_separated(cls, value: object) -> object:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @cached_property
+    def worker_in_api(self) -> bool:
+        """Whether the API process runs a worker itself."""
+        return self.embedded_worker if self.embedded_worker is not None else self.redis_url is None
+
+    @cached_property
+    def model_ref(self) -> str | Path:
+        """The model to load: a path for the bundled model, else what was configured."""
+        if self.model == BUNDLED_MODEL:
+            from dgq_core.zoo import bundled_model_dir
+
+            return bundled_model_dir()
+        return self.model
+
+    def accepted_api_keys(self) -> list[bytes]:
+        """The configured API keys as bytes, for constant-time comparison."""
+        return [key.get_secret_value().encode() for key in self.api_keys]

@@ -1,0 +1,61 @@
+"""Typed errors of the serving layer; the API maps each to its HTTP status (see `service.api.app`)."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class: `status` is the HTTP status, the message says what is wrong and how to fix it."""
+
+    status: int = 500
+    retry_after_s: int | None = None
+
+    def __init__(self, message: str, *, job_id: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.job_id = job_id
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+
+    @property
+    def type(self) -> str:
+        return type(self).__name__
+
+
+class InvalidRequest(ServiceError):
+    status = 422
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+
+class JobNotFound(ServiceError):
+    status = 404
+
+
+class JobExpired(ServiceError):
+    status = 410
+
+
+class JobCancelled(ServiceError):
+    status = 409
+
+
+class QueueFull(ServiceError):
+    status = 429
+
+
+class QueueUnavailable(ServiceError):
+    status = 503
+
+
+class NotReady(ServiceError):
+    status = 503
+
+
+class GenerationFailed(ServiceError):
+    status = 500
+
+
+class GenerationTimeout(ServiceError):
+    status = 504

@@ -1,0 +1,67 @@
+"""Front stage (API process): tokenize, text-encode, prompt-specific DGQ parameters - once per prompt (LRU)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+
+import torch
+
+from service import metrics
+from service.config import Settings
+from service.errors import InvalidRequest
+from service.pipelines import PromptEncoder, PromptParams, native_size, pack_prompt
+
+
+class PromptFrontend:
+    """Turns (prompt, negative prompt) into the safetensors payload of a job."""
+
+    def __init__(self, settings: Settings, encoder: PromptEncoder | None = None) -> None:
+        started = time.perf_counter()
+        self.encoder = encoder or PromptEncoder(settings)
+        metrics.MODEL_LOAD.labels(stage="text_encoder_load").set(time.perf_counter() - started)
+        self.native_size = native_size(settings)
+        self._cache_size = settings.prompt_cache_size
+        self._cache: OrderedDict[str, tuple[torch.Tensor, PromptParams]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check_length(self, prompt: str, field: str) -> None:
+        """Raise `InvalidRequest` when `prompt` has more tokens than the text encoder reads."""
+        tokens = self.encoder.count_tokens(prompt)
+        if tokens > self.encoder.max_tokens:
+            raise InvalidRequest(
+                f"{field} is {tokens} tokens long; the text encoder reads at most {self.encoder.max_tokens} "
+                "(including start and end tokens): shorten it."
+            )
+
+    def _encode_cached(self, prompts: list[str]) -> list[tuple[torch.Tensor, PromptParams]]:
+        with self._lock:
+            missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+            metrics.PROMPT_CACHE.labels(result="hit").inc(len(prompts) - len(missing))
+            metrics.PROMPT_CACHE.labels(result="miss").inc(len(missing))
+            encoded = {}
+            if missing:
+                batch = self.encoder.encode(missing)
+                encoded = {p: (batch.embeds[i], batch.params[i]) for i, p in enumerate(missing)}
+            results = [self._cache.get(p) or encoded[p] for p in prompts]
+            for prompt, value in encoded.items():
+                self._cache[prompt] = value
+            for prompt in prompts:
+                if prompt in self._cache:
+                    self._cache.move_to_end(prompt)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return results
+
+    async def encode(self, prompt: str, negative_prompt: str) -> tuple[bytes, float]:
+        """The job payload for this prompt pair and the seconds it took."""
+        started = time.perf_counter()
+        (embeds, params), (negative, negative_params) = await asyncio.to_thread(
+            self._encode_cached, [prompt, negative_prompt]
+        )
+        payload = pack_prompt(embeds, negative, params, negative_params)
+        seconds = time.perf_counter() - started
+        metrics.TEXT_ENCODE.observe(seconds)
+        return payload, seconds

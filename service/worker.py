@@ -1,0 +1,248 @@
+"""The worker: takes compatible jobs, runs them as one batched denoising loop, stores PNGs, acknowledges.
+
+Every image has its own torch.Generator (seed + n) and its own prompt-specific parameters, and the UNet is made
+batch-invariant (`pipelines.make_batch_invariant`), so an image does not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+
+from service import metrics
+from service.config import Settings
+from service.errors import QueueUnavailable
+from service.pipelines import (
+    load_worker_pipeline, native_size, prompt_params_scope, unpack_prompt, use_dgq, weight_bytes,
+)
+from service.queue.base import JobQueue, QueuedJob, StoredImages
+from service.schemas import JobEvent
+
+log = logging.getLogger(__name__)
+
+PROMPT_TOKENS = 77
+"""Sequence length of CLIP prompt embeddings (used for the warm-up batch)."""
+
+
+@dataclass
+class BatchOutput:
+    pngs: list[list[bytes]]
+    """PNGs per job, in the order of the jobs."""
+    denoise_s: float
+    decode_s: float
+
+
+class BatchRunner:
+    """Runs a list of compatible jobs as one pipeline call (blocking; call it from a thread)."""
+
+    def __init__(self, pipe: DiffusionPipeline) -> None:
+        self.pipe = pipe
+
+    def run(self, jobs: list[QueuedJob], on_step: Callable[[int, float], bool]) -> BatchOutput:
+        """`on_step(step, seconds)` is called after each step; it returns True to stop the loop (all cancelled)."""
+        spec = jobs[0].spec
+        rows = [(unpack_prompt(job.payload), seed) for job in jobs for seed in job.spec.seeds]
+        device = self.pipe.unet.device
+        prompts = [prompt for prompt, _ in rows]
+        embeds = torch.stack([p.embeds for p in prompts]).to(device)
+        negative_embeds = torch.stack([p.negative_embeds for p in prompts]).to(device)
+        row_params = [p.params for p in prompts]
+        if spec.guidance_scale > 1.0:  # diffusers puts the negative rows first
+            row_params = [p.negative_params for p in prompts] + row_params
+        generators = [torch.Generator(device).manual_seed(seed) for _, seed in rows]
+
+        last_step = time.perf_counter()
+
+        def step_end(pipe: DiffusionPipeline, step: int, timestep: object, tensors: dict) -> dict:
+            nonlocal last_step
+            step_s, last_step = time.perf_counter() - last_step, time.perf_counter()
+            if on_step(step + 1, step_s):
+                pipe._interrupt = True
+            return {}
+
+        started = time.perf_counter()
+        with torch.inference_mode(), prompt_params_scope(self.pipe.unet, row_params):
+            latents = self.pipe(
+                prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, generator=generators,
+                num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale, width=spec.width,
+                height=spec.height, output_type="latent", callback_on_step_end=step_end,
+            ).images
+        decode_started = time.perf_counter()
+        pngs = [self._decode(latents[row : row + 1]) for row in range(len(rows))]
+        done = time.perf_counter()
+        per_job, start = [], 0
+        for job in jobs:
+            per_job.append(pngs[start : start + job.spec.num_images])
+            start += job.spec.num_images
+        return BatchOutput(pngs=per_job, denoise_s=decode_started - started, decode_s=done - decode_started)
+
+    @torch.inference_mode()
+    def _decode(self, latent: torch.Tensor) -> bytes:
+        """One latent -> PNG bytes (one at a time: VAE convolutions round differently at batch 1 vs > 1)."""
+        vae = self.pipe.vae
+        pixels = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor).sample
+        image = self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def compatible_batches(jobs: list[QueuedJob], max_images: int) -> list[list[QueuedJob]]:
+    """Split `jobs` (in order) into batches of equal `batch_key` with at most `max_images` images each."""
+    batches: list[list[QueuedJob]] = []
+    open_batches: dict[str, list[QueuedJob]] = {}
+    for job in jobs:
+        batch = open_batches.get(job.spec.batch_key)
+        if batch is None or sum(j.spec.num_images for j in batch) + job.spec.num_images > max_images:
+            batch = []
+            batches.append(batch)
+            open_batches[job.spec.batch_key] = batch
+        batch.append(job)
+    return batches
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """Loads the pipeline, warms up, then loops: take jobs, batch, run, store, acknowledge."""
+
+    def __init__(self, settings: Settings, queue: JobQueue, pipe: DiffusionPipeline | None = None) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.worker_id = settings.worker_id or default_worker_id()
+        self.ready = False
+        self._pipe = pipe
+        self._held: list[QueuedJob] = []
+        self._cancel_requested: set[str] = set()
+
+    async def load(self) -> None:
+        """Load the UNet and VAE (unless given) and run the warm-up batch; `ready` is True afterwards."""
+        started = time.perf_counter()
+        if self._pipe is None:
+            self._pipe = await asyncio.to_thread(load_worker_pipeline, self.settings)
+        metrics.MODEL_LOAD.labels(stage="worker_load").set(time.perf_counter() - started)
+        for component, precision, size in weight_bytes(self._pipe):
+            metrics.MODEL_WEIGHT_BYTES.labels(component=component, precision=precision).set(size)
+        metrics.MODEL_INFO.info({
+            "model": str(self.settings.model), "quant_method": "dgq" if use_dgq(self.settings) else "none",
+            "quantized": str(self.settings.quantized), "exec_mode": self.settings.exec_mode,
+            "device": self.settings.device,
+        })
+        self.runner = BatchRunner(self._pipe)
+        started = time.perf_counter()
+        await asyncio.to_thread(self._warm_up)
+        metrics.MODEL_LOAD.labels(stage="warmup").set(time.perf_counter() - started)
+        self.ready = True
+
+    def _warm_up(self) -> None:
+        if self.settings.warmup_steps == 0:
+            return
+        width, height = native_size(self.settings)
+        dim = self._pipe.unet.config.cross_attention_dim
+        embeds = torch.zeros(1, PROMPT_TOKENS, dim, device=self._pipe.unet.device)
+        with torch.inference_mode():
+            latents = self._pipe(
+                prompt_embeds=embeds, negative_prompt_embeds=embeds, num_inference_steps=self.settings.warmup_steps,
+                width=width, height=height, output_type="latent",
+            ).images
+        self.runner._decode(latents)
+
+    async def run(self) -> None:
+        """Serve jobs until cancelled (with a heartbeat task alongside)."""
+        if not self.ready:
+            await self.load()
+        heartbeat = asyncio.create_task(self._heartbeat_loop())
+        last_reap = 0.0
+        try:
+            while True:
+                jobs: list[QueuedJob] = []
+                if time.monotonic() - last_reap > self.settings.reaper_interval_s:
+                    last_reap = time.monotonic()
+                    jobs = await self._guarded(self.queue.reap(self.worker_id), [])
+                    metrics.JOBS_RECLAIMED.inc(len(jobs))
+                if not jobs:
+                    jobs = await self._guarded(
+                        self.queue.take(self.worker_id, self.settings.max_batch, self.settings.batch_window_s), []
+                    )
+                for batch in compatible_batches(jobs, self.settings.max_batch):
+                    await self._run_batch(batch)
+        finally:
+            heartbeat.cancel()
+
+    async def _guarded(self, call, fallback):
+        """Await a queue call; while the backend is unreachable, log, wait and return `fallback`."""
+        try:
+            return await call
+        except QueueUnavailable as error:
+            log.warning("queue unavailable, retrying: %s", error)
+            await asyncio.sleep(self.settings.retry_after_s)
+            return fallback
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            held = list(self._held)
+            await self._guarded(self.queue.heartbeat(self.worker_id, held), None)
+            if held:
+                self._cancel_requested = await self._guarded(
+                    self.queue.cancel_requested([job.spec.id for job in held]), set()
+                )
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def _run_batch(self, jobs: list[QueuedJob]) -> None:
+        started = [job for job in jobs if await self.queue.start(job, self.worker_id)]
+        if not started:
+            return
+        start_time = time.time()
+        for job in started:
+            metrics.QUEUE_WAIT.observe(start_time - job.spec.created_at)
+        self._held = started
+        self._cancel_requested = set()
+        loop = asyncio.get_running_loop()
+        ids = {job.spec.id for job in started}
+
+        def on_step(step: int, step_s: float) -> bool:
+            metrics.DENOISE_STEP.observe(step_s)
+            event = JobEvent(event="step", data={"step": step, "steps": started[0].spec.steps})
+            for job in started:
+                asyncio.run_coroutine_threadsafe(self.queue.publish(job.spec.id, event), loop)
+            return ids <= self._cancel_requested
+
+        images_in_batch = sum(job.spec.num_images for job in started)
+        metrics.BATCH_SIZE.observe(images_in_batch)
+        try:
+            output = await asyncio.to_thread(self.runner.run, started, on_step)
+        except Exception as error:  # a failed batch fails its jobs with the reason, never drops them
+            log.exception("batch failed")
+            for job in started:
+                await self.queue.fail(job, f"generation failed: {error!r}", {})
+                metrics.JOBS.labels(outcome="failed").inc()
+            self._held = []
+            return
+        metrics.DENOISE.observe(output.denoise_s)
+        metrics.DECODE.observe(output.decode_s)
+        cancelled = self._cancel_requested | await self.queue.cancel_requested(list(ids))
+        for job, pngs in zip(started, output.pngs, strict=True):
+            if job.spec.id in cancelled:
+                await self.queue.finish_cancelled(job)
+                metrics.JOBS.labels(outcome="cancelled").inc()
+                continue
+            timings = {
+                "queue_wait_s": start_time - job.spec.created_at, "denoise_s": output.denoise_s,
+                "decode_s": output.decode_s, "batch_images": float(images_in_batch),
+                "total_s": time.time() - job.spec.created_at,
+            }
+            await self.queue.succeed(job, StoredImages(pngs=pngs, timings=timings))
+            metrics.JOBS.labels(outcome="succeeded").inc()
+        self._held = []

@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny random-init diffusers models written to disk, a real redis-server on a free port.
+
+Nothing here downloads anything. Fixtures are general so any test module can use them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_VOCAB_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_tiny_clip_tokenizer_files(directory: Path) -> tuple[Path, Path]:
+    """vocab.json + merges.txt of a character-level CLIP BPE tokenizer (letters, '!', start/end tokens)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for letter in TINY_VOCAB_LETTERS:
+        vocab[letter] = len(vocab)
+        vocab[f"{letter}</w>"] = len(vocab)
+    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab))
+    merges_file.write_text("#version: 0.2\n")
+    return vocab_file, merges_file
+
+
+def build_tiny_sd_pipeline(work_dir: Path, *, max_tokens: int = 77):
+    """A random-init StableDiffusionPipeline with the real architecture family, small enough for CPU tests."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, sample_size=16,
+    )
+    vocab_file, merges_file = write_tiny_clip_tokenizer_files(work_dir / "tokenizer-src")
+    tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_tokens)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, vocab_size=tokenizer.vocab_size, max_position_embeddings=max_tokens, projection_dim=32,
+    ))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Stable Diffusion model saved as a diffusers directory (native size 16x16)."""
+    work_dir = tmp_path_factory.mktemp("tiny-sd")
+    pipe = build_tiny_sd_pipeline(work_dir)
+    model_dir = work_dir / "model"
+    pipe.save_pretrained(model_dir)
+    return model_dir
+
+
+class RedisServer:
+    """A redis-server child process on a free port; `stop()`/`start()` simulate an outage on the same port."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.data_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def flush(self) -> None:
+        import redis
+
+        with redis.Redis.from_url(self.url) as client:
+            client.flushall()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the session (skips when the binary is missing; `.ci/run` installs it)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of an empty Redis database (flushed before each test)."""
+    if redis_server.process is None:
+        redis_server.start()
+    redis_server.flush()
+    return redis_server.url
