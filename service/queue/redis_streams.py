@@ -1,0 +1,342 @@
+"""Redis Streams backend: one consumer group of workers, heartbeats, a reaper for dead workers, dead letters.
+
+- Submit: job hash (spec + safetensors payload), then `XADD dgq:jobs {job: id}` (bounded by `queue_max`).
+- Workers: `XREADGROUP COUNT max_batch` (+ a short window for more), run, store PNGs under keys with a TTL,
+  mark succeeded, then `XACK` + `XDEL` - acknowledged only after the result is stored.
+- Heartbeat: every few seconds a worker renews its key (TTL `worker_ttl_s`) and `XCLAIM ... JUSTID`s the entries
+  it holds, which resets their idle time: a live worker's long job never looks idle.
+- Reaper: `XAUTOCLAIM` of entries idle longer than `worker_ttl_s` (so only from dead workers); past
+  `max_deliveries` a job goes to the dead-letter stream and fails with that reason.
+- State transitions are Lua scripts, so a job ends exactly once whoever finishes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.config import Settings
+from service.errors import QueueFull, QueueUnavailable
+from service.queue import keys
+from service.queue.base import (
+    TERMINAL_EVENTS, JobQueue, QueuedJob, QueueStats, StoredImages, job_state, now, state_ttl_s,
+)
+from service.schemas import JobEvent, JobSpec, JobState, JobStatus
+
+READ_BLOCK_MS = 1000
+"""Longest a worker's read blocks, so it reaps and notices shutdown at least this often."""
+EVENTS_MAXLEN = 2000
+
+_TRANSITION = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+for allowed in string.gmatch(ARGV[1], '[^,]+') do
+  if allowed == status then
+    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 3))
+    return 1
+  end
+end
+return 0
+"""
+"""KEYS[1] job hash; ARGV[1] statuses allowed now (comma-separated), ARGV[2] new status, then field/value pairs.
+Returns 1 when moved, 0 when the job is in another status, -1 when it does not exist."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _unavailable_on_connection_error(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            raise QueueUnavailable(
+                f"the job queue (Redis) is unreachable: {error}; retry shortly", retry_after_s=args[0]._retry_after_s
+            ) from error
+
+    return wrapper
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value is not None else None
+
+
+class RedisStreamsQueue(JobQueue):
+    """`JobQueue` on a Redis server shared by the API processes and the workers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._retry_after_s = settings.retry_after_s
+        self._redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=READ_BLOCK_MS / 1000 + 5,
+            health_check_interval=10,
+        )
+        self._transition_script = self._redis.register_script(_TRANSITION)
+        self._group_ready = False
+
+    async def _transition(self, job_id: str, allowed: list[JobStatus], to: JobStatus, **fields: object) -> int:
+        pairs = [str(item) for pair in fields.items() for item in pair]
+        return await self._transition_script(
+            keys=[keys.job(job_id)], args=[",".join(allowed), to.value, *pairs]
+        )
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self._redis.xgroup_create(keys.JOBS_STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+        self._group_ready = True
+
+    async def _emit(self, job_id: str, event: JobEvent) -> None:
+        await self._redis.xadd(
+            keys.job_events(job_id), {"event": event.event, "data": json.dumps(event.data)},
+            maxlen=EVENTS_MAXLEN, approximate=True,
+        )
+
+    async def _ack(self, job: QueuedJob) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(keys.JOBS_STREAM, keys.WORKER_GROUP, job.receipt)
+            pipe.xdel(keys.JOBS_STREAM, job.receipt)
+            await pipe.execute()
+
+    async def _finish(self, job: QueuedJob, status: JobStatus, allowed: list[JobStatus], **fields: object) -> bool:
+        """Move a job to a terminal status (once), expire its state, emit the event, acknowledge the entry."""
+        finished_at = now()
+        moved = await self._transition(
+            job.spec.id, allowed, status, finished_at=finished_at,
+            expires_at=finished_at + self._settings.result_ttl_s, **fields,
+        )
+        if moved == 1:
+            ttl = int(state_ttl_s(self._settings.result_ttl_s))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hdel(keys.job(job.spec.id), "payload")
+                pipe.expire(keys.job(job.spec.id), ttl)
+                pipe.expire(keys.job_events(job.spec.id), ttl)
+                await pipe.execute()
+            data = {"reason": fields["error"]} if "error" in fields else {}
+            await self._emit(job.spec.id, JobEvent(event=status.value, data=data))
+        if job.receipt:
+            await self._ack(job)
+        return moved == 1
+
+    # --- API side ---
+
+    @_unavailable_on_connection_error
+    async def submit(self, spec: JobSpec, payload: bytes, timings: dict[str, float]) -> JobState:
+        await self._ensure_group()
+        depth = await self._redis.xlen(keys.JOBS_STREAM)
+        if depth >= self._settings.queue_max:
+            raise QueueFull(
+                f"{depth} jobs are queued or running (the limit); retry after a few seconds.",
+                retry_after_s=self._retry_after_s,
+            )
+        job_key = keys.job(spec.id)
+        await self._redis.hset(job_key, mapping={
+            "spec": spec.model_dump_json(), "payload": payload, "status": JobStatus.queued.value,
+            "timings": json.dumps(timings), "deliveries": 0, "completions": 0,
+        })
+        await self._emit(spec.id, JobEvent(event="queued"))
+        entry = await self._redis.xadd(keys.JOBS_STREAM, {"job": spec.id})
+        await self._redis.hset(job_key, "entry", entry)
+        return await self.get(spec.id)
+
+    async def _position(self, entry: bytes | None) -> int | None:
+        if entry is None:
+            return None
+        groups = await self._redis.xinfo_groups(keys.JOBS_STREAM)
+        last = next((g["last-delivered-id"] for g in groups if g["name"] == keys.WORKER_GROUP.encode()), b"0-0")
+        ahead = await self._redis.xrange(keys.JOBS_STREAM, min=b"(" + last, max=entry)
+        return max(len(ahead) - 1, 0)
+
+    @_unavailable_on_connection_error
+    async def get(self, job_id: str) -> JobState | None:
+        fields = ("spec", "status", "timings", "error", "worker", "deliveries", "finished_at", "expires_at", "entry")
+        values = dict(zip(fields, await self._redis.hmget(keys.job(job_id), fields), strict=True))
+        if values["spec"] is None:
+            return None
+        status = JobStatus(_text(values["status"]))
+        return job_state(
+            JobSpec.model_validate_json(values["spec"]), status,
+            position=await self._position(values["entry"]) if status == JobStatus.queued else None,
+            timings=json.loads(values["timings"] or "{}"), error=_text(values["error"]),
+            worker=_text(values["worker"]), deliveries=int(values["deliveries"] or 0),
+            finished_at=float(values["finished_at"]) if values["finished_at"] else None,
+            expires_at=float(values["expires_at"]) if values["expires_at"] else None,
+        )
+
+    @_unavailable_on_connection_error
+    async def image(self, job_id: str, index: int) -> bytes | None:
+        return await self._redis.get(keys.job_image(job_id, index))
+
+    @_unavailable_on_connection_error
+    async def cancel(self, job_id: str) -> JobState | None:
+        state = await self.get(job_id)
+        if state is None:
+            return None
+        if state.status == JobStatus.queued:
+            spec, entry = await self._redis.hmget(keys.job(job_id), ["spec", "entry"])
+            job = QueuedJob(spec=JobSpec.model_validate_json(spec), payload=b"", receipt=_text(entry) or "")
+            await self._finish(job, JobStatus.cancelled, [JobStatus.queued], error="cancelled while queued")
+        await self._redis.hset(keys.job(job_id), "cancel", 1)
+        return await self.get(job_id)
+
+    async def events(self, job_id: str) -> AsyncIterator[JobEvent]:
+        last_id = b"0-0"
+        while True:
+            try:
+                reply = await self._redis.xread({keys.job_events(job_id): last_id}, block=READ_BLOCK_MS, count=100)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+                raise QueueUnavailable(f"the job queue (Redis) is unreachable: {error}",
+                                       retry_after_s=self._retry_after_s) from error
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    event = JobEvent(event=fields[b"event"].decode(), data=json.loads(fields[b"data"]))
+                    yield event
+                    if event.event in TERMINAL_EVENTS:
+                        return
+
+    @_unavailable_on_connection_error
+    async def stats(self) -> QueueStats:
+        await self._ensure_group()
+        depth = await self._redis.xlen(keys.JOBS_STREAM)
+        groups = await self._redis.xinfo_groups(keys.JOBS_STREAM)
+        lag = next((g.get("lag") for g in groups if g["name"] == keys.WORKER_GROUP.encode()), None)
+        live = [key async for key in self._redis.scan_iter(match=keys.WORKER_PATTERN, count=1000)]
+        return QueueStats(depth=depth, lag=int(lag or 0), live_workers=len(live))
+
+    @_unavailable_on_connection_error
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    # --- worker side ---
+
+    async def _read(self, worker_id: str, count: int, block_ms: int | None) -> list[tuple[bytes, dict]]:
+        try:
+            reply = await self._redis.xreadgroup(
+                keys.WORKER_GROUP, worker_id, {keys.JOBS_STREAM: ">"}, count=count, block=block_ms
+            )
+        except ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            self._group_ready = False  # Redis lost its data (restart without persistence): recreate the group
+            await self._ensure_group()
+            return []
+        return [entry for _, entries in reply for entry in entries]
+
+    async def _load_jobs(self, entries: list[tuple[bytes, dict]]) -> list[QueuedJob]:
+        jobs = []
+        for entry_id, fields in entries:
+            job_id = fields[b"job"].decode()
+            spec, payload = await self._redis.hmget(keys.job(job_id), ["spec", "payload"])
+            job = QueuedJob(
+                spec=JobSpec.model_validate_json(spec) if spec else None, payload=payload or b"",
+                receipt=entry_id.decode(),
+            )
+            if spec is None or payload is None:  # the job already ended (or its state expired): drop the entry
+                await self._ack(job)
+                continue
+            jobs.append(job)
+        return jobs
+
+    @_unavailable_on_connection_error
+    async def take(self, worker_id: str, max_jobs: int, window_s: float) -> list[QueuedJob]:
+        await self._ensure_group()
+        entries = await self._read(worker_id, max_jobs, READ_BLOCK_MS)
+        if entries and len(entries) < max_jobs and window_s > 0:
+            await asyncio.sleep(window_s)
+            entries += await self._read(worker_id, max_jobs - len(entries), None)
+        return await self._load_jobs(entries)
+
+    @_unavailable_on_connection_error
+    async def start(self, job: QueuedJob, worker_id: str) -> bool:
+        # 'running' is allowed too: a job reclaimed from a dead worker is still marked running
+        moved = await self._transition(job.spec.id, [JobStatus.queued, JobStatus.running], JobStatus.running,
+                                       worker=worker_id)
+        if moved != 1:
+            await self._ack(job)
+            return False
+        job.deliveries = await self._redis.hincrby(keys.job(job.spec.id), "deliveries", 1)
+        await self._emit(job.spec.id, JobEvent(event="started", data={"worker": worker_id}))
+        return True
+
+    @_unavailable_on_connection_error
+    async def publish(self, job_id: str, event: JobEvent) -> None:
+        await self._emit(job_id, event)
+
+    @_unavailable_on_connection_error
+    async def cancel_requested(self, job_ids: list[str]) -> set[str]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(keys.job(job_id), "cancel")
+            flags = await pipe.execute()
+        return {job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag}
+
+    @_unavailable_on_connection_error
+    async def succeed(self, job: QueuedJob, images: StoredImages) -> None:
+        ttl_ms = int(self._settings.result_ttl_s * 1000)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for index, png in enumerate(images.pngs):
+                pipe.set(keys.job_image(job.spec.id, index), png, px=ttl_ms)
+            pipe.hget(keys.job(job.spec.id), "timings")
+            stored_timings = (await pipe.execute())[-1]
+        timings = json.loads(stored_timings or "{}") | images.timings
+        if await self._finish(job, JobStatus.succeeded, [JobStatus.running], timings=json.dumps(timings)):
+            await self._redis.hincrby(keys.job(job.spec.id), "completions", 1)
+
+    @_unavailable_on_connection_error
+    async def fail(self, job: QueuedJob, reason: str, timings: dict[str, float]) -> None:
+        await self._finish(job, JobStatus.failed, [JobStatus.queued, JobStatus.running], error=reason)
+
+    @_unavailable_on_connection_error
+    async def finish_cancelled(self, job: QueuedJob) -> None:
+        await self._finish(job, JobStatus.cancelled, [JobStatus.running], error="cancelled while running")
+
+    @_unavailable_on_connection_error
+    async def heartbeat(self, worker_id: str, jobs: list[QueuedJob]) -> None:
+        await self._redis.set(keys.worker(worker_id), now(), px=int(self._settings.worker_ttl_s * 1000))
+        if jobs:
+            await self._redis.xclaim(
+                keys.JOBS_STREAM, keys.WORKER_GROUP, worker_id, min_idle_time=0,
+                message_ids=[job.receipt for job in jobs], justid=True,
+            )
+
+    @_unavailable_on_connection_error
+    async def reap(self, worker_id: str) -> list[QueuedJob]:
+        await self._ensure_group()
+        min_idle_ms = int(self._settings.worker_ttl_s * 1000)
+        _, entries, _ = await self._redis.xautoclaim(
+            keys.JOBS_STREAM, keys.WORKER_GROUP, worker_id, min_idle_time=min_idle_ms, start_id="0-0",
+            count=self._settings.max_batch,
+        )
+        entries = [(entry_id, fields) for entry_id, fields in entries if fields]
+        reclaimed = []
+        for job in await self._load_jobs(entries):
+            pending = await self._redis.xpending_range(
+                keys.JOBS_STREAM, keys.WORKER_GROUP, min=job.receipt, max=job.receipt, count=1
+            )
+            job.deliveries = pending[0]["times_delivered"] if pending else 1
+            if job.deliveries > self._settings.max_deliveries:
+                reason = f"gave up after {job.deliveries - 1} deliveries: the workers running it died each time"
+                await self._redis.xadd(
+                    keys.DEAD_LETTER_STREAM, {"job": job.spec.id, "deliveries": job.deliveries, "reason": reason}
+                )
+                await self._finish(job, JobStatus.failed, [JobStatus.queued, JobStatus.running], error=reason)
+                continue
+            reclaimed.append(job)
+        return reclaimed
+
+    async def close(self) -> None:
+        await self._redis.aclose()
