@@ -1,0 +1,214 @@
+"""Integer executors vs the fake-quant reference, per layer type and activation mode, W8/W4, A8/A6.
+
+Both backends are checked on CPU: FBGEMM/oneDNN (the CPU kernels) and `torch._int_mm` (the CUDA backend's code, run
+on CPU tensors). The `_int_mm` backend accumulates in int32 and must match fake quantization to float rounding for
+every width; the AVX2 kernels must too wherever `saturation_free` says their int16 pair sums cannot saturate, and stay
+within a PSNR bound for W8A8 where they can.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dgq_core.kernels import IntConv2d, IntLinear
+from dgq_core.kernels.cpu import FbgemmGemm, saturation_free
+from dgq_core.kernels.cuda import IntMmGemm
+from dgq_core.layers import QuantizedWeight, StepActParams, fake_quant_activation
+from dgq_core.quantizers import minmax_params
+
+BACKENDS = {"fbgemm": FbgemmGemm, "int_mm": lambda: IntMmGemm("cpu")}
+GROUPS = 8
+
+
+def psnr(test: torch.Tensor, reference: torch.Tensor) -> float:
+    mse = (test - reference).double().pow(2).mean().item()
+    peak = reference.abs().max().item()
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def act_params(
+    x_axis_values: torch.Tensor, mode: str, bits: int, axis: str | None, dim: int
+) -> StepActParams:
+    """Parameters like calibration makes: random groups along `dim` of `x`, each covering its members' range."""
+    if mode == "token":
+        return StepActParams("token", bits)
+    if mode == "tensor":
+        lo, hi = x_axis_values.min().clamp_max(0), x_axis_values.max().clamp_min(0)
+        scale, zero_point = minmax_params(lo, hi, bits)
+        return StepActParams("tensor", bits, scale=scale.reshape(1), zero_point=zero_point.reshape(1))
+    moved = x_axis_values.movedim(dim, 0).flatten(1)
+    labels = torch.randint(0, GROUPS, (moved.shape[0],), generator=torch.Generator().manual_seed(1))
+    lo = torch.stack(
+        [moved[labels == g].min() if (labels == g).any() else torch.tensor(0.0) for g in range(GROUPS)]
+    )
+    hi = torch.stack(
+        [moved[labels == g].max() if (labels == g).any() else torch.tensor(1.0) for g in range(GROUPS)]
+    )
+    scale, zero_point = minmax_params(lo, hi, bits)
+    return StepActParams("group", bits, axis, labels, scale, zero_point)
+
+
+def channel_outliers(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Scale a few indices along `dim` up, as DGQ's outlier channels/pixels look."""
+    gain = torch.ones(x.shape[dim])
+    gain[:: max(1, x.shape[dim] // 5)] = 8.0
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    return x * gain.view(shape)
+
+
+def check(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal up to float32 rounding: the integer products are exact, only the order of float sums differs."""
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+CASES = [
+    ("tensor", None),
+    ("token", None),
+    ("group", "channel"),
+    ("group", "pixel"),
+]
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (8, 6), (4, 8), (4, 6)])
+@pytest.mark.parametrize("mode,axis", CASES)
+def test_linear_matches_fake(backend_name, w_bits, a_bits, mode, axis):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(72, 40)
+    weight = QuantizedWeight.from_float(linear.weight, w_bits)
+    x = torch.randn(2, 24, 72)
+    dim = -1 if axis == "channel" else -2
+    x = channel_outliers(x, dim)
+    params = act_params(x, mode, a_bits, axis, dim % 3)
+    ref = F.linear(fake_quant_activation(x, params, "linear"), weight.dequantize(), linear.bias.detach())
+
+    backend = BACKENDS[backend_name]()
+    executor = IntLinear.from_quantized(
+        weight.codes, weight.scale, weight.zero_point, w_bits, linear.bias.detach(), backend, 72
+    )
+    check(executor(x, params), ref)
+
+
+def fake_conv(
+    conv: torch.nn.Conv2d, weight: QuantizedWeight, x: torch.Tensor, params: StepActParams
+) -> torch.Tensor:
+    """DGQ's conv semantics: per-tensor quantizes the input, groups and tokens quantize its im2col unfolding."""
+    w = weight.dequantize()
+    bias = conv.bias.detach()
+    if params.mode == "tensor":
+        return F.conv2d(
+            fake_quant_activation(x, params, "linear"), w, bias, conv.stride, conv.padding, conv.dilation
+        )
+    columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    out = w.reshape(w.shape[0], -1) @ fake_quant_activation(columns, params, "conv") + bias[:, None]
+    h = (x.shape[2] + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[
+        0
+    ] + 1
+    return out.reshape(x.shape[0], -1, h, out.shape[-1] // h)
+
+
+CONVS = {
+    "3x3": dict(kernel_size=3, padding=1),
+    "1x1": dict(kernel_size=1),
+    "3x3-stride2": dict(kernel_size=3, padding=1, stride=2),
+}
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (8, 6), (4, 8)])
+@pytest.mark.parametrize("mode,axis", CASES)
+@pytest.mark.parametrize("shape", CONVS)
+def test_conv_matches_fake(backend_name, w_bits, a_bits, mode, axis, shape):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 24, **CONVS[shape])
+    weight = QuantizedWeight.from_float(conv.weight, w_bits)
+    x = channel_outliers(torch.randn(2, 16, 10, 10), 1)
+    columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    params = act_params(columns if mode == "group" else x, mode, a_bits, axis, 1 if axis == "channel" else 2)
+    ref = fake_conv(conv, weight, x, params)
+
+    backend = BACKENDS[backend_name]()
+    executor = IntConv2d.from_quantized(
+        weight.codes,
+        weight.scale,
+        weight.zero_point,
+        w_bits,
+        conv.bias.detach(),
+        backend,
+        in_channels=16,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        act_mode=mode,
+    )
+    check(executor(x, params), ref)
+
+
+def test_channel_group_slices_are_cached_per_labelling():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 16)
+    weight = QuantizedWeight.from_float(linear.weight, 8)
+    executor = IntLinear.from_quantized(weight.codes, weight.scale, weight.zero_point, 8, None, FbgemmGemm())
+    x = torch.randn(4, 32)
+    before = executor.resident_nbytes()
+    first = act_params(x, "group", 6, "channel", 1)
+    executor(x, first)
+    after_one = executor.resident_nbytes()
+    executor(x, first)
+    assert executor.resident_nbytes() == after_one > before
+    relabelled = StepActParams("group", 6, "channel", first.labels.roll(1), first.scale, first.zero_point)
+    executor(x, relabelled)
+    assert executor.resident_nbytes() > after_one
+
+
+def test_single_saturating_gemm_is_what_the_exact_split_avoids():
+    # Uniform (random-init) weights and centred activations: adjacent u8*s8 products overflow int16 on AVX2.
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64)
+    weight = QuantizedWeight.from_float(linear.weight, 8)
+    x = torch.randn(64, 256)
+    params = act_params(x, "tensor", 8, None, 0)
+    ref = F.linear(fake_quant_activation(x, params, "linear"), weight.dequantize())
+    outs = {
+        exact: IntLinear.from_quantized(
+            weight.codes, weight.scale, weight.zero_point, 8, None, FbgemmGemm(exact)
+        )(x, params)
+        for exact in (True, False)
+    }
+    check(outs[True], ref)
+    assert psnr(outs[False], ref) < psnr(outs[True], ref)
+
+
+def test_saturation_free_widths():
+    assert saturation_free(4, 8) and saturation_free(8, 7) and saturation_free(8, 6)
+    assert not saturation_free(8, 8)
+
+
+def test_w4_stays_packed_and_w8_one_byte_per_weight():
+    torch.manual_seed(0)
+    # Per-channel scales, zero points and column offsets cost ~16 bytes per output channel: small against 1280 inputs.
+    linear = torch.nn.Linear(1280, 640)
+    fp32_bytes = linear.weight.numel() * 4
+    for bits, bound in ((8, 0.26), (4, 0.14)):
+        weight = QuantizedWeight.from_float(linear.weight, bits)
+        executor = IntLinear.from_quantized(
+            weight.codes, weight.scale, weight.zero_point, bits, None, FbgemmGemm(), 1280
+        )
+        assert executor.resident_nbytes() <= bound * fp32_bytes
+
+
+def test_unquantized_activations_run_weight_only():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 8)
+    weight = QuantizedWeight.from_float(linear.weight, 4)
+    executor = IntLinear.from_quantized(
+        weight.codes, weight.scale, weight.zero_point, 4, None, FbgemmGemm(), 24
+    )
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(executor(x, StepActParams("none", 8)), F.linear(x, weight.dequantize()))
