@@ -40,14 +40,18 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 for allowed in string.gmatch(ARGV[1], '[^,]+') do
   if allowed == status then
-    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 3))
+    local images = #KEYS - 1
+    for i = 1, images do redis.call('SET', KEYS[i + 1], ARGV[3 + i], 'PX', ARGV[3]) end
+    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 4 + images))
+    if ARGV[2] == 'succeeded' then redis.call('HINCRBY', KEYS[1], 'completions', 1) end
     return 1
   end
 end
 return 0
 """
-"""KEYS[1] job hash; ARGV[1] statuses allowed now (comma-separated), ARGV[2] new status, then field/value pairs.
-Returns 1 when moved, 0 when the job is in another status, -1 when it does not exist."""
+"""Atomically: if the job's status is one of ARGV[1] (comma-separated), store the images (KEYS[2..], values
+ARGV[4..], TTL ARGV[3] ms), set status ARGV[2] and the remaining field/value pairs; count successes in
+'completions'. Returns 1 when moved, 0 when the job is in another status, -1 when it does not exist."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -83,10 +87,14 @@ class RedisStreamsQueue(JobQueue):
         self._transition_script = self._redis.register_script(_TRANSITION)
         self._group_ready = False
 
-    async def _transition(self, job_id: str, allowed: list[JobStatus], to: JobStatus, **fields: object) -> int:
+    async def _transition(
+        self, job_id: str, allowed: list[JobStatus], to: JobStatus, pngs: list[bytes] = (), **fields: object
+    ) -> int:
         pairs = [str(item) for pair in fields.items() for item in pair]
+        image_keys = [keys.job_image(job_id, index) for index in range(len(pngs))]
+        ttl_ms = int(self._settings.result_ttl_s * 1000)
         return await self._transition_script(
-            keys=[keys.job(job_id)], args=[",".join(allowed), to.value, *pairs]
+            keys=[keys.job(job_id), *image_keys], args=[",".join(allowed), to.value, ttl_ms, *pngs, *pairs]
         )
 
     async def _ensure_group(self) -> None:
@@ -111,11 +119,14 @@ class RedisStreamsQueue(JobQueue):
             pipe.xdel(keys.JOBS_STREAM, job.receipt)
             await pipe.execute()
 
-    async def _finish(self, job: QueuedJob, status: JobStatus, allowed: list[JobStatus], **fields: object) -> bool:
-        """Move a job to a terminal status (once), expire its state, emit the event, acknowledge the entry."""
+    async def _finish(
+        self, job: QueuedJob, status: JobStatus, allowed: list[JobStatus], pngs: list[bytes] = (), **fields: object
+    ) -> bool:
+        """Move a job to a terminal status (once, with its images), expire its state, emit the event, then
+        acknowledge the entry."""
         finished_at = now()
         moved = await self._transition(
-            job.spec.id, allowed, status, finished_at=finished_at,
+            job.spec.id, allowed, status, pngs, finished_at=finished_at,
             expires_at=finished_at + self._settings.result_ttl_s, **fields,
         )
         if moved == 1:
@@ -286,15 +297,9 @@ class RedisStreamsQueue(JobQueue):
 
     @_unavailable_on_connection_error
     async def succeed(self, job: QueuedJob, images: StoredImages) -> None:
-        ttl_ms = int(self._settings.result_ttl_s * 1000)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for index, png in enumerate(images.pngs):
-                pipe.set(keys.job_image(job.spec.id, index), png, px=ttl_ms)
-            pipe.hget(keys.job(job.spec.id), "timings")
-            stored_timings = (await pipe.execute())[-1]
+        stored_timings = await self._redis.hget(keys.job(job.spec.id), "timings")
         timings = json.loads(stored_timings or "{}") | images.timings
-        if await self._finish(job, JobStatus.succeeded, [JobStatus.running], timings=json.dumps(timings)):
-            await self._redis.hincrby(keys.job(job.spec.id), "completions", 1)
+        await self._finish(job, JobStatus.succeeded, [JobStatus.running], images.pngs, timings=json.dumps(timings))
 
     @_unavailable_on_connection_error
     async def fail(self, job: QueuedJob, reason: str, timings: dict[str, float]) -> None:

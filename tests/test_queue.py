@@ -1,0 +1,140 @@
+"""The JobQueue contract, run against both backends; Redis-only: heartbeats, reaper, dead letters, outage."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from service.config import Settings
+from service.errors import QueueFull, QueueUnavailable
+from service.queue import keys, make_queue
+from service.queue.base import QueuedJob, StoredImages
+from service.schemas import JobEvent, JobSpec, JobStatus
+
+pytestmark = pytest.mark.anyio
+
+
+def _spec(job_id: str) -> JobSpec:
+    return JobSpec(id=job_id, width=16, height=16, steps=2, guidance_scale=7.5, seed=1, num_images=2,
+                   scheduler="model-default")
+
+
+@pytest.fixture(params=["memory", "redis"])
+def queue_settings(request) -> Settings:
+    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    return Settings(redis_url=redis_url, queue_max=3, result_ttl_s=60, worker_ttl_s=0.5, max_deliveries=2)
+
+
+@pytest.fixture
+async def queue(queue_settings):
+    job_queue = make_queue(queue_settings)
+    yield job_queue
+    await job_queue.close()
+
+
+async def test_job_lifecycle_and_positions(queue):
+    for job_id in ("a", "b", "c"):
+        await queue.submit(_spec(job_id), b"payload-" + job_id.encode(), {"text_encode_s": 0.1})
+    assert [(await queue.get(i)).position for i in "abc"] == [0, 1, 2]
+    with pytest.raises(QueueFull) as full:
+        await queue.submit(_spec("d"), b"", {})
+    assert full.value.retry_after_s >= 1
+
+    taken = await queue.take("w1", max_jobs=2, window_s=0.01)
+    assert [job.spec.id for job in taken] == ["a", "b"] and taken[0].payload == b"payload-a"
+    assert (await queue.get("c")).position == 0
+    assert await queue.start(taken[0], "w1")
+    await queue.publish("a", JobEvent(event="step", data={"step": 1}))
+    await queue.succeed(taken[0], StoredImages(pngs=[b"png0", b"png1"], timings={"denoise_s": 1.0}))
+    await queue.succeed(taken[0], StoredImages(pngs=[b"other", b"other"]))  # a second finish changes nothing
+    state = await queue.get("a")
+    assert state.status == JobStatus.succeeded and state.images == ["/jobs/a/images/0", "/jobs/a/images/1"]
+    assert state.timings == {"text_encode_s": 0.1, "denoise_s": 1.0} and state.worker == "w1"
+    assert [await queue.image("a", n) for n in (0, 1)] == [b"png0", b"png1"]
+    assert [event.event async for event in queue.events("a")] == ["queued", "started", "step", "succeeded"]
+
+    assert await queue.start(taken[1], "w1")
+    await queue.fail(taken[1], "generation failed: boom", {})
+    state = await queue.get("b")
+    assert state.status == JobStatus.failed and state.error == "generation failed: boom"
+    assert (await queue.stats()).depth == 1
+
+
+async def test_cancel_queued_and_running(queue):
+    await queue.submit(_spec("q"), b"x", {})
+    await queue.submit(_spec("r"), b"x", {})
+    assert (await queue.cancel("q")).status == JobStatus.cancelled
+    assert (await queue.cancel("q")).status == JobStatus.cancelled  # idempotent
+    taken = await queue.take("w1", max_jobs=4, window_s=0)
+    started = [job for job in taken if await queue.start(job, "w1")]
+    assert [job.spec.id for job in started] == ["r"]
+    assert (await queue.cancel("r")).status == JobStatus.running
+    assert await queue.cancel_requested(["r"]) == {"r"}
+    await queue.finish_cancelled(started[0])
+    assert (await queue.get("r")).status == JobStatus.cancelled
+    assert (await queue.stats()).depth == 0
+    assert await queue.get("unknown") is None
+
+
+@pytest.fixture
+def redis_settings(redis_url) -> Settings:
+    return Settings(redis_url=redis_url, worker_ttl_s=0.5, max_deliveries=2, max_batch=4)
+
+
+async def test_heartbeat_keeps_jobs_and_reaper_takes_dead_workers_jobs(redis_settings):
+    queue = make_queue(redis_settings)
+    await queue.submit(_spec("long"), b"x", {})
+    await queue.submit(_spec("orphan"), b"x", {})
+    [long_job] = await queue.take("alive", max_jobs=1, window_s=0)
+    [orphan] = await queue.take("dead", max_jobs=1, window_s=0)
+    for job, worker in ((long_job, "alive"), (orphan, "dead")):
+        assert await queue.start(job, worker)
+    for _ in range(4):  # 'alive' heartbeats past the worker TTL, 'dead' never does
+        await queue.heartbeat("alive", [long_job])
+        await asyncio.sleep(0.25)
+    assert (await queue.stats()).live_workers == 1
+    reclaimed = await queue.reap("rescuer")
+    assert [job.spec.id for job in reclaimed] == ["orphan"] and reclaimed[0].deliveries == 2
+    assert await queue.start(reclaimed[0], "rescuer")
+    await queue.succeed(reclaimed[0], StoredImages(pngs=[b"a", b"b"]))
+    state = await queue.get("orphan")
+    assert state.status == JobStatus.succeeded and state.worker == "rescuer" and state.deliveries == 2
+    await queue.close()
+
+
+async def test_dead_letter_after_max_deliveries(redis_settings, redis_url):
+    queue = make_queue(redis_settings)
+    await queue.submit(_spec("cursed"), b"x", {})
+    [job] = await queue.take("w0", max_jobs=1, window_s=0)
+    await queue.start(job, "w0")
+    for rescuer in ("w1", "w2"):  # every worker that takes it dies
+        await asyncio.sleep(0.6)
+        reclaimed = await queue.reap(rescuer)
+        if rescuer == "w1":
+            assert [j.spec.id for j in reclaimed] == ["cursed"]
+    assert reclaimed == []
+    state = await queue.get("cursed")
+    assert state.status == JobStatus.failed and "deliveries" in state.error
+    with redis.Redis.from_url(redis_url) as client:
+        [(_, fields)] = client.xrange(keys.DEAD_LETTER_STREAM)
+        assert fields[b"job"] == b"cursed"
+        assert client.xlen(keys.JOBS_STREAM) == 0
+    await queue.close()
+
+
+async def test_redis_outage_raises_unavailable_then_recovers(redis_server, redis_url):
+    queue = make_queue(Settings(redis_url=redis_url))
+    await queue.ping()
+    redis_server.stop()
+    try:
+        with pytest.raises(QueueUnavailable) as unavailable:
+            await queue.submit(_spec("x"), b"x", {})
+        assert unavailable.value.retry_after_s >= 1
+    finally:
+        redis_server.start()
+    await queue.submit(_spec("x"), b"x", {})  # same client, no restart
+    [job] = await queue.take("w", max_jobs=1, window_s=0)
+    assert isinstance(job, QueuedJob) and job.spec.id == "x"
+    await queue.close()
