@@ -53,6 +53,8 @@ class TrainConfig:
     Args:
         seed: seeds initialisation, batches, noise and timesteps.
         vae_steps: AutoencoderKL steps, run before the UNet stage.
+        latent_pool_size: training images encoded once after the VAE stage; UNet batches are drawn from this pool,
+            which spares the VAE encoder and the rendering on every step (the largest costs after the UNet).
         vae_batch_size: images per AutoencoderKL step.
         vae_lr: AutoencoderKL learning rate.
         vae_kl_weight: weight of the KL term; small, as in SD's VAE, but enough to keep the latent smooth.
@@ -65,12 +67,13 @@ class TrainConfig:
     """
 
     seed: int = 0
-    vae_steps: int = 1000
-    vae_batch_size: int = 32
+    vae_steps: int = 500
+    latent_pool_size: int = 16384
+    vae_batch_size: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-5
-    batch_size: int = 64
-    lr: float = 5e-4
+    batch_size: int = 32
+    lr: float = 4e-4
     warmup_steps: int = 200
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
@@ -150,6 +153,7 @@ class Trainer:
         self.vae_step = 0
         self.unet_step = 0
         self.uncond_ids = self._tokenize([""])
+        self.latent_pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
@@ -245,18 +249,33 @@ class Trainer:
         self.vae.register_to_config(scaling_factor=scaling_factor)
         return scaling_factor
 
+    @torch.no_grad()
+    def build_latent_pool(self, encode_batch: int = 256) -> None:
+        """Encode `latent_pool_size` training images once: posterior means, stds and token ids."""
+        means, stds, input_ids = [], [], []
+        pool_seed = _batch_seed(self.config.seed, "unet", 4_999_999)
+        for start in tqdm(range(0, self.config.latent_pool_size, encode_batch), desc="latent pool"):
+            images, scenes = shapes.make_batch(encode_batch, pool_seed * 1000 + start, "train")
+            posterior = self.vae.encode(_images_to_tensor(images)).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+            input_ids.append(self._tokenize([scene.prompt for scene in scenes]))
+        self.latent_pool = (torch.cat(means), torch.cat(stds), torch.cat(input_ids))
+
     def train_unet_step(self) -> float:
+        if self.latent_pool is None:
+            self.build_latent_pool()
+        means, stds, pool_ids = self.latent_pool
         step_seed = _batch_seed(self.config.seed, "unet", self.unet_step)
-        images, scenes = shapes.make_batch(self.config.batch_size, step_seed, "train")
         generator = torch.Generator().manual_seed(step_seed)
-        with torch.no_grad():
-            latents = self.vae.encode(_images_to_tensor(images)).latent_dist.sample(generator)
-            latents = latents * self.vae.config.scaling_factor
-        input_ids = self._tokenize([scene.prompt for scene in scenes])
-        drop = torch.rand(len(scenes), generator=generator) < self.config.uncond_prob
+        index = torch.randint(0, len(means), (self.config.batch_size,), generator=generator)
+        latent_noise = torch.randn(means[index].shape, generator=generator)
+        latents = (means[index] + stds[index] * latent_noise) * self.vae.config.scaling_factor
+        input_ids = pool_ids[index].clone()
+        drop = torch.rand(len(index), generator=generator) < self.config.uncond_prob
         input_ids[drop] = self.uncond_ids
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(scenes),), generator=generator)
+        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(index),), generator=generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
         warmup = min(1.0, (self.unet_step + 1) / self.config.warmup_steps)
