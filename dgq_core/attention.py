@@ -1,0 +1,305 @@
+"""DGQ attention: quantized Q/K/V, log2-quantized attention probabilities, the `<start>` token kept exact.
+
+The processor replaces diffusers' attention processor on every `Attention` module of a quantized UNet. Attention is
+computed with an explicit softmax so the probabilities can be quantized:
+
+- "dgq": Q, K, V group-quantized; probabilities log2-quantized with a dynamic scale `s = max(P)` taken **per sample**
+  (the official code pools it over the whole batch, which would make one user's image depend on another's prompt);
+  in cross-attention the `<start>` column of P and the start key stay in full precision and `s` excludes them.
+- "pertensor": per-tensor Q/K/V, probabilities uniform with a calibrated per-step range (Q-Diffusion-style).
+- "dynamic": per-token Q/K/V, probabilities uniform with a per-query-row range computed at run time.
+
+Cross-attention keys and values depend only on the prompt, so they can be computed once per request
+(`compute_prompt_params`), carried as safetensors bytes, and injected for a batch (`use_prompt_params`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from .layers import ActQuantizer, StepState, dequantize_uniform, quantize_activation
+from .quantizers import dynamic_rowwise_params, fake_quant_log2, fake_quant_uniform
+
+# Attention-probability quantizers, by activation method.
+PROB_MODES = {"dgq": "log2", "pertensor": "tensor", "dynamic": "token"}
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, heads*d) -> (B, heads, T, d)."""
+    batch, tokens, dim = x.shape
+    return x.view(batch, tokens, heads, dim // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, T, d) -> (B, T, heads*d)."""
+    batch, heads, tokens, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+def quantize_probs_log2(probs: torch.Tensor, bits: int, keep_start: bool) -> torch.Tensor:
+    """Log2-quantize attention probabilities with one dynamic scale per sample (paper Eq. 8-9).
+
+    Args:
+        probs (`torch.Tensor`): softmax output (B, heads, queries, keys), float32.
+        bits (`int`): code width.
+        keep_start (`bool`): keep column 0 (the `<start>` token of cross-attention) exact and leave it out of the scale.
+    """
+    quantized_part = probs[..., 1:] if keep_start else probs
+    scale = quantized_part.amax(dim=(1, 2, 3), keepdim=True)
+    quantized = fake_quant_log2(quantized_part, scale, bits)
+    return torch.cat((probs[..., :1], quantized), dim=-1) if keep_start else quantized
+
+
+class ExplicitAttnProcessor(nn.Module):
+    """diffusers attention computed with an explicit softmax, with a hook on each of Q, K, V and the probabilities.
+
+    Subclasses quantize (`DGQAttnProcessor`) or record statistics (calibration) in the hooks; the attention itself
+    is written once, here.
+
+    Args:
+        keep_start (`bool`): the first key (the `<start>` token of cross-attention) bypasses `on_key`.
+    """
+
+    def __init__(self, keep_start: bool) -> None:
+        super().__init__()
+        self.keep_start = keep_start
+        # Prompt-specific keys/values of the current batch, set by `use_prompt_params`.
+        self.injected_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def on_query(self, query: torch.Tensor) -> torch.Tensor:
+        return query
+
+    def on_key(self, key: torch.Tensor) -> torch.Tensor:
+        return key
+
+    def on_value(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def on_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs
+
+    def key_value(self, attn: nn.Module, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head-split keys and values (B, heads, T, head_dim) after their hooks."""
+        key = split_heads(attn.to_k(encoder_hidden_states), attn.heads)
+        value = split_heads(attn.to_v(encoder_hidden_states), attn.heads)
+        if self.keep_start:
+            key = torch.cat((key[:, :, :1], self.on_key(key[:, :, 1:])), dim=2)
+        else:
+            key = self.on_key(key)
+        return key, self.on_value(value)
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = self.on_query(split_heads(attn.to_q(hidden_states), attn.heads))
+        if self.injected_kv is not None:
+            key, value = self.injected_kv
+            if key.shape[0] != batch_size:
+                raise ValueError(f"prompt parameters for {key.shape[0]} samples, but the UNet batch has {batch_size}")
+        else:
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key, value = self.key_value(attn, encoder_hidden_states)
+
+        scores = (query @ key.transpose(-1, -2)).float() * attn.scale
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch_size)
+            scores = scores + mask.view(batch_size, attn.heads, -1, key.shape[2])
+        probs = self.on_probs(scores.softmax(dim=-1)).to(value.dtype)
+        hidden_states = merge_heads(probs @ value)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class DGQAttnProcessor(ExplicitAttnProcessor):
+    """Quantized attention for one diffusers `Attention` module (whose `to_q/to_k/to_v/to_out[0]` are QuantLinear).
+
+    Args:
+        method (`str`): activation method ("dgq", "pertensor" or "dynamic").
+        bits (`int`): bits of Q/K/V and of the attention probabilities.
+        is_cross (`bool`): whether this is cross-attention (keys/values from the text embedding).
+        q_quant, k_quant, v_quant (`ActQuantizer`): quantizers of the head-split Q, K, V.
+        state (`StepState`): the UNet's step state.
+        prob_scale, prob_zero_point (`torch.Tensor | None`): per-step calibrated range of P ("pertensor" only).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        bits: int,
+        is_cross: bool,
+        q_quant: ActQuantizer,
+        k_quant: ActQuantizer,
+        v_quant: ActQuantizer,
+        state: StepState,
+        prob_scale: torch.Tensor | None = None,
+        prob_zero_point: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(keep_start=is_cross and method == "dgq")
+        self.method, self.bits, self.is_cross = method, bits, is_cross
+        self.q_quant, self.k_quant, self.v_quant = q_quant, k_quant, v_quant
+        self.state = state
+        self.register_buffer("prob_scale", prob_scale if prob_scale is not None else torch.zeros(0))
+        self.register_buffer("prob_zero_point", prob_zero_point if prob_zero_point is not None else torch.zeros(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The per-step probability range has as many rows as calibrated steps, unknown before loading.
+        own = {prefix + "prob_scale", prefix + "prob_zero_point"}
+        for key in own & state_dict.keys():
+            setattr(self, key[len(prefix):], state_dict[key].clone())
+        rest = {k: v for k, v in state_dict.items() if k not in own}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        missing_keys[:] = [k for k in missing_keys if k not in own]
+
+    def on_query(self, query: torch.Tensor) -> torch.Tensor:
+        return self.q_quant(query)
+
+    def on_key(self, key: torch.Tensor) -> torch.Tensor:
+        return self.k_quant(key)
+
+    def on_value(self, value: torch.Tensor) -> torch.Tensor:
+        return self.v_quant(value)
+
+    def on_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        mode = PROB_MODES[self.method]
+        if mode == "log2":
+            return quantize_probs_log2(probs, self.bits, self.keep_start)
+        if mode == "tensor":
+            step = min(self.state.step, self.prob_scale.shape[0] - 1)
+            return fake_quant_uniform(probs, self.prob_scale[step], self.prob_zero_point[step], self.bits)
+        scale, zero_point = dynamic_rowwise_params(probs, self.bits)
+        return fake_quant_uniform(probs, scale, zero_point, self.bits)
+
+
+def cross_attention_processors(unet: nn.Module) -> dict[str, tuple[nn.Module, DGQAttnProcessor]]:
+    """Every cross-attention module of a quantized UNet with its DGQ processor, by module name."""
+    found = {}
+    for name, module in unet.named_modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, DGQAttnProcessor) and processor.is_cross:
+            found[name] = (module, processor)
+    return found
+
+
+def _encode_quantized(prefix: str, x: torch.Tensor, quantizer: ActQuantizer) -> dict[str, torch.Tensor]:
+    params = quantizer.params(x.shape)
+    if params.mode == "none":
+        return {prefix: x.contiguous()}
+    codes, scale, zero_point = quantize_activation(x, params, quantizer.kind)
+    # Scales stay in their broadcast shape (per group index, not per element) to keep the payload small.
+    return {
+        f"{prefix}.codes": codes.to(torch.uint8),
+        f"{prefix}.scale": _with_rank(scale, x.dim()),
+        f"{prefix}.zero_point": _with_rank(zero_point, x.dim()),
+    }
+
+
+def _with_rank(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t.reshape([1] * (rank - t.dim()) + list(t.shape)).contiguous()
+
+
+def _decode_quantized(prefix: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    if prefix in tensors:
+        return tensors[prefix]
+    return dequantize_uniform(tensors[f"{prefix}.codes"], tensors[f"{prefix}.scale"], tensors[f"{prefix}.zero_point"])
+
+
+@torch.no_grad()
+def compute_prompt_params(
+    cross_attention: dict[str, tuple[nn.Module, DGQAttnProcessor]], encoder_hidden_states: torch.Tensor
+) -> list[dict[str, torch.Tensor]]:
+    """The prompt-specific DGQ attention parameters: quantized cross-attention keys and values, one dict per prompt.
+
+    Keys and values of cross-attention depend only on the text embedding, so they are computed once per request
+    instead of at every denoising step. Each is stored as uint8 codes with its group scale and zero point (the start
+    key separately, in full precision), so a worker reproduces exactly the values the UNet would compute itself.
+
+    Args:
+        cross_attention (`dict`): `cross_attention_processors(unet)` of a quantized UNet.
+        encoder_hidden_states (`torch.Tensor`): text-encoder output (B, tokens, dim).
+
+    Returns:
+        `list[dict[str, torch.Tensor]]`: per prompt, tensors named `<attention module>.key...`/`.value...`; empty dicts
+        when there are no DGQ cross-attention modules (a full-precision UNet).
+    """
+    per_prompt: list[dict[str, torch.Tensor]] = [{} for _ in range(encoder_hidden_states.shape[0])]
+    for name, (attn, processor) in cross_attention.items():
+        ehs = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        key = split_heads(attn.to_k(ehs), attn.heads)
+        value = split_heads(attn.to_v(ehs), attn.heads)
+        for index in range(len(per_prompt)):
+            sample_key, sample_value = key[index : index + 1], value[index : index + 1]
+            tensors = per_prompt[index]
+            if processor.keep_start:
+                tensors[f"{name}.key_start"] = sample_key[:, :, :1].contiguous()
+                sample_key = sample_key[:, :, 1:]
+            tensors.update(_encode_quantized(f"{name}.key", sample_key, processor.k_quant))
+            tensors.update(_encode_quantized(f"{name}.value", sample_value, processor.v_quant))
+    return per_prompt
+
+
+def params_to_bytes(params: dict[str, torch.Tensor]) -> bytes:
+    """Serialize one prompt's parameters as safetensors (never pickle)."""
+    return save_safetensors({name: tensor.contiguous() for name, tensor in params.items()})
+
+
+def params_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    """Inverse of `params_to_bytes`."""
+    return load_safetensors(data)
+
+
+@contextlib.contextmanager
+def use_prompt_params(unet: nn.Module, params: list[dict[str, torch.Tensor]]) -> Iterator[None]:
+    """Run the UNet with precomputed cross-attention keys/values.
+
+    Args:
+        unet (`nn.Module`): a quantized UNet.
+        params (`list[dict[str, torch.Tensor]]`): one dict per row of the UNet batch, in batch order (with
+            classifier-free guidance diffusers stacks [negative prompts..., prompts...]).
+    """
+    processors = cross_attention_processors(unet)
+    device = next(unet.parameters()).device
+    params = [{name: tensor.to(device) for name, tensor in sample.items()} for sample in params]
+    try:
+        for name, (_, processor) in processors.items():
+            keys = [_decode_quantized(f"{name}.key", sample) for sample in params]
+            if processor.keep_start:
+                keys = [torch.cat((sample[f"{name}.key_start"], key), dim=2) for sample, key in zip(params, keys, strict=True)]
+            values = [_decode_quantized(f"{name}.value", sample) for sample in params]
+            processor.injected_kv = (torch.cat(keys), torch.cat(values))
+        yield
+    finally:
+        for _, processor in processors.values():
+            processor.injected_kv = None

@@ -1,0 +1,233 @@
+"""Calibration: run the full-precision pipeline over prompts, record per-step input ranges with hooks, quantize.
+
+Statistics are keyed by the UNet call index within a generation (PNDM calls the UNet twice at one timestep; keying
+by call order keeps those calls apart, which the official code's timestep-derived index does not).
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import resource
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .attention import ExplicitAttnProcessor
+from .config import QuantConfig
+from .grouping import RangeStats
+from .layers import StepState
+from .unet import (
+    attention_modules,
+    input_specs,
+    latent_size,
+    prompt_only_inputs,
+    quantizable_layers,
+    quantize_unet,
+)
+
+# Rows of the COCO caption file at or after this index are the calibration pool; evaluation uses the rows before it,
+# so the two never share a caption.
+COCO_CALIBRATION_START = 15000
+
+
+@dataclass
+class CalibrationReport:
+    """What calibration cost.
+
+    Args:
+        seconds (`float`): wall time of statistics collection and quantization.
+        peak_rss_bytes (`int`): peak resident memory of the process so far.
+        peak_cuda_bytes (`int | None`): peak CUDA memory allocated, when on a GPU.
+        unet_calls (`int`): UNet calls per generation that got their own parameters.
+        prompts (`int`): calibration prompts.
+    """
+
+    seconds: float
+    peak_rss_bytes: int
+    peak_cuda_bytes: int | None
+    unet_calls: int
+    prompts: int
+
+
+def load_prompt_file(path: str | Path) -> list[str]:
+    """Prompts from a text file (one per line) or a CSV/TSV with a `prompt` (or `Prompt`) column."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    if path.suffix.lower() in (".csv", ".tsv"):
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            column = next((c for c in (reader.fieldnames or []) if c.lower() == "prompt"), None)
+            if column is None:
+                raise ValueError(f"{path} has no 'prompt' column (columns: {reader.fieldnames})")
+            prompts = [row[column].strip() for row in reader if row[column].strip()]
+    else:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def sample_prompts(pool: list[str], count: int, seed: int) -> list[str]:
+    """A seeded subset of `count` prompts (all of them, in order, when the pool is not larger)."""
+    if len(pool) <= count:
+        return list(pool)
+    return random.Random(seed).sample(pool, count)
+
+
+def coco_calibration_pool(coco_csv: str | Path) -> list[str]:
+    """The calibration part of the COCO caption file, disjoint from the evaluation part."""
+    return load_prompt_file(coco_csv)[COCO_CALIBRATION_START:]
+
+
+class StatsCollector:
+    """Per-input, per-step range statistics, filled by forward hooks and the calibration attention processor."""
+
+    def __init__(self, state: StepState, invariant: set[str]) -> None:
+        self.state = state
+        self.invariant = invariant
+        self.stats: dict[str, dict[int, RangeStats]] = defaultdict(dict)
+        self.vector_inputs: set[str] = set()
+
+    def slot(self, name: str) -> RangeStats:
+        step = 0 if name in self.invariant else self.state.step
+        return self.stats[name].setdefault(step, RangeStats())
+
+    def record_layer(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        if x.dim() <= 2:
+            self.vector_inputs.add(name)
+            self.slot(name).update_tensor(x)
+        elif isinstance(module, nn.Conv2d):
+            self.slot(name).update_conv(x, module)
+        else:
+            self.slot(name).update_linear(x)
+
+    def per_step(self) -> dict[str, list[RangeStats]]:
+        """Statistics as lists in step order; every input must have been seen at every step."""
+        result = {}
+        for name, by_step in self.stats.items():
+            steps = sorted(by_step)
+            if steps != list(range(len(steps))):
+                raise RuntimeError(f"calibration saw {name} only at steps {steps}")
+            result[name] = [by_step[s] for s in steps]
+        return result
+
+
+class CalibrationAttnProcessor(ExplicitAttnProcessor):
+    """Full-precision attention that records the ranges of Q, K, V and the probabilities."""
+
+    def __init__(self, name: str, collector: StatsCollector, keep_start: bool) -> None:
+        super().__init__(keep_start)
+        self.prefix, self.collector = f"{name}.processor", collector
+
+    def _record(self, quantizer: str, x: torch.Tensor) -> torch.Tensor:
+        self.collector.slot(f"{self.prefix}.{quantizer}").update_qkv(x)
+        return x
+
+    def on_query(self, query: torch.Tensor) -> torch.Tensor:
+        return self._record("q_quant", query)
+
+    def on_key(self, key: torch.Tensor) -> torch.Tensor:
+        return self._record("k_quant", key)
+
+    def on_value(self, value: torch.Tensor) -> torch.Tensor:
+        return self._record("v_quant", value)
+
+    def on_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        self.collector.slot(f"{self.prefix}.probs").update_tensor(probs)
+        return probs
+
+
+def attach_collector(model: nn.Module, collector: StatsCollector, config: QuantConfig) -> list:
+    """Hook every quantizable input of `model` (layer inputs, attention Q/K/V/probabilities) into `collector`.
+
+    Returns:
+        The hook handles; attention processors are replaced, so callers restore `model.attn_processors` (or drop the
+        model) afterwards.
+    """
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, name=name: collector.record_layer(name, m, args[0]))
+        for name, module in quantizable_layers(model, config.excluded_layers).items()
+    ]
+    for name, attn in attention_modules(model).items():
+        attn.set_processor(CalibrationAttnProcessor(name, collector, attn.is_cross_attention and config.method == "dgq"))
+    return handles
+
+
+def calibration_timesteps(pipe, steps: int) -> list[int]:
+    """Timesteps of every UNet call of a `steps`-step generation with the pipeline's scheduler, in call order."""
+    pipe.scheduler.set_timesteps(steps)
+    return [int(t) for t in pipe.scheduler.timesteps]
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.no_grad()
+def calibrate(pipe, config: QuantConfig, prompts: list[str], batch_size: int = 8, progress: bool = True) -> CalibrationReport:
+    """Collect statistics with the full-precision pipeline, then quantize `pipe.unet` in place.
+
+    Args:
+        pipe: a diffusers Stable Diffusion (or SDXL) pipeline in full precision.
+        config (`QuantConfig`): the settings; `scheduler`, `calib_timesteps`, `height`, `width` and `num_calib` are
+            filled in here.
+        prompts (`list[str]`): calibration prompts.
+        batch_size (`int`): prompts per pipeline call.
+        progress (`bool`): show a progress bar.
+
+    Returns:
+        `CalibrationReport`.
+    """
+    started = time.perf_counter()
+    unet = pipe.unet
+    config.vae_scale_factor = pipe.vae_scale_factor
+    config.height = config.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    config.width = config.width or config.height
+    config.scheduler = type(pipe.scheduler).__name__
+    config.calib_timesteps = calibration_timesteps(pipe, config.steps)
+    config.num_calib = len(prompts)
+    state = StepState(config.calib_timesteps, latent_size(config))
+    collector = StatsCollector(state, prompt_only_inputs(unet))
+    original_processors = unet.attn_processors
+    handles = [state.install(unet), *attach_collector(unet, collector, config)]
+
+    calls = len(config.calib_timesteps)
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    bar = tqdm(total=len(batches) * calls, desc="calibrating", unit="unet call", disable=not progress)
+
+    def count_call(*_):
+        bar.update(1)
+
+    handles.append(unet.register_forward_hook(count_call))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        for batch_index, batch in enumerate(batches):
+            generators = [
+                torch.Generator(device="cpu").manual_seed(config.seed * 100_003 + batch_index * batch_size + i)
+                for i in range(len(batch))
+            ]
+            pipe(
+                prompt=batch, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+                height=config.height, width=config.width, generator=generators, output_type="latent",
+            )
+    finally:
+        bar.close()
+        for handle in handles:
+            handle.remove()
+        unet.set_attn_processor(original_processors)
+
+    quantize_unet(unet, config, input_specs(unet, config, collector.vector_inputs), collector.per_step())
+    return CalibrationReport(
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=_peak_rss_bytes(),
+        peak_cuda_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        unet_calls=calls,
+        prompts=len(prompts),
+    )

@@ -1,0 +1,155 @@
+"""The `dgq` command: quantize, generate, and the entry points of the service, evaluation and training."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import ACTIVATION_BITS, ACTIVATION_METHODS, WEIGHT_BITS, QuantConfigError
+
+# Calibration prompts a model directory may ship (the bundled model does).
+MODEL_CALIBRATION_PROMPTS = "calibration_prompts.txt"
+COCO_ENV = "DGQ_COCO_CAPTIONS"
+# Where the shared COCO captions live in a development checkout (never needed by the product).
+DEV_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_val2014_30k.csv"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_quantize(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "quantize", help="calibrate and quantize a diffusers UNet with DGQ",
+        description="Run the full-precision pipeline over calibration prompts, collect per-step activation "
+        "statistics, and write a quantized pipeline directory.",
+    )
+    parser.add_argument("--model", required=True, help="diffusers pipeline directory or hub id (full precision)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--method", choices=ACTIVATION_METHODS, default="dgq", help="activation scheme (default: dgq)")
+    parser.add_argument("--w-bits", type=int, choices=WEIGHT_BITS, default=8, help="weight bits (default: 8)")
+    parser.add_argument("--a-bits", type=int, choices=ACTIVATION_BITS, default=8, help="activation bits (default: 8)")
+    parser.add_argument("--groups", type=_positive_int, default=16, help="K, activation groups per layer (default: 16)")
+    parser.add_argument("--calib-prompts", type=Path, help="prompt file: one per line, or CSV/TSV with a prompt column")
+    parser.add_argument("--num-calib", type=_positive_int, default=64, help="calibration prompts (default: 64)")
+    parser.add_argument("--steps", type=_positive_int, default=25, help="sampler steps to calibrate (default: 25)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for calibration (default: 7.5)")
+    parser.add_argument("--height", type=int, default=0, help="calibration image height (default: the model's)")
+    parser.add_argument("--width", type=int, default=0, help="calibration image width (default: the model's)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per calibration batch (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompt subset, latents and K-means (default: 0)")
+    parser.add_argument(
+        "--self-contained", action=argparse.BooleanOptionalAction, default=None,
+        help="also copy VAE/text encoder/tokenizer/scheduler into --out (default: yes for local models)",
+    )
+    parser.set_defaults(run=_run_quantize)
+
+
+def _add_generate(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate an image with a full-precision or quantized model")
+    parser.add_argument("--model", required=True, help="pipeline directory (full precision or quantized) or hub id")
+    parser.add_argument("--quantized", help="quantized checkpoint to use with a full-precision --model")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the calibrated ones)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the calibrated one)")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--exec", dest="exec_mode", choices=("fake", "int"), default="fake", help="execution mode")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (default: out.png)")
+    parser.set_defaults(run=_run_generate)
+
+
+def calibration_prompts(args: argparse.Namespace) -> list[str]:
+    """The calibration prompts `dgq quantize` uses, in order of preference:
+    --calib-prompts; the model directory's own calibration_prompts.txt; the COCO captions ($DGQ_COCO_CAPTIONS or the
+    shared data of a development checkout).
+    """
+    from .calibration import coco_calibration_pool, load_prompt_file, sample_prompts
+
+    if args.calib_prompts is not None:
+        pool = load_prompt_file(args.calib_prompts)
+    elif (Path(args.model) / MODEL_CALIBRATION_PROMPTS).is_file():
+        pool = load_prompt_file(Path(args.model) / MODEL_CALIBRATION_PROMPTS)
+    elif os.environ.get(COCO_ENV) or DEV_COCO.is_file():
+        pool = coco_calibration_pool(os.environ.get(COCO_ENV) or DEV_COCO)
+    else:
+        raise FileNotFoundError(
+            f"no calibration prompts: pass --calib-prompts FILE, or set {COCO_ENV} to the COCO captions CSV"
+        )
+    return sample_prompts(pool, args.num_calib, args.seed)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from .calibration import calibrate
+    from .config import QuantConfig
+    from .pipeline import load_pipeline, save_quantized_pipeline
+
+    config = QuantConfig(
+        method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, groups=args.groups, steps=args.steps,
+        num_calib=args.num_calib, seed=args.seed, guidance_scale=args.guidance_scale, height=args.height,
+        width=args.width, base_model=str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
+    )
+    prompts = calibration_prompts(args)
+    pipe = load_pipeline(args.model)
+    report = calibrate(pipe, config, prompts, batch_size=args.batch_size)
+    self_contained = Path(args.model).is_dir() if args.self_contained is None else args.self_contained
+    save_quantized_pipeline(pipe, config, args.out, self_contained=self_contained)
+    print(
+        f"quantized {args.model} -> {args.out}: {config.method} W{config.w_bits}A{config.a_bits} K={config.groups}, "
+        f"{report.prompts} prompts x {report.unet_calls} UNet calls, calibration {report.seconds:.1f} s, "
+        f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB"
+        + (f", peak CUDA {report.peak_cuda_bytes / 2**20:.0f} MiB" if report.peak_cuda_bytes else "")
+    )
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import read_quant_config
+    from .pipeline import load_pipeline, resolve_model
+
+    resolved = resolve_model(args.model, args.quantized)
+    calibrated = read_quant_config(resolved.quantized_unet) if resolved.quantized_unet else None
+    pipe = load_pipeline(args.model, quantized=args.quantized, device=args.device, exec_mode=args.exec_mode)
+    steps = args.steps or (calibrated.steps if calibrated else 25)
+    guidance = args.guidance_scale if args.guidance_scale is not None else (calibrated.guidance_scale if calibrated else 7.5)
+    started = time.perf_counter()
+    image = pipe(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+        height=args.height, width=args.width, generator=torch.Generator(device="cpu").manual_seed(args.seed),
+    ).images[0]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out)
+    print(f"wrote {args.out} ({image.width}x{image.height}, {steps} steps, {time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgq", description="DGQ quantization and serving of text-to-image diffusion models")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_quantize(subparsers)
+    _add_generate(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (QuantConfigError, FileNotFoundError, ValueError, RuntimeError, OSError) as error:
+        print(f"dgq {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

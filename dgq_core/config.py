@@ -1,0 +1,99 @@
+"""Quantization settings, stored as `quantization_config` in the quantized UNet's `config.json`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+QUANT_METHOD = "dgq"
+ACTIVATION_METHODS = ("dgq", "pertensor", "dynamic")
+WEIGHT_BITS = (4, 8)
+# Activation widths the uniform and log2 quantizers support; 6 and 8 are the paper's settings.
+ACTIVATION_BITS = (4, 5, 6, 7, 8)
+# Kept in full precision by the method: the first and last convolution are "too much sensitive".
+DEFAULT_EXCLUDED_LAYERS = ("conv_in", "conv_out")
+
+
+class QuantConfigError(ValueError):
+    """A quantization setting is out of range; the message says which and what is allowed."""
+
+
+@dataclass
+class QuantConfig:
+    """How a UNet is quantized.
+
+    Args:
+        method (`str`): activation scheme: "dgq" (outlier-preserving groups + log2 attention with the start token
+            exact), "pertensor" (per-tensor min-max activations, uniform attention probabilities: Q-Diffusion-style
+            without reconstruction) or "dynamic" (per-token min-max computed at run time).
+        w_bits (`int`): weight bits, 8 or 4 (per output channel, MSE-searched range).
+        a_bits (`int`): activation and attention-probability bits.
+        groups (`int`): K, the number of activation groups per layer and step ("dgq" only).
+        steps (`int`): sampler steps used for calibration.
+        scheduler (`str`): scheduler class used for calibration.
+        calib_timesteps (`list[int]`): the timestep of every UNet call during calibration, in call order; the
+            activation parameters of call `i` are stored at index `i`.
+        num_calib (`int`): calibration prompts.
+        seed (`int`): seed of the prompt subset, the latents and K-means.
+        guidance_scale (`float`): classifier-free guidance scale used for calibration.
+        height (`int`), width (`int`): image size used for calibration, in pixels.
+        vae_scale_factor (`int`): pixels per latent cell of the pipeline's VAE.
+        excluded_layers (`list[str]`): module names kept in full precision.
+        base_model (`str | None`): where the unquantized components (VAE, text encoder, ...) come from when the
+            checkpoint does not carry them.
+    """
+
+    method: str = "dgq"
+    w_bits: int = 8
+    a_bits: int = 8
+    groups: int = 16
+    steps: int = 25
+    scheduler: str = ""
+    calib_timesteps: list[int] = field(default_factory=list)
+    num_calib: int = 64
+    seed: int = 0
+    guidance_scale: float = 7.5
+    height: int = 0
+    width: int = 0
+    vae_scale_factor: int = 8
+    excluded_layers: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDED_LAYERS))
+    base_model: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in ACTIVATION_METHODS:
+            raise QuantConfigError(f"method must be one of {', '.join(ACTIVATION_METHODS)}, got {self.method!r}")
+        if self.w_bits not in WEIGHT_BITS:
+            raise QuantConfigError(f"w_bits must be 8 or 4, got {self.w_bits}")
+        if self.a_bits not in ACTIVATION_BITS:
+            raise QuantConfigError(f"a_bits must be one of {ACTIVATION_BITS}, got {self.a_bits}")
+        if not 1 <= self.groups <= 64:
+            raise QuantConfigError(f"groups must be between 1 and 64, got {self.groups}")
+        if self.steps < 1:
+            raise QuantConfigError(f"steps must be at least 1, got {self.steps}")
+        if self.num_calib < 1:
+            raise QuantConfigError(f"num_calib must be at least 1, got {self.num_calib}")
+
+    @property
+    def num_calibrated_calls(self) -> int:
+        """How many UNet calls the per-step activation parameters cover."""
+        return len(self.calib_timesteps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `quantization_config` entry of `config.json`."""
+        return {"quant_method": QUANT_METHOD, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        """Inverse of `to_dict`; unknown keys are an error so a newer checkpoint is not misread."""
+        data = dict(data)
+        method = data.pop("quant_method", None)
+        if method != QUANT_METHOD:
+            raise QuantConfigError(f"quantization_config.quant_method is {method!r}; this loader reads only 'dgq'")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise QuantConfigError(f"unknown quantization_config keys {unknown}; was it written by a newer dgq-serve?")
+        return cls(**data)

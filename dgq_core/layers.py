@@ -1,0 +1,430 @@
+"""Quantized Linear/Conv2d modules and the per-step activation quantizer they share with attention.
+
+A quantized UNet holds one `StepState`; a forward pre-hook on the UNet tells it which calibrated sampler step the
+current call is, and every `ActQuantizer` reads its parameters for that step. Weights are resident as uint8 codes
+(4-bit codes packed two per byte) with per-output-channel scales and zero points; no floating-point copy is kept.
+
+Execution modes: "fake" quantizes and dequantizes in floating point and is the reference that defines the numbers;
+"int" hands the quantized weight and the step's activation parameters to an integer kernel (`dgq_core.kernels`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grouping import RangeStats, choose_axis, group_params, kmeans_labels, tensor_params
+from .quantizers import (
+    dequantize_uniform,
+    dynamic_rowwise_params,
+    pack_int4,
+    quantize_uniform,
+    quantize_weight_per_channel,
+    unpack_int4,
+)
+
+# How an input is laid out, which decides what "channel" and "pixel" mean (see grouping.py):
+#   "linear": (..., P, C)   "conv": im2col (B, C*kh*kw, L)   "qkv": (B, heads, T, head_dim)   "vector": (B, C)
+INPUT_KINDS = ("linear", "conv", "qkv", "vector")
+# "group": calibrated groups along the outlier axis (DGQ); "tensor": one calibrated range; "token": per-row range
+# computed at run time (dynamic baseline); "none": left in full precision.
+ACT_MODES = ("group", "tensor", "token", "none")
+
+
+def pixel_level(length: int, latent_hw: tuple[int, int], max_level: int = 8) -> int:
+    """Which resolution level (latent size / 2^level) a flattened pixel axis of `length` belongs to; -1 if none.
+
+    Text-token axes (77 tokens) never match a level of a latent grid, so they come back as -1.
+    """
+    h, w = latent_hw
+    for level in range(max_level):
+        if math.ceil(h / 2**level) * math.ceil(w / 2**level) == length:
+            return level
+    return -1
+
+
+def grid_at_level(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
+    return math.ceil(latent_hw[0] / 2**level), math.ceil(latent_hw[1] / 2**level)
+
+
+def calibrated_step_for(timestep: float, occurrence: int, calib_timesteps: list[int]) -> int:
+    """Index of the calibrated UNet call whose parameters apply to an inference call.
+
+    The nearest calibrated timestep wins; when a timestep repeats (PNDM calls the UNet twice at its second
+    timestep) the k-th occurrence at inference takes the k-th calibrated call with that timestep, so a request with
+    the calibration schedule uses exactly the parameters of the same call index.
+
+    Args:
+        timestep (`float`): the inference call's timestep.
+        occurrence (`int`): how many earlier calls of this generation had the same timestep.
+        calib_timesteps (`list[int]`): timesteps of the calibration calls, in call order.
+    """
+    if not calib_timesteps:
+        return 0
+    distances = [abs(t - timestep) for t in calib_timesteps]
+    nearest = min(distances)
+    candidates = [i for i, d in enumerate(distances) if d == nearest]
+    return candidates[min(occurrence, len(candidates) - 1)]
+
+
+class StepState:
+    """Which calibrated step's activation parameters the quantizers of one UNet use now.
+
+    Args:
+        calib_timesteps (`list[int]`): timesteps of the calibration UNet calls, in call order.
+        calib_latent_hw (`tuple[int, int]`): latent size used for calibration (pixel groups are laid on its grids).
+    """
+
+    def __init__(self, calib_timesteps: list[int], calib_latent_hw: tuple[int, int]) -> None:
+        self.calib_timesteps = list(calib_timesteps)
+        self.calib_latent_hw = tuple(calib_latent_hw)
+        self.latent_hw = self.calib_latent_hw
+        self.step = 0
+        self._previous_timestep: float | None = None
+        self._seen = Counter()
+
+    def observe_call(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> None:
+        """Called before every UNet forward: picks the calibrated step and records the latent size."""
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        # Timesteps fall within a generation; a rise means the next generation started.
+        if self._previous_timestep is None or t > self._previous_timestep:
+            self._seen.clear()
+        self.step = calibrated_step_for(t, self._seen[t], self.calib_timesteps)
+        self._seen[t] += 1
+        self._previous_timestep = t
+        self.latent_hw = tuple(sample.shape[-2:])
+
+    def reset(self) -> None:
+        """Forget the current generation (the next call starts a new one)."""
+        self._previous_timestep = None
+        self._seen.clear()
+
+    def install(self, unet: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        """Register the forward pre-hook on `unet` that keeps this state current."""
+
+        def hook(module, args, kwargs):
+            sample = args[0] if args else kwargs["sample"]
+            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+            self.observe_call(sample, timestep)
+
+        return unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@dataclass
+class StepActParams:
+    """The activation quantization of one layer input at the current step, in the form kernels consume.
+
+    Args:
+        mode (`str`): one of ACT_MODES.
+        bits (`int`): code width.
+        axis (`str | None`): "channel" or "pixel" for mode "group".
+        labels (`torch.Tensor | None`): group id per index along `axis` (mode "group").
+        scale (`torch.Tensor | None`): per-group (K,) for "group", (1,) for "tensor"; None for "token"/"none".
+        zero_point (`torch.Tensor | None`): same shape as `scale`.
+    """
+
+    mode: str
+    bits: int
+    axis: str | None = None
+    labels: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+
+
+def axis_dim(kind: str, axis: str) -> int:
+    """Tensor dim of a semantic axis for an input kind."""
+    if kind == "conv":
+        return -2 if axis == "channel" else -1
+    return -1 if axis == "channel" else -2
+
+
+def token_dim(kind: str) -> int:
+    """Dim reduced by the dynamic per-token quantizer: a token's features."""
+    return -2 if kind == "conv" else -1
+
+
+def quantize_activation(
+    x: torch.Tensor, params: StepActParams, kind: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes of an input under one step's parameters, with the scale and zero point broadcastable against them.
+
+    Args:
+        x (`torch.Tensor`): the input, laid out as `kind` says.
+        params (`StepActParams`): the step's parameters; mode "none" is not allowed here.
+        kind (`str`): one of INPUT_KINDS.
+
+    Returns:
+        `(codes, scale, zero_point)`: float codes shaped like `x`; scale and zero point broadcast against `x`.
+    """
+    if params.mode == "token":
+        scale, zero_point = dynamic_rowwise_params(x, params.bits, dim=token_dim(kind))
+    elif params.mode == "tensor":
+        scale, zero_point = params.scale, params.zero_point
+    elif params.mode == "group":
+        shape = [1] * x.dim()
+        shape[axis_dim(kind, params.axis)] = -1
+        scale = params.scale[params.labels].view(shape)
+        zero_point = params.zero_point[params.labels].view(shape)
+    else:
+        raise ValueError(f"mode {params.mode!r} has no codes")
+    return quantize_uniform(x, scale, zero_point, params.bits), scale, zero_point
+
+
+def fake_quant_activation(x: torch.Tensor, params: StepActParams, kind: str) -> torch.Tensor:
+    """Quantize-dequantize an input with one step's parameters: the reference every kernel must reproduce."""
+    if params.mode == "none":
+        return x
+    return dequantize_uniform(*quantize_activation(x, params, kind))
+
+
+class ActQuantizer(nn.Module):
+    """Per-step quantization parameters of one layer input.
+
+    Buffers (S = calibrated steps, or 1 for a step-invariant input such as the text embedding):
+        axis (S,) uint8: 0 = channel, 1 = pixel (mode "group").
+        labels_channel (S, N_channel), labels_pixel (S, N_pixel) uint8: group id per index (mode "group").
+        scale, zero_point (S, K): per group ("group") or (S, 1) ("tensor").
+        pixel_level () int64: resolution level of the pixel axis, -1 when it is not a latent grid.
+
+    Args:
+        kind (`str`): input layout, one of INPUT_KINDS.
+        mode (`str`): one of ACT_MODES.
+        bits (`int`): code width.
+        state (`StepState | None`): the UNet's step state; None for step-invariant inputs.
+    """
+
+    def __init__(self, kind: str, mode: str, bits: int, state: StepState | None) -> None:
+        super().__init__()
+        if kind not in INPUT_KINDS or mode not in ACT_MODES:
+            raise ValueError(f"unknown input kind {kind!r} or mode {mode!r}")
+        self.kind, self.mode, self.bits = kind, mode, bits
+        self.state = state
+        for name, dtype in (("axis", torch.uint8), ("labels_channel", torch.uint8), ("labels_pixel", torch.uint8)):
+            self.register_buffer(name, torch.zeros(0, dtype=dtype))
+        self.register_buffer("scale", torch.zeros(0))
+        self.register_buffer("zero_point", torch.zeros(0))
+        self.register_buffer("pixel_level", torch.tensor(-1))
+        self._resized_labels: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def from_stats(
+        cls,
+        stats_per_step: list[RangeStats],
+        kind: str,
+        mode: str,
+        bits: int,
+        num_groups: int,
+        state: StepState | None,
+        calib_latent_hw: tuple[int, int],
+        seed: int = 0,
+    ) -> ActQuantizer:
+        """Turn per-step range statistics into per-step parameters (D_d axis choice, K-means, per-group ranges)."""
+        quantizer = cls(kind, mode, bits, state)
+        if mode in ("token", "none"):
+            return quantizer
+        steps = len(stats_per_step)
+        if mode == "tensor":
+            params = [tensor_params(*stats.tensor_range(), bits) for stats in stats_per_step]
+            quantizer.scale = torch.stack([s for s, _ in params])
+            quantizer.zero_point = torch.stack([z for _, z in params])
+            return quantizer
+        sizes = {axis: stats_per_step[0].axes[axis].lo.numel() for axis in ("channel", "pixel")}
+        axis_ids = torch.zeros(steps, dtype=torch.uint8)
+        labels = {axis: torch.zeros(steps, n, dtype=torch.uint8) for axis, n in sizes.items()}
+        scale = torch.zeros(steps, num_groups)
+        zero_point = torch.zeros(steps, num_groups)
+        for step, stats in enumerate(stats_per_step):
+            axis = choose_axis(stats)
+            rng = stats.axes[axis]
+            step_labels = kmeans_labels(rng.lo, rng.hi, num_groups, seed=seed)
+            scale[step], zero_point[step] = group_params(rng.lo, rng.hi, step_labels, num_groups, bits)
+            labels[axis][step] = step_labels.to(torch.uint8)
+            axis_ids[step] = 0 if axis == "channel" else 1
+        quantizer.axis = axis_ids
+        quantizer.scale, quantizer.zero_point = scale, zero_point
+        # Only keep label rows of an axis some step uses: the other axis' labels would be dead weight.
+        for axis, buffer in (("channel", "labels_channel"), ("pixel", "labels_pixel")):
+            used = bool((axis_ids == (0 if axis == "channel" else 1)).any())
+            setattr(quantizer, buffer, labels[axis] if used else torch.zeros(0, dtype=torch.uint8))
+        if stats_per_step[0].pixel_grid is not None:
+            grid = stats_per_step[0].pixel_grid
+            level = pixel_level(grid[0] * grid[1], calib_latent_hw)
+        else:
+            level = pixel_level(sizes["pixel"], calib_latent_hw)
+        quantizer.pixel_level = torch.tensor(level)
+        return quantizer
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Parameter shapes are only known after calibration, so loading replaces the (empty) buffers outright.
+        for name in ("axis", "labels_channel", "labels_pixel", "scale", "zero_point", "pixel_level"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, state_dict[key].clone())
+            elif strict:
+                missing_keys.append(key)
+        self._resized_labels.clear()
+
+    @property
+    def step(self) -> int:
+        if self.state is None or self.scale.shape[0] <= 1:
+            return 0
+        return min(self.state.step, self.scale.shape[0] - 1)
+
+    def params(self, x_shape: torch.Size | None = None) -> StepActParams:
+        """Parameters for the current step, with pixel groups fitted to the current latent size."""
+        if self.mode in ("token", "none"):
+            return StepActParams(self.mode, self.bits)
+        step = self.step
+        if self.mode == "tensor":
+            return StepActParams("tensor", self.bits, scale=self.scale[step], zero_point=self.zero_point[step])
+        axis = "channel" if int(self.axis[step]) == 0 else "pixel"
+        labels = (self.labels_channel if axis == "channel" else self.labels_pixel)[step].long()
+        if axis == "pixel" and x_shape is not None:
+            labels = self._fit_pixel_labels(labels, step, x_shape[axis_dim(self.kind, "pixel")])
+        return StepActParams("group", self.bits, axis, labels, self.scale[step], self.zero_point[step])
+
+    def _fit_pixel_labels(self, labels: torch.Tensor, step: int, length: int) -> torch.Tensor:
+        if labels.numel() == length:
+            return labels
+        level = int(self.pixel_level)
+        if level < 0:
+            raise ValueError(
+                f"this layer's inputs had {labels.numel()} tokens at calibration and {length} now; "
+                "text embeddings must keep the tokenizer's padded length"
+            )
+        calib_grid = grid_at_level(self.state.calib_latent_hw, level)
+        grid = grid_at_level(self.state.latent_hw, level)
+        if grid[0] * grid[1] != length:
+            raise ValueError(f"cannot lay {length} pixels on a {grid} grid; is the image size a multiple of 8?")
+        key = (step, grid)
+        if key not in self._resized_labels:
+            # Pixel groups are a property of image position; other sizes take the nearest calibrated position.
+            planar = labels.view(1, 1, *calib_grid).float()
+            self._resized_labels[key] = F.interpolate(planar, size=grid, mode="nearest").flatten().long()
+        return self._resized_labels[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_activation(x, self.params(x.shape), self.kind)
+
+
+class QuantizedWeight(nn.Module):
+    """A weight resident as per-output-channel asymmetric codes: uint8, or 4-bit packed two per byte.
+
+    Buffers: `codes` (out, in') uint8 (in' = ceil(in/2) when packed), `scale` (out,), `zero_point` (out,).
+    """
+
+    def __init__(self, shape: tuple[int, ...], bits: int) -> None:
+        super().__init__()
+        self.shape, self.bits = tuple(shape), bits
+        out_features, in_features = shape[0], math.prod(shape[1:])
+        stored = math.ceil(in_features / 2) if bits == 4 else in_features
+        self.register_buffer("codes", torch.zeros(out_features, stored, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.register_buffer("zero_point", torch.zeros(out_features))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bits: int) -> QuantizedWeight:
+        quantized = cls(weight.shape, bits)
+        codes, scale, zero_point = quantize_weight_per_channel(weight, bits)
+        codes = codes.reshape(weight.shape[0], -1)
+        quantized.codes = pack_int4(codes) if bits == 4 else codes
+        quantized.scale, quantized.zero_point = scale, zero_point
+        return quantized
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.shape[1:])
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """(out, in) uint8 codes."""
+        return unpack_int4(self.codes, self.in_features) if self.bits == 4 else self.codes
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight the codes represent, in its original shape."""
+        codes = self.unpacked_codes()
+        return dequantize_uniform(codes, self.scale[:, None], self.zero_point[:, None]).reshape(self.shape)
+
+
+class QuantLinear(nn.Module):
+    """`nn.Linear` with a quantized weight and a per-step activation quantizer on its input."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, w_bits: int, act: ActQuantizer) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_q = QuantizedWeight((out_features, in_features), w_bits)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.act = act
+        # Set by `dgq_core.kernels` for exec mode "int"; None runs the fake-quant reference.
+        self.int_executor = None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_bits: int, act: ActQuantizer) -> QuantLinear:
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, w_bits, act)
+        module.weight_q = QuantizedWeight.from_float(linear.weight, w_bits)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach().float())
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int_executor is not None:
+            return self.int_executor(x, self.act.params(x.shape))
+        weight = self.weight_q.dequantize().to(x.dtype)
+        return F.linear(self.act(x), weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+class QuantConv2d(nn.Module):
+    """`nn.Conv2d` with a quantized weight; grouped activations are quantized on the im2col unfolding, as DGQ defines."""
+
+    def __init__(self, conv: nn.Conv2d, w_bits: int, act: ActQuantizer) -> None:
+        super().__init__()
+        if conv.groups != 1:
+            raise ValueError("grouped convolutions are not quantized (SD UNets have none)")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
+        self.padding = conv.padding if isinstance(conv.padding, tuple) else (0, 0)
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("only zero-padded convolutions with explicit padding are quantized")
+        self.weight_q = QuantizedWeight((conv.out_channels, conv.in_channels, *conv.kernel_size), w_bits)
+        self.bias = nn.Parameter(torch.zeros(conv.out_channels), requires_grad=False) if conv.bias is not None else None
+        self.act = act
+        self.int_executor = None
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_bits: int, act: ActQuantizer) -> QuantConv2d:
+        module = cls(conv, w_bits, act)
+        module.weight_q = QuantizedWeight.from_float(conv.weight, w_bits)
+        if conv.bias is not None:
+            module.bias.data.copy_(conv.bias.detach().float())
+        return module
+
+    def output_size(self, x: torch.Tensor) -> tuple[int, int]:
+        sizes = []
+        for i in range(2):
+            span = self.dilation[i] * (self.kernel_size[i] - 1) + 1
+            sizes.append((x.shape[2 + i] + 2 * self.padding[i] - span) // self.stride[i] + 1)
+        return sizes[0], sizes[1]
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        return F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h_out, w_out = self.output_size(x)
+        act_params = self.act.params(torch.Size((x.shape[0], 0, h_out * w_out)))
+        if self.int_executor is not None:
+            return self.int_executor(x, act_params)
+        weight = self.weight_q.dequantize().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if act_params.mode in ("tensor", "none"):
+            # A single range commutes with im2col (its zero point is exact, so padding stays 0): plain conv.
+            x = fake_quant_activation(x, act_params, "linear")
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        columns = fake_quant_activation(self.unfold(x), act_params, "conv")
+        out = weight.reshape(self.out_channels, -1) @ columns
+        if bias is not None:
+            out = out + bias[:, None]
+        return out.reshape(x.shape[0], self.out_channels, h_out, w_out)

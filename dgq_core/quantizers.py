@@ -1,0 +1,138 @@
+"""The quantizers DGQ is built from: uniform asymmetric, log2, and 4-bit packing.
+
+Every function here is pure tensor math with no module state, so the fake-quant layers, the integer kernels and the
+tests share one definition of each number.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# A scale below this would make `x / scale` overflow for constant inputs; the official code floors at the same value.
+MIN_SCALE = 1e-8
+
+
+def qmax(bits: int) -> int:
+    """Largest code of an unsigned `bits`-bit quantizer."""
+    return (1 << bits) - 1
+
+
+def minmax_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of an asymmetric uniform quantizer covering [lo, hi].
+
+    Args:
+        lo (`torch.Tensor`): lower end of the range (any shape).
+        hi (`torch.Tensor`): upper end, same shape as `lo`.
+        bits (`int`): code width.
+
+    Returns:
+        `(scale, zero_point)`: `scale = (hi - lo) / (2^b - 1)` floored at `MIN_SCALE`, `zero_point = round(-lo / scale)`
+        (an integer-valued float tensor).
+    """
+    scale = ((hi - lo) / qmax(bits)).clamp_min(MIN_SCALE)
+    zero_point = torch.round(-lo / scale)
+    return scale, zero_point
+
+
+def quantize_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes `clamp(round(x / s) + z, 0, 2^b - 1)` as a float tensor (exact small integers)."""
+    return torch.clamp(torch.round(x / scale) + zero_point, 0, qmax(bits))
+
+
+def dequantize_uniform(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Values `s * (q - z)` of uniform codes."""
+    return scale * (codes.to(scale.dtype) - zero_point)
+
+
+def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize then dequantize: the value the integer pipeline represents `x` with."""
+    return dequantize_uniform(quantize_uniform(x, scale, zero_point, bits), scale, zero_point)
+
+
+def quantize_log2(p: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Log2 codes `clamp(round(-log2(p / s)), 0, 2^b - 1)` of non-negative values (paper Eq. 3).
+
+    Zeros map to the largest code, i.e. the smallest representable value `s * 2^-(2^b - 1)`.
+    """
+    ratio = (p / scale).clamp_min(torch.finfo(p.dtype).tiny)
+    return torch.clamp(torch.round(-torch.log2(ratio)), 0, qmax(bits))
+
+
+def dequantize_log2(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Values `s * 2^-q` of log2 codes: a shift in integer hardware."""
+    return scale * torch.exp2(-codes)
+
+
+def fake_quant_log2(p: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Log2 quantize then dequantize."""
+    return dequantize_log2(quantize_log2(p, scale, bits), scale)
+
+
+def dynamic_rowwise_params(x: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row min-max parameters computed from `x` itself (the dynamic per-token baseline).
+
+    The range always contains 0 so that zero padding stays exact, as in per-token int8 schemes.
+    """
+    lo = x.amin(dim=dim, keepdim=True).clamp_max(0)
+    hi = x.amax(dim=dim, keepdim=True).clamp_min(0)
+    return minmax_params(lo, hi, bits)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes (values 0..15) two per byte along the last dim: low nibble = even index.
+
+    Args:
+        codes (`torch.Tensor`): integer codes in [0, 15]; the last dim is padded with a zero code when odd.
+
+    Returns:
+        `torch.Tensor` of dtype uint8 with the last dim halved (rounded up).
+    """
+    codes = codes.to(torch.uint8)
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError("pack_int4 got a code above 15; only 4-bit codes can be packed")
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of `pack_int4`: uint8 codes with last dim `length`."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)[..., :length]
+
+
+def quantize_weight_per_channel(
+    weight: torch.Tensor, bits: int, search_steps: int = 80, shrink_per_step: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-output-channel asymmetric weight quantization with an MSE-searched clipping range.
+
+    For each output channel the range [min, max] is shrunk by `shrink_per_step` per candidate (`search_steps`
+    candidates, as the Q-Diffusion/BRECQ initialisation does) and the candidate with the lowest squared error is kept.
+
+    Args:
+        weight (`torch.Tensor`): Linear (out, in) or Conv2d (out, in, kh, kw) weight.
+        bits (`int`): 8 or 4.
+        search_steps (`int`): number of shrink candidates; 1 means plain min-max.
+        shrink_per_step (`float`): fraction of the range removed per candidate.
+
+    Returns:
+        `(codes, scale, zero_point)`: uint8 codes shaped like `weight`, and float32 `(out,)` scale and zero point.
+    """
+    flat = weight.detach().reshape(weight.shape[0], -1).float()
+    w_min = flat.amin(dim=1)
+    w_max = flat.amax(dim=1)
+    best_err = torch.full_like(w_min, float("inf"))
+    best_scale = torch.ones_like(w_min)
+    best_zero = torch.zeros_like(w_min)
+    for step in range(search_steps):
+        keep = 1.0 - shrink_per_step * step
+        scale, zero = minmax_params(w_min * keep, w_max * keep, bits)
+        recon = fake_quant_uniform(flat, scale[:, None], zero[:, None], bits)
+        err = (recon - flat).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    codes = quantize_uniform(flat, best_scale[:, None], best_zero[:, None], bits).to(torch.uint8)
+    return codes.reshape(weight.shape), best_scale, best_zero

@@ -1,0 +1,190 @@
+"""Turn a diffusers UNet into a DGQ-quantized one: which modules are quantized, how, and the swap itself.
+
+The same code builds a quantized UNet from calibration statistics (`dgq quantize`) and an empty one of the right
+shape that a checkpoint is then loaded into, so the two can never disagree about the model's structure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .attention import DGQAttnProcessor
+from .config import QuantConfig
+from .grouping import RangeStats, tensor_params
+from .layers import ActQuantizer, QuantConv2d, QuantLinear, StepState
+
+# Activation mode of a layer input, by method and input kind (see layers.ACT_MODES). Time-embedding inputs
+# ("vector") are never grouped: they stay per tensor, as in the official code.
+_MODES = {
+    "dgq": {"linear": "group", "conv": "group", "qkv": "group", "vector": "tensor"},
+    "pertensor": {"linear": "tensor", "conv": "tensor", "qkv": "tensor", "vector": "tensor"},
+    "dynamic": {"linear": "token", "conv": "token", "qkv": "token", "vector": "token"},
+}
+QKV = ("q_quant", "k_quant", "v_quant")
+
+
+@dataclass
+class InputSpec:
+    """How one quantized input is laid out and treated.
+
+    Args:
+        kind (`str`): "linear", "conv", "qkv" or "vector".
+        invariant (`bool`): the input depends only on the prompt (cross-attention keys/values), so one set of
+            parameters serves every step.
+    """
+
+    kind: str
+    invariant: bool = False
+
+
+def quantizable_layers(unet: nn.Module, excluded: list[str]) -> dict[str, nn.Module]:
+    """The Linear and Conv2d modules DGQ quantizes: all of them except the excluded names (conv_in, conv_out)."""
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, nn.Linear | nn.Conv2d) and name not in excluded
+    }
+
+
+def attention_modules(unet: nn.Module) -> dict[str, Attention]:
+    return {name: module for name, module in unet.named_modules() if isinstance(module, Attention)}
+
+
+def prompt_only_inputs(unet: nn.Module) -> set[str]:
+    """Names of inputs that depend only on the text embedding: cross-attention to_k/to_v and their K/V."""
+    names = set()
+    for name, attn in attention_modules(unet).items():
+        if attn.is_cross_attention:
+            names.update({f"{name}.to_k", f"{name}.to_v", f"{name}.processor.k_quant", f"{name}.processor.v_quant"})
+    return names
+
+
+def input_specs(unet: nn.Module, config: QuantConfig, vector_inputs: set[str]) -> dict[str, InputSpec]:
+    """Every quantized input of the UNet, by the name of the quantizer that will hold its parameters' owner.
+
+    Args:
+        unet (`nn.Module`): the full-precision UNet.
+        config (`QuantConfig`): the settings.
+        vector_inputs (`set[str]`): layers whose input was seen 2-D during calibration (time embeddings).
+    """
+    invariant = prompt_only_inputs(unet)
+    specs = {}
+    for name, module in quantizable_layers(unet, config.excluded_layers).items():
+        kind = "vector" if name in vector_inputs else ("conv" if isinstance(module, nn.Conv2d) else "linear")
+        specs[name] = InputSpec(kind, name in invariant)
+    for name in attention_modules(unet):
+        for quantizer in QKV:
+            key = f"{name}.processor.{quantizer}"
+            specs[key] = InputSpec("qkv", key in invariant)
+    return specs
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def quantize_modules(
+    model: nn.Module,
+    config: QuantConfig,
+    specs: dict[str, InputSpec],
+    state: StepState,
+    stats: dict[str, list[RangeStats]] | None = None,
+) -> None:
+    """Swap a model's Linear/Conv2d modules and attention processors for quantized ones, in place.
+
+    Works on any module tree (a UNet, or a VAE decoder for tests on real pretrained weights).
+
+    Args:
+        model (`nn.Module`): full precision, or built on the meta device when `stats` is None.
+        config (`QuantConfig`): the settings.
+        specs (`dict[str, InputSpec]`): from `input_specs` (or a checkpoint's manifest).
+        state (`StepState`): the step state the quantizers read.
+        stats (`dict[str, list[RangeStats]] | None`): calibration statistics per input, one entry per step (one for
+            invariant inputs). None builds empty quantizers and zero weights for a checkpoint to be loaded into.
+    """
+    mode_of = _MODES[config.method]
+
+    def make_quantizer(name: str) -> ActQuantizer:
+        spec = specs[name]
+        owner_state = None if spec.invariant else state
+        mode = mode_of[spec.kind]
+        if stats is None:
+            return ActQuantizer(spec.kind, mode, config.a_bits, owner_state)
+        return ActQuantizer.from_stats(
+            stats[name], spec.kind, mode, config.a_bits, config.groups, owner_state, state.calib_latent_hw,
+            seed=config.seed,
+        )
+
+    for name, module in quantizable_layers(model, config.excluded_layers).items():
+        act = make_quantizer(name)
+        if isinstance(module, nn.Conv2d):
+            quantized = QuantConv2d.from_float(module, config.w_bits, act) if stats else QuantConv2d(module, config.w_bits, act)
+        elif stats:
+            quantized = QuantLinear.from_float(module, config.w_bits, act)
+        else:
+            quantized = QuantLinear(module.in_features, module.out_features, module.bias is not None, config.w_bits, act)
+        _set_module(model, name, quantized)
+
+    for name, attn in attention_modules(model).items():
+        quantizers = {q: make_quantizer(f"{name}.processor.{q}") for q in QKV}
+        prob_scale = prob_zero_point = None
+        if config.method == "pertensor" and stats is not None:
+            ranges = [tensor_params(*step.tensor_range(), config.a_bits) for step in stats[f"{name}.processor.probs"]]
+            prob_scale = torch.stack([s for s, _ in ranges])
+            prob_zero_point = torch.stack([z for _, z in ranges])
+        processor = DGQAttnProcessor(
+            config.method, config.a_bits, attn.is_cross_attention, state=state,
+            prob_scale=prob_scale, prob_zero_point=prob_zero_point, **quantizers,
+        )
+        attn.set_processor(processor)
+    model._dgq_input_specs = specs  # noqa: SLF001 -- the checkpoint writer stores them as the manifest
+
+
+def latent_size(config: QuantConfig) -> tuple[int, int]:
+    """Latent (height, width) of the calibration images."""
+    return config.height // config.vae_scale_factor, config.width // config.vae_scale_factor
+
+
+def quantize_unet(
+    unet: nn.Module,
+    config: QuantConfig,
+    specs: dict[str, InputSpec],
+    stats: dict[str, list[RangeStats]] | None = None,
+) -> StepState:
+    """`quantize_modules` for a UNet, with a step state that follows the UNet's calls.
+
+    Args:
+        unet (`nn.Module`): a diffusers UNet.
+        config (`QuantConfig`): the settings; `calib_timesteps`, `height` and `width` must be filled in.
+        specs, stats: as for `quantize_modules`.
+
+    Returns:
+        `StepState`: the step state, hooked into `unet`.
+    """
+    state = StepState(config.calib_timesteps, latent_size(config))
+    quantize_modules(unet, config, specs, state, stats)
+    unet._dgq_step_state = state  # noqa: SLF001 -- kept alive with the model
+    state.install(unet)
+    return state
+
+
+def manifest(specs: dict[str, InputSpec]) -> dict[str, dict]:
+    """JSON-ready description of every quantized input (stored in the checkpoint)."""
+    return {name: asdict(spec) for name, spec in specs.items()}
+
+
+def specs_from_manifest(data: dict[str, dict]) -> dict[str, InputSpec]:
+    return {name: InputSpec(**spec) for name, spec in data.items()}
+
+
+def is_quantized(unet: nn.Module) -> bool:
+    return hasattr(unet, "_dgq_step_state")
+
+
+def step_state(unet: nn.Module) -> StepState:
+    return unet._dgq_step_state  # noqa: SLF001
