@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     `REDIS_URL` is also read without the prefix. On the command line they are `--max_batch 8` etc.
     """
 
-    model_config = SettingsConfigDict(env_prefix="DGQ_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="DGQ_", env_file=".env", extra="ignore", validate_assignment=True)
 
     # --- model ---
     model: str = Field(BUNDLED_MODEL, description="Diffusers model dir or hub id; 'bundled' = the model in dgq_core.zoo.")
@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     def _split_comma_separated(cls, value: object) -> object:
         return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
-    @cached_property
+    @property
     def worker_in_api(self) -> bool:
         """Whether the API process runs a worker itself."""
         return self.embedded_worker if self.embedded_worker is not None else self.redis_url is None

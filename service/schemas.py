@@ -171,9 +171,23 @@ class OpenAIModelList(BaseModel):
     data: list[OpenAIModel]
 
 
+class ErrorDetail(BaseModel):
+    """The OpenAI error shape, so OpenAI clients show the message."""
+
+    message: str
+    type: str
+    code: int
+
+
 class ErrorBody(BaseModel):
     """Every 4xx/5xx body: what is wrong and how to fix it."""
 
     detail: str
     type: str
     job_id: str | None = None
+    error: ErrorDetail
+
+    @classmethod
+    def of(cls, status: int, message: str, error_type: str, job_id: str | None = None) -> ErrorBody:
+        return cls(detail=message, type=error_type, job_id=job_id,
+                   error=ErrorDetail(message=message, type=error_type, code=status))

@@ -5,14 +5,17 @@ Nothing here downloads anything. Fixtures are general so any test module can use
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -142,3 +145,29 @@ def redis_url(redis_server: RedisServer) -> str:
 def anyio_backend() -> str:
     """Async tests (`@pytest.mark.anyio`) run on asyncio, the loop the service uses."""
     return "asyncio"
+
+
+@contextlib.asynccontextmanager
+async def running_api(settings, *, wait_ready: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    """The service app with its lifespan running, and an httpx client talking to it over ASGI."""
+    from service.api.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as client:
+            client.app = app
+            if wait_ready:
+                deadline = time.monotonic() + 60
+                while (await client.get("/readyz")).status_code != 200:
+                    assert time.monotonic() < deadline, "service did not become ready"
+                    await asyncio.sleep(0.05)
+            yield client
+
+
+@pytest.fixture
+def embedded_settings(tiny_sd_model_dir: Path):
+    """Settings of the embedded mode (in-process queue and worker) on the tiny model."""
+    from service.config import Settings
+
+    return Settings(model=str(tiny_sd_model_dir), quantized="none", warmup_steps=1, batch_window_s=0.01)

@@ -61,7 +61,7 @@ def _error_response(error: ServiceError) -> JSONResponse:
     headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s else {}
     if error.job_id and error.status in (409, 500, 504):
         headers["Location"] = f"/jobs/{error.job_id}"
-    body = ErrorBody(detail=error.message, type=error.type, job_id=error.job_id)
+    body = ErrorBody.of(error.status, error.message, error.type, error.job_id)
     return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=error.status, headers=headers)
 
 
@@ -69,7 +69,7 @@ def _validation_response(error: RequestValidationError) -> JSONResponse:
     problems = "; ".join(
         f"{'.'.join(str(part) for part in e['loc'] if part != 'body') or 'body'}: {e['msg']}" for e in error.errors()
     )
-    body = ErrorBody(detail=f"invalid request - {problems}", type="InvalidRequest")
+    body = ErrorBody.of(422, f"invalid request - {problems}", "InvalidRequest")
     return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=422)
 
 

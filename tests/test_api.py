@@ -1,0 +1,193 @@
+"""The HTTP API in the embedded mode (in-process queue and worker), through httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from conftest import running_api
+from service import metrics
+
+pytestmark = pytest.mark.anyio
+
+REQUEST = {"prompt": "a red square", "steps": 3, "seed": 7}
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(png)).size
+
+
+async def test_generate_sync_png_and_several_as_json(embedded_settings):
+    async with running_api(embedded_settings) as client:
+        single = await client.post("/generate", json=REQUEST)
+        assert single.status_code == 200 and single.headers["content-type"] == "image/png"
+        assert _png_size(single.content) == (16, 16)
+
+        several = await client.post("/generate", json=REQUEST | {"num_images": 2, "width": 24, "height": 32})
+        assert several.status_code == 200
+        body = several.json()
+        assert body["seeds"] == [7, 8]
+        pngs = [base64.b64decode(image) for image in body["images"]]
+        assert [_png_size(png) for png in pngs] == [(24, 32), (24, 32)] and pngs[0] != pngs[1]
+
+        again = await client.post("/generate", json=REQUEST)
+        assert again.content == single.content, "same parameters and seed -> same image"
+
+
+async def test_generate_async_then_poll_image_and_events(embedded_settings):
+    async with running_api(embedded_settings) as client:
+        accepted = await client.post("/generate", json=REQUEST, headers={"Prefer": "respond-async"})
+        assert accepted.status_code == 202
+        job_id, location = accepted.json()["id"], accepted.headers["location"]
+        assert location == f"/jobs/{job_id}" == accepted.json()["location"]
+
+        events = await client.get(f"/jobs/{job_id}/events")
+        assert events.headers["content-type"].startswith("text/event-stream")
+        names = [line.removeprefix("event: ") for line in events.text.splitlines() if line.startswith("event: ")]
+        assert names == ["queued", "started", "step", "step", "step", "succeeded"]
+
+        state = (await client.get(location)).json()
+        assert state["status"] == "succeeded" and state["position"] is None
+        assert {"text_encode_s", "queue_wait_s", "denoise_s", "decode_s", "total_s"} <= set(state["timings"])
+        image = await client.get(state["images"][0])
+        assert image.status_code == 200 and image.content == (await client.post("/generate", json=REQUEST)).content
+
+        body_async = await client.post("/generate", json=REQUEST | {"async": True})
+        assert body_async.status_code == 202
+
+
+async def test_unknown_expired_and_missing_images(embedded_settings):
+    embedded_settings.result_ttl_s = 0.3
+    async with running_api(embedded_settings) as client:
+        assert (await client.get("/jobs/nope")).status_code == 404
+        assert (await client.get("/jobs/nope/images/0")).status_code == 404
+        done = await client.post("/generate", json=REQUEST)
+        job_id = done.headers["x-job-id"]
+        assert (await client.get(f"/jobs/{job_id}/images/1")).status_code == 404
+        await asyncio.sleep(0.4)
+        for path in (f"/jobs/{job_id}", f"/jobs/{job_id}/images/0"):
+            gone = await client.get(path)
+            assert gone.status_code == 410 and "submit it again" in gone.json()["detail"]
+
+
+async def test_cancel_running_job_is_idempotent(embedded_settings):
+    embedded_settings.heartbeat_interval_s = 0.05  # how often a worker looks for cancellations
+    async with running_api(embedded_settings) as client:
+        job_id = (await client.post("/generate", json=REQUEST | {"steps": 100, "width": 64, "height": 64,
+                                                                 "async": True})).json()["id"]
+        while (await client.get(f"/jobs/{job_id}")).json()["status"] == "queued":
+            await asyncio.sleep(0.01)
+        first = await client.post(f"/jobs/{job_id}/cancel")
+        assert first.status_code == 200 and first.json()["status"] in ("running", "cancelled")
+        final = await client.get(f"/jobs/{job_id}/events")
+        assert final.text.rstrip().splitlines()[-2] == "event: cancelled"
+        steps = final.text.count("event: step")
+        assert steps < 100, "the denoising loop stopped early"
+        again = await client.post(f"/jobs/{job_id}/cancel")
+        assert again.status_code == 200 and again.json()["status"] == "cancelled"
+
+
+async def test_cancel_queued_job(embedded_settings):
+    embedded_settings.embedded_worker = False
+    async with running_api(embedded_settings, wait_ready=False) as client:
+        job_id = (await client.post("/generate", json=REQUEST | {"async": True})).json()["id"]
+        cancelled = await client.post(f"/jobs/{job_id}/cancel")
+        assert cancelled.json()["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"width": 30}, "width: Input should be a multiple of 8"),
+        ({"height": 2048}, "height 2048 is above the limit 1024"),
+        ({"steps": 0}, "steps: Input should be greater than or equal to 1"),
+        ({"steps": 101}, "ask for at most 100"),
+        ({"guidance_scale": 50}, "guidance_scale: Input should be less than or equal to 30"),
+        ({"num_images": 9}, "num_images 9 is above the limit 4"),
+        ({"prompt": ""}, "prompt: String should have at least 1 character"),
+        ({"prompt": "a" * 200}, "the text encoder reads at most 77"),
+        ({"negative_prompt": "b" * 80}, "negative_prompt is 82 tokens long"),
+        ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+    ],
+)
+async def test_bad_input_is_422_saying_what_to_change(embedded_settings, change, says):
+    embedded_settings.embedded_worker = False
+    async with running_api(embedded_settings, wait_ready=False) as client:
+        response = await client.post("/generate", json=REQUEST | change)
+        assert response.status_code == 422
+        assert says in response.json()["detail"]
+
+
+async def test_full_queue_is_429_with_retry_after(embedded_settings):
+    embedded_settings.embedded_worker, embedded_settings.queue_max = False, 2
+    async with running_api(embedded_settings, wait_ready=False) as client:
+        for _ in range(2):
+            assert (await client.post("/generate", json=REQUEST | {"async": True})).status_code == 202
+        full = await client.post("/generate", json=REQUEST | {"async": True})
+        assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+        assert "retry" in full.json()["detail"]
+        not_ready = await client.get("/readyz")
+        assert not_ready.status_code == 503 and "live_worker" in not_ready.json()["detail"]
+        assert "retry-after" in not_ready.headers
+
+
+async def test_api_keys(embedded_settings):
+    embedded_settings.api_keys = ["k1", "s3cret"]
+    async with running_api(embedded_settings) as client:
+        assert (await client.post("/generate", json=REQUEST)).status_code == 401
+        wrong = await client.post("/generate", json=REQUEST, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "Authorization: Bearer" in wrong.json()["detail"]
+        ok = await client.post("/generate", json=REQUEST, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/v1/models")).status_code == 401
+
+
+async def test_health_docs_and_metrics(embedded_settings):
+    async with running_api(embedded_settings) as client:
+        assert (await client.get("/healthz")).json() == {"status": "alive"}
+        ready = (await client.get("/readyz")).json()
+        assert all(ready.values()) and "embedded_worker_warm" in ready
+        assert (await client.get("/docs")).status_code == 200
+        schema = (await client.get("/openapi.json")).json()
+        assert {"/generate", "/jobs/{job_id}", "/jobs/{job_id}/events", "/v1/images/generations",
+                "/v1/models"} <= set(schema["paths"])
+        await client.post("/generate", json=REQUEST)
+        await asyncio.sleep(1.1)  # queue gauges are refreshed every second
+        text = (await client.get("/metrics")).text
+    defined = [m for m in vars(metrics).values() if hasattr(m, "_name") and hasattr(m, "describe")]
+    assert len(defined) >= 18
+    for metric in defined:
+        assert f"# HELP {metric._name}" in text, f"{metric._name} is not exported"
+    assert 'dgq_http_request_duration_seconds_count{method="POST",route="/generate",status="200"}' in text
+    assert 'dgq_model_weight_bytes{component="unet",precision="float32"}' in text
+    assert 'dgq_jobs_total{outcome="succeeded"}' in text and "dgq_queue_depth_jobs 0.0" in text
+    assert "dgq_model_info{" in text and 'exec_mode="fake"' in text
+
+
+async def test_openai_client(embedded_settings):
+    import httpx
+    import openai
+
+    embedded_settings.api_keys = ["sk-test"]
+    async with running_api(embedded_settings) as client:
+        http_client = httpx.AsyncClient(transport=client._transport, base_url="http://testserver")
+        api = openai.AsyncOpenAI(api_key="sk-test", base_url="http://testserver/v1", http_client=http_client)
+        models = await api.models.list()
+        assert [model.id for model in models.data] == [embedded_settings.model]
+        result = await api.images.generate(prompt="a red square", n=2, size="24x16", response_format="b64_json")
+        pngs = [base64.b64decode(image.b64_json) for image in result.data]
+        assert [_png_size(png) for png in pngs] == [(24, 16), (24, 16)]
+        by_url = await api.images.generate(prompt="a red square", size="16x16", response_format="url")
+        url = by_url.data[0].url
+        assert url.startswith("http://testserver/jobs/")
+        assert (await http_client.get(url, headers={"Authorization": "Bearer sk-test"})).status_code == 200
+        with pytest.raises(openai.UnprocessableEntityError, match="multiples of 8"):
+            await api.images.generate(prompt="a red square", size="20x20")
+        with pytest.raises(openai.AuthenticationError):
+            await openai.AsyncOpenAI(api_key="wrong", base_url="http://testserver/v1",
+                                     http_client=http_client).models.list()
