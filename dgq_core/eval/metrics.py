@@ -17,7 +17,7 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     mu_a, mu_b = features_a.mean(0), features_b.mean(0)
     sigma_a = np.cov(features_a, rowvar=False)
     sigma_b = np.cov(features_b, rowvar=False)
-    covmean, _ = linalg.sqrtm(sigma_a @ sigma_b, disp=False)
+    covmean = linalg.sqrtm(sigma_a @ sigma_b)
     if not np.isfinite(covmean).all():
         # Rank-deficient covariances (fewer images than dimensions): regularise as pytorch-fid does.
         offset = np.eye(sigma_a.shape[0]) * 1e-6

@@ -370,6 +370,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--latent-pool-size", type=int, default=TrainConfig.latent_pool_size)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     parser.add_argument("--init-from", type=Path, help="warm-start from an exported pipeline dir (fresh optimizer)")
     parser.add_argument("--export", type=Path, help="where to save_pretrained the EMA pipeline (default OUT/pipeline)")
@@ -393,7 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     export_dir = args.export or args.out / "pipeline"
-    train_config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, batch_size=args.batch_size, lr=args.lr)
+    train_config = TrainConfig(
+        seed=args.seed,
+        vae_steps=args.vae_steps,
+        latent_pool_size=args.latent_pool_size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+    )
     trainer = Trainer(args.out, ZooModelConfig(), train_config)
     if args.resume:
         trainer.load_checkpoint()
