@@ -9,9 +9,18 @@ import signal
 
 from service.config import Settings
 
+log = logging.getLogger(__name__)
 
-def _settings(argv: list[str] | None, prog: str) -> Settings:
-    return Settings(_cli_parse_args=argv if argv is not None else [], _cli_prog_name=prog)
+
+def _process_settings(argv: list[str] | None, prog: str) -> Settings:
+    """Parse flags and environment; set up logging and torch's thread count for this process."""
+    settings = Settings(_cli_parse_args=argv if argv is not None else [], _cli_prog_name=prog)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    return settings
 
 
 def serve_main(argv: list[str] | None = None) -> int:
@@ -20,8 +29,7 @@ def serve_main(argv: list[str] | None = None) -> int:
 
     from service.api.app import create_app
 
-    settings = _settings(argv, "dgq serve")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _process_settings(argv, "dgq serve")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
 
@@ -31,18 +39,15 @@ async def run_worker(settings: Settings) -> None:
     from service.queue import make_queue
     from service.worker import Worker
 
-    if not settings.redis_url:
-        raise SystemExit("dgq worker needs a Redis URL (--redis_url or REDIS_URL): workers share jobs through Redis")
     queue = make_queue(settings)
-    worker = Worker(settings, queue)
-    task = asyncio.create_task(worker.run())
+    task = asyncio.create_task(Worker(settings, queue).run())
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, task.cancel)
     try:
         await task
     except asyncio.CancelledError:
-        pass
+        log.info("worker stopped")
     finally:
         await queue.close()
 
@@ -51,10 +56,12 @@ def worker_main(argv: list[str] | None = None) -> int:
     """`dgq worker`: load the quantized UNet + VAE, warm up, serve jobs from Redis; `/metrics` on its own port."""
     from prometheus_client import start_http_server
 
-    settings = _settings(argv, "dgq worker")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _process_settings(argv, "dgq worker")
+    if not settings.redis_url:
+        log.error("dgq worker needs a Redis URL (--redis_url or REDIS_URL): workers share jobs through Redis")
+        return 2
     if settings.worker_metrics_port is not None:
         server, _ = start_http_server(settings.worker_metrics_port, addr=settings.host)
-        logging.getLogger(__name__).info("worker metrics on http://%s:%d/metrics", settings.host, server.server_port)
+        log.info("worker metrics on http://%s:%d/metrics", settings.host, server.server_port)
     asyncio.run(run_worker(settings))
     return 0

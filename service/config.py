@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="Torch device for the workers' UNet and VAE, e.g. 'cuda:0'.")
     default_width: int | None = Field(None, description="Image width when a request gives none; None = model native.")
     default_height: int | None = Field(None, description="Image height when a request gives none; None = model native.")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads torch may use; None = torch's default.")
     warmup_steps: int = Field(2, ge=0, description="Denoising steps of the warm-up run a worker does before taking jobs.")
 
     # --- HTTP ---
