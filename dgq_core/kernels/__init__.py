@@ -12,18 +12,36 @@ import torch
 from .executors import IntConv2d, IntLinear
 from .gemm import GemmBackend, PackedWeight
 
-__all__ = ["GemmBackend", "IntConv2d", "IntLinear", "PackedWeight", "select_backend"]
+__all__ = [
+    "GemmBackend",
+    "IntConv2d",
+    "IntLinear",
+    "PackedWeight",
+    "disable_int_execution",
+    "enable_int_execution",
+    "select_backend",
+]
 
 
-def select_backend(device: torch.device | str) -> GemmBackend:
-    """The integer GEMM for `device`: FBGEMM/oneDNN on CPU, int8 tensor-core `torch._int_mm` on CUDA."""
+def select_backend(device: torch.device | str, exact: bool = True) -> GemmBackend:
+    """The integer GEMM for `device`: FBGEMM/oneDNN on CPU, int8 tensor-core `torch._int_mm` on CUDA.
+
+    Args:
+        device (`torch.device | str`): where the layers run.
+        exact (`bool`): CPU only: keep W8A8 products exact on CPUs without VNNI (see `kernels.cpu`). CUDA's int32
+            accumulation is always exact.
+    """
     device = torch.device(device)
     if device.type == "cpu":
         from .cpu import FbgemmGemm
 
-        return FbgemmGemm()
+        return FbgemmGemm(exact)
     if device.type == "cuda":
         from .cuda import IntMmGemm
 
         return IntMmGemm(device)
     raise ValueError(f"no integer backend for device {device.type!r}; use exec mode 'fake' there")
+
+
+# After select_backend: attach builds executors with it.
+from .attach import disable_int_execution, enable_int_execution  # noqa: E402

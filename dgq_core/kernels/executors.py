@@ -102,6 +102,8 @@ class IntLinear:
             return cls(backend, None, weight_codes.contiguous(), w_scale, w_zero_point, 4, k, bias)
         raise ValueError(f"integer execution supports 8- and 4-bit weights, not {w_bits}")
 
+    holds_codes = True
+
     def weight_codes(self) -> torch.Tensor:
         """(N, K) uint8 codes (unpacked from the resident form)."""
         if self.nibbles is not None:
@@ -253,6 +255,15 @@ class IntConv2d:
             weight_codes, w_scale, w_zero_point, w_bits, bias, backend, in_features
         )
         return cls(linear, None, bias, *geometry)
+
+    @property
+    def holds_codes(self) -> bool:
+        """Whether `weight_codes` can give the codes back (oneDNN's packed convolution weight cannot)."""
+        return self.linear is not None
+
+    def weight_codes(self) -> torch.Tensor:
+        """(Cout, Cin*kh*kw) uint8 codes, unpacked."""
+        return self.linear.weight_codes()
 
     def resident_nbytes(self) -> int:
         if self.linear is not None:

@@ -1,0 +1,325 @@
+"""One SD v1.5-architecture UNet call on CPU: FP32 eager vs DGQ int/fake vs torch.ao dynamic int8, side by side.
+
+The UNet is diffusers' default `UNet2DConditionModel` config (the SD v1.5 architecture) at random init: speed and
+memory do not depend on the weight values. Input: 256 px images (32x32 latents), batch 2 (classifier-free guidance),
+77 text tokens. DGQ's activation groups (D_d axis choice + K-means, K groups) are calibrated on one call with random
+inputs, the way `dgq quantize` calibrates one sampler step.
+
+Variants (all timed interleaved, round after round; medians reported):
+    FP32 eager; DGQ-int W8A8 (exact, the default); DGQ-int W8A8 with the single saturating GEMM; DGQ-int W4A8;
+    DGQ-fake W8A8; torch.ao dynamic int8 on the Linear layers (the nearest peer with real CPU kernels).
+Resident weight bytes are counted from the tensors and packed kernel weights each variant keeps; peak RSS is measured
+in a fresh process per variant that loads (or builds) the model and runs one call.
+
+Usage:
+    .venv/bin/python bench/bench_unet.py --repeats 5 --out runs/bench_unet.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_average, median, peak_rss_bytes, time_interleaved  # noqa: E402
+
+from dgq_core.calibration import StatsCollector, attach_collector  # noqa: E402
+from dgq_core.checkpoint import load_quantized_unet, save_quantized_unet  # noqa: E402
+from dgq_core.config import QuantConfig  # noqa: E402
+from dgq_core.kernels import enable_int_execution  # noqa: E402
+from dgq_core.layers import QuantConv2d, QuantLinear, StepState  # noqa: E402
+from dgq_core.unet import input_specs, prompt_only_inputs, quantize_unet  # noqa: E402
+
+TIMESTEP = 500
+LATENT = 32
+BATCH = 2
+TOKENS = 77
+
+
+def build_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel().eval()
+
+
+def unet_inputs(unet: UNet2DConditionModel, seed: int = 1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(BATCH, unet.config.in_channels, LATENT, LATENT, generator=generator),
+        "timestep": torch.tensor(TIMESTEP),
+        "encoder_hidden_states": torch.randn(
+            BATCH, TOKENS, unet.config.cross_attention_dim, generator=generator
+        ),
+    }
+
+
+def quant_config(w_bits: int, groups: int) -> QuantConfig:
+    return QuantConfig(
+        method="dgq", w_bits=w_bits, a_bits=8, groups=groups, steps=1, calib_timesteps=[TIMESTEP],
+        height=LATENT * 8, width=LATENT * 8, num_calib=BATCH,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def calibrate_one_call(unet: UNet2DConditionModel, config: QuantConfig, inputs: dict) -> tuple[dict, dict]:
+    """DGQ statistics of one UNet call (the calibration of one sampler step), without a pipeline."""
+    state = StepState(config.calib_timesteps, (LATENT, LATENT))
+    collector = StatsCollector(state, prompt_only_inputs(unet))
+    processors = unet.attn_processors
+    handles = [state.install(unet), *attach_collector(unet, collector, config)]
+    try:
+        unet(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        unet.set_attn_processor(processors)
+    return input_specs(unet, config, collector.vector_inputs), collector.per_step()
+
+
+def quantized_copy(unet: nn.Module, config: QuantConfig, specs: dict, stats: dict) -> UNet2DConditionModel:
+    model = copy.deepcopy(unet)
+    quantize_unet(model, config, specs, stats)
+    return model
+
+
+def ao_dynamic_copy(unet: nn.Module) -> nn.Module:
+    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(unet), {nn.Linear}, dtype=torch.qint8)
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for tensor in tensors:
+        if tensor.numel() and tensor.untyped_storage().data_ptr() not in seen:
+            seen.add(tensor.untyped_storage().data_ptr())
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def resident_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights a model keeps: parameters and buffers, plus packed kernel weights held outside tensors.
+
+    An integer executor's own count replaces its layer's weight tensors (which are the ones it was given, or emptied).
+    """
+    executors = [m for m in model.modules() if getattr(m, "int_executor", None) is not None]
+    inside_executors = set()
+    for layer in executors:
+        inside_executors.update(
+            id(t) for t in (layer.weight_q.codes, layer.weight_q.scale, layer.weight_q.zero_point)
+        )
+        if layer.bias is not None:
+            inside_executors.add(id(layer.bias))
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if id(t) not in inside_executors]
+    total = _tensor_bytes(tensors) + sum(layer.int_executor.resident_nbytes() for layer in executors)
+    for module in model.modules():
+        packed = getattr(module, "_packed_params", None)
+        if (
+            packed is not None
+        ):  # torch.ao dynamic Linear: int8 weight + scale/zero point + fp32 bias, prepacked
+            weight, bias = packed._weight_bias()
+            total += weight.numel() + 8 * weight.shape[0] + (0 if bias is None else bias.numel() * 4)
+    return total
+
+
+def axis_mix(model: nn.Module) -> dict[str, int]:
+    """How many quantized Linear/Conv2d inputs use each activation arrangement at the calibrated step."""
+    mix: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear | QuantConv2d):
+            act = module.act
+            key = act.mode if act.mode != "group" else ("channel" if int(act.axis[0]) == 0 else "pixel")
+            key = f"{'conv' if isinstance(module, QuantConv2d) else 'linear'}-{key}"
+            mix[key] = mix.get(key, 0) + 1
+    return dict(sorted(mix.items()))
+
+
+def psnr_db(test: torch.Tensor, reference: torch.Tensor) -> float:
+    mse = (test - reference).double().pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(reference.abs().max().item() ** 2 / mse)
+
+
+def set_exact(model: nn.Module, exact: bool) -> None:
+    """Switch the CPU backend shared by a model's executors between the exact split and one saturating GEMM."""
+    layer = next(m for m in model.modules() if getattr(m, "int_executor", None) is not None)
+    executor = layer.int_executor.linear if isinstance(layer, QuantConv2d) else layer.int_executor
+    executor.backend.exact = exact
+
+
+@torch.no_grad()
+def rss_child(variant: str, checkpoint: str | None) -> None:
+    """Load or build one variant in this fresh process, run one call, print the process's peak RSS as JSON."""
+    if variant in ("fp32", "ao-dynamic-int8"):
+        unet = build_unet()
+        if variant == "ao-dynamic-int8":
+            unet = torch.ao.quantization.quantize_dynamic(unet, {nn.Linear}, dtype=torch.qint8)
+    else:
+        unet = load_quantized_unet(checkpoint)
+        if variant.startswith("dgq-int"):
+            enable_int_execution(unet)
+    unet(**unet_inputs(unet))
+    print(json.dumps({"variant": variant, "peak_rss_bytes": peak_rss_bytes()}))
+
+
+def measure_rss(variant: str, checkpoint: Path | None) -> int:
+    command = [sys.executable, __file__, "--rss-child", variant]
+    if checkpoint is not None:
+        command += ["--checkpoint", str(checkpoint)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+
+
+def profile_table(call, rows: int) -> str:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
+    parser.add_argument("--groups", type=int, default=8, help="DGQ activation groups K")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_unet.json"), help="results JSON")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="write op profiles of FP32 and DGQ-int W8A8 here"
+    )
+    parser.add_argument("--skip-rss", action="store_true", help="skip the per-variant peak-RSS processes")
+    parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        rss_child(args.rss_child, args.checkpoint)
+        return
+
+    fp32 = build_unet()
+    inputs = unet_inputs(fp32)
+    config8, config4 = quant_config(8, args.groups), quant_config(4, args.groups)
+    specs, stats = calibrate_one_call(fp32, config8, inputs)
+    fake8 = quantized_copy(fp32, config8, specs, stats)
+    int4 = quantized_copy(fp32, config4, specs, stats)
+    workdir = Path(tempfile.mkdtemp(prefix="bench_unet_"))
+    checkpoints = {"w8": workdir / "w8", "w4": workdir / "w4"}
+    save_quantized_unet(fake8, config8, checkpoints["w8"])
+    save_quantized_unet(int4, config4, checkpoints["w4"])
+    int8 = copy.deepcopy(fake8)
+    enable_int_execution(int8)
+    enable_int_execution(int4)
+    ao = ao_dynamic_copy(fp32)
+    models = {
+        "FP32 eager": fp32,
+        "DGQ-int W8A8": int8,
+        "DGQ-int W4A8": int4,
+        "DGQ-fake W8A8": fake8,
+        "torch.ao dynamic int8 (Linear)": ao,
+    }
+
+    reference = fp32(**inputs).sample
+    fake_out = fake8(**inputs).sample
+    agreement = {
+        "DGQ-int W8A8 vs DGQ-fake W8A8": psnr_db(int8(**inputs).sample, fake_out),
+        "DGQ-int W4A8 vs DGQ-fake W4A8": psnr_db(
+            int4(**inputs).sample, quantized_copy(fp32, config4, specs, stats)(**inputs).sample
+        ),
+        "DGQ-fake W8A8 vs FP32": psnr_db(fake_out, reference),
+    }
+    set_exact(int8, False)
+    agreement["DGQ-int W8A8 saturating vs DGQ-fake W8A8"] = psnr_db(int8(**inputs).sample, fake_out)
+    set_exact(int8, True)
+
+    def saturating_call(model=int8):
+        set_exact(model, False)
+        try:
+            model(**inputs)
+        finally:
+            set_exact(model, True)
+
+    variants = {name: (lambda m=model: m(**inputs)) for name, model in models.items()}
+    variants["DGQ-int W8A8 saturating GEMM"] = saturating_call
+    times = time_interleaved(variants, args.repeats)
+
+    fp32_bytes = resident_weight_bytes(fp32)
+    weight_bytes = {name: resident_weight_bytes(model) for name, model in models.items()}
+    weight_bytes["DGQ-int W8A8 saturating GEMM"] = weight_bytes["DGQ-int W8A8"]
+    results = {
+        "machine": {
+            "threads": torch.get_num_threads(),
+            "load_average_after": load_average(),
+            "torch": torch.__version__,
+        },
+        "setup": {
+            "latent": LATENT,
+            "batch": BATCH,
+            "tokens": TOKENS,
+            "groups": args.groups,
+            "repeats": args.repeats,
+        },
+        "axis_mix": axis_mix(fake8),
+        "agreement_psnr_db": agreement,
+        "variants": {
+            name: {
+                "median_s": median(times[name]),
+                "all_s": times[name],
+                "speedup_vs_fp32": median(times["FP32 eager"]) / median(times[name]),
+                "weight_bytes": weight_bytes[name],
+                "weight_ratio_vs_fp32": weight_bytes[name] / fp32_bytes,
+            }
+            for name in variants
+        },
+    }
+    if args.profile is not None:
+        args.profile.parent.mkdir(parents=True, exist_ok=True)
+        with args.profile.open("w") as handle:
+            for name in ("FP32 eager", "DGQ-int W8A8"):
+                handle.write(f"== {name}\n{profile_table(variants[name], 25)}\n")
+    del models, fp32, fake8, int8, int4, ao, variants, saturating_call
+    if not args.skip_rss:
+        children = {
+            "FP32 eager": ("fp32", None),
+            "torch.ao dynamic int8 (Linear)": ("ao-dynamic-int8", None),
+            "DGQ-fake W8A8": ("dgq-fake-w8", checkpoints["w8"]),
+            "DGQ-int W8A8": ("dgq-int-w8", checkpoints["w8"]),
+            "DGQ-int W4A8": ("dgq-int-w4", checkpoints["w4"]),
+        }
+        for name, (variant, checkpoint) in children.items():
+            results["variants"][name]["peak_rss_bytes"] = measure_rss(variant, checkpoint)
+        fp32_rss = results["variants"]["FP32 eager"]["peak_rss_bytes"]
+        for name in children:
+            results["variants"][name]["peak_rss_ratio_vs_fp32"] = (
+                results["variants"][name]["peak_rss_bytes"] / fp32_rss
+            )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "| variant | median s/call | speed-up vs FP32 | resident weight bytes | × FP32 | peak RSS | × FP32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, v in results["variants"].items():
+        rss = v.get("peak_rss_bytes")
+        rss_cells = f"{rss / 2**30:.2f} GiB | {v['peak_rss_ratio_vs_fp32']:.2f}" if rss else "— | —"
+        lines.append(
+            f"| {name} | {v['median_s']:.2f} | {v['speedup_vs_fp32']:.2f}× | {v['weight_bytes'] / 2**20:.0f} MiB "
+            f"| {v['weight_ratio_vs_fp32']:.3f} | {rss_cells} |"
+        )
+    lines.append("")
+    lines.append(f"activation arrangement per quantized layer: {results['axis_mix']}")
+    lines.append(f"agreement (PSNR of the UNet output): {json.dumps(results['agreement_psnr_db'])}")
+    lines.append(f"machine: {results['machine']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

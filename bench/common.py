@@ -1,0 +1,56 @@
+"""What every benchmark here needs: interleaved repeated timing with medians, and peak resident memory.
+
+Ratios are only meaningful when measured side by side in one run on the same (possibly shared) machine, so
+`time_interleaved` runs one call of every variant per round, round after round, and reports medians.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def time_interleaved(
+    variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant, with variants interleaved within each round.
+
+    Args:
+        variants (`dict[str, Callable]`): name -> a zero-argument call to time.
+        repeats (`int`): timed rounds.
+        warmup (`int`): untimed rounds first (first-call costs: allocator growth, lazily built kernel plans).
+
+    Returns:
+        `dict[str, list[float]]`: every timed call's seconds, per variant.
+    """
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with tqdm(total=(warmup + repeats) * len(variants), desc="timing", unit="call") as bar:
+        for round_index in range(warmup + repeats):
+            for name, call in variants.items():
+                started = time.perf_counter()
+                call()
+                elapsed = time.perf_counter() - started
+                if round_index >= warmup:
+                    times[name].append(elapsed)
+                bar.set_postfix_str(name)
+                bar.update(1)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, recorded with results because the machine is shared."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])

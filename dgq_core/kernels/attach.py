@@ -1,0 +1,64 @@
+"""Switch a quantized model between exec modes "fake" and "int" by giving its layers integer executors.
+
+In "int" mode an 8-bit weight lives only in the backend's packed int8 form: the layer's uint8 code buffer is emptied
+so that no second copy stays resident, and `disable_int_execution` writes the codes back (for saving a checkpoint or
+returning to "fake"). A 4-bit weight is shared as-is: the executor reads the layer's packed nibbles. A convolution
+with per-tensor activations runs oneDNN's int8 convolution, whose packed weight cannot be read back: its codes stay.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import QuantConv2d, QuantLinear
+from . import select_backend
+from .executors import IntConv2d, IntLinear
+
+
+def _executor(module: QuantLinear | QuantConv2d, backend) -> IntLinear | IntConv2d:
+    weight = module.weight_q
+    bias = None if module.bias is None else module.bias.detach()
+    if isinstance(module, QuantLinear):
+        return IntLinear.from_quantized(
+            weight.codes, weight.scale, weight.zero_point, weight.bits, bias, backend, weight.in_features
+        )
+    return IntConv2d.from_quantized(
+        weight.codes, weight.scale, weight.zero_point, weight.bits, bias, backend,
+        in_channels=module.in_channels, kernel_size=module.kernel_size, stride=module.stride,
+        padding=module.padding, dilation=module.dilation, act_mode=module.act.mode,
+    )  # fmt: skip
+
+
+def enable_int_execution(model: nn.Module, exact: bool = True) -> int:
+    """Give every `QuantLinear`/`QuantConv2d` of `model` an integer executor for its device.
+
+    Args:
+        model (`nn.Module`): a quantized UNet (or any module tree holding quantized layers).
+        exact (`bool`): on CPUs, keep W8A8 products exact (see `kernels.cpu`); False trades exactness for speed.
+
+    Returns:
+        `int`: how many layers now run in integers.
+    """
+    backends = {}
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, QuantLinear | QuantConv2d) or module.int_executor is not None:
+            continue
+        device = module.weight_q.codes.device
+        if device not in backends:
+            backends[device] = select_backend(device, exact=exact)
+        module.int_executor = _executor(module, backends[device])
+        if module.weight_q.bits == 8 and module.int_executor.holds_codes:
+            module.weight_q.codes = torch.empty(0, dtype=torch.uint8, device=device)
+        count += 1
+    return count
+
+
+def disable_int_execution(model: nn.Module) -> None:
+    """Return every layer to the fake-quant reference, restoring 8-bit code buffers from the executors."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear | QuantConv2d) and module.int_executor is not None:
+            if module.weight_q.codes.numel() == 0:
+                module.weight_q.codes = module.int_executor.weight_codes()
+            module.int_executor = None
