@@ -27,6 +27,7 @@ class Settings(BaseSettings):
         "auto",
         description="Quantized checkpoint dir; 'auto' = quantize at first start and cache; 'none' = full precision.",
     )
+    quantized_cache_dir: str = Field("~/.cache/dgq-serve", description="Where quantized='auto' keeps checkpoints.")
     exec_mode: str = Field("fake", description="DGQ execution backend: 'fake' (quantize-dequantize) or 'int'.")
     device: str = Field("cpu", description="Torch device for the workers' UNet and VAE, e.g. 'cuda:0'.")
     default_width: int | None = Field(None, description="Image width when a request gives none; None = model native.")

@@ -1,15 +1,13 @@
-"""Every place the service touches the model library: loading, prompt encoding, prompt-specific parameters.
-
-`dgq_core.pipeline` provides the DGQ-quantized pipeline and `PromptEncoder`; until a deployment has it (or when
-`quantized` is 'none' and the model is a plain diffusers directory), the plain diffusers pipeline stands in with
-no prompt-specific parameters. Nothing else in `service` imports diffusers or dgq_core.
-"""
+"""Every place the service touches the model library (dgq_core): loading, prompt encoding, prompt-specific
+parameters, the quantized checkpoint to serve. Nothing else in `service` imports dgq_core or diffusers models."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import fcntl
 import json
+import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,36 +19,51 @@ from safetensors.torch import save as save_safetensors
 
 from service.config import Settings
 
+log = logging.getLogger(__name__)
+
 PromptParams = dict[str, torch.Tensor]
 """Prompt-specific DGQ cross-attention parameters of one prompt (name -> tensor)."""
 
-HAS_DGQ_PIPELINE = importlib.util.find_spec("dgq_core.pipeline") is not None
+QUANTIZED_UNET_CONFIG = Path("unet") / "config.json"
 
 
-def _quantized_ref(settings: Settings) -> str | None:
-    return None if settings.quantized in (None, "none") else settings.quantized
+def auto_quantized_dir(settings: Settings) -> Path:
+    """Where `quantized='auto'` caches the checkpoint it makes for `settings.model`."""
+    model_name = Path(str(settings.model_ref)).name or "model"
+    return Path(settings.quantized_cache_dir).expanduser() / f"{model_name}-dgq"
 
 
-def use_dgq(settings: Settings) -> bool:
-    """Whether this deployment runs the DGQ-quantized pipeline (else plain diffusers, full precision)."""
-    return HAS_DGQ_PIPELINE and _quantized_ref(settings) is not None
+def quantized_checkpoint(settings: Settings) -> str | None:
+    """The quantized checkpoint to serve: None for full precision ('none'); with 'auto', the cached checkpoint,
+    made at the first start by `dgq quantize` with its defaults (one process quantizes, the others wait)."""
+    if settings.quantized in (None, "none"):
+        return None
+    if settings.quantized != "auto":
+        return settings.quantized
+    target = auto_quantized_dir(settings)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / QUANTIZED_UNET_CONFIG).is_file():
+            from dgq_core.cli import main as dgq_main
+
+            log.info("quantizing %s into %s (first start; cached afterwards)", settings.model_ref, target)
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            if dgq_main(["quantize", "--model", str(settings.model_ref), "--out", str(partial)]) != 0:
+                raise RuntimeError(f"quantizing {settings.model_ref} failed")
+            partial.rename(target)
+    return str(target)
 
 
 def load_worker_pipeline(settings: Settings) -> DiffusionPipeline:
     """The pipeline a worker runs: quantized UNet, VAE and scheduler; no text encoder."""
-    if use_dgq(settings):
-        from dgq_core.pipeline import load_pipeline
+    from dgq_core.pipeline import load_pipeline
 
-        pipe = load_pipeline(
-            settings.model_ref, quantized=_quantized_ref(settings), device=settings.device,
-            exec_mode=settings.exec_mode, load_text_encoder=False,
-        )
-    else:
-        pipe = DiffusionPipeline.from_pretrained(
-            str(settings.model_ref), text_encoder=None, tokenizer=None, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        ).to(settings.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(
+        settings.model_ref, quantized=quantized_checkpoint(settings), device=settings.device,
+        exec_mode=settings.exec_mode, load_text_encoder=False,
+    )
     make_batch_invariant(pipe.unet)
     return pipe
 
@@ -64,37 +77,22 @@ class EncodedPrompts:
 
 
 class PromptEncoder:
-    """Tokenizer + text encoder (+ the DGQ prompt-specific parameters) of the configured model."""
+    """Tokenizer + text encoder + the DGQ prompt-specific parameters of the configured model."""
 
     def __init__(self, settings: Settings) -> None:
-        if use_dgq(settings):
-            from dgq_core.pipeline import PromptEncoder as DGQPromptEncoder
+        from dgq_core.pipeline import PromptEncoder as DGQPromptEncoder
 
-            self._dgq = DGQPromptEncoder.from_pretrained(settings.model_ref, quantized=_quantized_ref(settings))
-            self.max_tokens: int = self._dgq.max_tokens
-        else:
-            from transformers import CLIPTextModel, CLIPTokenizer
-
-            self._dgq = None
-            model_dir = Path(settings.model_ref)
-            self._tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
-            self._text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder").eval()
-            self.max_tokens = self._tokenizer.model_max_length
+        self._encoder = DGQPromptEncoder.from_pretrained(settings.model_ref, quantized=quantized_checkpoint(settings))
+        self.max_tokens: int = self._encoder.max_tokens
 
     def count_tokens(self, prompt: str) -> int:
         """Tokens of `prompt` including <start> and <end>."""
-        tokenizer = self._dgq.tokenizer if self._dgq is not None else self._tokenizer
-        return len(tokenizer(prompt).input_ids)
+        return self._encoder.count_tokens(prompt)
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> EncodedPrompts:
-        if self._dgq is not None:
-            batch = self._dgq.encode(prompts)
-            return EncodedPrompts(embeds=batch.embeds, params=list(batch.attention_params))
-        ids = self._tokenizer(
-            prompts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt"
-        ).input_ids
-        return EncodedPrompts(embeds=self._text_encoder(ids)[0], params=[{} for _ in prompts])
+        batch = self._encoder.encode(prompts)
+        return EncodedPrompts(embeds=batch.embeds, params=list(batch.attention_params))
 
 
 def prompt_params_scope(unet: torch.nn.Module, params: list[PromptParams]) -> contextlib.AbstractContextManager:
@@ -163,23 +161,33 @@ def unpack_prompt(data: bytes) -> PromptTensors:
 
 # --- batch invariance ---
 
-_MIN_ROWS = {torch.nn.Linear: 64, torch.nn.Conv2d: 2}
+_LINEAR_MIN_ROWS, _CONV_MIN_BATCH = 64, 2
 """CPU GEMM/conv kernels pick different code paths (and round differently) for few rows: Linear with < 4 rows or
 a row count not a multiple of 4, Conv2d with batch 1. Padding such inputs to a fixed row count makes every row's
 result independent of how many other rows share the call - a request's image does not depend on its batch."""
 
 
-def _row_count(module: torch.nn.Module, x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1] if isinstance(module, torch.nn.Linear) else x.shape[0]
+def _is_linear(module: torch.nn.Module) -> bool:
+    from dgq_core.layers import QuantLinear
+
+    return type(module) in (torch.nn.Linear, QuantLinear)
+
+
+def _is_conv(module: torch.nn.Module) -> bool:
+    from dgq_core.layers import QuantConv2d
+
+    return type(module) in (torch.nn.Conv2d, QuantConv2d)
 
 
 def _pad_rows(module: torch.nn.Module, args: tuple) -> tuple | None:
     x = args[0]
-    rows, minimum = _row_count(module, x), _MIN_ROWS[type(module)]
+    linear = _is_linear(module)
+    rows = x.numel() // x.shape[-1] if linear else x.shape[0]
+    minimum = _LINEAR_MIN_ROWS if linear else _CONV_MIN_BATCH
     if rows >= minimum:
         return None
     module._unpadded_shape = x.shape
-    if isinstance(module, torch.nn.Linear):
+    if linear:
         x = x.reshape(rows, x.shape[-1])
     padding = x.new_zeros((minimum - rows, *x.shape[1:]))
     return (torch.cat([x, padding]), *args[1:])
@@ -189,15 +197,15 @@ def _unpad_rows(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> t
     shape = module.__dict__.pop("_unpadded_shape", None)
     if shape is None:
         return None
-    if isinstance(module, torch.nn.Linear):
-        return output[: _row_count(module, torch.empty(shape, device="meta"))].reshape(*shape[:-1], output.shape[-1])
+    if _is_linear(module):
+        return output[: shape[:-1].numel()].reshape(*shape[:-1], output.shape[-1])
     return output[: shape[0]]
 
 
 def make_batch_invariant(unet: torch.nn.Module) -> None:
-    """Pad few-row inputs of the UNet's Linear/Conv2d layers so results do not depend on the batch size."""
+    """Pad few-row inputs of the UNet's (quantized) Linear/Conv2d layers so results do not depend on batch size."""
     for module in unet.modules():
-        if type(module) in _MIN_ROWS:
+        if _is_linear(module) or _is_conv(module):
             module.register_forward_pre_hook(_pad_rows)
             module.register_forward_hook(_unpad_rows)
 
