@@ -1,0 +1,164 @@
+"""The quality table of the bundled model: full precision vs DGQ (K=8, K=16) vs the per-tensor and dynamic baselines
+at W8A8, W4A8, W8A6 and W4A6, on held-out prompts with fixed seeds.
+
+    python -m dgq_core.eval.benchmark --out runs/quality --num 64
+
+Each quantized model is made with `dgq quantize` (calibrated on the model's own calibration_prompts.txt, training
+compositions) and scored with the evaluation harness against the full-precision images of the same prompts and seeds.
+Writes OUT/quality.json and OUT/quality.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dgq_core.eval import harness
+from dgq_core.zoo import bundled_model_dir
+
+PRECISIONS = ((8, 8), (4, 8), (8, 6), (4, 6))
+
+
+@dataclass(frozen=True)
+class QuantSetting:
+    """One row of the table.
+
+    Args:
+        method: "dgq", "pertensor" or "dynamic" (see dgq_core.config.QuantConfig).
+        w_bits: weight bits.
+        a_bits: activation bits.
+        groups: K for "dgq".
+    """
+
+    method: str
+    w_bits: int
+    a_bits: int
+    groups: int = 16
+
+    @property
+    def label(self) -> str:
+        suffix = f" K={self.groups}" if self.method == "dgq" else ""
+        return f"W{self.w_bits}A{self.a_bits} {self.method}{suffix}"
+
+    @property
+    def dirname(self) -> str:
+        return f"w{self.w_bits}a{self.a_bits}_{self.method}" + (f"_k{self.groups}" if self.method == "dgq" else "")
+
+
+def default_settings(precisions=PRECISIONS) -> list[QuantSetting]:
+    """DGQ K=8, DGQ K=16, per-tensor and dynamic baselines at each precision."""
+    return [
+        setting
+        for w_bits, a_bits in precisions
+        for setting in (
+            QuantSetting("dgq", w_bits, a_bits, 8),
+            QuantSetting("dgq", w_bits, a_bits, 16),
+            QuantSetting("pertensor", w_bits, a_bits),
+            QuantSetting("dynamic", w_bits, a_bits),
+        )
+    ]
+
+
+def quantize(model: Path, setting: QuantSetting, out_dir: Path, steps: int, guidance: float, num_calib: int) -> float:
+    """Run `dgq quantize` for one setting; returns its wall time in seconds."""
+    from dgq_core.cli import main as dgq_main
+
+    began = time.perf_counter()
+    status = dgq_main([
+        "quantize", "--model", str(model), "--out", str(out_dir), "--method", setting.method,
+        "--w-bits", str(setting.w_bits), "--a-bits", str(setting.a_bits), "--groups", str(setting.groups),
+        "--steps", str(steps), "--guidance-scale", str(guidance), "--num-calib", str(num_calib),
+    ])  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"dgq quantize failed for {setting.label}")
+    return time.perf_counter() - began
+
+
+def run(
+    out_dir: Path,
+    model: Path,
+    num: int,
+    steps: int,
+    guidance: float,
+    num_calib: int,
+    settings: list[QuantSetting],
+    exec_mode: str = "fake",
+) -> list[tuple[str, harness.EvalReport]]:
+    """Evaluate full precision, then quantize and evaluate every setting.
+
+    Args:
+        out_dir: working directory (quantized models, images, quality.json, quality.md).
+        model: the full-precision model directory.
+        num: held-out prompts (= images per row).
+        steps: sampler steps (also the calibrated steps).
+        guidance: CFG scale (also the calibration's).
+        num_calib: calibration prompts per quantized model.
+        settings: the quantized rows.
+        exec_mode: "fake" or "int" execution of the quantized UNets.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = harness.heldout_prompts(num)
+    config = harness.EvalConfig(
+        model=str(model), prompts=prompts, num_inference_steps=steps, guidance_scale=guidance, exec_mode=exec_mode
+    )
+    reports = [("FP32", harness.evaluate(config, save_images_dir=out_dir / "images" / "fp"))]
+    for setting in tqdm(settings, desc="quantized settings"):
+        quantized_dir = out_dir / "models" / setting.dirname
+        seconds = quantize(model, setting, quantized_dir, steps, guidance, num_calib)
+        report = harness.evaluate(
+            harness.EvalConfig(**{**asdict(config), "model": str(quantized_dir)}),
+            reference=out_dir / "images" / "fp",
+            save_images_dir=out_dir / "images" / setting.dirname,
+        )
+        report.extra["quantize_seconds"] = round(seconds, 1)
+        reports.append((setting.label, report))
+        _write(out_dir, reports, num, steps, guidance, num_calib, exec_mode)
+    _write(out_dir, reports, num, steps, guidance, num_calib, exec_mode)
+    return reports
+
+
+def _write(out_dir, reports, num, steps, guidance, num_calib, exec_mode) -> None:
+    settings = {"num_prompts": num, "steps": steps, "guidance_scale": guidance, "num_calib": num_calib, "exec": exec_mode}
+    (out_dir / "quality.json").write_text(
+        json.dumps({"settings": settings, "rows": [{"label": lbl, **asdict(r)} for lbl, r in reports]}, indent=1) + "\n"
+    )
+    (out_dir / "quality.md").write_text(harness.format_markdown(reports))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m dgq_core.eval.benchmark`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dgq_core.eval.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", type=Path, default=bundled_model_dir())
+    parser.add_argument("--num", type=int, default=64, help="held-out prompts")
+    parser.add_argument("--steps", type=int, default=harness.DEFAULT_STEPS)
+    parser.add_argument("--guidance", type=float, default=harness.DEFAULT_GUIDANCE)
+    parser.add_argument("--num-calib", type=int, default=32)
+    parser.add_argument("--precisions", default="8/8,4/8,8/6,4/6", help="W/A pairs, comma-separated")
+    parser.add_argument("--methods", default="dgq8,dgq16,pertensor,dynamic", help="rows per precision")
+    parser.add_argument("--exec", dest="exec_mode", choices=("fake", "int"), default="fake")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    precisions = [tuple(int(b) for b in pair.split("/")) for pair in args.precisions.split(",")]
+    wanted = set(args.methods.split(","))
+    settings = [
+        s for s in default_settings(precisions)
+        if (f"dgq{s.groups}" if s.method == "dgq" else s.method) in wanted
+    ]  # fmt: skip
+    reports = run(args.out, args.model, args.num, args.steps, args.guidance, args.num_calib, settings, args.exec_mode)
+    print(harness.format_markdown(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

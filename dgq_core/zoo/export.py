@@ -1,0 +1,74 @@
+"""Export a training checkpoint (EMA UNet and text encoder, VAE, optionally a fine-tuned decoder) as the bundled
+model: a diffusers `save_pretrained` directory with safetensors weights, its provenance and calibration prompts.
+
+    python -m dgq_core.zoo.export --run runs/zoo --decoder runs/decoder --out dgq_core/zoo/dgq-shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+from transformers import CLIPTokenizer
+
+from dgq_core.zoo.decoder import DECODER_FILE, load_vae_from_checkpoint
+from dgq_core.zoo.decoder import STATE_FILE as DECODER_STATE_FILE
+from dgq_core.zoo.model import ZooModelConfig, assemble_pipeline, build_text_encoder, build_unet
+from dgq_core.zoo.train import CHECKPOINT_DIR, STATE_FILE, write_calibration_prompts
+
+PROVENANCE_FILE = "zoo_training.json"
+
+
+def export(run_dir: Path, out_dir: Path, decoder_dir: Path | None = None) -> dict:
+    """Write the pipeline of a run's latest checkpoint to `out_dir` (replaced) and return its provenance.
+
+    Args:
+        run_dir: the `--out` directory of `dgq_core.zoo.train`.
+        out_dir: the exported model directory.
+        decoder_dir: the `--out` directory of `dgq_core.zoo.decoder`, whose decoder replaces the run's.
+    """
+    checkpoint = run_dir / CHECKPOINT_DIR
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    config = ZooModelConfig()
+    tokenizer = CLIPTokenizer.from_pretrained(run_dir / "tokenizer")
+    text_encoder = build_text_encoder(tokenizer, config)
+    unet = build_unet(config)
+    for module, prefix in ((text_encoder, "ema_text_encoder."), (unet, "ema_unet.")):
+        module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+    vae = load_vae_from_checkpoint(checkpoint)
+    provenance = {
+        "vae_steps": state["vae_step"],
+        "unet_steps": state["unet_step"],
+        "train_config": state["train_config"],
+        "decoder_finetune_steps": 0,
+    }
+    if decoder_dir is not None:
+        vae.load_state_dict(load_file(str(decoder_dir / DECODER_FILE)), strict=False)
+        provenance["decoder_finetune_steps"] = json.loads((decoder_dir / DECODER_STATE_FILE).read_text())["step"]
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    assemble_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
+    write_calibration_prompts(out_dir)
+    return provenance
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m dgq_core.zoo.export`."""
+    parser = argparse.ArgumentParser(prog="python -m dgq_core.zoo.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--run", type=Path, required=True, help="training run directory")
+    parser.add_argument("--out", type=Path, required=True, help="exported model directory (replaced)")
+    parser.add_argument("--decoder", type=Path, help="decoder fine-tuning directory")
+    args = parser.parse_args(argv)
+    print(json.dumps(export(args.run, args.out, args.decoder)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
