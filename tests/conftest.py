@@ -171,3 +171,22 @@ def embedded_settings(tiny_sd_model_dir: Path):
     from service.config import Settings
 
     return Settings(model=str(tiny_sd_model_dir), quantized="none", warmup_steps=1, batch_window_s=0.01)
+
+
+@pytest.fixture(scope="session")
+def tiny_dgq_checkpoint_dir(tiny_sd_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_sd_model_dir` quantized with DGQ (W8A8, 4 groups; calibrated on 2 prompts x 2 steps)."""
+    from diffusers import StableDiffusionPipeline
+
+    from dgq_core.calibration import calibrate
+    from dgq_core.config import QuantConfig
+    from dgq_core.pipeline import save_quantized_pipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    config = QuantConfig(method="dgq", w_bits=8, a_bits=8, groups=4, steps=2, num_calib=2,
+                         base_model=str(tiny_sd_model_dir))
+    calibrate(pipe, config, ["a red square", "a blue circle"], batch_size=2, progress=False)
+    out_dir = tmp_path_factory.mktemp("tiny-dgq") / "checkpoint"
+    save_quantized_pipeline(pipe, config, out_dir, self_contained=False)
+    return out_dir

@@ -6,7 +6,7 @@ import pytest
 
 from service.config import Settings
 from service.frontend import PromptFrontend
-from service.pipelines import load_worker_pipeline
+from service.pipelines import load_worker_pipeline, pack_prompt, unpack_prompt
 from service.queue.base import QueuedJob
 from service.schemas import JobSpec
 from service.worker import BatchRunner, compatible_batches
@@ -34,8 +34,6 @@ def frontend(settings) -> PromptFrontend:
 
 def _job(frontend: PromptFrontend, spec: JobSpec, prompt: str, negative: str = "") -> QueuedJob:
     (embeds, params), (negative_embeds, negative_params) = frontend._encode_cached([prompt, negative])
-    from service.pipelines import pack_prompt
-
     return QueuedJob(spec=spec, payload=pack_prompt(embeds, negative_embeds, params, negative_params))
 
 
@@ -67,3 +65,27 @@ def test_compatible_batches_group_by_key_and_bound_images():
     )]
     batches = [[job.spec.id for job in batch] for batch in compatible_batches(jobs, max_images=4)]
     assert batches == [["a", "c"], ["b"], ["d"], ["e"]]
+
+
+@pytest.mark.slow
+def test_dgq_model_batched_equals_alone_and_equals_without_precomputed_params(tiny_sd_model_dir,
+                                                                             tiny_dgq_checkpoint_dir):
+    dgq_settings = Settings(model=str(tiny_sd_model_dir), quantized=str(tiny_dgq_checkpoint_dir))
+    dgq_frontend = PromptFrontend(dgq_settings)
+    dgq_runner = BatchRunner(load_worker_pipeline(dgq_settings))
+    jobs = [_job(dgq_frontend, _spec(f"q{i}", seed=i), prompt, "blurry")
+            for i, prompt in enumerate(["a red square", "blue circle"])]
+    assert all(unpack_prompt(job.payload).params for job in jobs), "the front stage computed DGQ parameters"
+    batched = dgq_runner.run(jobs, lambda step, seconds: False).pngs
+    for job, pngs in zip(jobs, batched, strict=True):
+        assert dgq_runner.run([job], lambda step, seconds: False).pngs[0] == pngs
+        without_params = _without_prompt_params(job)
+        assert dgq_runner.run([without_params], lambda step, seconds: False).pngs[0] == pngs, (
+            "precomputed prompt parameters must give the image the UNet computes by itself"
+        )
+
+
+def _without_prompt_params(job: QueuedJob) -> QueuedJob:
+    """The same job with its prompt-specific parameters removed (the UNet then quantizes K/V itself)."""
+    prompt = unpack_prompt(job.payload)
+    return QueuedJob(spec=job.spec, payload=pack_prompt(prompt.embeds, prompt.negative_embeds, {}, {}))
