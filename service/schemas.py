@@ -110,6 +110,7 @@ class JobState(BaseModel):
     status: JobStatus
     position: int | None = Field(None, description="Jobs ahead of this one; 0 = next; None once it runs.")
     num_images: int
+    seeds: list[int] = Field(description="Seed of each image (image n uses seed + n).")
     images: list[str] = Field(default_factory=list, description="URLs of the images once succeeded.")
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     error: str | None = None

@@ -24,7 +24,6 @@ MODEL_SCHEDULER = "model-default"
 @dataclass
 class Generated:
     state: JobState
-    seeds: list[int]
     pngs: list[bytes]
 
 
@@ -90,9 +89,7 @@ class GenerationService:
                 f"poll /jobs/{state.id}", job_id=state.id,
             )
         pngs = [await self.image(state.id, n) for n in range(state.num_images)]
-        seed = request.seed
-        seeds = [seed + n for n in range(state.num_images)] if seed is not None else []
-        return Generated(state=state, seeds=seeds, pngs=pngs)
+        return Generated(state=state, pngs=pngs)
 
     async def job(self, job_id: str) -> JobState:
         state = await self.queue.get(job_id)

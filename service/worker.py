@@ -13,8 +13,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from diffusers import DiffusionPipeline
@@ -29,6 +30,8 @@ from service.queue.base import JobQueue, QueuedJob, StoredImages
 from service.schemas import JobEvent
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PROMPT_TOKENS = 77
 """Sequence length of CLIP prompt embeddings (used for the warm-up batch)."""
@@ -180,11 +183,12 @@ class Worker:
                         self.queue.take(self.worker_id, self.settings.max_batch, self.settings.batch_window_s), []
                     )
                 for batch in compatible_batches(jobs, self.settings.max_batch):
-                    await self._run_batch(batch)
+                    # on a Redis outage mid-batch the jobs stay pending and are reclaimed once it is back
+                    await self._guarded(self._run_batch(batch), None)
         finally:
             heartbeat.cancel()
 
-    async def _guarded(self, call, fallback):
+    async def _guarded(self, call: Awaitable[T], fallback: T) -> T:
         """Await a queue call; while the backend is unreachable, log, wait and return `fallback`."""
         try:
             return await call

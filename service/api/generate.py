@@ -39,7 +39,7 @@ async def generate(
     if len(generated.pngs) == 1:
         return Response(generated.pngs[0], media_type="image/png", headers=headers)
     body_json = GeneratedImages(
-        id=state.id, seeds=generated.seeds, timings=state.timings,
+        id=state.id, seeds=state.seeds, timings=state.timings,
         images=[base64.b64encode(png).decode() for png in generated.pngs],
     )
     return JSONResponse(body_json.model_dump(mode="json"), headers=headers)

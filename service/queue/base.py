@@ -140,7 +140,7 @@ def job_state(
     images = [f"/jobs/{spec.id}/images/{n}" for n in range(spec.num_images)] if status == JobStatus.succeeded else []
     return JobState(
         id=spec.id, status=status, position=position if status == JobStatus.queued else None,
-        num_images=spec.num_images, images=images, timings=timings or {}, error=error, worker=worker,
+        num_images=spec.num_images, seeds=spec.seeds, images=images, timings=timings or {}, error=error, worker=worker,
         deliveries=deliveries, created_at=spec.created_at, finished_at=finished_at, expires_at=expires_at,
     )
 

@@ -1,0 +1,139 @@
+"""Service benchmark: latency of `POST /generate` against calling the pipeline directly (the service's overhead),
+and throughput of batch-4 against batch-1 serving (cross-request batching).
+
+Both are measured side by side in one run, interleaved round by round, medians reported:
+
+- overhead: one image per request. "direct" = `load_pipeline(...)(prompt=..., generator=...)` with text encoding
+  in the same call; "service" = real HTTP to a uvicorn server in embedded mode (in-process queue + worker).
+  Each round uses a new prompt, so the service's prompt cache does not help it.
+- batching: 4 concurrent requests against a server with `max_batch=4` and one with `max_batch=1`.
+
+    .venv/bin/python bench/bench_service.py --model <diffusers dir> [--quantized <checkpoint>] --size 64 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import load_average, median, time_interleaved  # noqa: E402
+from service.api.app import create_app  # noqa: E402
+from service.config import Settings  # noqa: E402
+from service.pipelines import quantized_checkpoint  # noqa: E402
+
+PROMPTS = ["a red circle on a blue background", "two green squares", "a yellow triangle above a purple star"]
+
+
+class ServerThread:
+    """A uvicorn server running the service app in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.base_url = f"http://127.0.0.1:{settings.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base_url}/readyz").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become ready")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bundled", help="diffusers model dir (default: the bundled model)")
+    parser.add_argument("--quantized", default="none", help="quantized checkpoint dir, 'auto' or 'none'")
+    parser.add_argument("--exec-mode", default="fake", choices=("fake", "int"))
+    parser.add_argument("--size", type=int, default=64, help="image width and height")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--port", type=int, default=8471, help="first of the three ports the servers use")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base = dict(model=args.model, quantized=args.quantized, exec_mode=args.exec_mode, warmup_steps=2,
+                batch_window_s=0.05, request_timeout_s=3600, default_width=args.size, default_height=args.size)
+    body = {"width": args.size, "height": args.size, "steps": args.steps, "guidance_scale": 7.5}
+
+    from dgq_core.pipeline import load_pipeline
+
+    reference = Settings(**base)
+    pipe = load_pipeline(reference.model_ref, quantized=quantized_checkpoint(reference), exec_mode=args.exec_mode)
+    rounds = iter(range(10**9))
+
+    def direct() -> None:
+        n = next(rounds)
+        pipe(prompt=f"{PROMPTS[n % 3]} {n}", negative_prompt="", width=args.size, height=args.size,
+             num_inference_steps=args.steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(n))
+
+    results: dict[str, object] = {
+        "model": str(reference.model_ref), "quantized": args.quantized, "exec_mode": args.exec_mode,
+        "size": args.size, "steps": args.steps, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+    }
+    with ServerThread(Settings(**base, port=args.port, max_batch=4)) as batch4, \
+            ServerThread(Settings(**base, port=args.port + 1, max_batch=1)) as batch1:
+        client = httpx.Client(timeout=3600)
+
+        def service() -> None:
+            n = next(rounds)
+            response = client.post(f"{batch4.base_url}/generate", json=body | {"prompt": f"{PROMPTS[n % 3]} {n}",
+                                                                               "seed": n})
+            response.raise_for_status()
+
+        latency = time_interleaved({"direct": direct, "service": service}, repeats=args.repeats)
+        results["latency_s"] = {name: median(times) for name, times in latency.items()}
+        results["overhead_s"] = results["latency_s"]["service"] - results["latency_s"]["direct"]
+        results["overhead_ratio"] = results["latency_s"]["service"] / results["latency_s"]["direct"]
+
+        pool = ThreadPoolExecutor(max_workers=4)
+
+        def four_concurrent(server: ServerThread) -> None:
+            n = next(rounds)
+            requests = [body | {"prompt": f"{PROMPTS[i % 3]} {n}", "seed": n + i} for i in range(4)]
+            for response in pool.map(lambda r: client.post(f"{server.base_url}/generate", json=r), requests):
+                response.raise_for_status()
+
+        batching = time_interleaved({"batch4": lambda: four_concurrent(batch4),
+                                     "batch1": lambda: four_concurrent(batch1)}, repeats=args.repeats)
+        results["four_requests_s"] = {name: median(times) for name, times in batching.items()}
+        results["images_per_s"] = {name: 4 / seconds for name, seconds in results["four_requests_s"].items()}
+        results["batch4_speedup"] = results["four_requests_s"]["batch1"] / results["four_requests_s"]["batch4"]
+        batch_sizes = [json.loads(line.split(" ", 1)[1]) for line in
+                       client.get(f"{batch4.base_url}/metrics").text.splitlines()
+                       if line.startswith("dgq_batch_size_images_sum ")]
+        results["batch_images_sum_metric"] = batch_sizes[0] if batch_sizes else None
+    results["load_average"] = load_average()
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
