@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 BUNDLED_MODEL = "bundled"
 
@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     model: str = Field(BUNDLED_MODEL, description="Diffusers model dir or hub id; 'bundled' = the model in dgq_core.zoo.")
     quantized: str | None = Field(
         "auto",
-        description="Quantized checkpoint dir; 'auto' = quantize at first start and cache; 'none' = full precision.",
+        description="Quantized checkpoint dir to put into `model`; 'auto' = the model dir's own if it is quantized, "
+        "else quantize at the first start and cache; 'none' = serve `model` as it is.",
     )
     quantized_cache_dir: str = Field("~/.cache/dgq-serve", description="Where quantized='auto' keeps checkpoints.")
     exec_mode: str = Field("fake", description="DGQ execution backend: 'fake' (quantize-dequantize) or 'int'.")

@@ -12,7 +12,7 @@ import torch
 from service import metrics
 from service.config import Settings
 from service.errors import InvalidRequest
-from service.pipelines import PromptEncoder, PromptParams, native_size, pack_prompt
+from service.pipelines import PromptEncoder, PromptParams, native_size, pack_prompt, weight_bytes
 
 
 class PromptFrontend:
@@ -22,6 +22,8 @@ class PromptFrontend:
         started = time.perf_counter()
         self.encoder = encoder or PromptEncoder(settings)
         metrics.MODEL_LOAD.labels(stage="text_encoder_load").set(time.perf_counter() - started)
+        for component, precision, size in weight_bytes(self.encoder.pipeline):
+            metrics.MODEL_WEIGHT_BYTES.labels(component=component, precision=precision).set(size)
         self.native_size = native_size(settings)
         self._cache_size = settings.prompt_cache_size
         self._cache: OrderedDict[str, tuple[torch.Tensor, PromptParams]] = OrderedDict()

@@ -33,10 +33,17 @@ def auto_quantized_dir(settings: Settings) -> Path:
     return Path(settings.quantized_cache_dir).expanduser() / f"{model_name}-dgq"
 
 
+def _is_quantized_model_dir(model_ref: str | Path) -> bool:
+    config_file = Path(model_ref) / QUANTIZED_UNET_CONFIG
+    return config_file.is_file() and "quantization_config" in json.loads(config_file.read_text())
+
+
 def quantized_checkpoint(settings: Settings) -> str | None:
-    """The quantized checkpoint to serve: None for full precision ('none'); with 'auto', the cached checkpoint,
-    made at the first start by `dgq quantize` with its defaults (one process quantizes, the others wait)."""
-    if settings.quantized in (None, "none"):
+    """The quantized checkpoint to put into the model: None when there is none to add ('none', or the model
+    directory is itself quantized); with 'auto', the cached checkpoint made at the first start by `dgq quantize`
+    with its defaults (one process quantizes, the others on the same disk wait for it)."""
+    if settings.quantized in (None, "none") or (settings.quantized == "auto" and _is_quantized_model_dir(
+            settings.model_ref)):
         return None
     if settings.quantized != "auto":
         return settings.quantized
@@ -84,6 +91,11 @@ class PromptEncoder:
 
         self._encoder = DGQPromptEncoder.from_pretrained(settings.model_ref, quantized=quantized_checkpoint(settings))
         self.max_tokens: int = self._encoder.max_tokens
+
+    @property
+    def pipeline(self) -> DiffusionPipeline:
+        """The pipeline holding the tokenizer and text encoder (UNet and VAE released)."""
+        return self._encoder.pipe
 
     def count_tokens(self, prompt: str) -> int:
         """Tokens of `prompt` including <start> and <end>."""

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 
 from service.config import Settings
 from service.errors import (
-    GenerationFailed, GenerationTimeout, InvalidRequest, JobCancelled, JobExpired, JobNotFound, NotReady,
+    GenerationFailed,
+    GenerationTimeout,
+    InvalidRequest,
+    JobCancelled,
+    JobExpired,
+    JobNotFound,
+    NotReady,
 )
 from service.frontend import PromptFrontend
 from service.queue.base import JobQueue

@@ -24,7 +24,11 @@ from service import metrics
 from service.config import Settings
 from service.errors import QueueUnavailable
 from service.pipelines import (
-    load_worker_pipeline, native_size, prompt_params_scope, unpack_prompt, weight_bytes,
+    load_worker_pipeline,
+    native_size,
+    prompt_params_scope,
+    unpack_prompt,
+    weight_bytes,
 )
 from service.queue.base import JobQueue, QueuedJob, StoredImages
 from service.schemas import JobEvent

@@ -7,9 +7,9 @@ import base64
 import io
 
 import pytest
+from conftest import running_api
 from PIL import Image
 
-from conftest import running_api
 from service import metrics
 
 pytestmark = pytest.mark.anyio

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-
 from conftest import free_port, running_api
+
 from service.config import Settings
 from service.queue import keys
 
@@ -120,7 +120,8 @@ async def test_worker_killed_mid_job_job_completes_once_on_the_other(cluster):
             last, victim = "0-0", None
             while victim is None:  # the first denoising step tells us who runs it
                 for _, entries in client_redis.xread({keys.job_events(job_id): last}, block=1000) or []:
-                    for last, fields in entries:
+                    for entry_id, fields in entries:
+                        last = entry_id
                         if fields[b"event"] == b"step":
                             victim = client_redis.hget(keys.job(job_id), "worker").decode()
                             break

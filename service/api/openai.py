@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import base64
-import time
 
 from fastapi import APIRouter, Request
 
 from service.api.deps import Authenticated, ServiceDep
 from service.schemas import (
-    ErrorBody, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse,
+    ErrorBody,
+    OpenAIImage,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
 )
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Authenticated])

@@ -122,13 +122,16 @@ class JobQueue(abc.ABC):
     async def finish_cancelled(self, job: QueuedJob) -> None: ...
 
     async def heartbeat(self, worker_id: str, jobs: list[QueuedJob]) -> None:
-        """Tell the backend this worker is alive and still holds `jobs`."""
+        """Tell the backend this worker is alive and still holds `jobs` (nothing to do in-process)."""
+        return None
 
     async def reap(self, worker_id: str) -> list[QueuedJob]:
         """Take over the jobs of dead workers (those over the delivery limit go to the dead letters)."""
         return []
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release connections (nothing to release in-process)."""
+        return None
 
 
 def job_state(

@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 
 from service.errors import QueueFull
 from service.queue.base import (
-    TERMINAL_EVENTS, JobQueue, QueuedJob, QueueStats, StoredImages, job_state, now, state_ttl_s,
+    TERMINAL_EVENTS,
+    JobQueue,
+    QueuedJob,
+    QueueStats,
+    StoredImages,
+    job_state,
+    now,
+    state_ttl_s,
 )
 from service.schemas import JobEvent, JobSpec, JobState, JobStatus
 
@@ -113,7 +120,7 @@ class MemoryQueue(JobQueue):
         sent = 0
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda: len(record.events) > sent)
+                await self._changed.wait_for(lambda seen=sent: len(record.events) > seen)
                 new_events = record.events[sent:]
             for event in new_events:
                 yield event

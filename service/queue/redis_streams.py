@@ -27,7 +27,14 @@ from service.config import Settings
 from service.errors import QueueFull, QueueUnavailable
 from service.queue import keys
 from service.queue.base import (
-    TERMINAL_EVENTS, JobQueue, QueuedJob, QueueStats, StoredImages, job_state, now, state_ttl_s,
+    TERMINAL_EVENTS,
+    JobQueue,
+    QueuedJob,
+    QueueStats,
+    StoredImages,
+    job_state,
+    now,
+    state_ttl_s,
 )
 from service.schemas import JobEvent, JobSpec, JobState, JobStatus
 
