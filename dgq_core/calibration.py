@@ -11,6 +11,7 @@ import random
 import resource
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .unet import (
     latent_size,
     prompt_only_inputs,
     quantizable_layers,
+    quantize_modules,
     quantize_unet,
 )
 
@@ -158,6 +160,29 @@ def attach_collector(model: nn.Module, collector: StatsCollector, config: QuantC
     for name, attn in attention_modules(model).items():
         attn.set_processor(CalibrationAttnProcessor(name, collector, attn.is_cross_attention and config.method == "dgq"))
     return handles
+
+
+@torch.no_grad()
+def calibrate_module(model: nn.Module, config: QuantConfig, run: Callable[[], None], input_hw: tuple[int, int]) -> None:
+    """Calibrate and quantize any module tree with a single set of parameters (no sampler steps), in place.
+
+    Used for networks other than UNets, e.g. a VAE decoder, to test the quantizers on real pretrained activations.
+
+    Args:
+        model (`nn.Module`): full-precision model.
+        config (`QuantConfig`): the settings (`calib_timesteps` is ignored).
+        run (`Callable[[], None]`): runs the model over the calibration inputs.
+        input_hw (`tuple[int, int]`): spatial size of the model input, on which pixel groups are laid.
+    """
+    state = StepState([], input_hw)
+    collector = StatsCollector(state, set())
+    handles = attach_collector(model, collector, config)
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    quantize_modules(model, config, input_specs(model, config, collector.vector_inputs), state, collector.per_step())
 
 
 def calibration_timesteps(pipe, steps: int) -> list[int]:

@@ -134,15 +134,32 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Subcommands whose arguments their own modules parse: name -> (module, function, help).
+DELEGATED = {
+    "serve": ("service.cli", "serve_main", "run the HTTP API (embedded queue and worker unless REDIS_URL is set)"),
+    "worker": ("service.cli", "worker_main", "run a GPU/CPU worker that takes jobs from Redis"),
+    "eval": ("dgq_core.eval.cli", "main", "measure alignment, FID, PSNR/SSIM and speed of a model"),
+    "train-zoo": ("dgq_core.zoo.train", "main", "train the bundled shapes model"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgq", description="DGQ quantization and serving of text-to-image diffusion models")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_quantize(subparsers)
     _add_generate(subparsers)
+    for name, (_, _, help_text) in DELEGATED.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module_name, function, _ = DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module_name), function)(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

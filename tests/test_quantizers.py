@@ -1,0 +1,91 @@
+"""Quantizer arithmetic: uniform round trips and error bounds, log2 values, 4-bit packing, weight search."""
+
+import pytest
+import torch
+
+from dgq_core.quantizers import (
+    dequantize_log2,
+    fake_quant_log2,
+    fake_quant_uniform,
+    minmax_params,
+    pack_int4,
+    quantize_log2,
+    quantize_uniform,
+    quantize_weight_per_channel,
+    unpack_int4,
+)
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_uniform_round_trip_error_is_at_most_half_a_step(bits):
+    x = torch.randn(10_000) * 3 + 1
+    scale, zero_point = minmax_params(x.min(), x.max(), bits)
+    codes = quantize_uniform(x, scale, zero_point, bits)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    assert torch.equal(codes, codes.round())
+    error = (fake_quant_uniform(x, scale, zero_point, bits) - x).abs()
+    assert error.max() <= scale / 2 + 1e-6 + scale * 1e-4 * 2**bits
+
+
+def test_uniform_clamps_values_outside_the_range():
+    scale, zero_point = minmax_params(torch.tensor(-1.0), torch.tensor(1.0), 8)
+    out = fake_quant_uniform(torch.tensor([-5.0, 5.0]), scale, zero_point, 8)
+    assert out[0] == pytest.approx(-1.0, abs=float(scale))
+    assert out[1] == pytest.approx(1.0, abs=float(scale))
+
+
+def test_log2_represents_powers_of_two_exactly_and_zero_as_the_smallest_level():
+    scale = torch.tensor(0.5)
+    exponents = torch.arange(0, 16, dtype=torch.float32)
+    p = scale * torch.exp2(-exponents)
+    assert torch.equal(quantize_log2(p, scale, 8), exponents)
+    assert torch.equal(fake_quant_log2(p, scale, 8), p)
+    zero_code = quantize_log2(torch.tensor([0.0]), scale, 6)
+    assert zero_code.item() == 63
+    assert dequantize_log2(zero_code, scale).item() == pytest.approx(0.5 * 2.0**-63)
+
+
+def test_log2_relative_error_is_bounded():
+    p = torch.rand(5000) * 0.9 + 0.01
+    q = fake_quant_log2(p, torch.tensor(1.0), 8)
+    ratio = q / p
+    assert ratio.max() <= 2**0.5 + 1e-6 and ratio.min() >= 2**-0.5 - 1e-6
+
+
+@pytest.mark.parametrize("length", [1, 7, 8, 33])
+def test_int4_packing_round_trips_exactly(length):
+    codes = torch.randint(0, 16, (5, length), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, (length + 1) // 2)
+    assert torch.equal(unpack_int4(packed, length), codes)
+
+
+def test_int4_packing_layout_low_nibble_first():
+    assert pack_int4(torch.tensor([1, 2], dtype=torch.uint8)).item() == 0x21
+
+
+def test_int4_packing_rejects_wide_codes():
+    with pytest.raises(ValueError, match="4-bit"):
+        pack_int4(torch.tensor([16, 0]))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_mse_search_beats_plain_minmax(bits):
+    torch.manual_seed(0)
+    weight = torch.randn(16, 64)
+    weight[:, 0] *= 20  # an outlier column stretches the min-max range
+    codes, scale, zero_point = quantize_weight_per_channel(weight, bits)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
+    searched = (scale[:, None] * (codes.float() - zero_point[:, None]) - weight).pow(2).sum()
+    c1, s1, z1 = quantize_weight_per_channel(weight, bits, search_steps=1)
+    minmax = (s1[:, None] * (c1.float() - z1[:, None]) - weight).pow(2).sum()
+    assert searched <= minmax
+    if bits == 4:  # at 4 bits rounding error dominates, so clipping the outlier column must pay off
+        assert searched < minmax
+
+
+def test_weight_w8_is_close_to_full_precision():
+    weight = torch.randn(32, 128)
+    codes, scale, zero_point = quantize_weight_per_channel(weight, 8)
+    recon = scale[:, None] * (codes.float() - zero_point[:, None])
+    assert (recon - weight).abs().max() < 0.03
