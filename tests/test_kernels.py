@@ -167,6 +167,27 @@ def test_channel_group_slices_are_cached_per_labelling():
     assert executor.resident_nbytes() > after_one
 
 
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_layer_with_shared_channel_groups_keeps_one_weight_copy(w_bits):
+    torch.manual_seed(0)
+    # Each group slice carries ~16 bytes per output channel (offsets, scales): small against 640 inputs.
+    linear = torch.nn.Linear(640, 96)
+    weight = QuantizedWeight.from_float(linear.weight, w_bits)
+    x = channel_outliers(torch.randn(2, 10, 640), -1)
+    channel = act_params(x, "group", 8, "channel", 2)
+    pixel = act_params(x, "group", 8, "pixel", 1)
+    executor = IntLinear.from_quantized(
+        weight.codes, weight.scale, weight.zero_point, w_bits, linear.bias.detach(), FbgemmGemm(), 640,
+        channel_labels=[channel.labels], row_params=False,
+    )  # fmt: skip
+    one_copy = 96 * 640 if w_bits == 8 else 96 * 320
+    assert executor.resident_nbytes() < 1.3 * one_copy
+    for params in (channel, pixel):  # a pixel-group step runs over the channel-group slices
+        ref = F.linear(fake_quant_activation(x, params, "linear"), weight.dequantize(), linear.bias.detach())
+        check(executor(x, params), ref)
+    assert torch.equal(executor.weight_codes(), weight.unpacked_codes())
+
+
 def test_single_saturating_gemm_is_what_the_exact_split_avoids():
     # Uniform (random-init) weights and centred activations: adjacent u8*s8 products overflow int16 on AVX2.
     torch.manual_seed(0)

@@ -11,23 +11,55 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import QuantConv2d, QuantLinear
+from ..layers import ActQuantizer, QuantConv2d, QuantLinear
 from . import select_backend
 from .executors import IntConv2d, IntLinear
+
+
+def step_arrangements(act: ActQuantizer) -> tuple[list[torch.Tensor], bool]:
+    """The distinct channel labellings a layer input's steps use, and whether any step uses per-row parameters."""
+    if act.mode != "group" or act.axis.numel() == 0:
+        return [], True
+    labellings: dict[bytes, torch.Tensor] = {}
+    for step in range(act.axis.numel()):
+        if int(act.axis[step]) == 0:
+            labels = act.labels_channel[step].long()
+            labellings.setdefault(labels.cpu().numpy().tobytes(), labels)
+    return list(labellings.values()), bool((act.axis != 0).any())
 
 
 def _executor(module: QuantLinear | QuantConv2d, backend) -> IntLinear | IntConv2d:
     weight = module.weight_q
     bias = None if module.bias is None else module.bias.detach()
+    channel_labels, row_params = step_arrangements(module.act)
     if isinstance(module, QuantLinear):
         return IntLinear.from_quantized(
-            weight.codes, weight.scale, weight.zero_point, weight.bits, bias, backend, weight.in_features
+            weight.codes,
+            weight.scale,
+            weight.zero_point,
+            weight.bits,
+            bias,
+            backend,
+            weight.in_features,
+            channel_labels,
+            row_params,
         )
     return IntConv2d.from_quantized(
-        weight.codes, weight.scale, weight.zero_point, weight.bits, bias, backend,
-        in_channels=module.in_channels, kernel_size=module.kernel_size, stride=module.stride,
-        padding=module.padding, dilation=module.dilation, act_mode=module.act.mode,
-    )  # fmt: skip
+        weight.codes,
+        weight.scale,
+        weight.zero_point,
+        weight.bits,
+        bias,
+        backend,
+        in_channels=module.in_channels,
+        kernel_size=module.kernel_size,
+        stride=module.stride,
+        padding=module.padding,
+        dilation=module.dilation,
+        act_mode=module.act.mode,
+        channel_labels=channel_labels,
+        row_params=row_params,
+    )
 
 
 def enable_int_execution(model: nn.Module, exact: bool = True) -> int:

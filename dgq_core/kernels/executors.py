@@ -54,23 +54,27 @@ class IntLinear:
 
     Build with `from_quantized`; call with the input and the step's `StepActParams`.
 
+    Resident weight: W8 keeps the backend's int8 form, once for the whole matrix if any step uses per-row parameters,
+    plus once per distinct channel labelling as group slices; with no per-row step the slices are the only copy
+    (per-row parameters then run over the slices). W4 keeps only the 4-bit codes packed two per byte and widens them
+    per call.
+
     Args:
         backend (`GemmBackend`): the integer GEMM.
-        packed (`PackedWeight | None`): resident W8 weight; None for W4.
-        nibbles (`torch.Tensor | None`): (N, ceil(K/2)) packed 4-bit codes for W4; None for W8.
         w_scale, w_zero_point (`torch.Tensor`): (N,) per-output-channel parameters.
         bits (`int`): weight code width. in_features (`int`): K.
         bias (`torch.Tensor | None`): (N,) float32.
+        nibbles (`torch.Tensor | None`): (N, ceil(K/2)) packed 4-bit codes for W4; None for W8.
     """
 
-    def __init__(self, backend, packed, nibbles, w_scale, w_zero_point, bits, in_features, bias) -> None:
+    def __init__(self, backend, w_scale, w_zero_point, bits, in_features, bias, nibbles=None) -> None:
         self.backend: GemmBackend = backend
-        self.packed, self.nibbles = packed, nibbles
+        self.packed: PackedWeight | None = None
+        self.nibbles = nibbles
         self.w_scale, self.w_zero_point = w_scale.float(), w_zero_point.float()
         self.bits, self.in_features, self.out_features = bits, in_features, w_scale.numel()
         self.bias = None if bias is None else bias.float()
-        codes = self.weight_codes()
-        self.column_sums = self._column_sums(codes, torch.arange(in_features, device=codes.device)).squeeze(0)
+        self.column_sums: torch.Tensor | None = None
         self._plans: dict[bytes, _ChannelPlan] = {}
 
     @classmethod
@@ -83,6 +87,8 @@ class IntLinear:
         bias: torch.Tensor | None,
         backend: GemmBackend,
         in_features: int | None = None,
+        channel_labels: list[torch.Tensor] = (),
+        row_params: bool = True,
     ) -> IntLinear:
         """Take a resident quantized weight.
 
@@ -92,15 +98,23 @@ class IntLinear:
             w_bits (`int`): 8 or 4. bias (`torch.Tensor | None`): (N,).
             backend (`GemmBackend`): from `dgq_core.kernels.select_backend`.
             in_features (`int | None`): K; required for packed 4-bit codes with an odd K.
+            channel_labels (`list[torch.Tensor]`): the channel labellings the layer's steps use, sliced now; others
+                are sliced at their first call.
+            row_params (`bool`): whether any step uses per-row parameters (per-tensor, per-token, pixel groups);
+                False keeps no whole-matrix copy next to the channel-group slices.
         """
-        if w_bits == 8:
-            k = weight_codes.shape[1]
-            packed = backend.pack(weight_codes, w_scale, w_zero_point, 8)
-            return cls(backend, packed, None, w_scale, w_zero_point, 8, k, bias)
-        if w_bits == 4:
-            k = in_features if in_features is not None else 2 * weight_codes.shape[1]
-            return cls(backend, None, weight_codes.contiguous(), w_scale, w_zero_point, 4, k, bias)
-        raise ValueError(f"integer execution supports 8- and 4-bit weights, not {w_bits}")
+        if w_bits not in (4, 8):
+            raise ValueError(f"integer execution supports 8- and 4-bit weights, not {w_bits}")
+        k = in_features if in_features is not None else weight_codes.shape[1] * (2 if w_bits == 4 else 1)
+        nibbles = weight_codes.contiguous() if w_bits == 4 else None
+        layer = cls(backend, w_scale, w_zero_point, w_bits, k, bias, nibbles)
+        codes = layer.weight_codes() if w_bits == 4 else weight_codes
+        layer.column_sums = layer._column_sums(codes, torch.arange(k, device=codes.device)).squeeze(0)
+        for labels in channel_labels:
+            layer._plan(labels, codes)
+        if w_bits == 8 and (row_params or not layer._plans):
+            layer.packed = backend.pack(codes, w_scale, w_zero_point, 8)
+        return layer
 
     holds_codes = True
 
@@ -108,13 +122,22 @@ class IntLinear:
         """(N, K) uint8 codes (unpacked from the resident form)."""
         if self.nibbles is not None:
             return unpack_int4(self.nibbles, self.in_features)
-        return self.backend.codes(self.packed)
+        if self.packed is not None:
+            return self.backend.codes(self.packed)
+        plan = next(iter(self._plans.values()))
+        codes = torch.empty(
+            self.out_features, self.in_features, dtype=torch.uint8, device=self.w_scale.device
+        )
+        for columns, packed in zip(plan.columns, plan.packed, strict=True):
+            codes[:, columns] = self.backend.codes(packed)
+        return codes
 
     def resident_nbytes(self) -> int:
-        """Bytes this layer keeps: weight (and channel-group slices), scales, zero points, bias, column sums."""
-        weight = (
-            self.packed.nbytes if self.packed is not None else self.nibbles.numel() + 8 * self.out_features
-        )
+        """Bytes this layer keeps: weight (whole and/or channel-group slices), scales, zero points, bias, sums."""
+        if self.nibbles is not None:
+            weight = self.nibbles.numel() + 8 * self.out_features
+        else:
+            weight = 0 if self.packed is None else self.packed.nbytes
         extra = (0 if self.bias is None else self.bias.numel() * 4) + self.column_sums.numel() * 4
         return weight + extra + sum(plan.nbytes for plan in self._plans.values())
 
@@ -126,10 +149,19 @@ class IntLinear:
         centred = codes.index_select(1, columns).float() - self.w_zero_point[:, None]
         return (self.w_scale * centred.sum(dim=1))[None]
 
-    def _full_weight(self) -> PackedWeight:
+    def _product(self, codes: torch.Tensor, x_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """`x_scale * s_w[n] * sum_k codes[m, k] (W[n, k] - z_w[n])` over all K, from whichever form is resident."""
         if self.packed is not None:
-            return self.packed
-        return self.backend.pack(self.weight_codes(), self.w_scale, self.w_zero_point, 4)
+            return self.backend.matmul(codes, self.packed, x_scale)
+        if self.nibbles is not None:
+            packed = self.backend.pack(self.weight_codes(), self.w_scale, self.w_zero_point, 4)
+            return self.backend.matmul(codes, packed, x_scale)
+        plan = next(iter(self._plans.values()))
+        out = None
+        for columns, packed in zip(plan.columns, plan.packed, strict=True):
+            part = self.backend.matmul(codes.index_select(1, columns), packed, x_scale)
+            out = part if out is None else out.add_(part)
+        return out
 
     def __call__(self, x: torch.Tensor, params: StepActParams) -> torch.Tensor:
         """The layer output for input `x` of shape (..., K) under one step's activation parameters."""
@@ -145,14 +177,13 @@ class IntLinear:
         return out.view(*lead, self.out_features)
 
     def _row_params(self, codes, scale, zero_point, lead) -> torch.Tensor:
-        weight = self._full_weight()
         if scale.numel() == 1:
             # One range: its zero point is a constant row, folded into the bias.
-            out = self.backend.matmul(codes, weight, scale.reshape(()))
+            out = self._product(codes, scale.reshape(()))
             return self._finish(out, -(scale * zero_point).reshape(()) * self.column_sums)
         row_scale = scale.expand(*lead, 1).reshape(-1, 1)
         row_offset = (scale * zero_point).expand(*lead, 1).reshape(-1)
-        out = self.backend.matmul(codes, weight).mul_(row_scale)
+        out = self._product(codes).mul_(row_scale)
         out.addr_(row_offset, self.column_sums, alpha=-1)
         return self._finish(out, None)
 
@@ -163,29 +194,32 @@ class IntLinear:
     def _channel_groups(self, rows: torch.Tensor, params: StepActParams) -> torch.Tensor:
         plan = self._plan(params.labels)
         codes = quantize_activation(rows, params, "linear")[0]
+        weights = plan.packed if plan.packed is not None else self._slices(plan.columns)
         out = None
-        for i, (group, columns) in enumerate(zip(plan.group_ids, plan.columns, strict=True)):
-            weight = plan.packed[i] if plan.packed is not None else self._slice(columns)
+        for group, columns, weight in zip(plan.group_ids, plan.columns, weights, strict=True):
             part = self.backend.matmul(codes.index_select(1, columns), weight, params.scale[group])
             out = part if out is None else out.add_(part)
         groups = torch.tensor(plan.group_ids, device=params.scale.device)
         offset = -(params.scale[groups] * params.zero_point[groups]) @ plan.column_sums
         return self._finish(out, offset)
 
-    def _slice(self, columns: torch.Tensor) -> PackedWeight:
-        codes = self.weight_codes().index_select(1, columns)
-        return self.backend.pack(codes, self.w_scale, self.w_zero_point, self.bits)
+    def _slices(self, columns: list[torch.Tensor]) -> list[PackedWeight]:
+        """Per-call group slices of a W4 weight (its resident form stays the packed nibbles)."""
+        codes = self.weight_codes()
+        return [
+            self.backend.pack(codes.index_select(1, c), self.w_scale, self.w_zero_point, 4) for c in columns
+        ]
 
-    def _plan(self, labels: torch.Tensor) -> _ChannelPlan:
+    def _plan(self, labels: torch.Tensor, codes: torch.Tensor | None = None) -> _ChannelPlan:
         # Labels may differ per sampler step; each distinct labelling gets its own weight slices (see BENCHMARKS.md).
-        key = labels.to(torch.uint8).numpy().tobytes()
+        key = labels.to(torch.uint8).cpu().numpy().tobytes()
         if key not in self._plans:
-            codes = self.weight_codes()
+            codes = self.weight_codes() if codes is None else codes
             group_ids = [int(g) for g in torch.unique(labels)]
             columns = [torch.nonzero(labels == g).flatten() for g in group_ids]
             sums = torch.cat([self._column_sums(codes, c) for c in columns])
             packed = None
-            if self.packed is not None:
+            if self.bits == 8:
                 packed = [
                     self.backend.pack(codes.index_select(1, c), self.w_scale, self.w_zero_point, 8)
                     for c in columns
@@ -231,6 +265,8 @@ class IntConv2d:
         padding: tuple[int, int] = (0, 0),
         dilation: tuple[int, int] = (1, 1),
         act_mode: str = "group",
+        channel_labels: list[torch.Tensor] = (),
+        row_params: bool = True,
     ) -> IntConv2d:
         """Take a resident quantized conv weight.
 
@@ -241,6 +277,7 @@ class IntConv2d:
             in_channels (`int`), kernel_size, stride, padding, dilation: the convolution's geometry.
             act_mode (`str`): the layer's activation mode; "tensor" prepares the backend's native int8 convolution
                 (when it has one) instead of the im2col GEMM weight, so only one int8 copy is resident.
+            channel_labels, row_params: as for `IntLinear.from_quantized`, on the unfolded input's axes.
         """
         geometry = (in_channels, kernel_size, stride, padding, dilation)
         if act_mode == "tensor" and w_bits == 8:
@@ -252,7 +289,15 @@ class IntConv2d:
                 return cls(None, native, bias, *geometry)
         in_features = in_channels * kernel_size[0] * kernel_size[1]
         linear = IntLinear.from_quantized(
-            weight_codes, w_scale, w_zero_point, w_bits, bias, backend, in_features
+            weight_codes,
+            w_scale,
+            w_zero_point,
+            w_bits,
+            bias,
+            backend,
+            in_features,
+            channel_labels,
+            row_params,
         )
         return cls(linear, None, bias, *geometry)
 
