@@ -1,0 +1,176 @@
+"""DGQ on a tiny random-init SD-architecture pipeline: structure, per-step parameters, batch independence,
+prompt-specific attention parameters, and checkpoint round trips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from tiny_models import build_tiny_sd
+
+from dgq_core.attention import (
+    DGQAttnProcessor,
+    compute_prompt_params,
+    cross_attention_processors,
+    params_from_bytes,
+    params_to_bytes,
+    quantize_probs_log2,
+    use_prompt_params,
+)
+from dgq_core.calibration import calibrate
+from dgq_core.checkpoint import WEIGHTS_NAME, CheckpointError, load_quantized_unet
+from dgq_core.config import QuantConfig
+from dgq_core.layers import QuantConv2d, QuantLinear, calibrated_step_for
+from dgq_core.pipeline import load_pipeline, save_quantized_pipeline
+
+PROMPTS = ["a red circle", "a blue square on green", "small yellow triangle", "big purple star"]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "model")
+
+
+def generate(pipe, prompts, seeds, **kwargs):
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return pipe(prompts, num_inference_steps=STEPS, generator=generators, output_type="np", **kwargs).images
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_sd, tmp_path_factory):
+    """(pipeline with a DGQ W8A8 K=4 UNet, its config, the saved directory)."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.set_progress_bar_config(disable=True)
+    config = QuantConfig(method="dgq", w_bits=8, a_bits=8, groups=4, steps=STEPS, base_model=str(tiny_sd))
+    calibrate(pipe, config, PROMPTS, batch_size=2, progress=False)
+    out = tmp_path_factory.mktemp("quantized") / "dgq"
+    save_quantized_pipeline(pipe, config, out, self_contained=True)
+    return pipe, config, out
+
+
+def test_quantized_modules_follow_the_method(quantized):
+    pipe, config, _ = quantized
+    unet = pipe.unet
+    assert type(unet.conv_in) is torch.nn.Conv2d and type(unet.conv_out) is torch.nn.Conv2d
+    assert isinstance(unet.down_blocks[0].resnets[0].conv1, QuantConv2d)
+    assert unet.time_embedding.linear_1.act.mode == "tensor"
+    assert unet.down_blocks[0].resnets[0].time_emb_proj.act.mode == "tensor"
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert isinstance(block.ff.net[2], QuantLinear) and block.ff.net[2].act.mode == "group"
+    assert isinstance(block.attn1.processor, DGQAttnProcessor) and not block.attn1.processor.keep_start
+    assert block.attn2.processor.keep_start
+    # Cross-attention keys/values depend only on the prompt: one parameter set for all steps.
+    assert block.attn2.to_k.act.scale.shape[0] == 1 and block.attn2.processor.k_quant.scale.shape[0] == 1
+    per_step = block.attn1.to_q.act
+    assert per_step.scale.shape == (len(config.calib_timesteps), config.groups)
+    assert int(unet.down_blocks[0].resnets[0].conv1.weight_q.codes.max()) <= 255
+
+
+def test_steps_are_keyed_by_call_index_including_pndms_repeated_timestep(quantized):
+    _, config, _ = quantized
+    timesteps = config.calib_timesteps
+    assert len(timesteps) == STEPS + 1 and len(set(timesteps)) == STEPS  # PNDM repeats its second timestep
+    seen: dict[int, int] = {}
+    for call, t in enumerate(timesteps):
+        assert calibrated_step_for(t, seen.get(t, 0), timesteps) == call
+        seen[t] = seen.get(t, 0) + 1
+
+
+def test_quantized_image_is_close_to_but_not_equal_to_full_precision(tiny_sd, quantized):
+    pipe, _, _ = quantized
+    fp = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    fp.set_progress_bar_config(disable=True)
+    reference = generate(fp, PROMPTS[:1], [0])
+    image = generate(pipe, PROMPTS[:1], [0])
+    mse = float(((image - reference) ** 2).mean())
+    assert 0 < mse < 1e-2
+
+
+def test_an_image_does_not_depend_on_its_batch(quantized):
+    pipe, _, _ = quantized
+    alone = generate(pipe, PROMPTS[:1], [7])
+    batched = generate(pipe, [PROMPTS[2], PROMPTS[0], PROMPTS[3]], [3, 7, 11])
+    assert np.abs(alone[0] - batched[1]).max() <= 1e-5
+
+
+def test_start_column_passes_unchanged_and_the_scale_is_per_sample():
+    probs = torch.softmax(torch.randn(2, 2, 5, 9) * 3, dim=-1)
+    probs[1] = torch.softmax(torch.randn(2, 5, 9) * 8, dim=-1)
+    out = quantize_probs_log2(probs, 6, keep_start=True)
+    assert torch.equal(out[..., 0], probs[..., 0])
+    assert not torch.equal(out[..., 1:], probs[..., 1:])
+    alone = quantize_probs_log2(probs[:1], 6, keep_start=True)
+    assert torch.equal(alone[0], out[0])
+
+
+def test_precomputed_prompt_params_reproduce_the_image_exactly(quantized):
+    pipe, _, _ = quantized
+    embeds, negative = pipe.encode_prompt(PROMPTS[:2], "cpu", 1, True, None)
+    params = compute_prompt_params(cross_attention_processors(pipe.unet), torch.cat([negative, embeds]))
+    assert params and all(any(name.endswith("key.codes") for name in p) for p in params)
+    params = [params_from_bytes(params_to_bytes(p)) for p in params]
+    generators = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
+    kwargs = dict(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=STEPS, output_type="np")
+    direct = pipe(generator=generators(), **kwargs).images
+    with use_prompt_params(pipe.unet, params):
+        injected = pipe(generator=generators(), **kwargs).images
+    assert np.array_equal(direct, injected)
+    with use_prompt_params(pipe.unet, params[:1]), pytest.raises(ValueError, match="samples"):
+        pipe(generator=generators(), **kwargs)
+
+
+def test_save_load_generate_gives_the_same_image(quantized):
+    pipe, config, out = quantized
+    before = generate(pipe, PROMPTS[1:2], [5])
+    loaded = load_pipeline(out)
+    after = generate(loaded, PROMPTS[1:2], [5])
+    assert np.array_equal(before, after)
+    saved = json.loads((out / "unet" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "dgq" and saved["groups"] == 4 and saved["excluded_layers"] == ["conv_in", "conv_out"]
+    assert not any(p.dtype.is_floating_point and p.numel() > 10_000 for p in loaded.unet.state_dict().values())
+
+
+def test_load_keeps_weights_as_integer_codes(quantized):
+    _, _, out = quantized
+    unet = load_quantized_unet(out / "unet")
+    layer = unet.down_blocks[0].resnets[0].conv1
+    assert layer.weight_q.codes.dtype == torch.uint8 and not hasattr(layer, "weight")
+
+
+def test_corrupt_or_altered_checkpoints_are_refused(quantized, tmp_path):
+    import shutil
+
+    _, _, out = quantized
+    broken = tmp_path / "unet"
+    shutil.copytree(out / "unet", broken)
+    data = bytearray((broken / WEIGHTS_NAME).read_bytes())
+    data[-5] ^= 0xFF
+    (broken / WEIGHTS_NAME).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_quantized_unet(broken)
+    (broken / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
+    config = json.loads((broken / "config.json").read_text())
+    config.pop("dgq_weights_sha256")
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_quantized_unet(broken)
+    config["quantization_config"]["quant_method"] = "bitsandbytes"
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="dgq"):
+        load_quantized_unet(broken)
+
+
+@pytest.mark.parametrize(("method", "w_bits", "a_bits"), [("pertensor", 4, 6), ("dynamic", 8, 8), ("dgq", 4, 6)])
+def test_every_method_and_bit_setting_generates(tiny_sd, method, w_bits, a_bits):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.set_progress_bar_config(disable=True)
+    config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, groups=8, steps=2)
+    calibrate(pipe, config, PROMPTS[:2], progress=False)
+    image = pipe(PROMPTS[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.isfinite(image).all() and image.std() > 0
+    codes = pipe.unet.down_blocks[0].resnets[0].conv1.weight_q.codes
+    assert codes.shape[1] == (32 * 9 + 1) // 2 if w_bits == 4 else 32 * 9
