@@ -29,7 +29,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def test_scorer_is_at_least_98_percent_accurate_on_real_images():
     images, scenes = shapes.make_batch(400, seed=123, split="all")
-    summary = alignment.summarize([alignment.score_image(im, sc) for im, sc in zip(images, scenes, strict=True)])
+    summary = alignment.summarize(
+        [alignment.score_image(im, sc) for im, sc in zip(images, scenes, strict=True)]
+    )
     assert summary.accuracy >= 0.98 and summary.attribute_accuracy >= 0.98
     assert set(summary.per_attribute) == {"background", "color", "shape", "size", "relation"}
 
@@ -78,7 +80,9 @@ def _tiny_pipeline_dir(directory: Path) -> Path:
     )  # fmt: skip
     torch.manual_seed(0)
     tokenizer = build_tokenizer(directory / "tokenizer_build", config)
-    pipeline = assemble_pipeline(build_vae(config), build_text_encoder(tokenizer, config), tokenizer, build_unet(config))
+    pipeline = assemble_pipeline(
+        build_vae(config), build_text_encoder(tokenizer, config), tokenizer, build_unet(config)
+    )
     pipeline.save_pretrained(directory / "model")
     return directory / "model"
 
@@ -100,7 +104,9 @@ def test_eval_cli_writes_json_and_markdown(tiny_model, tmp_path):
     assert "| alignment" in (tmp_path / "r.md").read_text()
     assert len(list((tmp_path / "img").glob("*.png"))) == 4
     # A directory of saved images serves as the reference too.
-    assert cli.main(args[:8] + ["--reference", str(tmp_path / "img"), "--json", str(tmp_path / "r2.json")]) == 0
+    assert (
+        cli.main(args[:8] + ["--reference", str(tmp_path / "img"), "--json", str(tmp_path / "r2.json")]) == 0
+    )
     assert json.loads((tmp_path / "r2.json").read_text())["psnr_vs_reference"] == 100.0
 
 

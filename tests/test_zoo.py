@@ -39,7 +39,11 @@ def test_prompts_parse_back_to_their_scenes():
         assert shapes.parse_prompt(scene.prompt) == scene
         assert shapes.Scene.from_dict(scene.to_dict()) == scene
     assert shapes.parse_prompt("a red circle above a blue square on a yellow background").relation == "above"
-    for bad in ("a red circle", "a red red circle on a red background", "a huge red circle on a blue background"):
+    for bad in (
+        "a red circle",
+        "a red red circle on a red background",
+        "a huge red circle on a blue background",
+    ):
         with pytest.raises(ValueError):
             shapes.parse_prompt(bad)
 
@@ -62,7 +66,9 @@ def _assert_whole_word_tokens(tokenizer: CLIPTokenizer, prompts: list[str]) -> N
     encoded = tokenizer(prompts).input_ids
     for prompt, ids in zip(prompts, encoded, strict=True):
         tokens = tokenizer.convert_ids_to_tokens(ids)
-        assert tokens == [tokenizer.bos_token] + [w + "</w>" for w in prompt.split()] + [tokenizer.eos_token], prompt
+        assert tokens == [tokenizer.bos_token] + [w + "</w>" for w in prompt.split()] + [
+            tokenizer.eos_token
+        ], prompt
 
 
 def test_bundled_tokenizer_round_trips_every_prompt_to_whole_words(bundled_tokenizer):
@@ -79,7 +85,9 @@ def test_bundled_tokenizer_round_trips_every_prompt_to_whole_words(bundled_token
 def test_tokenizer_files_alone_reload(tmp_path):
     save_word_tokenizer(shapes.vocabulary(), tmp_path, model_max_length=20)
     (tmp_path / "tokenizer.json").unlink()  # the standard vocab.json + merges.txt must suffice
-    _assert_whole_word_tokens(CLIPTokenizer.from_pretrained(tmp_path), [s.prompt for s in shapes.all_scenes()[::50]])
+    _assert_whole_word_tokens(
+        CLIPTokenizer.from_pretrained(tmp_path), [s.prompt for s in shapes.all_scenes()[::50]]
+    )
 
 
 def test_bundled_model_has_the_stable_diffusion_structure():
@@ -96,7 +104,9 @@ def test_bundled_model_loads_and_generates():
     pipeline = StableDiffusionPipeline.from_pretrained(bundled_model_dir())
     pipeline.set_progress_bar_config(disable=True)
     image = pipeline(
-        "a large red circle on a blue background", num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+        "a large red circle on a blue background",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
 

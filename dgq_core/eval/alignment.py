@@ -164,7 +164,9 @@ def score_image(image: np.ndarray | Image.Image, scene: shapes.Scene) -> Alignme
         checks["size_0"] = found is not None and (found.side >= LARGE_SIDE_THRESHOLD) == (obj.size == "large")
     else:
         first, second = detected
-        checks["relation"] = first is not None and second is not None and _relation_holds(scene.relation, first, second)
+        checks["relation"] = (
+            first is not None and second is not None and _relation_holds(scene.relation, first, second)
+        )
     return AlignmentResult(checks=checks, background=background, objects=detected)
 
 

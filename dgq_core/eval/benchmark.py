@@ -49,7 +49,9 @@ class QuantSetting:
 
     @property
     def dirname(self) -> str:
-        return f"w{self.w_bits}a{self.a_bits}_{self.method}" + (f"_k{self.groups}" if self.method == "dgq" else "")
+        return f"w{self.w_bits}a{self.a_bits}_{self.method}" + (
+            f"_k{self.groups}" if self.method == "dgq" else ""
+        )
 
 
 def default_settings(precisions=PRECISIONS) -> list[QuantSetting]:
@@ -66,7 +68,9 @@ def default_settings(precisions=PRECISIONS) -> list[QuantSetting]:
     ]
 
 
-def quantize(model: Path, setting: QuantSetting, out_dir: Path, steps: int, guidance: float, num_calib: int) -> float:
+def quantize(
+    model: Path, setting: QuantSetting, out_dir: Path, steps: int, guidance: float, num_calib: int
+) -> float:
     """Run `dgq quantize` for one setting; returns its wall time in seconds."""
     from dgq_core.cli import main as dgq_main
 
@@ -106,7 +110,11 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = harness.heldout_prompts(num)
     config = harness.EvalConfig(
-        model=str(model), prompts=prompts, num_inference_steps=steps, guidance_scale=guidance, exec_mode=exec_mode
+        model=str(model),
+        prompts=prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        exec_mode=exec_mode,
     )
     reports = [("FP32", harness.evaluate(config, save_images_dir=out_dir / "images" / "fp"))]
     for setting in tqdm(settings, desc="quantized settings"):
@@ -125,9 +133,18 @@ def run(
 
 
 def _write(out_dir, reports, num, steps, guidance, num_calib, exec_mode) -> None:
-    settings = {"num_prompts": num, "steps": steps, "guidance_scale": guidance, "num_calib": num_calib, "exec": exec_mode}
+    settings = {
+        "num_prompts": num,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "num_calib": num_calib,
+        "exec": exec_mode,
+    }
     (out_dir / "quality.json").write_text(
-        json.dumps({"settings": settings, "rows": [{"label": lbl, **asdict(r)} for lbl, r in reports]}, indent=1) + "\n"
+        json.dumps(
+            {"settings": settings, "rows": [{"label": lbl, **asdict(r)} for lbl, r in reports]}, indent=1
+        )
+        + "\n"
     )
     (out_dir / "quality.md").write_text(harness.format_markdown(reports))
 
@@ -135,7 +152,9 @@ def _write(out_dir, reports, num, steps, guidance, num_calib, exec_mode) -> None
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m dgq_core.eval.benchmark`."""
     parser = argparse.ArgumentParser(
-        prog="python -m dgq_core.eval.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m dgq_core.eval.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", type=Path, default=bundled_model_dir())
@@ -155,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         s for s in default_settings(precisions)
         if (f"dgq{s.groups}" if s.method == "dgq" else s.method) in wanted
     ]  # fmt: skip
-    reports = run(args.out, args.model, args.num, args.steps, args.guidance, args.num_calib, settings, args.exec_mode)
+    reports = run(
+        args.out, args.model, args.num, args.steps, args.guidance, args.num_calib, settings, args.exec_mode
+    )
     print(harness.format_markdown(reports))
     return 0
 

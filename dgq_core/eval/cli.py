@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dgq eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="full-precision diffusers dir or quantized checkpoint dir")
+    parser.add_argument(
+        "--model", required=True, help="full-precision diffusers dir or quantized checkpoint dir"
+    )
     parser.add_argument(
         "--prompts",
         type=Path,
@@ -44,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", dest="json_path", help="write the report as JSON here (default: stdout)")
     parser.add_argument("--markdown", help="write a one-row markdown table here")
     parser.add_argument("--label", help="row label in the markdown table (default: the model dir)")
-    parser.add_argument("--exec", dest="exec_mode", choices=("fake", "int"), default="fake", help="quantized execution")
+    parser.add_argument(
+        "--exec", dest="exec_mode", choices=("fake", "int"), default="fake", help="quantized execution"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     return parser
 
@@ -61,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts = read_prompt_file(args.prompts)[: args.num] if args.prompts else harness.heldout_prompts(args.num)
+    prompts = (
+        read_prompt_file(args.prompts)[: args.num] if args.prompts else harness.heldout_prompts(args.num)
+    )
     config = harness.EvalConfig(
         model=args.model,
         prompts=prompts,

@@ -49,8 +49,12 @@ class ShapesFeatureNet(nn.Module):
         super().__init__()
         widths = [3, 32, 64, 128, 128]
         layers: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate(zip(widths, widths[1:])):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, c_out), nn.SiLU()]
+        for i, (c_in, c_out) in enumerate(zip(widths, widths[1:], strict=False)):
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1),
+                nn.GroupNorm(8, c_out),
+                nn.SiLU(),
+            ]
         self.trunk = nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 4 * 4, FEATURE_DIM), nn.SiLU())
         self.background_head = nn.Linear(FEATURE_DIM, len(shapes.BACKGROUND_COLORS))
         self.objects_head = nn.Linear(FEATURE_DIM, len(OBJECT_CLASSES))

@@ -117,7 +117,9 @@ def load_model(model_dir: str | Path, exec_mode: str = "fake") -> DiffusionPipel
     return pipeline
 
 
-def generate(pipeline: DiffusionPipeline, config: EvalConfig, desc: str = "generate") -> tuple[np.ndarray, float]:
+def generate(
+    pipeline: DiffusionPipeline, config: EvalConfig, desc: str = "generate"
+) -> tuple[np.ndarray, float]:
     """Images for `config.prompts`, image i with seed `config.seed + i`.
 
     Args:
@@ -183,7 +185,10 @@ def is_shapes_prompt_set(prompts: list[str]) -> bool:
 def real_shapes_images(prompts: list[str]) -> np.ndarray:
     """Real dataset renderings of the prompts' scenes, the FID reference distribution."""
     return np.stack(
-        [np.asarray(shapes.render_scene(shapes.parse_prompt(p), REAL_IMAGE_SEED + i)) for i, p in enumerate(prompts)]
+        [
+            np.asarray(shapes.render_scene(shapes.parse_prompt(p), REAL_IMAGE_SEED + i))
+            for i, p in enumerate(prompts)
+        ]
     )
 
 
@@ -193,7 +198,10 @@ def shapes_features(images: np.ndarray, net: ShapesFeatureNet | None = None) -> 
     net = net or ShapesFeatureNet.from_pretrained()
     if images.shape[1:3] != (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE):
         images = np.stack(
-            [np.asarray(Image.fromarray(im).resize((shapes.IMAGE_SIZE,) * 2, Image.BILINEAR)) for im in images]
+            [
+                np.asarray(Image.fromarray(im).resize((shapes.IMAGE_SIZE,) * 2, Image.BILINEAR))
+                for im in images
+            ]
         )
     return net.features(images_to_tensor(images)).numpy().astype(np.float64)
 
@@ -243,7 +251,9 @@ def evaluate(
     )
     reference_images = None
     if reference is not None:
-        reference_images = _reference_images(reference, config, Path(save_reference_dir) if save_reference_dir else None)
+        reference_images = _reference_images(
+            reference, config, Path(save_reference_dir) if save_reference_dir else None
+        )
         report.psnr_vs_reference = metrics.mean_psnr(images, reference_images)
         report.ssim_vs_reference = metrics.mean_ssim(images, reference_images)
 
@@ -264,12 +274,16 @@ def evaluate(
         report.clip_score = float(ClipScorer(clip_model)(images, config.prompts).mean())
     fid_target = reference_images
     if fid_reference_dir:
-        real_paths = sorted(Path(fid_reference_dir).glob("*.png")) + sorted(Path(fid_reference_dir).glob("*.jpg"))
+        real_paths = sorted(Path(fid_reference_dir).glob("*.png")) + sorted(
+            Path(fid_reference_dir).glob("*.jpg")
+        )
         fid_target = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in real_paths])
     if fid_target is not None and len(images) > 1:
         inception = InceptionFeatures()
         report.fid = metrics.frechet_distance(inception(images), inception(fid_target))
-        report.fid_features = "inception vs " + ("real images" if fid_reference_dir else "reference model images")
+        report.fid_features = "inception vs " + (
+            "real images" if fid_reference_dir else "reference model images"
+        )
     return report
 
 
@@ -299,7 +313,9 @@ def format_markdown(reports: list[tuple[str, EvalReport]]) -> str:
     return header + "\n".join(rows) + "\n"
 
 
-def write_report(report: EvalReport, json_path: str | Path | None, markdown_path: str | Path | None, label: str) -> None:
+def write_report(
+    report: EvalReport, json_path: str | Path | None, markdown_path: str | Path | None, label: str
+) -> None:
     """Write the report as JSON and/or a one-row markdown table."""
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

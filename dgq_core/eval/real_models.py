@@ -71,7 +71,9 @@ class InceptionFeatures:
         for start in range(0, len(images), self.batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))
             pixels = batch.permute(0, 3, 1, 2).float() / 255.0
-            pixels = F.interpolate(pixels, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+            pixels = F.interpolate(
+                pixels, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False
+            )
             features = self.model(pixels * (high - low) + low)
             outputs.append(features.flatten(2).mean(2) if features.ndim > 2 else features)
         return torch.cat(outputs).numpy().astype(np.float64)
@@ -96,7 +98,9 @@ class ClipScorer:
             text=prompts, images=list(images), return_tensors="pt", padding="max_length", truncation=True
         )
         image_embeds = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-        text_embeds = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        text_embeds = self.model.get_text_features(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        )
         image_embeds = _as_tensor(image_embeds)
         text_embeds = _as_tensor(text_embeds)
         cosine = F.cosine_similarity(image_embeds, text_embeds, dim=-1)

@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.out / (DECODER_FILE + ".tmp")
         save_file({k: v.contiguous() for k, v in decoder_state(vae).items()}, str(tmp))
         os.replace(tmp, args.out / DECODER_FILE)
-        (args.out / STATE_FILE).write_text(json.dumps({"step": step, "checkpoint": str(args.checkpoint)}) + "\n")
+        (args.out / STATE_FILE).write_text(
+            json.dumps({"step": step, "checkpoint": str(args.checkpoint)}) + "\n"
+        )
 
     with tqdm(total=args.steps, initial=step, desc="decoder") as bar:
         while step < args.steps:

@@ -15,9 +15,11 @@ from pathlib import Path
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
+from dgq_core.zoo import shapes
 from dgq_core.zoo.decoder import DECODER_FILE, load_vae_from_checkpoint
 from dgq_core.zoo.decoder import STATE_FILE as DECODER_STATE_FILE
 from dgq_core.zoo.model import ZooModelConfig, assemble_pipeline, build_text_encoder, build_unet
+from dgq_core.zoo.tokenizer import write_bpe_files
 from dgq_core.zoo.train import CHECKPOINT_DIR, STATE_FILE, write_calibration_prompts
 
 PROVENANCE_FILE = "zoo_training.json"
@@ -49,11 +51,14 @@ def export(run_dir: Path, out_dir: Path, decoder_dir: Path | None = None) -> dic
     }
     if decoder_dir is not None:
         vae.load_state_dict(load_file(str(decoder_dir / DECODER_FILE)), strict=False)
-        provenance["decoder_finetune_steps"] = json.loads((decoder_dir / DECODER_STATE_FILE).read_text())["step"]
+        provenance["decoder_finetune_steps"] = json.loads((decoder_dir / DECODER_STATE_FILE).read_text())[
+            "step"
+        ]
     if out_dir.exists():
         shutil.rmtree(out_dir)
     assemble_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(out_dir, safe_serialization=True)
     (out_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
+    write_bpe_files(shapes.vocabulary(), out_dir / "tokenizer")
     write_calibration_prompts(out_dir)
     return provenance
 

@@ -31,7 +31,17 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
 }
 OBJECT_COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "white", "black")
-BACKGROUND_COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "white", "black", "gray")
+BACKGROUND_COLORS: tuple[str, ...] = (
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "white",
+    "black",
+    "gray",
+)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 SIZES: tuple[str, ...] = ("small", "large")
 # Relation of the first object to the second; the prompt words for each.
@@ -102,9 +112,7 @@ def scene_prompt(scene: Scene) -> str:
         obj = scene.objects[0]
         return f"a {obj.size} {obj.color} {obj.shape} {background}"
     first, second = scene.objects
-    return (
-        f"a {first.color} {first.shape} {RELATIONS[scene.relation]} a {second.color} {second.shape} {background}"
-    )
+    return f"a {first.color} {first.shape} {RELATIONS[scene.relation]} a {second.color} {second.shape} {background}"
 
 
 def parse_prompt(prompt: str) -> Scene:
@@ -117,7 +125,12 @@ def parse_prompt(prompt: str) -> Scene:
         ValueError: if the prompt is not of the grammar.
     """
     words = prompt.strip().lower().split()
-    if len(words) < 5 or words[0] != "a" or words[-4:-1] != ["on", "a", words[-2]] or words[-1] != "background":
+    if (
+        len(words) < 5
+        or words[0] != "a"
+        or words[-4:-1] != ["on", "a", words[-2]]
+        or words[-1] != "background"
+    ):
         raise ValueError(f"not a shapes prompt: {prompt!r}")
     background = words[-2]
     body = words[:-4]
@@ -143,6 +156,7 @@ def _validate(scene: Scene, prompt: str) -> None:
     valid = (
         scene.background in BACKGROUND_COLORS
         and all(obj.color in OBJECT_COLORS and obj.shape in SHAPES for obj in scene.objects)
+        and all(obj.size in (SIZES if len(scene.objects) == 1 else ("medium",)) for obj in scene.objects)
         and len(set(colors + [scene.background])) == len(colors) + 1
     )
     if not valid:
@@ -164,7 +178,10 @@ def all_scenes() -> list[Scene]:
         if color != background:
             scenes.append(Scene((ShapeObject(color, shape, size),), background))
     for (c1, s1), relation, (c2, s2), background in itertools.product(
-        itertools.product(OBJECT_COLORS, SHAPES), RELATIONS, itertools.product(OBJECT_COLORS, SHAPES), BACKGROUND_COLORS
+        itertools.product(OBJECT_COLORS, SHAPES),
+        RELATIONS,
+        itertools.product(OBJECT_COLORS, SHAPES),
+        BACKGROUND_COLORS,
     ):
         if len({c1, c2, background}) == 3:
             scenes.append(Scene((ShapeObject(c1, s1), ShapeObject(c2, s2)), background, relation))
@@ -216,7 +233,9 @@ def sample_scenes(num: int, seed: int, split: str = "train", pair_fraction: floa
     is_pair = rng.random(num) < pair_fraction
     single_idx = rng.integers(0, len(singles), num)
     pair_idx = rng.integers(0, len(pairs), num)
-    return [pairs[p] if pair else singles[s] for pair, s, p in zip(is_pair, single_idx, pair_idx, strict=True)]
+    return [
+        pairs[p] if pair else singles[s] for pair, s, p in zip(is_pair, single_idx, pair_idx, strict=True)
+    ]
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, left: int, top: int, side: int, fill) -> None:
@@ -249,7 +268,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, left: int, top: int, side:
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def layout_scene(scene: Scene, rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> list[tuple[int, int, int]]:
+def layout_scene(
+    scene: Scene, rng: np.random.Generator, image_size: int = IMAGE_SIZE
+) -> list[tuple[int, int, int]]:
     """Random pixel placement (left, top, side) of each object's box, consistent with the relation."""
     if len(scene.objects) == 1:
         side = SIZE_PIXELS[scene.objects[0].size] * image_size // IMAGE_SIZE | 1
@@ -288,7 +309,9 @@ def render_scene(scene: Scene, seed: int, image_size: int = IMAGE_SIZE) -> Image
     return image
 
 
-def make_batch(num: int, seed: int, split: str = "train", image_size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Scene]]:
+def make_batch(
+    num: int, seed: int, split: str = "train", image_size: int = IMAGE_SIZE
+) -> tuple[np.ndarray, list[Scene]]:
     """A batch of rendered images and their scenes.
 
     Args:

@@ -21,7 +21,10 @@ END_OF_WORD = "</w>"
 def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE loop: merge the lowest-ranked adjacent pair until no pair has a rank."""
     while len(symbols) > 1:
-        pairs = [(ranks.get(pair, float("inf")), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [
+            (ranks.get(pair, float("inf")), i)
+            for i, pair in enumerate(zip(symbols, symbols[1:], strict=False))
+        ]
         best_rank, i = min(pairs)
         if best_rank == float("inf"):
             break
@@ -67,6 +70,26 @@ def build_word_bpe(words: list[str]) -> tuple[dict[str, int], list[tuple[str, st
     return {token: i for i, token in enumerate(unique_tokens)}, merges
 
 
+def write_bpe_files(words: list[str], directory: str | Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Write the standard CLIP tokenizer files vocab.json + merges.txt for `words` (diffusers' `save_pretrained`
+    of a tokenizers-backed CLIPTokenizer writes only tokenizer.json; older loaders need these two).
+
+    Args:
+        words: the whole-word vocabulary.
+        directory: output directory (created).
+
+    Returns:
+        (token -> id, merges in rank order).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_word_bpe(words)
+    (directory / "vocab.json").write_text(json.dumps(vocab, indent=1) + "\n")
+    # CLIP's merges.txt starts with a version line that the loader skips.
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return vocab, merges
+
+
 def save_word_tokenizer(words: list[str], directory: str | Path, model_max_length: int) -> CLIPTokenizer:
     """Write vocab.json + merges.txt for `words` and return the CLIPTokenizer loaded back from `directory`.
 
@@ -76,11 +99,7 @@ def save_word_tokenizer(words: list[str], directory: str | Path, model_max_lengt
         model_max_length: sequence length the pipeline pads prompts to.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_word_bpe(words)
-    (directory / "vocab.json").write_text(json.dumps(vocab, indent=1) + "\n")
-    # CLIP's merges.txt starts with a version line that the loader skips.
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    vocab, merges = write_bpe_files(words, directory)
     # The pipeline pads with the end-of-text token, as Stable Diffusion's tokenizer does.
     tokenizer = CLIPTokenizer(
         vocab=vocab,

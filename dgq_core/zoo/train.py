@@ -40,6 +40,7 @@ from dgq_core.zoo.model import (
     build_unet,
     build_vae,
 )
+from dgq_core.zoo.tokenizer import write_bpe_files
 
 CHECKPOINT_DIR = "checkpoint"
 # Read by `dgq quantize` when no --calib-prompts is given; training-split prompts, never held-out ones.
@@ -48,6 +49,7 @@ NUM_CALIBRATION_PROMPTS = 256
 CALIBRATION_PROMPT_SEED = 31_337
 STATE_FILE = "state.json"
 LOG_FILE = "train_log.jsonl"
+LATENT_POOL_FILE = "latent_pool.safetensors"
 
 
 @dataclass
@@ -147,12 +149,19 @@ class Trainer:
         self.ema_unet = build_unet(model_config).requires_grad_(False)
         self.ema_text_encoder.load_state_dict(self.text_encoder.state_dict())
         self.ema_unet.load_state_dict(self.unet.state_dict())
-        self.vae_optimizer = torch.optim.AdamW(self.vae.parameters(), lr=train_config.vae_lr, weight_decay=0.0)
+        self.vae_optimizer = torch.optim.AdamW(
+            self.vae.parameters(), lr=train_config.vae_lr, weight_decay=0.0
+        )
         self.optimizer = torch.optim.AdamW(
-            list(self.unet.parameters()) + list(self.text_encoder.parameters()), lr=train_config.lr, weight_decay=1e-2
+            list(self.unet.parameters()) + list(self.text_encoder.parameters()),
+            lr=train_config.lr,
+            weight_decay=1e-2,
         )
         self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END, beta_schedule="scaled_linear"
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+            beta_start=BETA_START,
+            beta_end=BETA_END,
+            beta_schedule="scaled_linear",
         )
         alphas_cumprod = self.noise_scheduler.alphas_cumprod
         self.snr = alphas_cumprod / (1 - alphas_cumprod)
@@ -202,7 +211,9 @@ class Trainer:
             prefix = name + "."
             module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
         for name, optimizer in (("vae_optimizer", self.vae_optimizer), ("optimizer", self.optimizer)):
-            _load_optimizer(optimizer, load_file(str(directory / f"{name}.safetensors")), state["optimizers"][name])
+            _load_optimizer(
+                optimizer, load_file(str(directory / f"{name}.safetensors")), state["optimizers"][name]
+            )
         self.vae_step = state["vae_step"]
         self.unet_step = state["unet_step"]
         self.vae.register_to_config(scaling_factor=state["vae_scaling_factor"])
@@ -228,7 +239,11 @@ class Trainer:
 
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
 
     def train_vae_step(self) -> float:
@@ -249,7 +264,10 @@ class Trainer:
     @torch.no_grad()
     def calibrate_latent_scale(self, num_images: int = 512) -> float:
         """Set the VAE's scaling_factor to 1 / std of training latents, as SD's 0.18215 was chosen."""
-        images, _ = shapes.make_batch(num_images, _batch_seed(self.config.seed, "vae", 9_999_999 - 5_000_000), "train")
+        num_images = min(num_images, self.config.latent_pool_size)
+        images, _ = shapes.make_batch(
+            num_images, _batch_seed(self.config.seed, "vae", 9_999_999 - 5_000_000), "train"
+        )
         latents = self.vae.encode(_images_to_tensor(images)).latent_dist.mean
         scaling_factor = float(1.0 / latents.std())
         self.vae.register_to_config(scaling_factor=scaling_factor)
@@ -257,9 +275,19 @@ class Trainer:
 
     @torch.no_grad()
     def build_latent_pool(self, encode_batch: int = 256) -> None:
-        """Encode `latent_pool_size` training images once: posterior means, stds and token ids."""
+        """Encode `latent_pool_size` training images once: posterior means, stds and token ids.
+
+        The pool is a function of the seed and the (frozen after its stage) VAE, so it is cached in the run
+        directory for resumed runs.
+        """
+        cache = self.out_dir / LATENT_POOL_FILE
+        if cache.is_file():
+            pool = load_file(str(cache))
+            self.latent_pool = (pool["means"], pool["stds"], pool["input_ids"])
+            return
         means, stds, input_ids = [], [], []
         pool_seed = _batch_seed(self.config.seed, "unet", 4_999_999)
+        encode_batch = min(encode_batch, self.config.latent_pool_size)
         for start in tqdm(range(0, self.config.latent_pool_size, encode_batch), desc="latent pool"):
             images, scenes = shapes.make_batch(encode_batch, pool_seed * 1000 + start, "train")
             posterior = self.vae.encode(_images_to_tensor(images)).latent_dist
@@ -267,6 +295,7 @@ class Trainer:
             stds.append(posterior.std)
             input_ids.append(self._tokenize([scene.prompt for scene in scenes]))
         self.latent_pool = (torch.cat(means), torch.cat(stds), torch.cat(input_ids))
+        _save_atomic(dict(zip(("means", "stds", "input_ids"), self.latent_pool, strict=True)), cache)
 
     def train_unet_step(self) -> float:
         if self.latent_pool is None:
@@ -294,7 +323,9 @@ class Trainer:
         loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text_encoder.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(
+            list(self.unet.parameters()) + list(self.text_encoder.parameters()), 1.0
+        )
         self.optimizer.step()
         self._update_ema()
         self.unet_step += 1
@@ -329,6 +360,7 @@ class Trainer:
             "command": "python -m dgq_core.zoo.train " + " ".join(sys.argv[1:]),
         }
         (tmp / "zoo_training.json").write_text(json.dumps(provenance, indent=1) + "\n")
+        write_bpe_files(shapes.vocabulary(), tmp / "tokenizer")
         write_calibration_prompts(tmp)
         if directory.exists():
             old = directory.with_name(directory.name + ".old")
@@ -355,7 +387,9 @@ class Trainer:
         real = np.stack([np.asarray(shapes.render_scene(s, seed=i)) for i, s in enumerate(scenes)])
         pairs = np.concatenate([real, generated], axis=2)
         rows = [np.concatenate(list(pairs[i : i + 4]), axis=1) for i in range(0, num_prompts, 4)]
-        Image.fromarray(np.concatenate(rows, axis=0)).resize((rows[0].shape[1] * 4, len(rows) * 32 * 4), Image.NEAREST).save(path)
+        Image.fromarray(np.concatenate(rows, axis=0)).resize(
+            (rows[0].shape[1] * 4, len(rows) * 32 * 4), Image.NEAREST
+        ).save(path)
 
 
 def write_calibration_prompts(model_dir: Path) -> None:
@@ -376,17 +410,27 @@ def _log(out_dir: Path, record: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dgq train-zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, log, sample grids)")
-    parser.add_argument("--steps", type=int, required=True, help="total UNet steps (the VAE stage comes first)")
+    parser = argparse.ArgumentParser(
+        prog="dgq train-zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="run directory (checkpoints, log, sample grids)"
+    )
+    parser.add_argument(
+        "--steps", type=int, required=True, help="total UNet steps (the VAE stage comes first)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--latent-pool-size", type=int, default=TrainConfig.latent_pool_size)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    parser.add_argument("--init-from", type=Path, help="warm-start from an exported pipeline dir (fresh optimizer)")
-    parser.add_argument("--export", type=Path, help="where to save_pretrained the EMA pipeline (default OUT/pipeline)")
+    parser.add_argument(
+        "--init-from", type=Path, help="warm-start from an exported pipeline dir (fresh optimizer)"
+    )
+    parser.add_argument(
+        "--export", type=Path, help="where to save_pretrained the EMA pipeline (default OUT/pipeline)"
+    )
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--export-every", type=int, default=500)
     parser.add_argument("--sample-every", type=int, default=500)
@@ -422,13 +466,18 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
 
     if trainer.vae_step < train_config.vae_steps:
-        with tqdm(total=train_config.vae_steps, initial=trainer.vae_step, desc="vae", dynamic_ncols=True) as bar:
+        with tqdm(
+            total=train_config.vae_steps, initial=trainer.vae_step, desc="vae", dynamic_ncols=True
+        ) as bar:
             while trainer.vae_step < train_config.vae_steps:
                 loss = trainer.train_vae_step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if trainer.vae_step % 50 == 0:
-                    _log(args.out, {"stage": "vae", "step": trainer.vae_step, "loss": loss, "time": time.time()})
+                    _log(
+                        args.out,
+                        {"stage": "vae", "step": trainer.vae_step, "loss": loss, "time": time.time()},
+                    )
                 if trainer.vae_step % args.checkpoint_every == 0:
                     trainer.save_checkpoint()
         scale = trainer.calibrate_latent_scale()
