@@ -4,9 +4,11 @@ and throughput of batch-4 against batch-1 serving (cross-request batching).
 Both are measured side by side in one run, interleaved round by round, medians reported:
 
 - overhead: one image per request. "direct" = `load_pipeline(...)(prompt=..., generator=...)` with text encoding
-  in the same call; "service" = real HTTP to a uvicorn server in embedded mode (in-process queue + worker).
+  in the same call; "service" = real HTTP to a uvicorn server in embedded mode (in-process queue + worker) with
+  `max_batch=1` (a lone request on a `max_batch>1` server also waits up to `batch_window_s` for company).
   Each round uses a new prompt, so the service's prompt cache does not help it.
-- batching: 4 concurrent requests against a server with `max_batch=4` and one with `max_batch=1`.
+- batching: 4 concurrent requests against a server with `max_batch=4` (window `--batch-window`) and one with
+  `max_batch=1`; the batch sizes the batch-4 server actually formed are read back from the jobs' timings.
 
     .venv/bin/python bench/bench_service.py --model <diffusers dir> [--quantized <checkpoint>] --size 64 --steps 20
 """
@@ -71,14 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--port", type=int, default=8471, help="first of the three ports the servers use")
+    parser.add_argument("--batch-window", type=float, default=0.25, help="batch window of the batch-4 server (s)")
+    parser.add_argument("--port", type=int, default=8471, help="first of the two ports the servers use")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     base = dict(model=args.model, quantized=args.quantized, exec_mode=args.exec_mode, warmup_steps=2,
-                batch_window_s=0.05, request_timeout_s=3600, default_width=args.size, default_height=args.size)
+                request_timeout_s=3600, default_width=args.size, default_height=args.size)
     body = {"width": args.size, "height": args.size, "steps": args.steps, "guidance_scale": 7.5}
 
     from dgq_core.pipeline import load_pipeline
@@ -96,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(reference.model_ref), "quantized": args.quantized, "exec_mode": args.exec_mode,
         "size": args.size, "steps": args.steps, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
     }
-    with ServerThread(Settings(**base, port=args.port, max_batch=4)) as batch4, \
+    with ServerThread(Settings(**base, port=args.port, max_batch=4, batch_window_s=args.batch_window)) as batch4, \
             ServerThread(Settings(**base, port=args.port + 1, max_batch=1)) as batch1:
         client = httpx.Client(timeout=3600)
 
         def service() -> None:
             n = next(rounds)
-            response = client.post(f"{batch4.base_url}/generate", json=body | {"prompt": f"{PROMPTS[n % 3]} {n}",
+            response = client.post(f"{batch1.base_url}/generate", json=body | {"prompt": f"{PROMPTS[n % 3]} {n}",
                                                                                "seed": n})
             response.raise_for_status()
 
@@ -113,21 +116,24 @@ def main(argv: list[str] | None = None) -> int:
 
         pool = ThreadPoolExecutor(max_workers=4)
 
+        batch4_job_ids: list[str] = []
+
         def four_concurrent(server: ServerThread) -> None:
             n = next(rounds)
             requests = [body | {"prompt": f"{PROMPTS[i % 3]} {n}", "seed": n + i} for i in range(4)]
             for response in pool.map(lambda r: client.post(f"{server.base_url}/generate", json=r), requests):
                 response.raise_for_status()
+                if server is batch4:
+                    batch4_job_ids.append(response.headers["x-job-id"])
 
         batching = time_interleaved({"batch4": lambda: four_concurrent(batch4),
                                      "batch1": lambda: four_concurrent(batch1)}, repeats=args.repeats)
         results["four_requests_s"] = {name: median(times) for name, times in batching.items()}
         results["images_per_s"] = {name: 4 / seconds for name, seconds in results["four_requests_s"].items()}
         results["batch4_speedup"] = results["four_requests_s"]["batch1"] / results["four_requests_s"]["batch4"]
-        batch_sizes = [json.loads(line.split(" ", 1)[1]) for line in
-                       client.get(f"{batch4.base_url}/metrics").text.splitlines()
-                       if line.startswith("dgq_batch_size_images_sum ")]
-        results["batch_images_sum_metric"] = batch_sizes[0] if batch_sizes else None
+        batch_sizes = [client.get(f"{batch4.base_url}/jobs/{job_id}").json()["timings"]["batch_images"]
+                       for job_id in batch4_job_ids]
+        results["batch4_mean_images_per_batch"] = sum(batch_sizes) / len(batch_sizes)
     results["load_average"] = load_average()
     print(json.dumps(results, indent=2))
     if args.json:

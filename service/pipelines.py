@@ -63,6 +63,18 @@ def quantized_checkpoint(settings: Settings) -> str | None:
     return str(target)
 
 
+def quantization_info(settings: Settings) -> dict[str, str]:
+    """Method and bits of the served UNet, for the model info metric."""
+    from dgq_core.checkpoint import read_quant_config
+    from dgq_core.pipeline import resolve_model
+
+    unet_dir = resolve_model(settings.model_ref, quantized_checkpoint(settings)).quantized_unet
+    if unet_dir is None:
+        return {"quant_method": "none", "bits": "fp"}
+    config = read_quant_config(unet_dir)
+    return {"quant_method": config.method, "bits": f"W{config.w_bits}A{config.a_bits}"}
+
+
 def load_worker_pipeline(settings: Settings) -> DiffusionPipeline:
     """The pipeline a worker runs: quantized UNet, VAE and scheduler; no text encoder."""
     from dgq_core.pipeline import load_pipeline

@@ -27,6 +27,7 @@ from service.pipelines import (
     load_worker_pipeline,
     native_size,
     prompt_params_scope,
+    quantization_info,
     unpack_prompt,
     weight_bytes,
 )
@@ -142,11 +143,8 @@ class Worker:
         metrics.MODEL_LOAD.labels(stage="worker_load").set(time.perf_counter() - started)
         for component, precision, size in weight_bytes(self._pipe):
             metrics.MODEL_WEIGHT_BYTES.labels(component=component, precision=precision).set(size)
-        quant_config = getattr(self._pipe.unet.config, "quantization_config", None) or {}
         metrics.MODEL_INFO.info({
-            "model": str(self.settings.model),
-            "quant_method": quant_config.get("quant_method", "dgq") if quant_config else "none",
-            "bits": f"W{quant_config.get('w_bits', '?')}A{quant_config.get('a_bits', '?')}" if quant_config else "fp",
+            "model": str(self.settings.model), **quantization_info(self.settings),
             "quantized": str(self.settings.quantized), "exec_mode": self.settings.exec_mode,
             "device": self.settings.device,
         })
