@@ -148,3 +148,18 @@ def test_heldout_prompts_are_fixed_and_held_out():
     prompts = harness.heldout_prompts(16)
     assert prompts == harness.heldout_prompts(16)
     assert all(shapes.is_heldout(shapes.parse_prompt(p)) for p in prompts)
+
+
+@pytest.mark.slow
+def test_quality_benchmark_smoke(tiny_model, tmp_path):
+    """The BENCHMARKS quality table's code path, on a few prompts: FP, DGQ and the per-tensor baseline at W8A8."""
+    from dgq_core.eval import benchmark
+    from dgq_core.zoo.train import write_calibration_prompts
+
+    write_calibration_prompts(tiny_model)
+    settings = [benchmark.QuantSetting("dgq", 8, 8, 8), benchmark.QuantSetting("pertensor", 8, 8)]
+    reports = benchmark.run(tmp_path, tiny_model, num=3, steps=3, guidance=5.0, num_calib=2, settings=settings)
+    assert [label for label, _ in reports] == ["FP32", "W8A8 dgq K=8", "W8A8 pertensor"]
+    assert all(r.psnr_vs_reference is not None and r.alignment is not None for _, r in reports[1:])
+    table = json.loads((tmp_path / "quality.json").read_text())
+    assert len(table["rows"]) == 3 and "W8A8 dgq K=8" in (tmp_path / "quality.md").read_text()
