@@ -163,25 +163,33 @@ def attach_collector(model: nn.Module, collector: StatsCollector, config: QuantC
 
 
 @torch.no_grad()
-def calibrate_module(model: nn.Module, config: QuantConfig, run: Callable[[], None], input_hw: tuple[int, int]) -> None:
-    """Calibrate and quantize any module tree with a single set of parameters (no sampler steps), in place.
-
-    Used for networks other than UNets, e.g. a VAE decoder, to test the quantizers on real pretrained activations.
+def collect_module_stats(
+    model: nn.Module, config: QuantConfig, run: Callable[[], None], input_hw: tuple[int, int]
+) -> tuple[StatsCollector, StepState]:
+    """Record single-step statistics of any module tree (no sampler steps), e.g. a VAE decoder.
 
     Args:
-        model (`nn.Module`): full-precision model.
-        config (`QuantConfig`): the settings (`calib_timesteps` is ignored).
+        model (`nn.Module`): full-precision model; left unchanged.
+        config (`QuantConfig`): decides the excluded layers.
         run (`Callable[[], None]`): runs the model over the calibration inputs.
         input_hw (`tuple[int, int]`): spatial size of the model input, on which pixel groups are laid.
     """
     state = StepState([], input_hw)
     collector = StatsCollector(state, set())
+    original_processors = {name: attn.processor for name, attn in attention_modules(model).items()}
     handles = attach_collector(model, collector, config)
     try:
         run()
     finally:
         for handle in handles:
             handle.remove()
+        for name, processor in original_processors.items():
+            model.get_submodule(name).set_processor(processor)
+    return collector, state
+
+
+def quantize_from_stats(model: nn.Module, config: QuantConfig, collector: StatsCollector, state: StepState) -> None:
+    """Quantize `model` in place from statistics of `collect_module_stats` (one set serves every method)."""
     quantize_modules(model, config, input_specs(model, config, collector.vector_inputs), state, collector.per_step())
 
 

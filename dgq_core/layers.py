@@ -312,6 +312,31 @@ class ActQuantizer(nn.Module):
         return fake_quant_activation(x, self.params(x.shape), self.kind)
 
 
+# CPU GEMM kernels take other code paths, which round differently, for calls with few rows (and convolutions for a
+# batch of one). Padding such calls to a fixed size makes a row's result independent of how many other rows share
+# the call, so a request's image does not depend on what it was batched with.
+MIN_GEMM_ROWS = 64
+MIN_CONV_BATCH = 2
+
+
+def row_stable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` whose per-row results do not depend on the number of rows in the call."""
+    rows = x.numel() // x.shape[-1]
+    if rows >= MIN_GEMM_ROWS:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    padded = torch.cat((flat, flat.new_zeros(MIN_GEMM_ROWS - rows, flat.shape[1])))
+    return F.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+
+
+def batch_stable_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **conv_args) -> torch.Tensor:
+    """`F.conv2d` whose per-sample results do not depend on the batch size."""
+    if x.shape[0] >= MIN_CONV_BATCH:
+        return F.conv2d(x, weight, bias, **conv_args)
+    padded = torch.cat((x, x.new_zeros(MIN_CONV_BATCH - x.shape[0], *x.shape[1:])))
+    return F.conv2d(padded, weight, bias, **conv_args)[: x.shape[0]]
+
+
 class QuantizedWeight(nn.Module):
     """A weight resident as per-output-channel asymmetric codes: uint8, or 4-bit packed two per byte.
 
@@ -374,7 +399,7 @@ class QuantLinear(nn.Module):
         if self.int_executor is not None:
             return self.int_executor(x, self.act.params(x.shape))
         weight = self.weight_q.dequantize().to(x.dtype)
-        return F.linear(self.act(x), weight, None if self.bias is None else self.bias.to(x.dtype))
+        return row_stable_linear(self.act(x), weight, None if self.bias is None else self.bias.to(x.dtype))
 
 
 class QuantConv2d(nn.Module):
@@ -422,7 +447,7 @@ class QuantConv2d(nn.Module):
         if act_params.mode in ("tensor", "none"):
             # A single range commutes with im2col (its zero point is exact, so padding stays 0): plain conv.
             x = fake_quant_activation(x, act_params, "linear")
-            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+            return batch_stable_conv2d(x, weight, bias, stride=self.stride, padding=self.padding, dilation=self.dilation)
         columns = fake_quant_activation(self.unfold(x), act_params, "conv")
         out = weight.reshape(self.out_channels, -1) @ columns
         if bias is not None:

@@ -1,0 +1,111 @@
+"""PSNR of DGQ (K=8, K=16) against both baselines at W8A8, W4A8, W8A6, W4A6, and calibration cost.
+
+Two networks:
+- the real pretrained TAESD decoder (../shared/assets/taesd): PSNR of the quantized decode against the
+  full-precision decode of real photographs (calibrated on 14 other photographs, flipped and transposed);
+- a tiny random-init SD-architecture pipeline: PSNR of quantized images against full-precision images, same seeds.
+
+Run: .venv/bin/python bench/bench_core_psnr.py [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from dgq_core.calibration import calibrate, collect_module_stats, quantize_from_stats  # noqa: E402
+from dgq_core.config import QuantConfig  # noqa: E402
+
+SETTINGS = [(8, 8), (4, 8), (8, 6), (4, 6)]
+METHODS = [("dgq", 8), ("dgq", 16), ("pertensor", 1), ("dynamic", 1)]
+TINY_PROMPTS = ["a red circle", "a blue square on green", "small yellow triangle", "big purple star",
+                "two circles", "an orange square", "a grey triangle above a circle", "a pink star"]
+
+
+def psnr_np(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * math.log10(1 / float(((a - b) ** 2).mean()))
+
+
+def taesd_table() -> dict:
+    import test_taesd as taesd
+
+    model = taesd.load_taesd()
+    with torch.no_grad():
+        calibration = torch.cat([
+            torch.cat([z, z.flip(-1), z.flip(-2), z.transpose(-1, -2)])
+            for z in map(model.encoder, map(taesd.photo, taesd.CALIBRATION_IMAGES))
+        ])
+        evaluation = {n: model.encoder(taesd.photo(n)) for n in taesd.EVALUATION_IMAGES}
+        reference = {n: model.decoder(z) for n, z in evaluation.items()}
+    decoder = model.decoder
+    collector, state = collect_module_stats(
+        decoder, QuantConfig(excluded_layers=[]),
+        lambda: [decoder(calibration[i: i + 8]) for i in range(0, len(calibration), 8)], (taesd.SIZE // 8,) * 2,
+    )
+    table = {}
+    for (w_bits, a_bits), (method, groups) in tqdm([(s, m) for s in SETTINGS for m in METHODS], desc="TAESD"):
+        quantized = copy.deepcopy(decoder)
+        config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, groups=groups, excluded_layers=[])
+        quantize_from_stats(quantized, config, collector, state)
+        with torch.no_grad():
+            value = np.mean([taesd.psnr(quantized(evaluation[n]), reference[n]) for n in taesd.EVALUATION_IMAGES])
+        table[f"W{w_bits}A{a_bits} {method} K={groups}"] = round(float(value), 2)
+    return table
+
+
+def tiny_sd_table(steps: int = 10) -> tuple[dict, dict]:
+    from diffusers import StableDiffusionPipeline
+    from tiny_models import build_tiny_sd
+
+    model_dir = build_tiny_sd(Path(tempfile.mkdtemp()) / "tiny-sd")
+
+    def images(pipe):
+        generators = [torch.Generator().manual_seed(100 + i) for i in range(4)]
+        return pipe(["a red circle", "two blue squares", "a green star", "a yellow triangle"],
+                    num_inference_steps=steps, generator=generators, output_type="np").images
+
+    fp = StableDiffusionPipeline.from_pretrained(model_dir)
+    fp.set_progress_bar_config(disable=True)
+    reference = images(fp)
+    table, seconds = {}, {}
+    for (w_bits, a_bits), (method, groups) in tqdm([(s, m) for s in SETTINGS for m in METHODS], desc="tiny SD"):
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+        config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, groups=groups, steps=steps)
+        report = calibrate(pipe, config, TINY_PROMPTS, progress=False)
+        key = f"W{w_bits}A{a_bits} {method} K={groups}"
+        table[key] = round(psnr_np(images(pipe), reference), 2)
+        seconds[key] = round(report.seconds, 1)
+    return table, seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=Path("bench/results_core_psnr.json"))
+    parser.add_argument("--skip-taesd", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    results = {}
+    if not args.skip_taesd:
+        results["taesd_decoder_psnr_db"] = taesd_table()
+    results["tiny_sd_psnr_db"], results["tiny_sd_calibration_seconds"] = tiny_sd_table()
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    args.json.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
