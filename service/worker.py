@@ -184,9 +184,12 @@ class Worker:
                     jobs = await self._guarded(
                         self.queue.take(self.worker_id, self.settings.max_batch, self.settings.batch_window_s), []
                     )
+                self._held = list(jobs)  # heartbeats keep every taken job ours until its batch has run
                 for batch in compatible_batches(jobs, self.settings.max_batch):
                     # on a Redis outage mid-batch the jobs stay pending and are reclaimed once it is back
                     await self._guarded(self._run_batch(batch), None)
+                    ran = {job.spec.id for job in batch}
+                    self._held = [job for job in self._held if job.spec.id not in ran]
         finally:
             heartbeat.cancel()
 
@@ -216,8 +219,6 @@ class Worker:
         start_time = time.time()
         for job in started:
             metrics.QUEUE_WAIT.observe(start_time - job.spec.created_at)
-        self._held = started
-        self._cancel_requested = set()
         loop = asyncio.get_running_loop()
         ids = {job.spec.id for job in started}
 
@@ -237,7 +238,6 @@ class Worker:
             for job in started:
                 await self.queue.fail(job, f"generation failed: {error!r}", {})
                 metrics.JOBS.labels(outcome="failed").inc()
-            self._held = []
             return
         metrics.DENOISE.observe(output.denoise_s)
         metrics.DECODE.observe(output.decode_s)
@@ -254,4 +254,3 @@ class Worker:
             }
             await self.queue.succeed(job, StoredImages(pngs=pngs, timings=timings))
             metrics.JOBS.labels(outcome="succeeded").inc()
-        self._held = []

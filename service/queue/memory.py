@@ -107,7 +107,8 @@ class MemoryQueue(JobQueue):
         if record is None:
             return None
         if record.status == JobStatus.queued:
-            self._waiting.remove(job_id)
+            if job_id in self._waiting:  # else a worker took it and will skip it when it starts the batch
+                self._waiting.remove(job_id)
             await self._finish(record, JobStatus.cancelled, reason="cancelled while queued")
         elif record.status == JobStatus.running:
             record.cancel_requested = True
