@@ -78,6 +78,14 @@ async def test_cancel_queued_and_running(queue):
     assert await queue.get("unknown") is None
 
 
+async def test_cancel_after_take_before_start(queue):
+    await queue.submit(_spec("t"), b"x", {})
+    [job] = await queue.take("w1", max_jobs=1, window_s=0)
+    assert (await queue.cancel("t")).status == JobStatus.cancelled
+    assert not await queue.start(job, "w1"), "the worker skips it"
+    assert (await queue.stats()).depth == 0
+
+
 @pytest.fixture
 def redis_settings(redis_url) -> Settings:
     return Settings(redis_url=redis_url, worker_ttl_s=0.5, max_deliveries=2, max_batch=4)
