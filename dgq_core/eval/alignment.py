@@ -4,7 +4,8 @@ An image is checked against the `Scene` its prompt describes: background colour,
 the size of a single object, and the spatial relation of a pair. Pixels are labelled with the nearest palette colour,
 the background is the most frequent label, objects are the largest connected components of the prompt's colours
 (after a 3x3 opening, so that one-pixel colour fringes at blurred edges are not taken for objects), and a shape is
-the template (rendered at the component's bounding box) with the highest IoU.
+the template (rendered at the component's bounding box) with the highest IoU against how much each pixel around
+the component is the object's colour rather than the background's.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ _PALETTE_RGB = np.array([shapes.PALETTE[name] for name in _PALETTE_NAMES], dtype
 MIN_OBJECT_PIXELS = 8
 # Bounding-box side (pixels at 32 px) between the small (9) and large (17) single objects.
 LARGE_SIDE_THRESHOLD = 13
+# Gaussian sigmas (pixels) of the template versions a shape is matched against.
+TEMPLATE_BLURS = (0.0, 1.0)
 
 
 @dataclass
@@ -84,15 +87,37 @@ def _template_masks(left: int, top: int, side: int, size: int) -> dict[str, np.n
     return masks
 
 
-def classify_shape(mask: np.ndarray) -> tuple[str, int, tuple[float, float]]:
-    """Shape of one object mask by template IoU.
+def presence_map(image: np.ndarray, color: str, background: str) -> np.ndarray:
+    """How much each pixel is `color` rather than `background`: its position on the RGB segment between them,
+    clipped to [0, 1]. Blurred edges get fractional values instead of snapping to whichever third palette colour
+    happens to lie nearer (orange between red and yellow, say).
+    """
+    object_rgb = _PALETTE_RGB[_PALETTE_NAMES.index(color)]
+    background_rgb = _PALETTE_RGB[_PALETTE_NAMES.index(background)]
+    direction = object_rgb - background_rgb
+    projection = (image.astype(np.float32) - background_rgb) @ direction / float(direction @ direction)
+    return np.clip(projection, 0.0, 1.0)
+
+
+def classify_shape(
+    mask: np.ndarray, presence: np.ndarray | None = None
+) -> tuple[str, int, tuple[float, float]]:
+    """Shape of one object by IoU with the dataset's shape templates.
 
     Args:
         mask: boolean (H, W) mask of one connected object.
+        presence: optional `presence_map` of the object's colour; when given, the shape is matched on it around
+            the mask (soft IoU), which keeps thin parts (a cross's arms, a triangle's tip) that blur pushes below
+            the nearest-colour threshold.
 
     Returns:
         (shape name, bounding-box side, (column, row) centroid).
     """
+    target = mask.astype(np.float32)
+    if presence is not None:
+        window = ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=2)
+        target = np.where(window, presence, 0.0)
+        mask = mask | (target > 0.5)
     rows, cols = np.nonzero(mask)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     height, width = bottom - top, right - left
@@ -101,18 +126,25 @@ def classify_shape(mask: np.ndarray) -> tuple[str, int, tuple[float, float]]:
     box_left, box_top = left + (width - side) // 2, top + (height - side) // 2
     best_shape, best_iou = shapes.SHAPES[0], -1.0
     for shape, template in _template_masks(box_left, box_top, side, mask.shape[0]).items():
-        iou = (template & mask).sum() / max((template | mask).sum(), 1)
-        if iou > best_iou:
-            best_shape, best_iou = shape, iou
+        # Sharp and blurred versions of the template: generated images are often slightly soft.
+        for blur in TEMPLATE_BLURS:
+            soft = ndimage.gaussian_filter(template.astype(np.float32), blur) if blur else template
+            iou = np.minimum(soft, target).sum() / max(np.maximum(soft, target).sum(), 1e-6)
+            if iou > best_iou:
+                best_shape, best_iou = shape, iou
     return best_shape, side, (float(cols.mean()), float(rows.mean()))
 
 
-def detect_object(labels: np.ndarray, color: str) -> DetectedObject | None:
+def detect_object(
+    labels: np.ndarray, color: str, presence: np.ndarray | None = None
+) -> DetectedObject | None:
     """The largest object of one colour, or None if there is none.
 
     Args:
         labels: output of `label_colors`.
         color: palette colour name.
+        presence: optional `presence_map` of the colour against the background, for the shape (see
+            `classify_shape`).
     """
     mask = labels == _PALETTE_NAMES.index(color)
     core = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool))
@@ -122,7 +154,7 @@ def detect_object(labels: np.ndarray, color: str) -> DetectedObject | None:
     # The largest component that contains some of the opened core: the object with its full outline.
     sizes = ndimage.sum(core, components, index=np.arange(1, count + 1))
     component = components == (int(np.argmax(sizes)) + 1)
-    shape, side, center = classify_shape(component)
+    shape, side, center = classify_shape(component, presence)
     return DetectedObject(color=color, shape=shape, side=side, center=center, pixels=int(component.sum()))
 
 
@@ -155,7 +187,9 @@ def score_image(image: np.ndarray | Image.Image, scene: shapes.Scene) -> Alignme
     checks = {"background": background == scene.background}
     detected = []
     for i, obj in enumerate(scene.objects):
-        found = detect_object(labels, obj.color) if obj.color != background else None
+        found = None
+        if obj.color != background:
+            found = detect_object(labels, obj.color, presence_map(image, obj.color, background))
         detected.append(found)
         checks[f"color_{i}"] = found is not None
         checks[f"shape_{i}"] = found is not None and found.shape == obj.shape
