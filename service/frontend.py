@@ -29,7 +29,7 @@ class PromptFrontend:
         self._cache: OrderedDict[str, tuple[torch.Tensor, PromptParams]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def check_length(self, prompt: str, field: str) -> None:
+    def _check_length(self, prompt: str, field: str) -> None:
         """Raise `InvalidRequest` when `prompt` has more tokens than the text encoder reads."""
         tokens = self.encoder.count_tokens(prompt)
         if tokens > self.encoder.max_tokens:
@@ -39,6 +39,8 @@ class PromptFrontend:
             )
 
     def _encode_cached(self, prompts: list[str]) -> list[tuple[torch.Tensor, PromptParams]]:
+        """Encodings of `prompts`, from the cache where possible. Holds the lock: a fast tokenizer keeps its
+        padding/truncation mode as state, so concurrent calls (even a length check) corrupt each other."""
         with self._lock:
             missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
             metrics.PROMPT_CACHE.labels(result="hit").inc(len(prompts) - len(missing))
@@ -57,11 +59,17 @@ class PromptFrontend:
                 self._cache.popitem(last=False)
             return results
 
+    def _checked_encode(self, prompt: str, negative_prompt: str) -> list[tuple[torch.Tensor, PromptParams]]:
+        with self._lock:
+            self._check_length(prompt, "prompt")
+            self._check_length(negative_prompt, "negative_prompt")
+        return self._encode_cached([prompt, negative_prompt])
+
     async def encode(self, prompt: str, negative_prompt: str) -> tuple[bytes, float]:
-        """The job payload for this prompt pair and the seconds it took."""
+        """The job payload for this prompt pair and the seconds it took; `InvalidRequest` for too long prompts."""
         started = time.perf_counter()
         (embeds, params), (negative, negative_params) = await asyncio.to_thread(
-            self._encode_cached, [prompt, negative_prompt]
+            self._checked_encode, prompt, negative_prompt
         )
         payload = pack_prompt(embeds, negative, params, negative_params)
         seconds = time.perf_counter() - started

@@ -63,12 +63,10 @@ class GenerationService:
             )
         if problems:
             raise InvalidRequest("; ".join(problems))
-        self.frontend.check_length(request.prompt, "prompt")
-        self.frontend.check_length(request.negative_prompt, "negative_prompt")
         return width, height
 
     async def submit(self, request: GenerateRequest) -> JobState:
-        """Validate, encode the prompts, enqueue; the queued job's state."""
+        """Validate, encode the prompts (which checks their token length), enqueue; the queued job's state."""
         width, height = self._check_limits(request)
         payload, encode_s = await self.frontend.encode(request.prompt, request.negative_prompt)
         spec = JobSpec(

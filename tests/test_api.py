@@ -191,3 +191,16 @@ async def test_openai_client(embedded_settings):
         with pytest.raises(openai.AuthenticationError):
             await openai.AsyncOpenAI(api_key="wrong", base_url="http://testserver/v1",
                                      http_client=http_client).models.list()
+
+
+async def test_concurrent_requests_with_prompts_of_different_lengths(embedded_settings):
+    """The front stage serializes tokenizer use (a fast tokenizer's padding mode is shared state)."""
+    prompts = ["a", "a red square on a blue background with a green star", "xyz" * 10, "b"] * 3
+    async with running_api(embedded_settings) as client:
+        accepted = await asyncio.gather(
+            *(client.post("/generate", json=REQUEST | {"prompt": p, "async": True}) for p in prompts)
+        )
+        assert [response.status_code for response in accepted] == [202] * len(prompts)
+        for response in accepted:
+            events = (await client.get(f"/jobs/{response.json()['id']}/events")).text
+            assert events.rstrip().splitlines()[-2] == "event: succeeded", events
