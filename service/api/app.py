@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service import metrics
-from service.api import generate, health, jobs, models, openai
+from service.api import generate, health, jobs, models, openai, playground
 from service.config import Settings
 from service.errors import ServiceError
 from service.frontend import PromptFrontend
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="dgq-serve", summary="Text-to-image with DGQ-quantized Stable Diffusion UNets.", lifespan=_lifespan
     )
     app.state.settings = settings or Settings()
-    for module in (generate, jobs, openai, models, health):
+    for module in (generate, jobs, openai, models, health, playground):
         app.include_router(module.router)
 
     @app.exception_handler(ServiceError)

@@ -1,0 +1,50 @@
+"""The playground at `/`: a plain HTML/JS page (no build step) that submits a job, follows its server-sent events
+and shows the image. `/playground/info` tells the page the model, its quantization, native size and limits."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+
+from service.api.deps import ServiceDep, SettingsDep
+from service.pipelines import quantization_info
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+router = APIRouter(tags=["playground"], include_in_schema=False)
+
+
+@router.get("/")
+async def playground_page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
+@router.get("/static/playground.js")
+async def playground_script() -> FileResponse:
+    return FileResponse(STATIC_DIR / "playground.js", media_type="text/javascript")
+
+
+@router.get("/static/playground.css")
+async def playground_style() -> FileResponse:
+    return FileResponse(STATIC_DIR / "playground.css", media_type="text/css")
+
+
+@router.get("/playground/info")
+async def playground_info(request: Request, service: ServiceDep, settings: SettingsDep) -> dict[str, object]:
+    """Unauthenticated like `/metrics` (which carries the same model info); says whether the API wants a key."""
+    quantization = getattr(request.app.state, "playground_quantization", None)
+    if quantization is None:
+        # Reads the checkpoint's config.json; the front stage has already resolved (or made) the checkpoint.
+        quantization = await asyncio.to_thread(quantization_info, settings)
+        request.app.state.playground_quantization = quantization
+    width, height = service.frontend.native_size
+    return {
+        "model": settings.model,
+        "quantization": {**quantization, "exec_mode": settings.exec_mode, "device": settings.device},
+        "native_width": width, "native_height": height,
+        "max_width": settings.max_width, "max_height": settings.max_height, "max_steps": settings.max_steps,
+        "auth_required": bool(settings.api_keys),
+    }
