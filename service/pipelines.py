@@ -27,26 +27,39 @@ PromptParams = dict[str, torch.Tensor]
 QUANTIZED_UNET_CONFIG = Path("unet") / "config.json"
 
 
+def _is_quantized_model_dir(path: str | Path) -> bool:
+    config_file = Path(path) / QUANTIZED_UNET_CONFIG
+    return config_file.is_file() and "quantization_config" in json.loads(config_file.read_text())
+
+
+def shipped_quantized_dir(model_ref: str | Path) -> Path:
+    """Where a pre-quantized checkpoint shipped with a model directory lies: `<model dir>-dgq` beside it."""
+    model_dir = Path(model_ref)
+    return model_dir.with_name(f"{model_dir.name}-dgq")
+
+
 def auto_quantized_dir(settings: Settings) -> Path:
     """Where `quantized='auto'` caches the checkpoint it makes for `settings.model`."""
     model_name = Path(str(settings.model_ref)).name or "model"
     return Path(settings.quantized_cache_dir).expanduser() / f"{model_name}-dgq"
 
 
-def _is_quantized_model_dir(model_ref: str | Path) -> bool:
-    config_file = Path(model_ref) / QUANTIZED_UNET_CONFIG
-    return config_file.is_file() and "quantization_config" in json.loads(config_file.read_text())
-
-
 def quantized_checkpoint(settings: Settings) -> str | None:
-    """The quantized checkpoint to put into the model: None when there is none to add ('none', or the model
-    directory is itself quantized); with 'auto', the cached checkpoint made at the first start by `dgq quantize`
-    with its defaults (one process quantizes, the others on the same disk wait for it)."""
-    if settings.quantized in (None, "none") or (settings.quantized == "auto" and _is_quantized_model_dir(
-            settings.model_ref)):
+    """The quantized checkpoint to put into the model, None when there is none to add.
+
+    'none': none. A path: that one. 'auto', in order: the model directory is itself quantized (None); a checkpoint
+    shipped beside it (`shipped_quantized_dir`); the cache, filled at the first start by `dgq quantize` with its
+    defaults (one process quantizes, the others on the same disk wait for it).
+    """
+    if settings.quantized in (None, "none"):
         return None
     if settings.quantized != "auto":
         return settings.quantized
+    if _is_quantized_model_dir(settings.model_ref):
+        return None
+    shipped = shipped_quantized_dir(settings.model_ref)
+    if _is_quantized_model_dir(shipped):
+        return str(shipped)
     target = auto_quantized_dir(settings)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{target.name}.lock", "w") as lock:
