@@ -48,10 +48,11 @@ class Cluster:
             "DGQ_MAX_BATCH": "4",
         }
         self.api = _spawn("serve_main", common | {"DGQ_PORT": str(self.api_port)}, log_dir / "api.log")
+        self.metrics_ports = {"worker-a": free_port(), "worker-b": free_port()}
         self.workers = {
-            name: _spawn("worker_main", common | {"DGQ_WORKER_ID": name, "DGQ_WORKER_METRICS_PORT": str(free_port())},
+            name: _spawn("worker_main", common | {"DGQ_WORKER_ID": name, "DGQ_WORKER_METRICS_PORT": str(port)},
                          log_dir / f"{name}.log")
-            for name in ("worker-a", "worker-b")
+            for name, port in self.metrics_ports.items()
         }
         self.log_dir = log_dir
 
@@ -110,6 +111,12 @@ async def test_two_workers_serve_concurrent_requests_with_batching(cluster):
             assert (await client.post("/generate", json=request)).content == batched_png
         several = (await client.post("/generate", json=REQUEST | {"num_images": 2})).json()
         assert len(several["images"]) == 2 and base64.b64decode(several["images"][0]).startswith(b"\x89PNG")
+        api_metrics = (await client.get("/metrics")).text
+        assert "dgq_live_workers 2.0" in api_metrics and "dgq_text_encode_seconds_count" in api_metrics
+        for port in cluster.metrics_ports.values():  # each worker exports its own metrics
+            worker_metrics = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            assert "dgq_denoise_step_seconds_count" in worker_metrics
+            assert 'dgq_model_weight_bytes{component="unet",precision="float32"}' in worker_metrics
 
 
 async def test_worker_killed_mid_job_job_completes_once_on_the_other(cluster):
