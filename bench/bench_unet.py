@@ -19,20 +19,24 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, median, peak_rss_bytes, time_interleaved  # noqa: E402
 
+from dgq_core import layers, quantizers  # noqa: E402
 from dgq_core.calibration import StatsCollector, attach_collector  # noqa: E402
 from dgq_core.checkpoint import load_quantized_unet, save_quantized_unet  # noqa: E402
 from dgq_core.config import QuantConfig  # noqa: E402
@@ -87,7 +91,11 @@ def calibrate_one_call(unet: UNet2DConditionModel, config: QuantConfig, inputs: 
 
 def quantized_copy(unet: nn.Module, config: QuantConfig, specs: dict, stats: dict) -> UNet2DConditionModel:
     model = copy.deepcopy(unet)
-    quantize_unet(model, config, specs, stats)
+    # Plain per-channel min-max weight ranges instead of the 80-candidate MSE search: the search only moves the range
+    # ends, which changes no speed or size, and on the shared 2-core machine it takes tens of minutes for SD v1.5.
+    minmax_weights = functools.partial(quantizers.quantize_weight_per_channel, search_steps=1)
+    with mock.patch.object(layers, "quantize_weight_per_channel", minmax_weights):
+        quantize_unet(model, config, specs, stats)
     return model
 
 
@@ -176,6 +184,20 @@ def measure_rss(variant: str, checkpoint: Path | None) -> int:
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
 
 
+def measure_agreement(fp32, fake8, int8, fake4, int4, inputs: dict) -> dict[str, float]:
+    """PSNR (dB) of UNet outputs: integer vs fake execution, and fake vs full precision."""
+    fake_out = fake8(**inputs).sample
+    agreement = {
+        "DGQ-int W8A8 vs DGQ-fake W8A8": psnr_db(int8(**inputs).sample, fake_out),
+        "DGQ-int W4A8 vs DGQ-fake W4A8": psnr_db(int4(**inputs).sample, fake4(**inputs).sample),
+        "DGQ-fake W8A8 vs FP32": psnr_db(fake_out, fp32(**inputs).sample),
+    }
+    set_exact(int8, False)
+    agreement["DGQ-int W8A8 saturating vs DGQ-fake W8A8"] = psnr_db(int8(**inputs).sample, fake_out)
+    set_exact(int8, True)
+    return agreement
+
+
 def profile_table(call, rows: int) -> str:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         call()
@@ -188,12 +210,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before them")
     parser.add_argument("--groups", type=int, default=8, help="DGQ activation groups K")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_unet.json"), help="results JSON")
     parser.add_argument(
         "--profile", type=Path, default=None, help="write op profiles of FP32 and DGQ-int W8A8 here"
     )
     parser.add_argument("--skip-rss", action="store_true", help="skip the per-variant peak-RSS processes")
+    parser.add_argument("--skip-timing", action="store_true", help="only count weight bytes (and peak RSS)")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,20 +225,28 @@ def main() -> None:
         rss_child(args.rss_child, args.checkpoint)
         return
 
+    stages = tqdm(total=6, desc="building variants", unit="stage")
     fp32 = build_unet()
     inputs = unet_inputs(fp32)
     config8, config4 = quant_config(8, args.groups), quant_config(4, args.groups)
     specs, stats = calibrate_one_call(fp32, config8, inputs)
+    stages.update(1)
     fake8 = quantized_copy(fp32, config8, specs, stats)
-    int4 = quantized_copy(fp32, config4, specs, stats)
+    stages.update(1)
+    fake4 = quantized_copy(fp32, config4, specs, stats)
+    stages.update(1)
     workdir = Path(tempfile.mkdtemp(prefix="bench_unet_"))
     checkpoints = {"w8": workdir / "w8", "w4": workdir / "w4"}
     save_quantized_unet(fake8, config8, checkpoints["w8"])
-    save_quantized_unet(int4, config4, checkpoints["w4"])
-    int8 = copy.deepcopy(fake8)
+    save_quantized_unet(fake4, config4, checkpoints["w4"])
+    stages.update(1)
+    int8, int4 = copy.deepcopy(fake8), copy.deepcopy(fake4)
     enable_int_execution(int8)
     enable_int_execution(int4)
+    stages.update(1)
     ao = ao_dynamic_copy(fp32)
+    stages.update(1)
+    stages.close()
     models = {
         "FP32 eager": fp32,
         "DGQ-int W8A8": int8,
@@ -223,18 +255,7 @@ def main() -> None:
         "torch.ao dynamic int8 (Linear)": ao,
     }
 
-    reference = fp32(**inputs).sample
-    fake_out = fake8(**inputs).sample
-    agreement = {
-        "DGQ-int W8A8 vs DGQ-fake W8A8": psnr_db(int8(**inputs).sample, fake_out),
-        "DGQ-int W4A8 vs DGQ-fake W4A8": psnr_db(
-            int4(**inputs).sample, quantized_copy(fp32, config4, specs, stats)(**inputs).sample
-        ),
-        "DGQ-fake W8A8 vs FP32": psnr_db(fake_out, reference),
-    }
-    set_exact(int8, False)
-    agreement["DGQ-int W8A8 saturating vs DGQ-fake W8A8"] = psnr_db(int8(**inputs).sample, fake_out)
-    set_exact(int8, True)
+    agreement = {} if args.skip_timing else measure_agreement(fp32, fake8, int8, fake4, int4, inputs)
 
     def saturating_call(model=int8):
         set_exact(model, False)
@@ -245,7 +266,7 @@ def main() -> None:
 
     variants = {name: (lambda m=model: m(**inputs)) for name, model in models.items()}
     variants["DGQ-int W8A8 saturating GEMM"] = saturating_call
-    times = time_interleaved(variants, args.repeats)
+    times = {} if args.skip_timing else time_interleaved(variants, args.repeats, args.warmup)
 
     fp32_bytes = resident_weight_bytes(fp32)
     weight_bytes = {name: resident_weight_bytes(model) for name, model in models.items()}
@@ -267,21 +288,24 @@ def main() -> None:
         "agreement_psnr_db": agreement,
         "variants": {
             name: {
-                "median_s": median(times[name]),
-                "all_s": times[name],
-                "speedup_vs_fp32": median(times["FP32 eager"]) / median(times[name]),
                 "weight_bytes": weight_bytes[name],
                 "weight_ratio_vs_fp32": weight_bytes[name] / fp32_bytes,
             }
             for name in variants
         },
     }
+    for name in times:
+        results["variants"][name].update(
+            median_s=median(times[name]),
+            all_s=times[name],
+            speedup_vs_fp32=median(times["FP32 eager"]) / median(times[name]),
+        )
     if args.profile is not None:
         args.profile.parent.mkdir(parents=True, exist_ok=True)
         with args.profile.open("w") as handle:
             for name in ("FP32 eager", "DGQ-int W8A8"):
                 handle.write(f"== {name}\n{profile_table(variants[name], 25)}\n")
-    del models, fp32, fake8, int8, int4, ao, variants, saturating_call
+    del models, fp32, fake8, fake4, int8, int4, ao, variants, saturating_call
     if not args.skip_rss:
         children = {
             "FP32 eager": ("fp32", None),
@@ -310,8 +334,9 @@ def markdown(results: dict) -> str:
     for name, v in results["variants"].items():
         rss = v.get("peak_rss_bytes")
         rss_cells = f"{rss / 2**30:.2f} GiB | {v['peak_rss_ratio_vs_fp32']:.2f}" if rss else "— | —"
+        time_cells = f"{v['median_s']:.2f} | {v['speedup_vs_fp32']:.2f}×" if "median_s" in v else "— | —"
         lines.append(
-            f"| {name} | {v['median_s']:.2f} | {v['speedup_vs_fp32']:.2f}× | {v['weight_bytes'] / 2**20:.0f} MiB "
+            f"| {name} | {time_cells} | {v['weight_bytes'] / 2**20:.0f} MiB "
             f"| {v['weight_ratio_vs_fp32']:.3f} | {rss_cells} |"
         )
     lines.append("")
