@@ -1,0 +1,331 @@
+"""Deployment files, checked without a Docker engine or a cluster.
+
+- docker-compose.yml against the Compose spec (`docker-compose config`, Debian package docker-compose) and its wiring;
+- the Dockerfile's instructions against the code (the checkpoint it bakes is the one 'auto' looks for);
+- .env.example against `Settings`;
+- deploy/k8s against the Kubernetes OpenAPI schemas (kubernetes-validate) and the queue's stream/group names;
+- deploy/prometheus with `promtool` (Debian package prometheus);
+- every metric the dashboard and the alert rules query exists in the /metrics of a running `dgq serve`, and a real
+  Prometheus scraping that process answers the request count.
+Each check that needs a binary skips with the package to install when it is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import free_port
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
+
+from service import metrics
+from service.config import Settings
+from service.pipelines import auto_quantized_dir
+from service.queue import keys
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "dgq-serve.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+K8S = DEPLOY / "k8s"
+GENERATE = {"prompt": "a red square", "steps": 2, "seed": 3, "width": 16, "height": 16}
+
+
+@contextlib.contextmanager
+def running_serve(env: dict[str, str], log_file: Path, timeout_s: float = 240) -> Iterator[str]:
+    """`dgq serve` (embedded queue and worker) on a free port; yields its base URL once /readyz answers 200."""
+    port = free_port()
+    child_env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "DGQ_REDIS_URL")}
+    child_env |= {"DGQ_HOST": "127.0.0.1", "DGQ_PORT": str(port), "DGQ_TORCH_THREADS": "1",
+                  "DGQ_WARMUP_STEPS": "1", "DGQ_BATCH_WINDOW_S": "0.01", **env}
+    dgq = Path(sys.executable).parent / "dgq"
+    with log_file.open("wb") as log:
+        # cwd: the log's directory, so that no stray .env is read.
+        process = subprocess.Popen([str(dgq), "serve"], cwd=log_file.parent, env=child_env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert process.poll() is None, f"dgq serve exited:\n{log_file.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"dgq serve not ready:\n{log_file.read_text()[-3000:]}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _yaml_documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _k8s_objects() -> dict[tuple[str, str], dict]:
+    objects = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in _yaml_documents(path):
+            objects[(doc["kind"], doc["metadata"]["name"])] = doc
+    return objects
+
+
+def _queried_metric_names() -> set[str]:
+    """Names of series that the dashboard's and the alert rules' expressions select."""
+    expressions = []
+
+    def collect(node: object) -> None:
+        if isinstance(node, dict):
+            expressions.extend(value for key, value in node.items() if key == "expr")
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(json.loads(DASHBOARD.read_text()))
+    collect(yaml.safe_load(ALERTS.read_text()))
+    assert expressions
+    return {name for expr in expressions for name in re.findall(r"\b(dgq_[a-z0-9_]+)", expr)}
+
+
+# --- docker-compose.yml, Dockerfile, .env.example ---
+
+
+def test_compose_file_follows_the_compose_spec(tmp_path):
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose): no Compose spec validator")
+    shutil.copy(REPO / "docker-compose.yml", tmp_path / "docker-compose.yml")
+    shutil.copy(REPO / ".env.example", tmp_path / ".env")
+    result = subprocess.run([compose, "config", "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_wiring():
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    assert set(services) == {"redis", "api", "worker", "prometheus", "grafana"}
+    assert all("healthcheck" in service for service in services.values())
+
+    redis_command = services["redis"]["command"]
+    assert "--appendonly yes" in redis_command and "--maxmemory-policy noeviction" in redis_command
+    assert any(volume.endswith(":/data") for volume in services["redis"]["volumes"])
+
+    worker = services["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "ports" not in worker, "a published host port would make `--scale worker=N` collide"
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    for name in ("api", "worker"):
+        assert services[name]["environment"]["DGQ_REDIS_URL"] == "redis://redis:6379/0"
+        assert any(volume.endswith(":/var/cache/dgq") for volume in services[name]["volumes"])
+
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "${GRAFANA_ANONYMOUS_VIEWER:-false}"
+
+
+def test_env_example_covers_every_setting_and_validates(monkeypatch):
+    text = (REPO / ".env.example").read_text()
+    mentioned = set(re.findall(r"^#? ?(DGQ_[A-Z0-9_]+)=", text, re.MULTILINE))
+    fields = {f"DGQ_{name.upper()}" for name in Settings.model_fields}
+    assert fields - mentioned == set(), "settings missing from .env.example"
+    assert mentioned - fields == {"DGQ_IMAGE", "DGQ_MODELS_DIR", "DGQ_API_PORT"}, "unknown DGQ_* names"
+
+    compose_variables = set(re.findall(r"\$\{([A-Z0-9_]+)", (REPO / "docker-compose.yml").read_text()))
+    assert compose_variables <= set(re.findall(r"^#? ?([A-Z0-9_]+)=", text, re.MULTILINE))
+
+    for line in text.splitlines():
+        if line.startswith("DGQ_"):
+            name, _, value = line.partition("=")
+            monkeypatch.setenv(name, value)
+    settings = Settings(_env_file=None)
+    assert settings.model == "bundled" and settings.quantized == "auto" and settings.device == "cuda:0"
+    assert settings.api_keys == [] and settings.max_batch == 4
+
+
+def test_dockerfile_layers_user_healthcheck_and_baked_checkpoint():
+    lines = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text()).splitlines()
+    instructions = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    index = {i: line for i, line in enumerate(instructions)}
+
+    def first(prefix: str) -> int:
+        return next(i for i, line in index.items() if line.startswith(prefix))
+
+    assert re.match(r"FROM nvidia/cuda:[\d.]+-runtime-", instructions[0])
+    torch_install = first("RUN pip install \"torch==")
+    assert "--index-url \"${TORCH_INDEX_URL}\"" in index[torch_install]
+    assert any(line.startswith("ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu") for line in instructions)
+    # The same torch release as the Makefile's CPU pin, in its CUDA build.
+    makefile_pin = re.search(r"TORCH_SPEC \?= torch==(\S+)", (REPO / "Makefile").read_text()).group(1)
+    assert f"ARG TORCH_VERSION={makefile_pin}" in instructions
+    # Dependencies before code: torch, then the requirements of pyproject.toml, then the packages.
+    requirements = first("RUN python3 -c \"import tomllib")
+    assert torch_install < requirements < first("COPY dgq_core") < first("RUN pip install --no-deps .")
+    users = [line for line in instructions if line.startswith("USER ")]
+    assert users and users[-1] != "USER root"
+    assert "/healthz" in index[first("HEALTHCHECK")]
+    assert instructions[-1] == 'CMD ["dgq", "serve"]'
+
+    # The checkpoint baked at build time is where DGQ_QUANTIZED=auto looks for the bundled model's.
+    quantize = index[first("ENV DGQ_QUANTIZED_CACHE_DIR=") + 1]
+    cache_dir = re.search(r"DGQ_QUANTIZED_CACHE_DIR=(\S+)", index[first("ENV DGQ_QUANTIZED_CACHE_DIR=")]).group(1)
+    model, out = re.search(r"dgq quantize --model (\S+) --out (\S+)", quantize).groups()
+    assert (REPO / model).resolve() == Settings(model="bundled").model_ref
+    expected = auto_quantized_dir(Settings(model="bundled", quantized_cache_dir=cache_dir))
+    assert out.replace('"$DGQ_QUANTIZED_CACHE_DIR', cache_dir).rstrip('"') == str(expected)
+
+    # Everything the COPY lines name is in the build context that .dockerignore lets through.
+    allowed = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    for line in instructions:
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert source.rstrip("/") in allowed and (REPO / source).exists(), source
+
+
+# --- Kubernetes ---
+
+
+def test_k8s_manifests_follow_the_kubernetes_schemas():
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate is not installed (pip install kubernetes-validate)")
+    custom = {"ScaledObject", "PodMonitor"}  # CRDs: no schema at hand, checked field by field below
+    validated = 0
+    for (kind, name), doc in _k8s_objects().items():
+        if kind in custom:
+            continue
+        try:
+            kubernetes_validate.validate(doc, "1.30.0", strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{kind} {name}: {error.message} at {list(error.path)}")
+        validated += 1
+    assert validated == 7  # Namespace, ConfigMap, Redis StatefulSet + Service, API Deployment + Service, workers
+
+
+def test_k8s_wiring_matches_the_service():
+    objects = _k8s_objects()
+    settings = objects[("ConfigMap", "dgq-settings")]["data"]
+
+    worker = objects[("Deployment", "dgq-worker")]["spec"]["template"]["spec"]
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["terminationGracePeriodSeconds"] > float(settings["DGQ_REQUEST_TIMEOUT_S"])
+
+    api = objects[("Deployment", "dgq-api")]["spec"]["template"]["spec"]["containers"][0]
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+    scaled = objects[("ScaledObject", "dgq-worker")]["spec"]
+    assert scaled["scaleTargetRef"]["name"] == "dgq-worker" and scaled["minReplicaCount"] == 1
+    (trigger,) = scaled["triggers"]
+    assert trigger["type"] == "redis-streams"
+    meta = trigger["metadata"]
+    assert meta["stream"] == keys.JOBS_STREAM and meta["consumerGroup"] == keys.WORKER_GROUP
+    assert int(meta["lagCount"]) == int(settings["DGQ_MAX_BATCH"])
+    host, port = meta["address"].split(":")
+    assert host.split(".")[:2] == ["redis", "dgq-serve"] and ("Service", "redis") in objects
+    assert settings["DGQ_REDIS_URL"] == f"redis://redis:{port}/0"
+
+    ports = {port["name"] for kind_name in (("Deployment", "dgq-api"), ("Deployment", "dgq-worker"))
+             for port in objects[kind_name]["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    monitored = {endpoint["port"] for endpoint in objects[("PodMonitor", "dgq-serve")]["spec"]["podMetricsEndpoints"]}
+    assert monitored == ports == {"http", "metrics"}
+
+    listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+# --- Prometheus and Grafana ---
+
+
+def test_promtool_checks_config_and_rules():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"]):
+        result = subprocess.run([promtool, *args], cwd=DEPLOY / "prometheus", capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_covers_every_metric_of_the_service():
+    defined = {metric._name for metric in vars(metrics).values() if isinstance(metric, MetricWrapperBase)}
+    assert len(defined) >= 20
+    queried = {re.sub(r"_(bucket|count|sum|total|info)$", "", name) for name in _queried_metric_names()}
+    assert defined - queried == set(), "metrics without a dashboard panel or alert"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_sd_model_dir, tmp_path_factory) -> Iterator[str]:
+    """A running `dgq serve` on the tiny model that has generated one image."""
+    log_file = tmp_path_factory.mktemp("deploy-serve") / "serve.log"
+    with running_serve({"DGQ_MODEL": str(tiny_sd_model_dir), "DGQ_QUANTIZED": "none"}, log_file) as base_url:
+        response = httpx.post(base_url + "/generate", json=GENERATE, timeout=120)
+        assert response.status_code == 200, response.text
+        yield base_url
+
+
+def test_every_metric_the_dashboard_and_alerts_query_is_exported(served):
+    exported = {sample.name for family in text_string_to_metric_families(httpx.get(served + "/metrics").text)
+                for sample in family.samples}
+    queried = _queried_metric_names()
+    assert len(queried) >= 20
+    assert queried - exported == set(), "queried but not exported by dgq serve"
+
+
+def test_real_prometheus_scrapes_dgq_serve(served, tmp_path):
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    # The shipped config with its rules, the compose targets swapped for the running process.
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    config["global"] |= {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(ALERTS)]
+    config["scrape_configs"] = [{"job_name": "dgq-api", "static_configs": [{"targets": [served.split("//")[1]]}]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    process = subprocess.Popen(
+        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("wb"),
+    )
+    api = f"http://127.0.0.1:{port}/api/v1"
+    query = 'sum(dgq_http_request_duration_seconds_count{job="dgq-api", route="/generate", status="200"})'
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "Prometheus returned no request count"
+            with contextlib.suppress(httpx.HTTPError):
+                result = httpx.get(f"{api}/query", params={"query": query}, timeout=5).json()["data"]["result"]
+                rules = httpx.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
+                evaluated = [rule for group in rules for rule in group["rules"] if rule["health"] != "unknown"]
+                if result and len(evaluated) == sum(len(group["rules"]) for group in rules):
+                    break
+            time.sleep(0.5)
+        assert float(result[0]["value"][1]) == 1.0  # the one POST /generate of the fixture
+        assert {rule["name"]: rule["health"] for rule in evaluated} == {rule["name"]: "ok" for rule in evaluated}
+        firing = httpx.get(f"{api}/query", params={"query": "ALERTS"}, timeout=5).json()["data"]["result"]
+        assert [alert["metric"]["alertname"] for alert in firing] == [], "an idle healthy service raises no alert"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
