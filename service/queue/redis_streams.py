@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service import metrics
 from service.config import Settings
 from service.errors import QueueFull, QueueUnavailable
 from service.queue import keys
@@ -346,6 +347,8 @@ class RedisStreamsQueue(JobQueue):
                     keys.DEAD_LETTER_STREAM, {"job": job.spec.id, "deliveries": job.deliveries, "reason": reason}
                 )
                 await self._finish(job, JobStatus.failed, [JobStatus.queued, JobStatus.running], error=reason)
+                metrics.JOBS_DEAD_LETTERED.inc()
+                metrics.JOBS.labels(outcome="failed").inc()
                 continue
             reclaimed.append(job)
         return reclaimed
