@@ -88,6 +88,14 @@ def calibration_prompts(args: argparse.Namespace) -> list[str]:
     return sample_prompts(pool, args.num_calib, args.seed)
 
 
+def _base_model_reference(model: str, out: Path) -> str:
+    """How the checkpoint names its base model: a local directory relative to the output (so the pair can move
+    together, e.g. inside a repository), a hub id as it is."""
+    if Path(model).is_dir():
+        return os.path.relpath(Path(model).resolve(), out.resolve())
+    return model
+
+
 def _run_quantize(args: argparse.Namespace) -> int:
     from .calibration import calibrate
     from .config import QuantConfig
@@ -96,7 +104,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     config = QuantConfig(
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, groups=args.groups, steps=args.steps,
         num_calib=args.num_calib, seed=args.seed, guidance_scale=args.guidance_scale, height=args.height,
-        width=args.width, base_model=str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
+        width=args.width, base_model=_base_model_reference(args.model, args.out),
     )
     prompts = calibration_prompts(args)
     pipe = load_pipeline(args.model)

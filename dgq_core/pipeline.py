@@ -55,6 +55,8 @@ def resolve_model(model_ref: str | Path, quantized: str | Path | None = None) ->
         base = read_quant_config(path / "unet").base_model
         if not base:
             raise CheckpointError(f"{path} carries only a quantized UNet and names no base_model for the other components")
+        if (path / base).is_dir():  # a local base model is stored relative to the checkpoint
+            base = str((path / base).resolve())
         return ResolvedModel(base, path / "unet")
     if path.is_dir() and is_quantized_unet_dir(path):
         raise CheckpointError(f"{path} is a bare quantized UNet; pass the full-precision model as well")

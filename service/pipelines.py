@@ -17,6 +17,7 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from dgq_core.layers import MIN_CONV_BATCH, MIN_GEMM_ROWS
 from service.config import Settings
 
 log = logging.getLogger(__name__)
@@ -197,30 +198,16 @@ def unpack_prompt(data: bytes) -> PromptTensors:
 
 
 # --- batch invariance ---
-
-_LINEAR_MIN_ROWS, _CONV_MIN_BATCH = 64, 2
-"""CPU GEMM/conv kernels pick different code paths (and round differently) for few rows: Linear with < 4 rows or
-a row count not a multiple of 4, Conv2d with batch 1. Padding such inputs to a fixed row count makes every row's
-result independent of how many other rows share the call - a request's image does not depend on its batch."""
-
-
-def _is_linear(module: torch.nn.Module) -> bool:
-    from dgq_core.layers import QuantLinear
-
-    return type(module) in (torch.nn.Linear, QuantLinear)
-
-
-def _is_conv(module: torch.nn.Module) -> bool:
-    from dgq_core.layers import QuantConv2d
-
-    return type(module) in (torch.nn.Conv2d, QuantConv2d)
+# CPU GEMM/conv kernels round differently for calls with few rows, so a request's image could depend on its batch.
+# DGQ's quantized layers pad such calls after quantizing their input (dgq_core.layers); these hooks do the same for
+# the modules left in full precision (conv_in, conv_out, and every layer of an unquantized model).
 
 
 def _pad_rows(module: torch.nn.Module, args: tuple) -> tuple | None:
     x = args[0]
-    linear = _is_linear(module)
+    linear = type(module) is torch.nn.Linear
     rows = x.numel() // x.shape[-1] if linear else x.shape[0]
-    minimum = _LINEAR_MIN_ROWS if linear else _CONV_MIN_BATCH
+    minimum = MIN_GEMM_ROWS if linear else MIN_CONV_BATCH
     if rows >= minimum:
         return None
     module._unpadded_shape = x.shape
@@ -234,15 +221,15 @@ def _unpad_rows(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> t
     shape = module.__dict__.pop("_unpadded_shape", None)
     if shape is None:
         return None
-    if _is_linear(module):
+    if type(module) is torch.nn.Linear:
         return output[: shape[:-1].numel()].reshape(*shape[:-1], output.shape[-1])
     return output[: shape[0]]
 
 
 def make_batch_invariant(unet: torch.nn.Module) -> None:
-    """Pad few-row inputs of the UNet's (quantized) Linear/Conv2d layers so results do not depend on batch size."""
+    """Pad few-row inputs of the UNet's full-precision Linear/Conv2d layers so results do not depend on batch size."""
     for module in unet.modules():
-        if _is_linear(module) or _is_conv(module):
+        if type(module) in (torch.nn.Linear, torch.nn.Conv2d):
             module.register_forward_pre_hook(_pad_rows)
             module.register_forward_hook(_unpad_rows)
 
