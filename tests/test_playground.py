@@ -1,0 +1,92 @@
+"""The playground page at `/`, end to end in a real headless browser (Debian's chromium driven by Playwright).
+
+A `dgq serve` process on a free port serves the tiny DGQ-quantized model; the browser types a prompt, follows the
+live progress and shows the image. `DGQ_PLAYGROUND_SCREENSHOT=PATH` also saves a screenshot there (how
+docs/playground.png is made).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from test_deploy import running_serve
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Nothing here may reach the network or download a component.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+if not Path(CHROMIUM).is_file():
+    pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_sd_model_dir, tiny_dgq_checkpoint_dir, tmp_path_factory):
+    with running_serve({"DGQ_MODEL": str(tiny_sd_model_dir), "DGQ_QUANTIZED": str(tiny_dgq_checkpoint_dir)},
+                       tmp_path_factory.mktemp("playground") / "serve.log") as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 820})
+            page.goto(served + "/")
+            yield page
+        finally:
+            browser.close()
+
+
+def test_page_shows_the_model_and_its_quantization(page):
+    playwright_api.expect(page.locator("#model-info")).to_contain_text("quantization DGQ W8A8, fake execution on cpu")
+    # Size fields start at the model's native size (the tiny model draws 16x16); no key field without API keys.
+    assert page.input_value("#width") == "16" and page.input_value("#height") == "16"
+    assert page.locator("#api-key-label").is_hidden()
+
+
+def test_generate_shows_live_progress_and_the_image_of_the_requested_seed(page, served):
+    # Record every status line the page shows while the job runs.
+    page.evaluate("""() => {
+        window.statusLines = [];
+        new MutationObserver(() => window.statusLines.push(document.getElementById('status').textContent))
+            .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true});
+    }""")
+    page.fill("#prompt", "a red square")
+    page.fill("#negative-prompt", "blue")
+    page.fill("#steps", "3")
+    page.fill("#seed", "7")
+    page.click("#generate")
+    playwright_api.expect(page.locator("#status")).to_have_text("Done.", timeout=120_000)
+
+    lines = page.evaluate("window.statusLines")
+    assert "Denoising: step 3 of 3" in lines, lines
+    assert page.evaluate("document.getElementById('progress').value") == 3
+    assert page.evaluate("document.getElementById('image').naturalWidth") == 16
+    details = page.text_content("#details")
+    assert "seed 7" in details and "denoise" in details
+    job_id = details.split()[1]
+
+    # The page sent exactly what its form showed: the same request made directly gives the same PNG.
+    with httpx.Client(base_url=served, timeout=120) as client:
+        shown = client.get(f"/jobs/{job_id}/images/0")
+        direct = client.post("/generate", json={"prompt": "a red square", "negative_prompt": "blue", "steps": 3,
+                                                "seed": 7, "width": 16, "height": 16, "guidance_scale": 7.5})
+    assert shown.status_code == direct.status_code == 200
+    assert shown.content == direct.content
+    if screenshot := os.environ.get("DGQ_PLAYGROUND_SCREENSHOT"):
+        page.screenshot(path=screenshot, full_page=True)
+
+
+def test_a_refused_request_shows_the_reason(page):
+    # The form itself keeps sizes and steps within the limits; the prompt's token length only the server knows.
+    page.fill("#prompt", "a" * 100)
+    page.click("#generate")
+    playwright_api.expect(page.locator("#status.error")).to_contain_text("prompt is 102 tokens long")
+    assert page.is_enabled("#generate")
