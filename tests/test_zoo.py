@@ -122,3 +122,20 @@ def test_training_resumes_and_exports(tmp_path):
     assert json.loads((exported / "zoo_training.json").read_text())["unet_steps"] == 3
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
     StableDiffusionPipeline.from_pretrained(exported)
+
+
+def test_bundled_model_alignment_on_heldout_prompts():
+    """Full-precision alignment on 8 held-out prompts at the evaluation's settings, against the number measured on
+    64 prompts when the weights were exported (eval_heldout.json in the model directory)."""
+    from dgq_core.eval import alignment, harness
+
+    measured = json.loads((bundled_model_dir() / "eval_heldout.json").read_text())
+    prompts = harness.heldout_prompts(8)
+    config = harness.EvalConfig(model=str(bundled_model_dir()), prompts=prompts)
+    images, _ = harness.generate(harness.load_model(bundled_model_dir()), config)
+    results = [alignment.score_image(im, shapes.parse_prompt(p)) for im, p in zip(images, prompts, strict=True)]
+    accuracy = alignment.summarize(results).accuracy
+    # 8 fixed prompts and seeds: a reproducible sample of the 64-prompt measurement, within its sampling error.
+    assert accuracy >= measured["alignment"]["accuracy"] - 0.35
+    if measured["alignment"]["accuracy"] < 0.9:
+        pytest.xfail(f"the committed weights are short of the 90% bar: {measured['alignment']['accuracy']:.0%} (MODEL_CARD.md)")
