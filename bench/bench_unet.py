@@ -184,20 +184,6 @@ def measure_rss(variant: str, checkpoint: Path | None) -> int:
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
 
 
-def measure_agreement(fp32, fake8, int8, fake4, int4, inputs: dict) -> dict[str, float]:
-    """PSNR (dB) of UNet outputs: integer vs fake execution, and fake vs full precision."""
-    fake_out = fake8(**inputs).sample
-    agreement = {
-        "DGQ-int W8A8 vs DGQ-fake W8A8": psnr_db(int8(**inputs).sample, fake_out),
-        "DGQ-int W4A8 vs DGQ-fake W4A8": psnr_db(int4(**inputs).sample, fake4(**inputs).sample),
-        "DGQ-fake W8A8 vs FP32": psnr_db(fake_out, fp32(**inputs).sample),
-    }
-    set_exact(int8, False)
-    agreement["DGQ-int W8A8 saturating vs DGQ-fake W8A8"] = psnr_db(int8(**inputs).sample, fake_out)
-    set_exact(int8, True)
-    return agreement
-
-
 def profile_table(call, rows: int) -> str:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         call()
@@ -218,6 +204,7 @@ def main() -> None:
     )
     parser.add_argument("--skip-rss", action="store_true", help="skip the per-variant peak-RSS processes")
     parser.add_argument("--skip-timing", action="store_true", help="only count weight bytes (and peak RSS)")
+    parser.add_argument("--no-w4", dest="w4", action="store_false", help="leave out the W4A8 variants")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,48 +212,61 @@ def main() -> None:
         rss_child(args.rss_child, args.checkpoint)
         return
 
-    stages = tqdm(total=6, desc="building variants", unit="stage")
+    bit_widths = (8, 4) if args.w4 else (8,)
+    stages = tqdm(total=2 + 2 * len(bit_widths), desc="building variants", unit="stage")
     fp32 = build_unet()
     inputs = unet_inputs(fp32)
-    config8, config4 = quant_config(8, args.groups), quant_config(4, args.groups)
-    specs, stats = calibrate_one_call(fp32, config8, inputs)
+    configs = {bits: quant_config(bits, args.groups) for bits in bit_widths}
+    specs, stats = calibrate_one_call(fp32, configs[8], inputs)
     stages.update(1)
-    fake8 = quantized_copy(fp32, config8, specs, stats)
-    stages.update(1)
-    fake4 = quantized_copy(fp32, config4, specs, stats)
-    stages.update(1)
+    fakes, ints, checkpoints = {}, {}, {}
     workdir = Path(tempfile.mkdtemp(prefix="bench_unet_"))
-    checkpoints = {"w8": workdir / "w8", "w4": workdir / "w4"}
-    save_quantized_unet(fake8, config8, checkpoints["w8"])
-    save_quantized_unet(fake4, config4, checkpoints["w4"])
-    stages.update(1)
-    int8, int4 = copy.deepcopy(fake8), copy.deepcopy(fake4)
-    enable_int_execution(int8)
-    enable_int_execution(int4)
-    stages.update(1)
+    for bits, config in configs.items():
+        fakes[bits] = quantized_copy(fp32, config, specs, stats)
+        stages.update(1)
+        if not args.skip_rss:
+            checkpoints[bits] = save_quantized_unet(fakes[bits], config, workdir / f"w{bits}")
+        ints[bits] = copy.deepcopy(fakes[bits])
+        enable_int_execution(ints[bits])
+        stages.update(1)
     ao = ao_dynamic_copy(fp32)
     stages.update(1)
     stages.close()
-    models = {
-        "FP32 eager": fp32,
-        "DGQ-int W8A8": int8,
-        "DGQ-int W4A8": int4,
-        "DGQ-fake W8A8": fake8,
-        "torch.ao dynamic int8 (Linear)": ao,
-    }
+    models = {"FP32 eager": fp32, "DGQ-int W8A8": ints[8]}
+    if args.w4:
+        models["DGQ-int W4A8"] = ints[4]
+    models.update({"DGQ-fake W8A8": fakes[8], "torch.ao dynamic int8 (Linear)": ao})
+    if args.w4:
+        models["DGQ-fake W4A8"] = fakes[4]
 
-    agreement = {} if args.skip_timing else measure_agreement(fp32, fake8, int8, fake4, int4, inputs)
+    outputs: dict[str, torch.Tensor] = {}
 
-    def saturating_call(model=int8):
+    def run(name: str, model: nn.Module) -> None:
+        outputs[name] = model(**inputs).sample
+
+    def saturating_call(model=ints[8]):
         set_exact(model, False)
         try:
-            model(**inputs)
+            run("DGQ-int W8A8 saturating GEMM", model)
         finally:
             set_exact(model, True)
 
-    variants = {name: (lambda m=model: m(**inputs)) for name, model in models.items()}
+    variants = {name: functools.partial(run, name, model) for name, model in models.items()}
     variants["DGQ-int W8A8 saturating GEMM"] = saturating_call
     times = {} if args.skip_timing else time_interleaved(variants, args.repeats, args.warmup)
+    agreement = {}
+    if outputs:
+        agreement = {
+            "DGQ-int W8A8 vs DGQ-fake W8A8": psnr_db(outputs["DGQ-int W8A8"], outputs["DGQ-fake W8A8"]),
+            "DGQ-int W8A8 saturating vs DGQ-fake W8A8": psnr_db(
+                outputs["DGQ-int W8A8 saturating GEMM"], outputs["DGQ-fake W8A8"]
+            ),
+            "DGQ-fake W8A8 vs FP32": psnr_db(outputs["DGQ-fake W8A8"], outputs["FP32 eager"]),
+        }
+        if args.w4:
+            agreement["DGQ-int W4A8 vs DGQ-fake W4A8"] = psnr_db(
+                outputs["DGQ-int W4A8"], outputs["DGQ-fake W4A8"]
+            )
 
     fp32_bytes = resident_weight_bytes(fp32)
     weight_bytes = {name: resident_weight_bytes(model) for name, model in models.items()}
@@ -284,7 +284,7 @@ def main() -> None:
             "groups": args.groups,
             "repeats": args.repeats,
         },
-        "axis_mix": axis_mix(fake8),
+        "axis_mix": axis_mix(fakes[8]),
         "agreement_psnr_db": agreement,
         "variants": {
             name: {
@@ -302,18 +302,17 @@ def main() -> None:
         )
     if args.profile is not None:
         args.profile.parent.mkdir(parents=True, exist_ok=True)
-        with args.profile.open("w") as handle:
-            for name in ("FP32 eager", "DGQ-int W8A8"):
-                handle.write(f"== {name}\n{profile_table(variants[name], 25)}\n")
-    del models, fp32, fake8, fake4, int8, int4, ao, variants, saturating_call
+        args.profile.write_text(f"== DGQ-int W8A8\n{profile_table(variants['DGQ-int W8A8'], 30)}\n")
+    del models, fp32, fakes, ints, ao, variants, saturating_call
     if not args.skip_rss:
         children = {
             "FP32 eager": ("fp32", None),
             "torch.ao dynamic int8 (Linear)": ("ao-dynamic-int8", None),
-            "DGQ-fake W8A8": ("dgq-fake-w8", checkpoints["w8"]),
-            "DGQ-int W8A8": ("dgq-int-w8", checkpoints["w8"]),
-            "DGQ-int W4A8": ("dgq-int-w4", checkpoints["w4"]),
+            "DGQ-fake W8A8": ("dgq-fake-w8", checkpoints[8]),
+            "DGQ-int W8A8": ("dgq-int-w8", checkpoints[8]),
         }
+        if args.w4:
+            children["DGQ-int W4A8"] = ("dgq-int-w4", checkpoints[4])
         for name, (variant, checkpoint) in children.items():
             results["variants"][name]["peak_rss_bytes"] = measure_rss(variant, checkpoint)
         fp32_rss = results["variants"]["FP32 eager"]["peak_rss_bytes"]

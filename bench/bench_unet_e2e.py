@@ -11,10 +11,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, median, time_interleaved  # noqa: E402
 
 from dgq_core.calibration import calibrate, load_prompt_file  # noqa: E402
+from dgq_core.checkpoint import save_quantized_unet  # noqa: E402
 from dgq_core.config import QuantConfig  # noqa: E402
-from dgq_core.kernels import enable_int_execution  # noqa: E402
 from dgq_core.pipeline import load_pipeline  # noqa: E402
 
 BUNDLED = Path(__file__).resolve().parent.parent / "dgq_core" / "zoo" / "dgq-shapes"
@@ -59,10 +59,10 @@ def main() -> None:
         method="dgq", w_bits=args.w_bits, a_bits=8, groups=args.groups, steps=args.steps, num_calib=len(calib)
     )
     calibrate(fake, config, calib, batch_size=8)
-    components = dict(fake.components, unet=copy.deepcopy(fake.unet))
-    integer = type(fake)(**components)
-    integer.set_progress_bar_config(disable=True)
-    enable_int_execution(integer.unet)
+    # The product's path: save the quantized UNet, load it with exec mode "int" (a deep copy would keep the
+    # original's step-tracking hook and run every step with the first step's parameters).
+    checkpoint = save_quantized_unet(fake.unet, config, Path(tempfile.mkdtemp(prefix="bench_e2e_")) / "unet")
+    integer = load_pipeline(args.model, quantized=checkpoint, exec_mode="int")
     pipes = {"FP32": fp, f"DGQ-int W{args.w_bits}A8": integer, f"DGQ-fake W{args.w_bits}A8": fake}
 
     def generate(pipe) -> np.ndarray:
