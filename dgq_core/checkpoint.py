@@ -66,6 +66,9 @@ def save_quantized_unet(unet: UNet2DConditionModel, config: QuantConfig, directo
     specs = getattr(unet, "_dgq_input_specs", None)
     if specs is None:
         raise CheckpointError("this UNet was not quantized by dgq_core (no input manifest); run calibration first")
+    if any(getattr(module, "int_executor", None) is not None for module in unet.modules()):
+        # Integer execution moves W8 codes into the kernels' packed form; the codes buffers are empty then.
+        raise CheckpointError("save in fake execution mode: call dgq_core.kernels.disable_int_execution(unet) first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in unet.state_dict().items()}
