@@ -337,6 +337,15 @@ def batch_stable_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return F.conv2d(padded, weight, bias, **conv_args)[: x.shape[0]]
 
 
+def conv_output_size(x: torch.Tensor, kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    """(H_out, W_out) of a zero-padded Conv2d over input `x` (B, C, H, W)."""
+    sizes = []
+    for i in range(2):
+        span = dilation[i] * (kernel_size[i] - 1) + 1
+        sizes.append((x.shape[2 + i] + 2 * padding[i] - span) // stride[i] + 1)
+    return sizes[0], sizes[1]
+
+
 class QuantizedWeight(nn.Module):
     """A weight resident as per-output-channel asymmetric codes: uint8, or 4-bit packed two per byte.
 
@@ -428,11 +437,7 @@ class QuantConv2d(nn.Module):
         return module
 
     def output_size(self, x: torch.Tensor) -> tuple[int, int]:
-        sizes = []
-        for i in range(2):
-            span = self.dilation[i] * (self.kernel_size[i] - 1) + 1
-            sizes.append((x.shape[2 + i] + 2 * self.padding[i] - span) // self.stride[i] + 1)
-        return sizes[0], sizes[1]
+        return conv_output_size(x, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def unfold(self, x: torch.Tensor) -> torch.Tensor:
         return F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..layers import StepActParams, quantize_activation
+from ..layers import StepActParams, conv_output_size, quantize_activation
 from ..quantizers import dequantize_uniform, quantize_uniform, unpack_int4
 from .gemm import GemmBackend, PackedWeight
 
@@ -316,11 +316,7 @@ class IntConv2d:
         return self.native.nbytes + (0 if self.bias is None else self.bias.numel() * 4)
 
     def output_size(self, x: torch.Tensor) -> tuple[int, int]:
-        sizes = []
-        for i in range(2):
-            span = self.dilation[i] * (self.kernel_size[i] - 1) + 1
-            sizes.append((x.shape[2 + i] + 2 * self.padding[i] - span) // self.stride[i] + 1)
-        return sizes[0], sizes[1]
+        return conv_output_size(x, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def __call__(self, x: torch.Tensor, params: StepActParams) -> torch.Tensor:
         """The conv output (B, Cout, Ho, Wo) for input `x` (B, Cin, H, W) under one step's activation parameters."""
