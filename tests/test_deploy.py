@@ -309,22 +309,29 @@ def test_real_prometheus_scrapes_dgq_serve(served, tmp_path):
         stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("wb"),
     )
     api = f"http://127.0.0.1:{port}/api/v1"
+
+    def prometheus_data(path: str, **params):
+        """The `data` of a Prometheus API answer; raises HTTPStatusError while it still starts up (503, text body)."""
+        response = httpx.get(f"{api}/{path}", params=params, timeout=5)
+        response.raise_for_status()
+        return response.json()["data"]
+
     query = 'sum(dgq_http_request_duration_seconds_count{job="dgq-api", route="/generate", status="200"})'
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while True:
             assert process.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "Prometheus returned no request count"
             with contextlib.suppress(httpx.HTTPError):
-                result = httpx.get(f"{api}/query", params={"query": query}, timeout=5).json()["data"]["result"]
-                rules = httpx.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
+                result = prometheus_data("query", query=query)["result"]
+                rules = prometheus_data("rules")["groups"]
                 evaluated = [rule for group in rules for rule in group["rules"] if rule["health"] != "unknown"]
                 if result and len(evaluated) == sum(len(group["rules"]) for group in rules):
                     break
             time.sleep(0.5)
         assert float(result[0]["value"][1]) == 1.0  # the one POST /generate of the fixture
         assert {rule["name"]: rule["health"] for rule in evaluated} == {rule["name"]: "ok" for rule in evaluated}
-        firing = httpx.get(f"{api}/query", params={"query": "ALERTS"}, timeout=5).json()["data"]["result"]
+        firing = prometheus_data("query", query="ALERTS")["result"]
         assert [alert["metric"]["alertname"] for alert in firing] == [], "an idle healthy service raises no alert"
     finally:
         process.terminate()
