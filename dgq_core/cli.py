@@ -146,6 +146,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 DELEGATED = {
     "serve": ("service.cli", "serve_main", "run the HTTP API (embedded queue and worker unless REDIS_URL is set)"),
     "worker": ("service.cli", "worker_main", "run a GPU/CPU worker that takes jobs from Redis"),
+    "hash-key": ("service.cli", "hash_key_main", "print the hash of an API key to store in DGQ_API_KEYS"),
     "eval": ("dgq_core.eval.cli", "main", "measure alignment, FID, PSNR/SSIM and speed of a model"),
     "train-zoo": ("dgq_core.zoo.train", "main", "train the bundled shapes model"),
 }

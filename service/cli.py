@@ -1,11 +1,17 @@
-"""Entry points behind `dgq serve` and `dgq worker` (wired in dgq_core/cli.py). Flags are the `Settings` fields
-(`--max_batch 8`, `--redis_url redis://...`); environment variables `DGQ_*` (and `REDIS_URL`) work as well."""
+"""Entry points behind `dgq serve`, `dgq worker` and `dgq hash-key` (wired in dgq_core/cli.py). Flags of serve and
+worker are the `Settings` fields (`--max_batch 8`, `--redis_url redis://...`); environment variables `DGQ_*` (and
+`REDIS_URL`) work as well."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import getpass
 import logging
 import signal
+import sys
+
+from pydantic import ValidationError
 
 from service.config import Settings
 
@@ -13,8 +19,14 @@ log = logging.getLogger(__name__)
 
 
 def _process_settings(argv: list[str] | None, prog: str) -> Settings:
-    """Parse flags and environment; set up logging and torch's thread count for this process."""
-    settings = Settings(_cli_parse_args=argv if argv is not None else [], _cli_prog_name=prog)
+    """Parse flags and environment (exit 2 saying what is wrong when they do not validate); set up logging and
+    torch's thread count for this process."""
+    try:
+        settings = Settings(_cli_parse_args=argv if argv is not None else [], _cli_prog_name=prog)
+    except ValidationError as error:
+        # The message names each bad setting and what to do; a traceback would only bury it.
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.torch_threads:
         import torch
@@ -35,17 +47,29 @@ def serve_main(argv: list[str] | None = None) -> int:
 
 
 async def run_worker(settings: Settings) -> None:
-    """Serve jobs from the configured Redis until SIGTERM/SIGINT."""
+    """Serve jobs from the configured Redis. The first SIGTERM/SIGINT drains (no new jobs; the held ones are
+    finished and acknowledged, then it returns); a second one stops at once, leaving held jobs to the reaper."""
     from service.queue import make_queue
     from service.worker import Worker
 
     queue = make_queue(settings)
-    task = asyncio.create_task(Worker(settings, queue).run())
+    worker = Worker(settings, queue)
+    task = asyncio.create_task(worker.run())
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if worker.stopping:
+            log.warning("second signal: stopping now; jobs still held are reclaimed by other workers")
+            task.cancel()
+            return
+        log.info("draining: taking no new jobs, finishing the ones held (signal again to stop at once)")
+        worker.stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, on_signal)
     try:
         await task
+        log.info("worker drained and stopped")
     except asyncio.CancelledError:
         log.info("worker stopped")
     finally:
@@ -64,4 +88,34 @@ def worker_main(argv: list[str] | None = None) -> int:
         server, _ = start_http_server(settings.worker_metrics_port, addr=settings.host)
         log.info("worker metrics on http://%s:%d/metrics", settings.host, server.server_port)
     asyncio.run(run_worker(settings))
+    return 0
+
+
+def hash_key_main(argv: list[str] | None = None) -> int:
+    """`dgq hash-key`: read an API key from stdin (or a prompt on a terminal) and print the `sha256:<hex>` line to
+    put into `DGQ_API_KEYS`; `--generate` makes a new random key and prints it, then its hash.
+
+    Args:
+        argv (`list[str] | None`): arguments after `hash-key`.
+    """
+    from service.auth import WeakKey, generate_api_key, hash_api_key
+
+    parser = argparse.ArgumentParser(
+        prog="dgq hash-key", description="Print the hash of an API key to store in DGQ_API_KEYS (comma-separated)."
+    )
+    parser.add_argument("--generate", action="store_true",
+                        help="make a new random key; prints the key (give it to the client), then its hash")
+    args = parser.parse_args(argv or [])
+    if args.generate:
+        key = generate_api_key()
+        print(key)
+    elif sys.stdin.isatty():
+        key = getpass.getpass("API key (not echoed): ")
+    else:
+        key = sys.stdin.readline().strip()  # one key per call; the line break of `echo` is not part of it
+    try:
+        print(hash_api_key(key))
+    except WeakKey as error:
+        print(f"dgq hash-key: error: {error}", file=sys.stderr)
+        return 2
     return 0

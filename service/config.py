@@ -6,8 +6,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.auth import HASH_HELP, is_key_hash
 
 BUNDLED_MODEL = "bundled"
 
@@ -19,9 +21,18 @@ class Settings(BaseSettings):
     `REDIS_URL` is also read without the prefix. On the command line they are `--max_batch 8` etc.
     """
 
-    model_config = SettingsConfigDict(env_prefix="DGQ_", env_file=".env", extra="ignore", validate_assignment=True)
+    # hide_input_in_errors: a refused setting must not echo a key or a REDIS_URL password into a startup log.
+    model_config = SettingsConfigDict(
+        env_prefix="DGQ_", env_file=".env", extra="ignore", validate_assignment=True, hide_input_in_errors=True
+    )
 
     # --- model ---
+    model_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Directories local models and quantized checkpoints must lie in (comma-separated); a `model` or "
+        "`quantized` path elsewhere is refused at startup. Empty = any directory. Hub ids, the bundled model and "
+        "the checkpoints quantized='auto' makes are always allowed.",
+    )
     model: str = Field(BUNDLED_MODEL, description="Diffusers model dir or hub id; 'bundled' = the model in dgq_core.zoo.")
     quantized: str | None = Field(
         "auto",
@@ -40,8 +51,30 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="Accepted bearer tokens (comma-separated); empty = no authentication."
+        default_factory=list,
+        description="SHA-256 hashes (`sha256:<hex>`, from `dgq hash-key`) of the accepted bearer tokens, "
+        "comma-separated; empty = no authentication. Plain-text keys are refused.",
     )
+    rate_limit_per_minute: float | None = Field(
+        None, gt=0, description="Requests per minute each API key (each client address without keys) may make "
+        "to the authenticated routes; None = no limit. Shared by all API replicas through Redis.",
+    )
+    rate_limit_burst: int = Field(10, ge=1, description="Requests a key may make at once before the per-minute rate "
+                                  "applies (token-bucket size).")
+    metrics_port: int | None = Field(
+        None, description="Serve `/metrics` on this port (on `host`) instead of the API port, to keep it off the "
+        "public network; None = on the API port.",
+    )
+    metrics_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Hashes of the bearer tokens `/metrics` demands (like `api_keys`); "
+        "empty = `/metrics` is open.",
+    )
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins browsers may call the API from (comma-separated, e.g. "
+        "https://app.example.com); empty = CORS off (only same-origin pages such as the playground).",
+    )
+    max_body_bytes: int = Field(65536, ge=1024, description="Largest request body; larger ones get 413 before "
+                                "they are read.")
 
     # --- queue ---
     redis_url: str | None = Field(
@@ -72,12 +105,43 @@ class Settings(BaseSettings):
     max_height: int = Field(1024, ge=8, description="Largest height a request may ask for (a multiple of 8).")
     max_steps: int = Field(100, ge=1)
     max_num_images: int = Field(4, ge=1)
+    max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt in characters, "
+                                  "checked before tokenizing (the token limit of the text encoder applies too).")
     prompt_cache_size: int = Field(256, ge=0, description="Prompts whose text-encoder output is kept (LRU).")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "metrics_api_keys", "cors_allow_origins", "model_roots", mode="before")
     @classmethod
     def _split_comma_separated(cls, value: object) -> object:
         return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("api_keys", "metrics_api_keys")
+    @classmethod
+    def _hashes_only(cls, keys: list[SecretStr], info: ValidationInfo) -> list[SecretStr]:
+        # Refused rather than accepted with a warning: a plain key in an env file, a ConfigMap or the process
+        # environment is exactly what hashing at rest is for, and a warning scrolls by. SecretStr keeps the
+        # refused value out of this error message.
+        plain = [n for n, key in enumerate(keys, 1) if not is_key_hash(key.get_secret_value())]
+        if plain:
+            raise ValueError(
+                f"{info.field_name} entries {plain} (counting from 1) are plain-text keys; store their hashes "
+                f"instead: {HASH_HELP}. Clients keep sending the keys themselves."
+            )
+        return keys
+
+    @field_validator("model", "quantized")
+    @classmethod
+    def _inside_model_roots(cls, value: str | None, info: ValidationInfo) -> str | None:
+        roots = info.data.get("model_roots") or []
+        if not roots or value is None or not _is_local_path(value):
+            return value
+        resolved = Path(value).expanduser().resolve()  # symlinks followed: a link out of a root is outside
+        if not any(resolved.is_relative_to(Path(root).expanduser().resolve()) for root in roots):
+            raise ValueError(
+                f"{info.field_name} {value} resolves to {resolved}, outside the allowed model directories "
+                f"(model_roots: {', '.join(roots)}): move it under one of them or add its directory to "
+                "DGQ_MODEL_ROOTS"
+            )
+        return value
 
     @property
     def worker_in_api(self) -> bool:
@@ -93,6 +157,18 @@ class Settings(BaseSettings):
             return bundled_model_dir()
         return self.model
 
-    def accepted_api_keys(self) -> list[bytes]:
-        """The configured API keys as bytes, for constant-time comparison."""
-        return [key.get_secret_value().encode() for key in self.api_keys]
+    def api_key_hashes(self) -> list[str]:
+        """The `sha256:<hex>` hashes of the accepted API keys."""
+        return [key.get_secret_value() for key in self.api_keys]
+
+    def metrics_key_hashes(self) -> list[str]:
+        """The `sha256:<hex>` hashes of the keys `/metrics` accepts."""
+        return [key.get_secret_value() for key in self.metrics_api_keys]
+
+
+def _is_local_path(value: str) -> bool:
+    """Whether a `model`/`quantized` value names a directory rather than a hub id or a keyword: it exists (as
+    diffusers prefers a local directory over a hub id of the same name) or is written as a path."""
+    if value in (BUNDLED_MODEL, "auto", "none"):
+        return False
+    return value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()

@@ -59,3 +59,11 @@ class GenerationFailed(ServiceError):
 
 class GenerationTimeout(ServiceError):
     status = 504
+
+
+class RateLimited(ServiceError):
+    status = 429
+
+
+class BodyTooLarge(ServiceError):
+    status = 413

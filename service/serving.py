@@ -61,6 +61,10 @@ class GenerationService:
                 f"num_images {request.num_images} is above the limit {s.max_num_images}: "
                 f"ask for at most {s.max_num_images} (or send several requests)"
             )
+        for field in ("prompt", "negative_prompt"):
+            # Before tokenizing: the tokenizer's work grows with the text, the token limit is checked after it.
+            if (chars := len(getattr(request, field))) > s.max_prompt_chars:
+                problems.append(f"{field} is {chars} characters long, above the limit {s.max_prompt_chars}: shorten it")
         if problems:
             raise InvalidRequest("; ".join(problems))
         return width, height

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import re
 
 import pytest
 from conftest import running_api
 from PIL import Image
 
 from service import metrics
+from service.auth import hash_api_key
 
 pytestmark = pytest.mark.anyio
 
@@ -136,12 +138,15 @@ async def test_full_queue_is_429_with_retry_after(embedded_settings):
 
 
 async def test_api_keys(embedded_settings):
-    embedded_settings.api_keys = ["k1", "s3cret"]
+    embedded_settings.api_keys = [hash_api_key("first-key-0123456789"), hash_api_key("second-key-0123456789")]
     async with running_api(embedded_settings) as client:
         assert (await client.post("/generate", json=REQUEST)).status_code == 401
         wrong = await client.post("/generate", json=REQUEST, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "Authorization: Bearer" in wrong.json()["detail"]
-        ok = await client.post("/generate", json=REQUEST, headers={"Authorization": "Bearer s3cret"})
+        stored_hash = embedded_settings.api_keys[1].get_secret_value()
+        as_hash = await client.post("/generate", json=REQUEST, headers={"Authorization": f"Bearer {stored_hash}"})
+        assert as_hash.status_code == 401, "the stored hash is not a key"
+        ok = await client.post("/generate", json=REQUEST, headers={"Authorization": "Bearer second-key-0123456789"})
         assert ok.status_code == 200
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/v1/models")).status_code == 401
@@ -153,6 +158,7 @@ async def test_health_docs_and_metrics(embedded_settings):
         ready = (await client.get("/readyz")).json()
         assert all(ready.values()) and "embedded_worker_warm" in ready
         assert (await client.get("/docs")).status_code == 200
+        assert (await client.get("/redoc")).status_code == 404, "ReDoc would load from a CDN"
         schema = (await client.get("/openapi.json")).json()
         assert {"/generate", "/jobs/{job_id}", "/jobs/{job_id}/events", "/v1/images/generations",
                 "/v1/models"} <= set(schema["paths"])
@@ -169,14 +175,27 @@ async def test_health_docs_and_metrics(embedded_settings):
     assert "dgq_model_info{" in text and 'exec_mode="fake"' in text
 
 
+async def test_docs_load_swagger_ui_from_this_server(embedded_settings):
+    """/docs works offline: every script, style and icon it references is served here and answers 200."""
+    embedded_settings.embedded_worker = False
+    async with running_api(embedded_settings, wait_ready=False) as client:
+        page = (await client.get("/docs")).text
+        urls = re.findall(r'(?:src|href)="([^"]+)"', page) + re.findall(r"url: '([^']+)'", page)
+        assert len(urls) == 4 and not re.search(r"https?://", page), page
+        for url in urls:
+            assert url.startswith("/") and (await client.get(url)).status_code == 200, url
+        assert '"validatorUrl": null' in page, "Swagger UI would send the schema to validator.swagger.io"
+        assert (await client.get("/docs/assets/index.html")).status_code == 404, "only the page's assets"
+
+
 async def test_openai_client(embedded_settings):
     import httpx
     import openai
 
-    embedded_settings.api_keys = ["sk-test"]
+    embedded_settings.api_keys = [hash_api_key("sk-test-0123456789abcdef")]
     async with running_api(embedded_settings) as client:
         http_client = httpx.AsyncClient(transport=client._transport, base_url="http://testserver")
-        api = openai.AsyncOpenAI(api_key="sk-test", base_url="http://testserver/v1", http_client=http_client)
+        api = openai.AsyncOpenAI(api_key="sk-test-0123456789abcdef", base_url="http://testserver/v1", http_client=http_client)
         models = await api.models.list()
         assert [model.id for model in models.data] == [embedded_settings.model]
         result = await api.images.generate(prompt="a red square", n=2, size="24x16", response_format="b64_json")
@@ -185,7 +204,7 @@ async def test_openai_client(embedded_settings):
         by_url = await api.images.generate(prompt="a red square", size="16x16", response_format="url")
         url = by_url.data[0].url
         assert url.startswith("http://testserver/jobs/")
-        assert (await http_client.get(url, headers={"Authorization": "Bearer sk-test"})).status_code == 200
+        assert (await http_client.get(url, headers={"Authorization": "Bearer sk-test-0123456789abcdef"})).status_code == 200
         with pytest.raises(openai.UnprocessableEntityError, match="multiples of 8"):
             await api.images.generate(prompt="a red square", size="20x20")
         with pytest.raises(openai.AuthenticationError):

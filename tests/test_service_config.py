@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 
+from service.auth import hash_api_key
 from service.config import Settings
 from service.pipelines import quantized_checkpoint, shipped_quantized_dir
 
 
 def test_environment_and_cli(monkeypatch):
     monkeypatch.setenv("REDIS_URL", "redis://queue:6379/0")
-    monkeypatch.setenv("DGQ_API_KEYS", "k1, k2")
+    hashes = [hash_api_key("first-key-0123456789"), hash_api_key("second-key-0123456789")]
+    monkeypatch.setenv("DGQ_API_KEYS", f"{hashes[0]}, {hashes[1]}")
     monkeypatch.setenv("DGQ_MAX_BATCH", "8")
     settings = Settings()
     assert settings.redis_url == "redis://queue:6379/0" and not settings.worker_in_api
-    assert settings.accepted_api_keys() == [b"k1", b"k2"] and settings.max_batch == 8
+    assert settings.api_key_hashes() == hashes and settings.max_batch == 8
     from_cli = Settings(_cli_parse_args=["--max_batch", "2", "--redis_url", "redis://other/1"])
     assert from_cli.max_batch == 2 and from_cli.redis_url == "redis://other/1"
     monkeypatch.delenv("REDIS_URL")

@@ -1,4 +1,5 @@
-"""The FastAPI application: lifespan (queue, front stage, embedded worker), error mapping, request metrics."""
+"""The FastAPI application: lifespan (queue, front stage, embedded worker, rate limiter, metrics port), error
+mapping, body-size limit, CORS, request metrics."""
 
 from __future__ import annotations
 
@@ -7,18 +8,24 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from service import metrics
-from service.api import generate, health, jobs, models, openai, playground
+from service.api import docs, generate, health, jobs, models, openai, playground, prometheus
+from service.api.limits import BodySizeLimit
+from service.api.responses import error_response
 from service.config import Settings
 from service.errors import ServiceError
 from service.frontend import PromptFrontend
 from service.queue import make_queue
 from service.queue.base import JobQueue
+from service.ratelimit import make_rate_limiter
 from service.schemas import ErrorBody
 from service.serving import GenerationService
 from service.worker import Worker
@@ -45,6 +52,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     frontend = await asyncio.to_thread(PromptFrontend, settings)
     worker = Worker(settings, queue) if settings.worker_in_api else None
     app.state.service = GenerationService(settings, queue, frontend, worker)
+    app.state.rate_limiter = limiter = make_rate_limiter(settings)
+    app.state.metrics_server = None
+    if settings.metrics_port is not None:
+        app.state.metrics_server = prometheus.serve_metrics_port(settings.host, settings.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.host, app.state.metrics_server.server_port)
     tasks = [asyncio.create_task(_publish_queue_stats(queue))]
     if worker is not None:
         tasks.append(asyncio.create_task(worker.run()))
@@ -54,15 +66,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if app.state.metrics_server is not None:
+            app.state.metrics_server.shutdown()
+            app.state.metrics_server.server_close()
+        if limiter is not None:
+            await limiter.close()
         await queue.close()
-
-
-def _error_response(error: ServiceError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s else {}
-    if error.job_id and error.status in (409, 500, 504):
-        headers["Location"] = f"/jobs/{error.job_id}"
-    body = ErrorBody.of(error.status, error.message, error.type, error.job_id)
-    return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=error.status, headers=headers)
 
 
 def _validation_response(error: RequestValidationError) -> JSONResponse:
@@ -73,22 +82,45 @@ def _validation_response(error: RequestValidationError) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=422)
 
 
+def _http_error_response(request: Request, error: HTTPException) -> JSONResponse:
+    """Routing's own errors (unknown path 404, wrong method 405) in the service's error format."""
+    phrase = HTTPStatus(error.status_code).phrase
+    message = f"{error.detail}: {request.method} {request.url.path}"
+    if error.status_code in (404, 405):
+        message += " - the routes and their methods are listed at /docs"
+    body = ErrorBody.of(error.status_code, message, phrase.replace(" ", ""))
+    return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=error.status_code,
+                        headers=error.headers)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API application; its lifespan loads the front stage and, in embedded mode, a worker."""
     app = FastAPI(
-        title="dgq-serve", summary="Text-to-image with DGQ-quantized Stable Diffusion UNets.", lifespan=_lifespan
+        title="dgq-serve", summary="Text-to-image with DGQ-quantized Stable Diffusion UNets.", lifespan=_lifespan,
+        docs_url=None, redoc_url=None,  # `docs` serves Swagger UI from local files
     )
-    app.state.settings = settings or Settings()
-    for module in (generate, jobs, openai, models, health, playground):
+    app.state.settings = settings = settings or Settings()
+    routers = [generate, jobs, openai, models, health, playground, docs]
+    if settings.metrics_port is None:
+        routers.append(prometheus)
+    for module in routers:
         app.include_router(module.router)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
-        return _error_response(error)
+        return error_response(error)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return _http_error_response(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         return _validation_response(error)
+
+    # Added first, so it runs inside the latency middleware (413s are counted) and inside CORS (413s carry the CORS
+    # headers a browser needs to read them).
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     @app.middleware("http")
     async def _observe_latency(request: Request, call_next):
@@ -100,4 +132,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ).observe(time.perf_counter() - started)
         return response
 
+    if settings.cors_allow_origins:
+        # Bearer keys, not cookies: no credentials mode. Exposed: what clients of the async flow read.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Prefer"],
+            expose_headers=["Location", "Retry-After", "X-Job-Id"],
+        )
     return app

@@ -1,9 +1,8 @@
-"""Liveness, readiness and the Prometheus scrape endpoint (no authentication)."""
+"""Liveness and readiness (no authentication: probes call them)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import APIRouter
 
 from service.api.deps import ServiceDep
 from service.schemas import ErrorBody
@@ -21,8 +20,3 @@ async def healthz() -> dict[str, str]:
 async def readyz(service: ServiceDep) -> dict[str, bool]:
     """Text encoder loaded, worker warm (embedded), queue reachable, at least one live worker."""
     return await service.readiness()
-
-
-@router.get("/metrics")
-async def prometheus_metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

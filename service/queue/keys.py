@@ -30,3 +30,9 @@ def job_image(job_id: str, index: int) -> str:
 def worker(worker_id: str) -> str:
     """Heartbeat key of a live worker (expires `worker_ttl_s` after its last heartbeat)."""
     return f"dgq:worker:{worker_id}"
+
+
+def rate_limit(identity: str) -> str:
+    """Hash: token bucket (tokens, ts in ms) of one API key or client address, shared by all API replicas;
+    expires once it would be full again."""
+    return f"dgq:ratelimit:{identity}"
