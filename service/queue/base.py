@@ -119,6 +119,10 @@ class JobQueue(abc.ABC):
     async def fail(self, job: QueuedJob, reason: str, timings: dict[str, float]) -> None: ...
 
     @abc.abstractmethod
+    async def dead_letter(self, job: QueuedJob, reason: str) -> None:
+        """Give the job up: keep it among the dead letters (for inspection) and fail it with `reason`."""
+
+    @abc.abstractmethod
     async def finish_cancelled(self, job: QueuedJob) -> None: ...
 
     async def heartbeat(self, worker_id: str, jobs: list[QueuedJob]) -> None:

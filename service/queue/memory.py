@@ -7,6 +7,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from service import metrics
 from service.errors import QueueFull
 from service.queue.base import (
     TERMINAL_EVENTS,
@@ -46,6 +47,8 @@ class MemoryQueue(JobQueue):
         self._waiting: deque[str] = deque()
         self._changed = asyncio.Condition()
         self._live_workers: set[str] = set()
+        self.dead_letters: deque[tuple[str, str]] = deque(maxlen=1000)
+        """(job id, reason) of the jobs given up, newest last."""
 
     def _forget_old(self) -> None:
         horizon = now() - state_ttl_s(self._result_ttl_s)
@@ -176,6 +179,12 @@ class MemoryQueue(JobQueue):
         record.error = reason
         record.timings |= timings
         await self._finish(record, JobStatus.failed, reason=reason)
+
+    async def dead_letter(self, job: QueuedJob, reason: str) -> None:
+        self.dead_letters.append((job.spec.id, reason))
+        await self.fail(job, reason, {})
+        metrics.JOBS_DEAD_LETTERED.inc()
+        metrics.JOBS.labels(outcome="failed").inc()
 
     async def finish_cancelled(self, job: QueuedJob) -> None:
         await self._finish(self._records[job.spec.id], JobStatus.cancelled, reason="cancelled while running")

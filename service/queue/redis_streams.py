@@ -7,6 +7,8 @@
   it holds, which resets their idle time: a live worker's long job never looks idle.
 - Reaper: `XAUTOCLAIM` of entries idle longer than `worker_ttl_s` (so only from dead workers); past
   `max_deliveries` a job goes to the dead-letter stream and fails with that reason.
+- Dead letters: besides those, entries a worker cannot even read (no job id, a spec that does not parse, no
+  payload) and jobs that fail however they are batched; the stream is trimmed to `DEAD_LETTERS_MAXLEN`.
 - State transitions are Lua scripts, so a job ends exactly once whoever finishes it.
 """
 
@@ -19,6 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -42,6 +47,8 @@ from service.schemas import JobEvent, JobSpec, JobState, JobStatus
 READ_BLOCK_MS = 1000
 """Longest a worker's read blocks, so it reaps and notices shutdown at least this often."""
 EVENTS_MAXLEN = 2000
+DEAD_LETTERS_MAXLEN = 10_000
+"""Dead letters kept for inspection; older ones are trimmed so that a flood of bad jobs cannot fill Redis."""
 
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -88,9 +95,13 @@ class RedisStreamsQueue(JobQueue):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._retry_after_s = settings.retry_after_s
+        # Pooled connections opened before a Redis restart are dead; without a retry on a fresh connection each
+        # of them would fail one command after Redis is back (a 503 per pooled connection). A retried write whose
+        # reply was lost can run twice; the status transitions are idempotent and a job ends once regardless.
         self._redis = aioredis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=2, socket_timeout=READ_BLOCK_MS / 1000 + 5,
-            health_check_interval=10,
+            health_check_interval=10, retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self._transition_script = self._redis.register_script(_TRANSITION)
         self._group_ready = False
@@ -121,34 +132,46 @@ class RedisStreamsQueue(JobQueue):
             maxlen=EVENTS_MAXLEN, approximate=True,
         )
 
-    async def _ack(self, job: QueuedJob) -> None:
+    async def _ack(self, receipt: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(keys.JOBS_STREAM, keys.WORKER_GROUP, job.receipt)
-            pipe.xdel(keys.JOBS_STREAM, job.receipt)
+            pipe.xack(keys.JOBS_STREAM, keys.WORKER_GROUP, receipt)
+            pipe.xdel(keys.JOBS_STREAM, receipt)
             await pipe.execute()
 
     async def _finish(
-        self, job: QueuedJob, status: JobStatus, allowed: list[JobStatus], pngs: list[bytes] = (), **fields: object
+        self, job_id: str, receipt: str, status: JobStatus, allowed: list[JobStatus], pngs: list[bytes] = (),
+        **fields: object,
     ) -> bool:
         """Move a job to a terminal status (once, with its images), expire its state, emit the event, then
-        acknowledge the entry."""
+        acknowledge the entry `receipt` (if any)."""
         finished_at = now()
         moved = await self._transition(
-            job.spec.id, allowed, status, pngs, finished_at=finished_at,
+            job_id, allowed, status, pngs, finished_at=finished_at,
             expires_at=finished_at + self._settings.result_ttl_s, **fields,
         )
         if moved == 1:
-            ttl = int(state_ttl_s(self._settings.result_ttl_s))
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hdel(keys.job(job.spec.id), "payload")
-                pipe.expire(keys.job(job.spec.id), ttl)
-                pipe.expire(keys.job_events(job.spec.id), ttl)
+                pipe.hdel(keys.job(job_id), "payload")
+                pipe.expire(keys.job(job_id), int(state_ttl_s(self._settings.result_ttl_s)))
+                # the events (a few per denoising step) go with the images: once those expired, readers get 410
+                pipe.expire(keys.job_events(job_id), max(int(self._settings.result_ttl_s), 1))
                 await pipe.execute()
             data = {"reason": fields["error"]} if "error" in fields else {}
-            await self._emit(job.spec.id, JobEvent(event=status.value, data=data))
-        if job.receipt:
-            await self._ack(job)
+            await self._emit(job_id, JobEvent(event=status.value, data=data))
+        if receipt:
+            await self._ack(receipt)
         return moved == 1
+
+    async def _dead_letter(self, job_id: str, receipt: str, reason: str, deliveries: int) -> None:
+        """Record the job in the dead-letter stream, fail it with `reason` (if it exists) and acknowledge its
+        entry. The record comes first: a crash in between leaves the entry pending, to be dead-lettered again."""
+        await self._redis.xadd(
+            keys.DEAD_LETTER_STREAM, {"job": job_id, "entry": receipt, "deliveries": deliveries, "reason": reason},
+            maxlen=DEAD_LETTERS_MAXLEN, approximate=True,
+        )
+        await self._finish(job_id, receipt, JobStatus.failed, [JobStatus.queued, JobStatus.running], error=reason)
+        metrics.JOBS_DEAD_LETTERED.inc()
+        metrics.JOBS.labels(outcome="failed").inc()
 
     # --- API side ---
 
@@ -205,9 +228,9 @@ class RedisStreamsQueue(JobQueue):
         if state is None:
             return None
         if state.status == JobStatus.queued:
-            spec, entry = await self._redis.hmget(keys.job(job_id), ["spec", "entry"])
-            job = QueuedJob(spec=JobSpec.model_validate_json(spec), payload=b"", receipt=_text(entry) or "")
-            await self._finish(job, JobStatus.cancelled, [JobStatus.queued], error="cancelled while queued")
+            entry = await self._redis.hget(keys.job(job_id), "entry")
+            await self._finish(job_id, _text(entry) or "", JobStatus.cancelled, [JobStatus.queued],
+                               error="cancelled while queued")
         await self._redis.hset(keys.job(job_id), "cancel", 1)
         return await self.get(job_id)
 
@@ -255,19 +278,32 @@ class RedisStreamsQueue(JobQueue):
             return []
         return [entry for _, entries in reply for entry in entries]
 
-    async def _load_jobs(self, entries: list[tuple[bytes, dict]]) -> list[QueuedJob]:
+    async def _load_jobs(self, entries: list[tuple[bytes, dict]], deliveries: int = 1) -> list[QueuedJob]:
+        """The jobs the entries point at. Entries of jobs that ended are acknowledged; entries or jobs that
+        cannot be read (written by something else than `submit`) are dead-lettered with the reason."""
         jobs = []
         for entry_id, fields in entries:
-            job_id = fields[b"job"].decode()
-            spec, payload = await self._redis.hmget(keys.job(job_id), ["spec", "payload"])
-            job = QueuedJob(
-                spec=JobSpec.model_validate_json(spec) if spec else None, payload=payload or b"",
-                receipt=entry_id.decode(),
-            )
-            if spec is None or payload is None:  # the job already ended (or its state expired): drop the entry
-                await self._ack(job)
+            receipt = entry_id.decode()
+            try:
+                job_id = fields[b"job"].decode()
+            except (KeyError, UnicodeDecodeError):
+                reason = f"malformed stream entry {receipt}: no job id (fields: {sorted(fields)})"
+                await self._dead_letter("", receipt, reason, deliveries)
                 continue
-            jobs.append(job)
+            spec, payload, status = await self._redis.hmget(keys.job(job_id), ["spec", "payload", "status"])
+            if status is None or status.decode(errors="replace") in TERMINAL_EVENTS:  # ended, or state expired
+                await self._ack(receipt)
+                continue
+            try:
+                if payload is None:
+                    raise ValueError("it has no payload (prompt tensors)")
+                jobs.append(QueuedJob(spec=JobSpec.model_validate_json(spec or b""), payload=payload,
+                                      receipt=receipt, deliveries=deliveries))
+            except ValidationError as error:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in error.errors())
+                await self._dead_letter(job_id, receipt, f"malformed job {job_id}: spec {problems}", deliveries)
+            except ValueError as error:
+                await self._dead_letter(job_id, receipt, f"malformed job {job_id}: {error}", deliveries)
         return jobs
 
     @_unavailable_on_connection_error
@@ -285,7 +321,7 @@ class RedisStreamsQueue(JobQueue):
         moved = await self._transition(job.spec.id, [JobStatus.queued, JobStatus.running], JobStatus.running,
                                        worker=worker_id)
         if moved != 1:
-            await self._ack(job)
+            await self._ack(job.receipt)
             return False
         job.deliveries = await self._redis.hincrby(keys.job(job.spec.id), "deliveries", 1)
         await self._emit(job.spec.id, JobEvent(event="started", data={"worker": worker_id}))
@@ -307,15 +343,22 @@ class RedisStreamsQueue(JobQueue):
     async def succeed(self, job: QueuedJob, images: StoredImages) -> None:
         stored_timings = await self._redis.hget(keys.job(job.spec.id), "timings")
         timings = json.loads(stored_timings or "{}") | images.timings
-        await self._finish(job, JobStatus.succeeded, [JobStatus.running], images.pngs, timings=json.dumps(timings))
+        await self._finish(job.spec.id, job.receipt, JobStatus.succeeded, [JobStatus.running], images.pngs,
+                           timings=json.dumps(timings))
 
     @_unavailable_on_connection_error
     async def fail(self, job: QueuedJob, reason: str, timings: dict[str, float]) -> None:
-        await self._finish(job, JobStatus.failed, [JobStatus.queued, JobStatus.running], error=reason)
+        await self._finish(job.spec.id, job.receipt, JobStatus.failed, [JobStatus.queued, JobStatus.running],
+                           error=reason)
+
+    @_unavailable_on_connection_error
+    async def dead_letter(self, job: QueuedJob, reason: str) -> None:
+        await self._dead_letter(job.spec.id, job.receipt, reason, job.deliveries)
 
     @_unavailable_on_connection_error
     async def finish_cancelled(self, job: QueuedJob) -> None:
-        await self._finish(job, JobStatus.cancelled, [JobStatus.running], error="cancelled while running")
+        await self._finish(job.spec.id, job.receipt, JobStatus.cancelled, [JobStatus.running],
+                           error="cancelled while running")
 
     @_unavailable_on_connection_error
     async def heartbeat(self, worker_id: str, jobs: list[QueuedJob]) -> None:
@@ -334,23 +377,19 @@ class RedisStreamsQueue(JobQueue):
             keys.JOBS_STREAM, keys.WORKER_GROUP, worker_id, min_idle_time=min_idle_ms, start_id="0-0",
             count=self._settings.max_batch,
         )
-        entries = [(entry_id, fields) for entry_id, fields in entries if fields]
         reclaimed = []
-        for job in await self._load_jobs(entries):
-            pending = await self._redis.xpending_range(
-                keys.JOBS_STREAM, keys.WORKER_GROUP, min=job.receipt, max=job.receipt, count=1
-            )
-            job.deliveries = pending[0]["times_delivered"] if pending else 1
-            if job.deliveries > self._settings.max_deliveries:
-                reason = f"gave up after {job.deliveries - 1} deliveries: the workers running it died each time"
-                await self._redis.xadd(
-                    keys.DEAD_LETTER_STREAM, {"job": job.spec.id, "deliveries": job.deliveries, "reason": reason}
-                )
-                await self._finish(job, JobStatus.failed, [JobStatus.queued, JobStatus.running], error=reason)
-                metrics.JOBS_DEAD_LETTERED.inc()
-                metrics.JOBS.labels(outcome="failed").inc()
+        for entry_id, fields in entries:
+            if not fields:  # deleted meanwhile
                 continue
-            reclaimed.append(job)
+            pending = await self._redis.xpending_range(
+                keys.JOBS_STREAM, keys.WORKER_GROUP, min=entry_id, max=entry_id, count=1
+            )
+            for job in await self._load_jobs([(entry_id, fields)], pending[0]["times_delivered"] if pending else 1):
+                if job.deliveries > self._settings.max_deliveries:
+                    reason = f"gave up after {job.deliveries - 1} deliveries: the workers running it died each time"
+                    await self._dead_letter(job.spec.id, job.receipt, reason, job.deliveries)
+                    continue
+                reclaimed.append(job)
         return reclaimed
 
     async def close(self) -> None:
