@@ -2,6 +2,10 @@
 
 Every image has its own torch.Generator (seed + n) and its own prompt-specific parameters, and the UNet is made
 batch-invariant (`pipelines.make_batch_invariant`), so an image does not depend on what it was batched with.
+
+A batch that raises (out of memory, or one job that cannot run) is split in halves and each half retried, so a
+job that fails even alone is the only one to fail: it goes to the dead letters with the reason. `stop()` drains:
+no new jobs are taken, the ones held are finished and acknowledged, then `run` returns.
 """
 
 from __future__ import annotations
@@ -119,6 +123,17 @@ def compatible_batches(jobs: list[QueuedJob], max_images: int) -> list[list[Queu
     return batches
 
 
+def failure_reason(job: QueuedJob, error: BaseException, out_of_memory: bool) -> str:
+    """What a user reads when `job` failed on its own with `error`, and what to change."""
+    spec = job.spec
+    if out_of_memory:
+        return (
+            f"out of memory running this job alone ({spec.num_images} image(s) of {spec.width}x{spec.height}): "
+            f"ask for fewer images or a smaller size ({type(error).__name__}: {error})"
+        )
+    return f"generation failed: {error!r}"
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -134,6 +149,16 @@ class Worker:
         self._pipe = pipe
         self._held: list[QueuedJob] = []
         self._cancel_requested: set[str] = set()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Drain: take no more jobs; `run` returns once the jobs already taken have ended."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop()` was called."""
+        return self._stopping.is_set()
 
     async def load(self) -> None:
         """Load the UNet and VAE (unless given) and run the warm-up batch; `ready` is True afterwards."""
@@ -168,13 +193,15 @@ class Worker:
         self.runner._decode(latents)
 
     async def run(self) -> None:
-        """Serve jobs until cancelled (with a heartbeat task alongside)."""
+        """Serve jobs until `stop()` (returns after the drain) or cancellation, with a heartbeat task alongside."""
         if not self.ready:
             await self.load()
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         last_reap = 0.0
         try:
-            while True:
+            # a take already waiting when stop() comes is let finish (at most READ_BLOCK_MS): cancelling it could
+            # lose entries Redis delivered to this worker, which would then wait for the reaper
+            while not self._stopping.is_set():
                 jobs: list[QueuedJob] = []
                 if time.monotonic() - last_reap > self.settings.reaper_interval_s:
                     last_reap = time.monotonic()
@@ -219,6 +246,10 @@ class Worker:
         start_time = time.time()
         for job in started:
             metrics.QUEUE_WAIT.observe(start_time - job.spec.created_at)
+        await self._run_started(started, start_time)
+
+    async def _run_started(self, started: list[QueuedJob], start_time: float) -> None:
+        """Run started jobs as one batch and store the outcome; if the batch raises, retry it in halves."""
         loop = asyncio.get_running_loop()
         ids = {job.spec.id for job in started}
 
@@ -233,11 +264,20 @@ class Worker:
         metrics.BATCH_SIZE.observe(images_in_batch)
         try:
             output = await asyncio.to_thread(self.runner.run, started, on_step)
-        except Exception as error:  # a failed batch fails its jobs with the reason, never drops them
-            log.exception("batch failed")
-            for job in started:
-                await self.queue.fail(job, f"generation failed: {error!r}", {})
-                metrics.JOBS.labels(outcome="failed").inc()
+        except Exception as error:  # never drops a job: its batch is retried in halves, or it fails with a reason
+            out_of_memory = isinstance(error, torch.OutOfMemoryError | MemoryError)
+            if out_of_memory and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the halves the cached blocks of the failed attempt
+            if len(started) > 1:
+                log.warning("batch of %d jobs (%d images) failed with %r; retrying it in halves", len(started),
+                            images_in_batch, error)
+                half = len(started) // 2
+                for part in (started[:half], started[half:]):
+                    await self._run_started(part, start_time)
+                return
+            [job] = started
+            log.exception("job %s failed on its own", job.spec.id)
+            await self.queue.dead_letter(job, failure_reason(job, error, out_of_memory))
             return
         metrics.DENOISE.observe(output.denoise_s)
         metrics.DECODE.observe(output.decode_s)
