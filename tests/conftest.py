@@ -9,8 +9,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,14 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from local_cluster import RedisServer, free_port  # noqa: F401 (free_port: re-exported to the tests)
 
 TINY_VOCAB_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_tiny_clip_tokenizer_files(directory: Path) -> tuple[Path, Path]:
@@ -80,45 +73,6 @@ def tiny_sd_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_dir = work_dir / "model"
     pipe.save_pretrained(model_dir)
     return model_dir
-
-
-class RedisServer:
-    """A redis-server child process on a free port; `stop()`/`start()` simulate an outage on the same port."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
-        self.data_dir = data_dir
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.data_dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-    def flush(self) -> None:
-        import redis
-
-        with redis.Redis.from_url(self.url) as client:
-            client.flushall()
 
 
 @pytest.fixture(scope="session")
