@@ -90,3 +90,27 @@ def test_a_refused_request_shows_the_reason(page):
     page.click("#generate")
     playwright_api.expect(page.locator("#status.error")).to_contain_text("prompt is 102 tokens long")
     assert page.is_enabled("#generate")
+
+
+def test_docs_render_without_the_internet(page, served):
+    """/docs draws every route with nothing but this server: any request elsewhere is blocked and recorded."""
+    outside = []
+
+    def only_this_server(route) -> None:
+        if route.request.url.startswith(served):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context = page.context.browser.new_context()
+    docs = context.new_page()
+    try:
+        docs.route("**/*", only_this_server)
+        docs.goto(served + "/docs")
+        playwright_api.expect(docs.locator(".opblock-summary-path").first).to_be_visible(timeout=30_000)
+        paths = docs.locator(".opblock-summary-path").all_text_contents()
+    finally:
+        context.close()
+    assert {"/generate", "/jobs/{job_id}", "/v1/images/generations"} <= {p.replace("\u200b", "") for p in paths}
+    assert outside == []
