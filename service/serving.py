@@ -72,6 +72,7 @@ class GenerationService:
     async def submit(self, request: GenerateRequest) -> JobState:
         """Validate, encode the prompts (which checks their token length), enqueue; the queued job's state."""
         width, height = self._check_limits(request)
+        await self.queue.admit()  # at the bound, answer 429 before the text encoder's work
         payload, encode_s = await self.frontend.encode(request.prompt, request.negative_prompt)
         spec = JobSpec(
             id=secrets.token_hex(12), width=width, height=height, steps=request.steps,

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from service.errors import QueueFull
 from service.schemas import JobEvent, JobSpec, JobState, JobStatus
 
 TERMINAL_EVENTS = {status.value for status in JobStatus if status.terminal}
@@ -55,6 +56,11 @@ class JobQueue(abc.ABC):
     """Submit, observe and cancel jobs (API side); take, run, finish them (worker side)."""
 
     # --- API side ---
+
+    @abc.abstractmethod
+    async def admit(self) -> None:
+        """Raise `QueueFull` if a job submitted now would be refused: a cheap check before the front stage's work,
+        so that an overloaded API answers 429 without encoding prompts (`submit` checks again)."""
 
     @abc.abstractmethod
     async def submit(self, spec: JobSpec, payload: bytes, timings: dict[str, float]) -> JobState:
@@ -150,6 +156,12 @@ def job_state(
         num_images=spec.num_images, seeds=spec.seeds, images=images, timings=timings or {}, error=error, worker=worker,
         deliveries=deliveries, created_at=spec.created_at, finished_at=finished_at, expires_at=expires_at,
     )
+
+
+def queue_full(depth: int, retry_after_s: int) -> QueueFull:
+    """The 429 error of a queue holding `depth` jobs, at its bound."""
+    return QueueFull(f"{depth} jobs are queued or running (the limit); retry after a few seconds.",
+                     retry_after_s=retry_after_s)
 
 
 def now() -> float:

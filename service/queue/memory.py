@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from service import metrics
-from service.errors import QueueFull
 from service.queue.base import (
     TERMINAL_EVENTS,
     JobQueue,
@@ -17,6 +16,7 @@ from service.queue.base import (
     StoredImages,
     job_state,
     now,
+    queue_full,
     state_ttl_s,
 )
 from service.schemas import JobEvent, JobSpec, JobState, JobStatus
@@ -78,14 +78,14 @@ class MemoryQueue(JobQueue):
 
     # --- API side ---
 
-    async def submit(self, spec: JobSpec, payload: bytes, timings: dict[str, float]) -> JobState:
+    async def admit(self) -> None:
         self._forget_old()
         active = sum(not r.status.terminal for r in self._records.values())
         if active >= self._max_jobs:
-            raise QueueFull(
-                f"{active} jobs are queued or running (the limit); retry after a few seconds.",
-                retry_after_s=self._retry_after_s,
-            )
+            raise queue_full(active, self._retry_after_s)
+
+    async def submit(self, spec: JobSpec, payload: bytes, timings: dict[str, float]) -> JobState:
+        await self.admit()
         record = _Record(job=QueuedJob(spec=spec, payload=payload, receipt=spec.id), timings=dict(timings))
         self._records[spec.id] = record
         self._waiting.append(spec.id)

@@ -30,7 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import metrics
 from service.config import Settings
-from service.errors import QueueFull, QueueUnavailable
+from service.errors import QueueUnavailable
 from service.queue import keys
 from service.queue.base import (
     TERMINAL_EVENTS,
@@ -40,6 +40,7 @@ from service.queue.base import (
     StoredImages,
     job_state,
     now,
+    queue_full,
     state_ttl_s,
 )
 from service.schemas import JobEvent, JobSpec, JobState, JobStatus
@@ -176,14 +177,15 @@ class RedisStreamsQueue(JobQueue):
     # --- API side ---
 
     @_unavailable_on_connection_error
-    async def submit(self, spec: JobSpec, payload: bytes, timings: dict[str, float]) -> JobState:
-        await self._ensure_group()
+    async def admit(self) -> None:
         depth = await self._redis.xlen(keys.JOBS_STREAM)
         if depth >= self._settings.queue_max:
-            raise QueueFull(
-                f"{depth} jobs are queued or running (the limit); retry after a few seconds.",
-                retry_after_s=self._retry_after_s,
-            )
+            raise queue_full(depth, self._retry_after_s)
+
+    @_unavailable_on_connection_error
+    async def submit(self, spec: JobSpec, payload: bytes, timings: dict[str, float]) -> JobState:
+        await self._ensure_group()
+        await self.admit()
         job_key = keys.job(spec.id)
         await self._redis.hset(job_key, mapping={
             "spec": spec.model_dump_json(), "payload": payload, "status": JobStatus.queued.value,
