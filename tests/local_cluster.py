@@ -130,9 +130,10 @@ class ServiceProcesses:
         self.api = spawn("serve_main", self.env | {"DGQ_PORT": str(self.api_port)}, self.log_dir / "api.log")
         return self.api
 
-    def start_worker(self, name: str) -> subprocess.Popen:
-        """Start `dgq worker` with worker id `name`."""
-        self.workers[name] = spawn("worker_main", self.env | {"DGQ_WORKER_ID": name}, self.log_dir / f"{name}.log")
+    def start_worker(self, name: str, settings: dict[str, object] | None = None) -> subprocess.Popen:
+        """Start `dgq worker` with worker id `name` and, on top of the common ones, its own `settings`."""
+        env = self.env | {f"DGQ_{key.upper()}": str(value) for key, value in (settings or {}).items()}
+        self.workers[name] = spawn("worker_main", env | {"DGQ_WORKER_ID": name}, self.log_dir / f"{name}.log")
         return self.workers[name]
 
     def live_workers(self) -> set[str]:

@@ -6,87 +6,37 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import redis
 from conftest import free_port, running_api
+from local_cluster import ServiceProcesses
 
 from service.config import Settings
 from service.queue import keys
 
 pytestmark = pytest.mark.anyio
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUEST = {"prompt": "a red square", "steps": 3, "seed": 11, "width": 16, "height": 16}
-
-
-def _spawn(entry_point: str, env: dict[str, str], log_file: Path) -> subprocess.Popen:
-    code = f"import sys; from service.cli import {entry_point}; sys.exit({entry_point}([]))"
-    with log_file.open("wb") as log:
-        return subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-
-
-class Cluster:
-    """An API process and two worker processes on one Redis."""
-
-    def __init__(self, model_dir: Path, redis_url: str, log_dir: Path) -> None:
-        self.api_port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.api_port}"
-        self.redis_url = redis_url
-        common = {
-            **os.environ, "DGQ_MODEL": str(model_dir), "DGQ_QUANTIZED": "none", "REDIS_URL": redis_url,
-            "DGQ_TORCH_THREADS": "1", "DGQ_WARMUP_STEPS": "1", "DGQ_BATCH_WINDOW_S": "0.5",
-            "DGQ_HEARTBEAT_INTERVAL_S": "0.5", "DGQ_WORKER_TTL_S": "3", "DGQ_REAPER_INTERVAL_S": "0.5",
-            "DGQ_MAX_BATCH": "4",
-        }
-        self.api = _spawn("serve_main", common | {"DGQ_PORT": str(self.api_port)}, log_dir / "api.log")
-        self.metrics_ports = {"worker-a": free_port(), "worker-b": free_port()}
-        self.workers = {
-            name: _spawn("worker_main", common | {"DGQ_WORKER_ID": name, "DGQ_WORKER_METRICS_PORT": str(port)},
-                         log_dir / f"{name}.log")
-            for name, port in self.metrics_ports.items()
-        }
-        self.log_dir = log_dir
-
-    def wait_ready(self, timeout_s: float = 180) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                with redis.Redis.from_url(self.redis_url) as client:
-                    live = len(list(client.scan_iter(match=keys.WORKER_PATTERN)))
-                if live == 2 and httpx.get(f"{self.base_url}/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert self.api.poll() is None, (self.log_dir / "api.log").read_text()
-            time.sleep(0.2)
-        raise AssertionError("cluster not ready: " + (self.log_dir / "worker-a.log").read_text()[-3000:])
-
-    def stop(self) -> None:
-        for process in [self.api, *self.workers.values()]:
-            if process.poll() is None:
-                process.terminate()
-        for process in [self.api, *self.workers.values()]:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_sd_model_dir, redis_server, tmp_path_factory):
+    """An API process and two worker processes (each exporting /metrics on its own port) on one Redis."""
     redis_server.flush()
-    running = Cluster(tiny_sd_model_dir, redis_server.url, tmp_path_factory.mktemp("cluster-logs"))
+    running = ServiceProcesses(tiny_sd_model_dir, redis_server.url, tmp_path_factory.mktemp("cluster-logs"), {
+        "batch_window_s": 0.5, "heartbeat_interval_s": 0.5, "worker_ttl_s": 3, "reaper_interval_s": 0.5,
+        "max_batch": 4,
+    })
+    running.metrics_ports = {"worker-a": free_port(), "worker-b": free_port()}
+    running.start_api()
+    for name, port in running.metrics_ports.items():
+        running.start_worker(name, {"worker_metrics_port": port})
     try:
-        running.wait_ready()
+        running.wait_ready(set(running.metrics_ports))
         yield running
     finally:
         running.stop()
