@@ -108,11 +108,8 @@ def test_oversize_body_is_413_before_it_is_read(served):
     assert declared.json()["detail"].startswith(f"the request body is {len(too_big)} bytes, above the limit of "
                                                 f"{MAX_BODY_BYTES} bytes (max_body_bytes)")
 
-    sent = []
-
     def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
         for _ in range(64):
-            sent.append(1024)
             yield b"x" * 1024
 
     streamed = httpx.post(served + "/v1/images/generations", content=chunks(),
