@@ -36,6 +36,10 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument("--w-bits", type=int, choices=WEIGHT_BITS, default=8, help="weight bits (default: 8)")
     parser.add_argument("--a-bits", type=int, choices=ACTIVATION_BITS, default=8, help="activation bits (default: 8)")
     parser.add_argument("--groups", type=_positive_int, default=16, help="K, activation groups per layer (default: 16)")
+    parser.add_argument(
+        "--shared-channel-groups", action="store_true",
+        help="one channel labelling per layer across steps (per-step scales stay): one weight copy in --exec int",
+    )
     parser.add_argument("--calib-prompts", type=Path, help="prompt file: one per line, or CSV/TSV with a prompt column")
     parser.add_argument("--num-calib", type=_positive_int, default=64, help="calibration prompts (default: 64)")
     parser.add_argument("--steps", type=_positive_int, default=25, help="sampler steps to calibrate (default: 25)")
@@ -102,7 +106,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from .pipeline import load_pipeline, save_quantized_pipeline
 
     config = QuantConfig(
-        method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, groups=args.groups, steps=args.steps,
+        method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, groups=args.groups,
+        shared_channel_groups=args.shared_channel_groups, steps=args.steps,
         num_calib=args.num_calib, seed=args.seed, guidance_scale=args.guidance_scale, height=args.height,
         width=args.width, base_model=_base_model_reference(args.model, args.out),
     )

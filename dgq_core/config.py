@@ -29,6 +29,10 @@ class QuantConfig:
         w_bits (`int`): weight bits, 8 or 4 (per output channel, MSE-searched range).
         a_bits (`int`): activation and attention-probability bits.
         groups (`int`): K, the number of activation groups per layer and step ("dgq" only).
+        shared_channel_groups (`bool`): one channel labelling per layer for all steps that group channels, fitted
+            to their ranges together (per-step scales stay); the method's default, False, labels every step anew.
+            Integer execution keeps one group-sliced weight copy per distinct labelling, so sharing is what keeps
+            a channel-grouped W8 layer near one byte per weight.
         steps (`int`): sampler steps used for calibration.
         scheduler (`str`): scheduler class used for calibration.
         calib_timesteps (`list[int]`): the timestep of every UNet call during calibration, in call order; the
@@ -47,6 +51,7 @@ class QuantConfig:
     w_bits: int = 8
     a_bits: int = 8
     groups: int = 16
+    shared_channel_groups: bool = False
     steps: int = 25
     scheduler: str = ""
     calib_timesteps: list[int] = field(default_factory=list)

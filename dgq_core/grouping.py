@@ -128,15 +128,17 @@ def kmeans_labels(lo: torch.Tensor, hi: torch.Tensor, num_groups: int, seed: int
     """Cluster indices on their (min, max) points into at most `num_groups` groups.
 
     Args:
-        lo (`torch.Tensor`): per-index minima, shape (N,).
-        hi (`torch.Tensor`): per-index maxima, shape (N,).
+        lo (`torch.Tensor`): per-index minima, shape (N,), or (S, N) for ranges observed at S steps: an index is then
+            the point of its S (min, max) pairs, so one labelling serves every step.
+        hi (`torch.Tensor`): per-index maxima, shaped like `lo`.
         num_groups (`int`): K.
         seed (`int`): K-means seed (the official code uses `random_state=0`).
 
     Returns:
         `torch.Tensor` of int64 group ids, shape (N,), values in [0, num_groups).
     """
-    points = torch.stack((lo, hi), dim=1).double().numpy()
+    lo, hi = lo.reshape(-1, lo.shape[-1]), hi.reshape(-1, hi.shape[-1])
+    points = torch.cat((lo, hi)).T.double().numpy()
     distinct = len(np.unique(points, axis=0))
     k = min(num_groups, distinct)
     if k <= 1:
@@ -146,7 +148,7 @@ def kmeans_labels(lo: torch.Tensor, hi: torch.Tensor, num_groups: int, seed: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns when fewer distinct points than clusters remain
         labels = KMeans(n_clusters=k, random_state=seed, n_init="auto").fit_predict(points)
-    return _relabel_by_range(torch.from_numpy(labels).long(), lo)
+    return _relabel_by_range(torch.from_numpy(labels).long(), lo.min(dim=0).values)
 
 
 def _relabel_by_range(labels: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:

@@ -222,8 +222,14 @@ class ActQuantizer(nn.Module):
         state: StepState | None,
         calib_latent_hw: tuple[int, int],
         seed: int = 0,
+        shared_channel_groups: bool = False,
     ) -> ActQuantizer:
-        """Turn per-step range statistics into per-step parameters (D_d axis choice, K-means, per-group ranges)."""
+        """Turn per-step range statistics into per-step parameters (D_d axis choice, K-means, per-group ranges).
+
+        With `shared_channel_groups`, the steps that group channels share one K-means labelling, fitted to all of
+        their ranges at once; each step keeps its own per-group scale and zero point. Integer execution then keeps
+        one group-sliced copy of the weight instead of one per distinct labelling.
+        """
         quantizer = cls(kind, mode, bits, state)
         if mode in ("token", "none"):
             return quantizer
@@ -238,10 +244,20 @@ class ActQuantizer(nn.Module):
         labels = {axis: torch.zeros(steps, n, dtype=torch.uint8) for axis, n in sizes.items()}
         scale = torch.zeros(steps, num_groups)
         zero_point = torch.zeros(steps, num_groups)
-        for step, stats in enumerate(stats_per_step):
-            axis = choose_axis(stats)
+        axes = [choose_axis(stats) for stats in stats_per_step]
+        channel_steps = [step for step, axis in enumerate(axes) if axis == "channel"]
+        shared_labels = None
+        if shared_channel_groups and channel_steps:
+            ranges = [stats_per_step[step].axes["channel"] for step in channel_steps]
+            shared_labels = kmeans_labels(
+                torch.stack([r.lo for r in ranges]), torch.stack([r.hi for r in ranges]), num_groups, seed=seed
+            )
+        for step, (stats, axis) in enumerate(zip(stats_per_step, axes, strict=True)):
             rng = stats.axes[axis]
-            step_labels = kmeans_labels(rng.lo, rng.hi, num_groups, seed=seed)
+            if axis == "channel" and shared_labels is not None:
+                step_labels = shared_labels
+            else:
+                step_labels = kmeans_labels(rng.lo, rng.hi, num_groups, seed=seed)
             scale[step], zero_point[step] = group_params(rng.lo, rng.hi, step_labels, num_groups, bits)
             labels[axis][step] = step_labels.to(torch.uint8)
             axis_ids[step] = 0 if axis == "channel" else 1

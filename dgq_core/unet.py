@@ -117,7 +117,7 @@ def quantize_modules(
             return ActQuantizer(spec.kind, mode, config.a_bits, owner_state)
         return ActQuantizer.from_stats(
             stats[name], spec.kind, mode, config.a_bits, config.groups, owner_state, state.calib_latent_hw,
-            seed=config.seed,
+            seed=config.seed, shared_channel_groups=config.shared_channel_groups,
         )
 
     for name, module in quantizable_layers(model, config.excluded_layers).items():

@@ -86,3 +86,23 @@ def test_pixel_groups_follow_other_image_sizes():
     top = bigger.labels.view(8, 8)
     assert torch.equal(top[0], top[1]) and top[0, 0] == params.labels[0]
     assert fake_quant_activation(torch.randn(1, 64, 8), bigger, "linear").shape == (1, 64, 8)
+
+
+def test_shared_channel_groups_label_every_channel_step_alike_and_keep_step_ranges():
+    torch.manual_seed(0)
+    steps = []
+    for step in range(3):
+        x = torch.randn(2, 16, 32)
+        x[..., 5] *= 40 * (step + 1)  # the same outlier channel, growing step by step
+        stats = RangeStats()
+        stats.update_linear(x)
+        steps.append(stats)
+    state = StepState([900, 500, 100], (4, 4))
+    per_step = ActQuantizer.from_stats(steps, "linear", "group", 8, 4, state, (4, 4))
+    shared = ActQuantizer.from_stats(steps, "linear", "group", 8, 4, state, (4, 4), shared_channel_groups=True)
+    assert (shared.axis == 0).all(), "outlier channels make every step group channels"
+    assert all(torch.equal(shared.labels_channel[0], row) for row in shared.labels_channel)
+    assert (shared.labels_channel[0] == shared.labels_channel[0][5]).sum() == 1, "the outlier keeps its own group"
+    outlier_group = int(shared.labels_channel[0][5])
+    assert shared.scale[2, outlier_group] > 2 * shared.scale[0, outlier_group], "scales still follow each step"
+    assert per_step.labels_channel.shape == shared.labels_channel.shape
