@@ -39,3 +39,8 @@ CUDA_ALLOCATED = Gauge("dgq_cuda_memory_allocated_bytes", "CUDA memory allocated
 CUDA_ALLOCATED.set_function(lambda: torch.cuda.memory_allocated() if torch.cuda.is_available() else 0)
 CUDA_PEAK = Gauge("dgq_cuda_memory_peak_bytes", "Peak CUDA memory allocated by torch (0 without a GPU).")
 CUDA_PEAK.set_function(lambda: torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)
+CUDA_TOTAL = Gauge("dgq_cuda_memory_total_bytes", "Memory of the current CUDA device (0 without a GPU).")
+CUDA_TOTAL.set_function(
+    lambda: torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if torch.cuda.is_available() else 0
+)
