@@ -33,6 +33,9 @@ from .unet import (
     quantize_unet,
 )
 
+MODEL_CALIBRATION_PROMPTS = "calibration_prompts.txt"
+"""A model directory's own calibration prompts, read by `dgq quantize` when none are given."""
+
 # Rows of the COCO caption file at or after this index are the calibration pool; evaluation uses the rows before it,
 # so the two never share a caption.
 COCO_CALIBRATION_START = 15000
@@ -203,20 +206,49 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-@torch.no_grad()
-def calibrate(pipe, config: QuantConfig, prompts: list[str], batch_size: int = 8, progress: bool = True) -> CalibrationReport:
-    """Collect statistics with the full-precision pipeline, then quantize `pipe.unet` in place.
+@dataclass
+class UNetCalibration:
+    """Statistics of one calibration run of a pipeline's UNet: every quantized variant of it can be made from them.
 
     Args:
-        pipe: a diffusers Stable Diffusion (or SDXL) pipeline in full precision.
+        collector (`StatsCollector`): per-step range statistics of every quantizable input.
+        config (`QuantConfig`): the settings they were collected with, their run-dependent fields filled in.
+        seconds (`float`): wall time of the collection.
+    """
+
+    collector: StatsCollector
+    config: QuantConfig
+    seconds: float
+
+    def collected_like(self, config: QuantConfig) -> bool:
+        """Whether these statistics serve `config`: only DGQ records attention probabilities without the start
+        column, so DGQ and the baselines need runs of their own; bits and groups do not matter."""
+        return (config.method == "dgq") == (self.config.method == "dgq")
+
+    def quantize(self, unet, config: QuantConfig) -> None:
+        """Quantize a full-precision `unet` of the calibrated pipeline in place with `config`'s method, bits and
+        groups; the fields that describe the statistics run (steps, timesteps, image size, ...) are set from it."""
+        if not self.collected_like(config):
+            raise ValueError(f"statistics collected for {self.config.method} cannot quantize {config.method}")
+        for name in ("steps", "scheduler", "calib_timesteps", "num_calib", "guidance_scale", "height", "width",
+                     "vae_scale_factor", "seed"):  # fmt: skip
+            setattr(config, name, getattr(self.config, name))
+        quantize_unet(unet, config, input_specs(unet, config, self.collector.vector_inputs), self.collector.per_step())
+
+
+@torch.no_grad()
+def collect_unet_stats(
+    pipe, config: QuantConfig, prompts: list[str], batch_size: int = 8, progress: bool = True
+) -> UNetCalibration:
+    """Run the full-precision pipeline over the prompts and record every quantizable input of the UNet per step.
+
+    Args:
+        pipe: a diffusers Stable Diffusion (or SDXL) pipeline in full precision; left unchanged.
         config (`QuantConfig`): the settings; `scheduler`, `calib_timesteps`, `height`, `width` and `num_calib` are
             filled in here.
         prompts (`list[str]`): calibration prompts.
         batch_size (`int`): prompts per pipeline call.
         progress (`bool`): show a progress bar.
-
-    Returns:
-        `CalibrationReport`.
     """
     started = time.perf_counter()
     unet = pipe.unet
@@ -255,12 +287,31 @@ def calibrate(pipe, config: QuantConfig, prompts: list[str], batch_size: int = 8
         for handle in handles:
             handle.remove()
         unet.set_attn_processor(original_processors)
+    return UNetCalibration(collector, config, time.perf_counter() - started)
 
-    quantize_unet(unet, config, input_specs(unet, config, collector.vector_inputs), collector.per_step())
+
+@torch.no_grad()
+def calibrate(pipe, config: QuantConfig, prompts: list[str], batch_size: int = 8, progress: bool = True) -> CalibrationReport:
+    """Collect statistics with the full-precision pipeline, then quantize `pipe.unet` in place.
+
+    Args:
+        pipe: a diffusers Stable Diffusion (or SDXL) pipeline in full precision.
+        config (`QuantConfig`): the settings; `scheduler`, `calib_timesteps`, `height`, `width` and `num_calib` are
+            filled in here.
+        prompts (`list[str]`): calibration prompts.
+        batch_size (`int`): prompts per pipeline call.
+        progress (`bool`): show a progress bar.
+
+    Returns:
+        `CalibrationReport`.
+    """
+    started = time.perf_counter()
+    calibration = collect_unet_stats(pipe, config, prompts, batch_size, progress)
+    calibration.quantize(pipe.unet, config)
     return CalibrationReport(
         seconds=time.perf_counter() - started,
         peak_rss_bytes=_peak_rss_bytes(),
         peak_cuda_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        unet_calls=calls,
+        unet_calls=len(config.calib_timesteps),
         prompts=len(prompts),
     )

@@ -11,7 +11,6 @@ from pathlib import Path
 from .config import ACTIVATION_BITS, ACTIVATION_METHODS, WEIGHT_BITS, QuantConfigError
 
 # Calibration prompts a model directory may ship (the bundled model does).
-MODEL_CALIBRATION_PROMPTS = "calibration_prompts.txt"
 COCO_ENV = "DGQ_COCO_CAPTIONS"
 # Where the shared COCO captions live in a development checkout (never needed by the product).
 DEV_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_val2014_30k.csv"
@@ -77,7 +76,12 @@ def calibration_prompts(args: argparse.Namespace) -> list[str]:
     --calib-prompts; the model directory's own calibration_prompts.txt; the COCO captions ($DGQ_COCO_CAPTIONS or the
     shared data of a development checkout).
     """
-    from .calibration import coco_calibration_pool, load_prompt_file, sample_prompts
+    from .calibration import (
+        MODEL_CALIBRATION_PROMPTS,
+        coco_calibration_pool,
+        load_prompt_file,
+        sample_prompts,
+    )
 
     if args.calib_prompts is not None:
         pool = load_prompt_file(args.calib_prompts)

@@ -20,7 +20,7 @@ from dgq_core.attention import (
     quantize_probs_log2,
     use_prompt_params,
 )
-from dgq_core.calibration import calibrate
+from dgq_core.calibration import calibrate, collect_unet_stats
 from dgq_core.checkpoint import WEIGHTS_NAME, CheckpointError, load_quantized_unet
 from dgq_core.config import QuantConfig
 from dgq_core.layers import QuantConv2d, QuantLinear, calibrated_step_for
@@ -68,6 +68,21 @@ def test_quantized_modules_follow_the_method(quantized):
     per_step = block.attn1.to_q.act
     assert per_step.scale.shape == (len(config.calib_timesteps), config.groups)
     assert int(unet.down_blocks[0].resnets[0].conv1.weight_q.codes.max()) <= 255
+
+
+def test_statistics_collected_once_quantize_every_bit_width_like_a_full_calibration(tiny_sd, quantized):
+    pipe, config, _ = quantized
+    stats_pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    calibration = collect_unet_stats(stats_pipe, QuantConfig(method="dgq", steps=STEPS), PROMPTS, 2, progress=False)
+    assert calibration.collected_like(QuantConfig(method="dgq", w_bits=4, a_bits=6, groups=16, steps=STEPS))
+    assert not calibration.collected_like(QuantConfig(method="pertensor", steps=STEPS))
+    same = QuantConfig(method="dgq", w_bits=8, a_bits=8, groups=4, steps=STEPS, base_model=str(tiny_sd))
+    calibration.quantize(stats_pipe.unet, same)
+    assert same == config, "the run-dependent fields come from the statistics run"
+    reference = pipe.unet.state_dict()
+    assert all(torch.equal(value, reference[key]) for key, value in stats_pipe.unet.state_dict().items())
+    with pytest.raises(ValueError, match="cannot quantize pertensor"):
+        calibration.quantize(StableDiffusionPipeline.from_pretrained(tiny_sd).unet, QuantConfig(method="pertensor"))
 
 
 def test_steps_are_keyed_by_call_index_including_pndms_repeated_timestep(quantized):

@@ -3,8 +3,9 @@ at W8A8, W4A8, W8A6 and W4A6, on held-out prompts with fixed seeds.
 
     python -m dgq_core.eval.benchmark --out runs/quality --num 64
 
-Each quantized model is made with `dgq quantize` (calibrated on the model's own calibration_prompts.txt, training
-compositions) and scored with the evaluation harness against the full-precision images of the same prompts and seeds.
+Calibration statistics are collected once for DGQ and once for the baselines (on the model's own
+calibration_prompts.txt, training compositions, the seeded subset `dgq quantize` takes), every setting is
+quantized from them and saved as a checkpoint, and each is scored with the evaluation harness against the full-precision images of the same prompts and seeds.
 Writes OUT/quality.json and OUT/quality.md.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +22,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dgq_core.calibration import (
+    MODEL_CALIBRATION_PROMPTS,
+    UNetCalibration,
+    collect_unet_stats,
+    load_prompt_file,
+    sample_prompts,
+)
+from dgq_core.config import QuantConfig
 from dgq_core.eval import harness
+from dgq_core.pipeline import load_pipeline, save_quantized_pipeline
 from dgq_core.zoo import bundled_model_dir
 
 PRECISIONS = ((8, 8), (4, 8), (8, 6), (4, 6))
@@ -68,20 +79,25 @@ def default_settings(precisions=PRECISIONS) -> list[QuantSetting]:
     ]
 
 
-def quantize(
-    model: Path, setting: QuantSetting, out_dir: Path, steps: int, guidance: float, num_calib: int
+def quantized_model(
+    calibrations: dict[bool, UNetCalibration], model: Path, setting: QuantSetting, out_dir: Path
 ) -> float:
-    """Run `dgq quantize` for one setting; returns its wall time in seconds."""
-    from dgq_core.cli import main as dgq_main
+    """Quantize the model for one setting from the shared statistics and save it to `out_dir`; returns seconds.
 
+    Args:
+        calibrations: the statistics runs by whether they were collected for DGQ (see `UNetCalibration`).
+        model: the full-precision model directory.
+        setting: the row to make.
+        out_dir: the quantized pipeline directory to write (its base model is `model`).
+    """
     began = time.perf_counter()
-    status = dgq_main([
-        "quantize", "--model", str(model), "--out", str(out_dir), "--method", setting.method,
-        "--w-bits", str(setting.w_bits), "--a-bits", str(setting.a_bits), "--groups", str(setting.groups),
-        "--steps", str(steps), "--guidance-scale", str(guidance), "--num-calib", str(num_calib),
-    ])  # fmt: skip
-    if status != 0:
-        raise RuntimeError(f"dgq quantize failed for {setting.label}")
+    pipe = load_pipeline(model)
+    config = QuantConfig(
+        method=setting.method, w_bits=setting.w_bits, a_bits=setting.a_bits, groups=setting.groups,
+        base_model=os.path.relpath(model.resolve(), out_dir.resolve()),
+    )
+    calibrations[setting.method == "dgq"].quantize(pipe.unet, config)
+    save_quantized_pipeline(pipe, config, out_dir, self_contained=False)
     return time.perf_counter() - began
 
 
@@ -117,15 +133,22 @@ def run(
         exec_mode=exec_mode,
     )
     reports = [("FP32", harness.evaluate(config, save_images_dir=out_dir / "images" / "fp"))]
+    # One statistics run serves every bit width and K; DGQ and the baselines record attention differently.
+    calibration_prompts = sample_prompts(load_prompt_file(model / MODEL_CALIBRATION_PROMPTS), num_calib, seed=0)
+    calibrations = {}
+    for for_dgq in sorted({setting.method == "dgq" for setting in settings}, reverse=True):
+        stats_config = QuantConfig(method="dgq" if for_dgq else "pertensor", steps=steps, guidance_scale=guidance)
+        calibrations[for_dgq] = collect_unet_stats(load_pipeline(model), stats_config, calibration_prompts)
     for setting in tqdm(settings, desc="quantized settings"):
         quantized_dir = out_dir / "models" / setting.dirname
-        seconds = quantize(model, setting, quantized_dir, steps, guidance, num_calib)
+        seconds = quantized_model(calibrations, model, setting, quantized_dir)
         report = harness.evaluate(
             harness.EvalConfig(**{**asdict(config), "model": str(quantized_dir)}),
             reference=out_dir / "images" / "fp",
             save_images_dir=out_dir / "images" / setting.dirname,
         )
         report.extra["quantize_seconds"] = round(seconds, 1)
+        report.extra["calibration_seconds"] = round(calibrations[setting.method == "dgq"].seconds, 1)
         reports.append((setting.label, report))
         _write(out_dir, reports, num, steps, guidance, num_calib, exec_mode)
     _write(out_dir, reports, num, steps, guidance, num_calib, exec_mode)
