@@ -202,4 +202,9 @@ class PromptEncoder:
         encoded = self.pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         embeds = encoded[0]
         pooled = encoded[2] if len(encoded) == 4 else None
+        if self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            # SDXL conditions an absent negative prompt on zeros, not on the encoding of ""; serving sends "" for it
+            empty = torch.tensor([prompt == "" for prompt in prompts], device=embeds.device)
+            embeds = embeds.masked_fill(empty[:, None, None], 0.0)
+            pooled = pooled.masked_fill(empty[:, None], 0.0)
         return PromptBatch(embeds, pooled, compute_prompt_params(self.cross_attention, embeds))

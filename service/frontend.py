@@ -7,12 +7,10 @@ import threading
 import time
 from collections import OrderedDict
 
-import torch
-
 from service import metrics
 from service.config import Settings
 from service.errors import InvalidRequest
-from service.pipelines import PromptEncoder, PromptParams, native_size, pack_prompt, weight_bytes
+from service.pipelines import EncodedPrompt, PromptEncoder, native_size, pack_prompt, weight_bytes
 
 
 class PromptFrontend:
@@ -26,7 +24,7 @@ class PromptFrontend:
             metrics.MODEL_WEIGHT_BYTES.labels(component=component, precision=precision).set(size)
         self.native_size = native_size(settings)
         self._cache_size = settings.prompt_cache_size
-        self._cache: OrderedDict[str, tuple[torch.Tensor, PromptParams]] = OrderedDict()
+        self._cache: OrderedDict[str, EncodedPrompt] = OrderedDict()
         self._lock = threading.Lock()
 
     def _check_length(self, prompt: str, field: str) -> None:
@@ -38,7 +36,7 @@ class PromptFrontend:
                 "(including start and end tokens): shorten it."
             )
 
-    def _encode_cached(self, prompts: list[str]) -> list[tuple[torch.Tensor, PromptParams]]:
+    def _encode_cached(self, prompts: list[str]) -> list[EncodedPrompt]:
         """Encodings of `prompts`, from the cache where possible. Holds the lock: a fast tokenizer keeps its
         padding/truncation mode as state, so concurrent calls (even a length check) corrupt each other."""
         with self._lock:
@@ -47,8 +45,7 @@ class PromptFrontend:
             metrics.PROMPT_CACHE.labels(result="miss").inc(len(missing))
             encoded = {}
             if missing:
-                batch = self.encoder.encode(missing)
-                encoded = {p: (batch.embeds[i], batch.params[i]) for i, p in enumerate(missing)}
+                encoded = dict(zip(missing, self.encoder.encode(missing), strict=True))
             results = [self._cache.get(p) or encoded[p] for p in prompts]
             for prompt, value in encoded.items():
                 self._cache[prompt] = value
@@ -59,7 +56,7 @@ class PromptFrontend:
                 self._cache.popitem(last=False)
             return results
 
-    def _checked_encode(self, prompt: str, negative_prompt: str) -> list[tuple[torch.Tensor, PromptParams]]:
+    def _checked_encode(self, prompt: str, negative_prompt: str) -> list[EncodedPrompt]:
         with self._lock:
             self._check_length(prompt, "prompt")
             self._check_length(negative_prompt, "negative_prompt")
@@ -68,10 +65,8 @@ class PromptFrontend:
     async def encode(self, prompt: str, negative_prompt: str) -> tuple[bytes, float]:
         """The job payload for this prompt pair and the seconds it took; `InvalidRequest` for too long prompts."""
         started = time.perf_counter()
-        (embeds, params), (negative, negative_params) = await asyncio.to_thread(
-            self._checked_encode, prompt, negative_prompt
-        )
-        payload = pack_prompt(embeds, negative, params, negative_params)
+        encoded, negative = await asyncio.to_thread(self._checked_encode, prompt, negative_prompt)
+        payload = pack_prompt(encoded, negative)
         seconds = time.perf_counter() - started
         metrics.TEXT_ENCODE.observe(seconds)
         return payload, seconds

@@ -102,11 +102,18 @@ def load_worker_pipeline(settings: Settings) -> DiffusionPipeline:
 
 
 @dataclass
-class EncodedPrompts:
-    """Text-encoder output of a list of prompts and their prompt-specific parameters, one per prompt."""
+class EncodedPrompt:
+    """Text-encoder output of one prompt and its prompt-specific parameters.
+
+    Args:
+        embeds (`torch.Tensor`): token embeddings (tokens, dim).
+        pooled (`torch.Tensor | None`): pooled embedding (dim,) of models that condition on it (SDXL), else None.
+        params (`PromptParams`): DGQ cross-attention parameters (empty for a full-precision model).
+    """
 
     embeds: torch.Tensor
-    params: list[PromptParams]
+    pooled: torch.Tensor | None
+    params: PromptParams
 
 
 class PromptEncoder:
@@ -128,9 +135,12 @@ class PromptEncoder:
         return self._encoder.count_tokens(prompt)
 
     @torch.inference_mode()
-    def encode(self, prompts: list[str]) -> EncodedPrompts:
+    def encode(self, prompts: list[str]) -> list[EncodedPrompt]:
         batch = self._encoder.encode(prompts)
-        return EncodedPrompts(embeds=batch.embeds, params=list(batch.attention_params))
+        return [
+            EncodedPrompt(batch.embeds[row], None if batch.pooled is None else batch.pooled[row], params)
+            for row, params in enumerate(batch.attention_params)
+        ]
 
 
 def prompt_params_scope(unet: torch.nn.Module, params: list[PromptParams]) -> contextlib.AbstractContextManager:
@@ -162,38 +172,46 @@ def native_size(settings: Settings) -> tuple[int, int]:
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save_safetensors({name: tensor.contiguous() for name, tensor in tensors.items()})
+    """safetensors bytes of named tensors; a tensor given under two names (a prompt that is also its negative
+    prompt, from the cache) is written twice, as safetensors refuses shared memory."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    unshared = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        unshared[name] = tensor.clone() if key in seen else tensor
+        seen.add(key)
+    return save_safetensors(unshared)
 
 
 def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return load_safetensors(data)
 
 
-def pack_prompt(embeds: torch.Tensor, negative: torch.Tensor, params: PromptParams, negative_params: PromptParams) -> bytes:
-    """One job's tensors as one safetensors blob: embeddings [77, D] of prompt and negative prompt + parameters."""
-    tensors = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
-    tensors |= {f"params/{name}": t for name, t in params.items()}
-    tensors |= {f"negative_params/{name}": t for name, t in negative_params.items()}
+def pack_prompt(prompt: EncodedPrompt, negative: EncodedPrompt) -> bytes:
+    """One job's tensors as one safetensors blob: embeddings of prompt and negative prompt (+ pooled ones for SDXL)
+    and their DGQ parameters."""
+    tensors = {"prompt_embeds": prompt.embeds, "negative_prompt_embeds": negative.embeds}
+    if prompt.pooled is not None:
+        tensors |= {"pooled_prompt_embeds": prompt.pooled, "negative_pooled_prompt_embeds": negative.pooled}
+    tensors |= {f"params/{name}": t for name, t in prompt.params.items()}
+    tensors |= {f"negative_params/{name}": t for name, t in negative.params.items()}
     return tensors_to_bytes(tensors)
 
 
-@dataclass
-class PromptTensors:
-    embeds: torch.Tensor
-    negative_embeds: torch.Tensor
-    params: PromptParams
-    negative_params: PromptParams
-
-
-def unpack_prompt(data: bytes) -> PromptTensors:
+def unpack_prompt(data: bytes) -> tuple[EncodedPrompt, EncodedPrompt]:
+    """Inverse of `pack_prompt`: (prompt, negative prompt)."""
     tensors = tensors_from_bytes(data)
 
     def with_prefix(prefix: str) -> PromptParams:
         return {name.removeprefix(prefix): t for name, t in tensors.items() if name.startswith(prefix)}
 
-    return PromptTensors(
-        embeds=tensors["prompt_embeds"], negative_embeds=tensors["negative_prompt_embeds"],
-        params=with_prefix("params/"), negative_params=with_prefix("negative_params/"),
+    return (
+        EncodedPrompt(tensors["prompt_embeds"], tensors.get("pooled_prompt_embeds"), with_prefix("params/")),
+        EncodedPrompt(
+            tensors["negative_prompt_embeds"], tensors.get("negative_pooled_prompt_embeds"),
+            with_prefix("negative_params/"),
+        ),
     )
 
 

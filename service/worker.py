@@ -65,12 +65,18 @@ class BatchRunner:
         spec = jobs[0].spec
         rows = [(unpack_prompt(job.payload), seed) for job in jobs for seed in job.spec.seeds]
         device = self.pipe.unet.device
-        prompts = [prompt for prompt, _ in rows]
-        embeds = torch.stack([p.embeds for p in prompts]).to(device)
-        negative_embeds = torch.stack([p.negative_embeds for p in prompts]).to(device)
+        prompts = [prompt for (prompt, _), _ in rows]
+        negatives = [negative for (_, negative), _ in rows]
+        text_inputs = {
+            "prompt_embeds": torch.stack([p.embeds for p in prompts]).to(device),
+            "negative_prompt_embeds": torch.stack([n.embeds for n in negatives]).to(device),
+        }
+        if prompts[0].pooled is not None:  # SDXL also conditions on the pooled text embedding
+            text_inputs["pooled_prompt_embeds"] = torch.stack([p.pooled for p in prompts]).to(device)
+            text_inputs["negative_pooled_prompt_embeds"] = torch.stack([n.pooled for n in negatives]).to(device)
         row_params = [p.params for p in prompts]
         if spec.guidance_scale > 1.0:  # diffusers puts the negative rows first
-            row_params = [p.negative_params for p in prompts] + row_params
+            row_params = [n.params for n in negatives] + row_params
         generators = [torch.Generator(device).manual_seed(seed) for _, seed in rows]
 
         last_step = time.perf_counter()
@@ -85,7 +91,7 @@ class BatchRunner:
         started = time.perf_counter()
         with torch.inference_mode(), prompt_params_scope(self.pipe.unet, row_params):
             latents = self.pipe(
-                prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, generator=generators,
+                **text_inputs, generator=generators,
                 num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale, width=spec.width,
                 height=spec.height, output_type="latent", callback_on_step_end=step_end,
             ).images
@@ -183,12 +189,18 @@ class Worker:
         if self.settings.warmup_steps == 0:
             return
         width, height = native_size(self.settings)
-        dim = self._pipe.unet.config.cross_attention_dim
-        embeds = torch.zeros(1, PROMPT_TOKENS, dim, device=self._pipe.unet.device)
+        unet_config, device = self._pipe.unet.config, self._pipe.unet.device
+        embeds = torch.zeros(1, PROMPT_TOKENS, unet_config.cross_attention_dim, device=device)
+        text_inputs = {"prompt_embeds": embeds, "negative_prompt_embeds": embeds}
+        if unet_config.addition_embed_type == "text_time":
+            # SDXL: the pooled text embedding and 6 size/crop ids share the added embedding's input
+            pooled_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+            pooled = torch.zeros(1, pooled_dim, device=device)
+            text_inputs |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled}
         with torch.inference_mode():
             latents = self._pipe(
-                prompt_embeds=embeds, negative_prompt_embeds=embeds, num_inference_steps=self.settings.warmup_steps,
-                width=width, height=height, output_type="latent",
+                **text_inputs, num_inference_steps=self.settings.warmup_steps, width=width, height=height,
+                output_type="latent",
             ).images
         self.runner._decode(latents)
 

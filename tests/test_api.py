@@ -223,3 +223,10 @@ async def test_concurrent_requests_with_prompts_of_different_lengths(embedded_se
         for response in accepted:
             events = (await client.get(f"/jobs/{response.json()['id']}/events")).text
             assert events.rstrip().splitlines()[-2] == "event: succeeded", events
+
+
+async def test_a_prompt_that_is_also_its_negative_prompt_generates(embedded_settings):
+    # Both come from the prompt cache as one tensor, which the job payload must still be able to hold twice.
+    async with running_api(embedded_settings) as client:
+        same = await client.post("/generate", json=REQUEST | {"negative_prompt": REQUEST["prompt"]})
+        assert same.status_code == 200 and same.headers["content-type"] == "image/png"

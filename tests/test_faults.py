@@ -27,7 +27,7 @@ from conftest import running_api
 from local_cluster import RedisServer, ServiceProcesses
 
 from service.config import Settings
-from service.pipelines import load_worker_pipeline, pack_prompt, tensors_to_bytes
+from service.pipelines import EncodedPrompt, load_worker_pipeline, pack_prompt, tensors_to_bytes
 from service.queue import keys, make_queue
 from service.schemas import JobSpec
 from service.worker import Worker
@@ -308,10 +308,10 @@ async def test_job_failing_every_time_is_dead_lettered_and_its_batch_mates_succe
     queue = make_queue(Settings(redis_url=redis_url))
     # front stage of a model with another text-encoder width (an API on a different model than the workers):
     # the UNet cannot take these embeddings, however often or with whatever company the job is run
-    wrong_width = torch.zeros(77, 48)
+    wrong_width = EncodedPrompt(torch.zeros(77, 48), None, {})
     poison = JobSpec(id="poison", width=SIZE, height=SIZE, steps=STEPS, guidance_scale=7.5, seed=1, num_images=1,
                      scheduler="model-default")
-    await queue.submit(poison, pack_prompt(wrong_width, wrong_width.clone(), {}, {}), {})
+    await queue.submit(poison, pack_prompt(wrong_width, wrong_width), {})
     good = await _submit(client, 2, first_seed=30)
     states = await _wait_ended(client, ["poison", *good])
     await queue.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from service.config import Settings
@@ -33,8 +35,7 @@ def frontend(settings) -> PromptFrontend:
 
 
 def _job(frontend: PromptFrontend, spec: JobSpec, prompt: str, negative: str = "") -> QueuedJob:
-    (embeds, params), (negative_embeds, negative_params) = frontend._encode_cached([prompt, negative])
-    return QueuedJob(spec=spec, payload=pack_prompt(embeds, negative_embeds, params, negative_params))
+    return QueuedJob(spec=spec, payload=pack_prompt(*frontend._encode_cached([prompt, negative])))
 
 
 @pytest.mark.parametrize(("width", "guidance"), [(16, 7.5), (40, 7.5), (24, 1.0)])
@@ -75,7 +76,7 @@ def test_dgq_model_batched_equals_alone_and_equals_without_precomputed_params(ti
     dgq_runner = BatchRunner(load_worker_pipeline(dgq_settings))
     jobs = [_job(dgq_frontend, _spec(f"q{i}", seed=i), prompt, "blurry")
             for i, prompt in enumerate(["a red square", "blue circle"])]
-    assert all(unpack_prompt(job.payload).params for job in jobs), "the front stage computed DGQ parameters"
+    assert all(unpack_prompt(job.payload)[0].params for job in jobs), "the front stage computed DGQ parameters"
     batched = dgq_runner.run(jobs, lambda step, seconds: False).pngs
     for job, pngs in zip(jobs, batched, strict=True):
         assert dgq_runner.run([job], lambda step, seconds: False).pngs[0] == pngs
@@ -87,5 +88,5 @@ def test_dgq_model_batched_equals_alone_and_equals_without_precomputed_params(ti
 
 def _without_prompt_params(job: QueuedJob) -> QueuedJob:
     """The same job with its prompt-specific parameters removed (the UNet then quantizes K/V itself)."""
-    prompt = unpack_prompt(job.payload)
-    return QueuedJob(spec=job.spec, payload=pack_prompt(prompt.embeds, prompt.negative_embeds, {}, {}))
+    prompt, negative = unpack_prompt(job.payload)
+    return QueuedJob(spec=job.spec, payload=pack_prompt(replace(prompt, params={}), replace(negative, params={})))
