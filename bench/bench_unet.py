@@ -128,11 +128,9 @@ def resident_weight_bytes(model: nn.Module) -> int:
     tensors = [t for t in [*model.parameters(), *model.buffers()] if id(t) not in inside_executors]
     total = _tensor_bytes(tensors) + sum(layer.int_executor.resident_nbytes() for layer in executors)
     for module in model.modules():
-        packed = getattr(module, "_packed_params", None)
-        if (
-            packed is not None
-        ):  # torch.ao dynamic Linear: int8 weight + scale/zero point + fp32 bias, prepacked
-            weight, bias = packed._weight_bias()
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+            # int8 weight + per-channel scale/zero point + fp32 bias, prepacked outside any tensor
+            weight, bias = module.weight(), module.bias()
             total += weight.numel() + 8 * weight.shape[0] + (0 if bias is None else bias.numel() * 4)
     return total
 
