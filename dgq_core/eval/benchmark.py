@@ -46,33 +46,42 @@ class QuantSetting:
         w_bits: weight bits.
         a_bits: activation bits.
         groups: K for "dgq".
+        shared_channel_groups: one channel labelling per layer across steps ("dgq" only; see QuantConfig).
     """
 
     method: str
     w_bits: int
     a_bits: int
     groups: int = 16
+    shared_channel_groups: bool = False
+
+    @property
+    def key(self) -> str:
+        """Its name in --methods: dgq8, dgq16, dgq8shared, pertensor, dynamic."""
+        if self.method != "dgq":
+            return self.method
+        return f"dgq{self.groups}" + ("shared" if self.shared_channel_groups else "")
 
     @property
     def label(self) -> str:
         suffix = f" K={self.groups}" if self.method == "dgq" else ""
+        suffix += " shared groups" if self.shared_channel_groups else ""
         return f"W{self.w_bits}A{self.a_bits} {self.method}{suffix}"
 
     @property
     def dirname(self) -> str:
-        return f"w{self.w_bits}a{self.a_bits}_{self.method}" + (
-            f"_k{self.groups}" if self.method == "dgq" else ""
-        )
+        return f"w{self.w_bits}a{self.a_bits}_{self.key}"
 
 
 def default_settings(precisions=PRECISIONS) -> list[QuantSetting]:
-    """DGQ K=8, DGQ K=16, per-tensor and dynamic baselines at each precision."""
+    """DGQ K=8, DGQ K=16, DGQ K=8 with shared channel groups, per-tensor and dynamic baselines at each precision."""
     return [
         setting
         for w_bits, a_bits in precisions
         for setting in (
             QuantSetting("dgq", w_bits, a_bits, 8),
             QuantSetting("dgq", w_bits, a_bits, 16),
+            QuantSetting("dgq", w_bits, a_bits, 8, shared_channel_groups=True),
             QuantSetting("pertensor", w_bits, a_bits),
             QuantSetting("dynamic", w_bits, a_bits),
         )
@@ -94,6 +103,7 @@ def quantized_model(
     pipe = load_pipeline(model)
     config = QuantConfig(
         method=setting.method, w_bits=setting.w_bits, a_bits=setting.a_bits, groups=setting.groups,
+        shared_channel_groups=setting.shared_channel_groups,
         base_model=os.path.relpath(model.resolve(), out_dir.resolve()),
     )
     calibrations[setting.method == "dgq"].quantize(pipe.unet, config)
@@ -186,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=harness.DEFAULT_GUIDANCE)
     parser.add_argument("--num-calib", type=int, default=32)
     parser.add_argument("--precisions", default="8/8,4/8,8/6,4/6", help="W/A pairs, comma-separated")
-    parser.add_argument("--methods", default="dgq8,dgq16,pertensor,dynamic", help="rows per precision")
+    parser.add_argument("--methods", default="dgq8,dgq16,pertensor,dynamic", help="rows per precision (also: dgq8shared)")
     parser.add_argument("--exec", dest="exec_mode", choices=("fake", "int"), default="fake")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -195,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.methods.split(","))
     settings = [
         s for s in default_settings(precisions)
-        if (f"dgq{s.groups}" if s.method == "dgq" else s.method) in wanted
+        if s.key in wanted
     ]  # fmt: skip
     reports = run(
         args.out, args.model, args.num, args.steps, args.guidance, args.num_calib, settings, args.exec_mode
