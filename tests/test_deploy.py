@@ -241,6 +241,8 @@ def test_k8s_wiring_matches_the_service():
     meta = trigger["metadata"]
     assert meta["stream"] == keys.JOBS_STREAM and meta["consumerGroup"] == keys.WORKER_GROUP
     assert int(meta["lagCount"]) == int(settings["DGQ_MAX_BATCH"])
+    # KEDA 2.11+ refuses a lagCount trigger without activationLagCount (parseRedisStreamsMetadata).
+    assert int(meta["activationLagCount"]) >= 0
     host, port = meta["address"].split(":")
     assert host.split(".")[:2] == ["redis", "dgq-serve"] and ("Service", "redis") in objects
     assert settings["DGQ_REDIS_URL"] == f"redis://redis:{port}/0"
