@@ -33,19 +33,18 @@ RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.tom
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The code, with the bundled model (dgq_core/zoo/dgq-shapes: weights and model card) inside the package.
+# The code, with the bundled model (dgq_core/zoo/dgq-shapes) and its pre-quantized checkpoint inside the package.
 COPY dgq_core ./dgq_core
 COPY service ./service
 RUN pip install --no-deps .
 
-# Where `DGQ_QUANTIZED=auto` keeps quantized checkpoints (a volume in docker-compose.yml) and where hub models are
-# cached. The bundled model is quantized here, at build time, under the name 'auto' looks for
-# (<cache>/<model dir name>-dgq), so it starts without calibrating; another DGQ_MODEL is quantized at its first
-# start into the same cache. A fresh named volume is filled from this directory of the image.
+# Where `DGQ_QUANTIZED=auto` keeps the checkpoints it makes for other models (a volume in docker-compose.yml) and
+# where hub models are cached; the dgq user writes both (a fresh named volume takes this directory's owner). The
+# bundled model needs neither: its DGQ checkpoint is installed beside it (dgq_core/zoo/dgq-shapes-dgq, package data),
+# and 'auto' takes a checkpoint shipped beside the model before the cache, so the image starts without calibrating.
 ENV DGQ_QUANTIZED_CACHE_DIR=/var/cache/dgq \
     HF_HOME=/var/cache/huggingface
 RUN mkdir -p "$DGQ_QUANTIZED_CACHE_DIR" "$HF_HOME" \
-    && dgq quantize --model dgq_core/zoo/dgq-shapes --out "$DGQ_QUANTIZED_CACHE_DIR/dgq-shapes-dgq" --steps 25 --groups 8 \
     && chown -R dgq:dgq "$DGQ_QUANTIZED_CACHE_DIR" "$HF_HOME"
 
 USER dgq

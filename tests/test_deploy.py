@@ -1,7 +1,8 @@
 """Deployment files, checked without a Docker engine or a cluster.
 
 - docker-compose.yml against the Compose spec (`docker-compose config`, Debian package docker-compose) and its wiring;
-- the Dockerfile's instructions against the code (the checkpoint it bakes is the one 'auto' looks for);
+- the Dockerfile's instructions, and the package its `pip install --no-deps .` installs (built as a wheel here):
+  the bundled model with its pre-quantized checkpoint, which 'auto' serves without quantizing at startup;
 - .env.example against `Settings`;
 - deploy/k8s against the Kubernetes OpenAPI schemas (kubernetes-validate) and the queue's stream/group names;
 - deploy/prometheus with `promtool` (Debian package prometheus);
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +34,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service import metrics
 from service.config import Settings
-from service.pipelines import auto_quantized_dir
 from service.queue import keys
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,10 +164,14 @@ def test_env_example_covers_every_setting_and_validates(monkeypatch):
     assert settings.api_keys == [] and settings.max_batch == 4
 
 
-def test_dockerfile_layers_user_healthcheck_and_baked_checkpoint():
+def _dockerfile_instructions() -> list[str]:
     lines = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text()).splitlines()
-    instructions = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    index = {i: line for i, line in enumerate(instructions)}
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_dockerfile_layers_user_and_healthcheck():
+    instructions = _dockerfile_instructions()
+    index = dict(enumerate(instructions))
 
     def first(prefix: str) -> int:
         return next(i for i, line in index.items() if line.startswith(prefix))
@@ -186,13 +191,11 @@ def test_dockerfile_layers_user_healthcheck_and_baked_checkpoint():
     assert "/healthz" in index[first("HEALTHCHECK")]
     assert instructions[-1] == 'CMD ["dgq", "serve"]'
 
-    # The checkpoint baked at build time is where DGQ_QUANTIZED=auto looks for the bundled model's.
-    quantize = index[first("ENV DGQ_QUANTIZED_CACHE_DIR=") + 1]
-    cache_dir = re.search(r"DGQ_QUANTIZED_CACHE_DIR=(\S+)", index[first("ENV DGQ_QUANTIZED_CACHE_DIR=")]).group(1)
-    model, out = re.search(r"dgq quantize --model (\S+) --out (\S+)", quantize).groups()
-    assert (REPO / model).resolve() == Settings(model="bundled").model_ref
-    expected = auto_quantized_dir(Settings(model="bundled", quantized_cache_dir=cache_dir))
-    assert out.replace('"$DGQ_QUANTIZED_CACHE_DIR', cache_dir).rstrip('"') == str(expected)
+    # The user the containers run as owns the directories the volumes are mounted on (quantize cache, hub cache).
+    user = users[-1].split()[1]
+    cache_env = index[first("ENV DGQ_QUANTIZED_CACHE_DIR=")]
+    assert "HF_HOME=" in cache_env
+    assert f"chown -R {user}:{user} \"$DGQ_QUANTIZED_CACHE_DIR\" \"$HF_HOME\"" in index[first("RUN mkdir -p")]
 
     # Everything the COPY lines name is in the build context that .dockerignore lets through.
     allowed = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
@@ -201,6 +204,43 @@ def test_dockerfile_layers_user_healthcheck_and_baked_checkpoint():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
                 assert source.rstrip("/") in allowed and (REPO / source).exists(), source
+
+
+def test_image_package_holds_the_bundled_model_and_its_checkpoint(tmp_path):
+    """What the image's `pip install --no-deps .` installs: a wheel built from the Docker build context. The bundled
+    model, its pre-quantized checkpoint and the playground files must all be in it, and with DGQ_QUANTIZED=auto the
+    installed bundled model resolves to that checkpoint without quantizing anything at startup."""
+    context = tmp_path / "context"
+    context.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, context / name)
+    for name in ("dgq_core", "service"):
+        shutil.copytree(REPO / name, context / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                             "-w", str(tmp_path / "dist"), str(context)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        packaged = set(archive.namelist())
+        archive.extractall(tmp_path / "site")
+
+    shipped = [f"dgq_core/zoo/{name}" for name in ("dgq-shapes", "dgq-shapes-dgq")] + ["service/static"]
+    needed = {path.relative_to(context).as_posix() for folder in shipped for path in (context / folder).rglob("*")
+              if path.is_file()}
+    assert any(name.endswith("dgq_unet.safetensors") for name in needed)
+    assert needed - packaged == set(), "files the image would lack (pyproject.toml package-data)"
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    probe = ("from service.config import Settings; from service.pipelines import quantized_checkpoint; "
+             "print(quantized_checkpoint(Settings(_env_file=None, model='bundled', quantized='auto')))")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DGQ_")}
+    env |= {"PYTHONPATH": str(tmp_path / "site"), "DGQ_QUANTIZED_CACHE_DIR": str(cache)}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == tmp_path / "site" / "dgq_core" / "zoo" / "dgq-shapes-dgq"
+    assert list(cache.iterdir()) == [], "the bundled model was quantized at startup"
 
 
 # --- Kubernetes ---
