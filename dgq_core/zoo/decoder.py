@@ -5,6 +5,7 @@ UNet run, or after it -- without invalidating the UNet. The short joint VAE stag
 reconstructions blurry on two CPU cores; this stage sharpens them.
 
     python -m dgq_core.zoo.decoder --checkpoint runs/zoo/checkpoint --out runs/decoder --steps 3000 [--resume]
+    python -m dgq_core.zoo.decoder --model dgq_core/zoo/dgq-shapes --out runs/decoder2 --steps 3000   # continue
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -39,6 +41,13 @@ def load_vae_from_checkpoint(checkpoint_dir: Path):
     return vae
 
 
+def load_vae(checkpoint_dir: Path | None, model_dir: Path | None) -> AutoencoderKL:
+    """The AutoencoderKL to fine-tune: from a training checkpoint, or from an exported pipeline directory."""
+    if checkpoint_dir is not None:
+        return load_vae_from_checkpoint(checkpoint_dir)
+    return AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+
+
 def decoder_state(vae) -> dict[str, torch.Tensor]:
     return {k: v for k, v in vae.state_dict().items() if k.startswith(DECODER_PREFIXES)}
 
@@ -54,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="python -m dgq_core.zoo.decoder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint dir of the UNet run")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="checkpoint dir of the UNet run")
+    source.add_argument("--model", type=Path, help="an exported pipeline dir whose decoder to keep training")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -67,13 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    vae = load_vae_from_checkpoint(args.checkpoint)
+    vae = load_vae(args.checkpoint, args.model)
     vae.requires_grad_(False)
     decoder_params = [p for name, p in vae.named_parameters() if name.startswith(DECODER_PREFIXES)]
     for param in decoder_params:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(decoder_params, lr=args.lr, weight_decay=0.0)
+    # Steps count the decoder's whole fine-tuning, so a continued one draws new batches and the export says how
+    # far it got.
     step = 0
+    if args.model is not None:
+        step = json.loads((args.model / "zoo_training.json").read_text()).get("decoder_finetune_steps", 0)
     if args.resume and (args.out / STATE_FILE).is_file():
         vae.load_state_dict(load_file(str(args.out / DECODER_FILE)), strict=False)
         step = json.loads((args.out / STATE_FILE).read_text())["step"]
@@ -83,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         save_file({k: v.contiguous() for k, v in decoder_state(vae).items()}, str(tmp))
         os.replace(tmp, args.out / DECODER_FILE)
         (args.out / STATE_FILE).write_text(
-            json.dumps({"step": step, "checkpoint": str(args.checkpoint)}) + "\n"
+            json.dumps({"step": step, "source": str(args.checkpoint or args.model)}) + "\n"
         )
 
     with tqdm(total=args.steps, initial=step, desc="decoder") as bar:

@@ -67,8 +67,13 @@ class TrainConfig:
             against a reconstruction loss summed over pixels; 1e-8 against the mean is of that order here. Larger
             weights (1e-5 was tried) blur the reconstructions badly within the few steps trained here.
         batch_size: images per UNet step.
-        lr: UNet + text-encoder learning rate (constant after warm-up, so a run can stop at any step).
-        warmup_steps: linear learning-rate warm-up of the UNet stage.
+        lr: UNet + text-encoder learning rate after warm-up.
+        warmup_steps: linear learning-rate warm-up of the UNet stage, counted from the optimizer's first step (a
+            run warm-started with `--init-from` has a fresh optimizer, whose first steps would otherwise jolt
+            the trained weights at the full rate).
+        lr_decay_steps: cosine decay of the learning rate over this many steps after warm-up, down to
+            `final_lr_fraction` of `lr`; 0 keeps it constant, so a run can stop at any step.
+        final_lr_fraction: the learning rate at the end of the decay, as a fraction of `lr`.
         ema_decay: decay of the exported exponential moving average of the UNet and text-encoder weights.
         uncond_prob: probability of training on the empty prompt, so classifier-free guidance works.
         min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023), which speeds up convergence.
@@ -83,6 +88,8 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 4e-4
     warmup_steps: int = 200
+    lr_decay_steps: int = 0
+    final_lr_fraction: float = 0.1
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
     min_snr_gamma: float = 5.0
@@ -167,6 +174,8 @@ class Trainer:
         self.snr = alphas_cumprod / (1 - alphas_cumprod)
         self.vae_step = 0
         self.unet_step = 0
+        # The UNet step at which the optimizer started (non-zero for a warm start); the schedule counts from it.
+        self.schedule_origin = 0
         self.uncond_ids = self._tokenize([""])
         self.latent_pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -193,6 +202,7 @@ class Trainer:
         state = {
             "vae_step": self.vae_step,
             "unet_step": self.unet_step,
+            "schedule_origin": self.schedule_origin,
             "vae_scaling_factor": self.vae.config.scaling_factor,
             "train_config": asdict(self.config),
             "optimizers": meta,
@@ -216,6 +226,7 @@ class Trainer:
             )
         self.vae_step = state["vae_step"]
         self.unet_step = state["unet_step"]
+        self.schedule_origin = state.get("schedule_origin", 0)
         self.vae.register_to_config(scaling_factor=state["vae_scaling_factor"])
 
     def init_from_pipeline(self, model_dir: Path) -> None:
@@ -234,6 +245,7 @@ class Trainer:
         provenance = json.loads((model_dir / "zoo_training.json").read_text())
         self.vae_step = provenance["vae_steps"]
         self.unet_step = provenance["unet_steps"]
+        self.schedule_origin = self.unet_step
 
     # ---- training ----------------------------------------------------------------------------------------------
 
@@ -313,9 +325,8 @@ class Trainer:
         timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(index),), generator=generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
-        warmup = min(1.0, (self.unet_step + 1) / self.config.warmup_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.lr * warmup
+            group["lr"] = self.learning_rate()
         hidden_states = self.text_encoder(input_ids).last_hidden_state
         prediction = self.unet(noisy, timesteps, hidden_states).sample
         snr = self.snr[timesteps]
@@ -330,6 +341,18 @@ class Trainer:
         self._update_ema()
         self.unet_step += 1
         return loss.item()
+
+    def learning_rate(self) -> float:
+        """The UNet-stage learning rate of the current step: linear warm-up, then constant or cosine decay."""
+        config = self.config
+        step = self.unet_step - self.schedule_origin
+        if step < config.warmup_steps:
+            return config.lr * (step + 1) / config.warmup_steps
+        if config.lr_decay_steps <= 0:
+            return config.lr
+        progress = min(1.0, (step - config.warmup_steps) / config.lr_decay_steps)
+        fraction = config.final_lr_fraction + (1 - config.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+        return config.lr * fraction
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -423,6 +446,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--lr-decay-steps", type=int, default=TrainConfig.lr_decay_steps)
+    parser.add_argument("--final-lr-fraction", type=float, default=TrainConfig.final_lr_fraction)
     parser.add_argument("--latent-pool-size", type=int, default=TrainConfig.latent_pool_size)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     parser.add_argument(
@@ -457,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         latent_pool_size=args.latent_pool_size,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_decay_steps=args.lr_decay_steps,
+        final_lr_fraction=args.final_lr_fraction,
     )
     trainer = Trainer(args.out, ZooModelConfig(), train_config)
     if args.resume:
