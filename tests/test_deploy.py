@@ -90,23 +90,34 @@ def _k8s_objects() -> dict[tuple[str, str], dict]:
     return objects
 
 
+def _expressions(node: object) -> list[str]:
+    """Every `expr` in a dashboard or rule file, depth first."""
+    if isinstance(node, dict):
+        return [value for key, value in node.items() if key == "expr"] + [
+            expr for value in node.values() for expr in _expressions(value)]
+    if isinstance(node, list):
+        return [expr for value in node for expr in _expressions(value)]
+    return []
+
+
+def _dashboard_expressions() -> list[str]:
+    return _expressions(json.loads(DASHBOARD.read_text()))
+
+
+def _alert_expressions() -> dict[str, str]:
+    return {rule["alert"]: rule["expr"] for group in yaml.safe_load(ALERTS.read_text())["groups"]
+            for rule in group["rules"]}
+
+
+def _metric_names(expressions: list[str]) -> set[str]:
+    return {name for expr in expressions for name in re.findall(r"\b(dgq_[a-z0-9_]+)", expr)}
+
+
 def _queried_metric_names() -> set[str]:
     """Names of series that the dashboard's and the alert rules' expressions select."""
-    expressions = []
-
-    def collect(node: object) -> None:
-        if isinstance(node, dict):
-            expressions.extend(value for key, value in node.items() if key == "expr")
-            for value in node.values():
-                collect(value)
-        elif isinstance(node, list):
-            for value in node:
-                collect(value)
-
-    collect(json.loads(DASHBOARD.read_text()))
-    collect(yaml.safe_load(ALERTS.read_text()))
+    expressions = _dashboard_expressions() + list(_alert_expressions().values())
     assert expressions
-    return {name for expr in expressions for name in re.findall(r"\b(dgq_[a-z0-9_]+)", expr)}
+    return _metric_names(expressions)
 
 
 # --- docker-compose.yml, Dockerfile, .env.example ---
@@ -312,8 +323,76 @@ def test_promtool_checks_config_and_rules():
 def test_dashboard_covers_every_metric_of_the_service():
     defined = {metric._name for metric in vars(metrics).values() if isinstance(metric, MetricWrapperBase)}
     assert len(defined) >= 20
-    queried = {re.sub(r"_(bucket|count|sum|total|info)$", "", name) for name in _queried_metric_names()}
-    assert defined - queried == set(), "metrics without a dashboard panel or alert"
+    shown = {re.sub(r"_(bucket|count|sum|total|info)$", "", name) for name in _metric_names(_dashboard_expressions())}
+    assert defined - shown == set(), "metrics without a dashboard panel"
+
+
+# What the dashboard must show (issue: deploy and watch it), each as a pattern some panel query matches.
+DASHBOARD_VIEWS = {
+    "requests/s by route": r"sum by \(route\) \(rate\(dgq_http_request_duration_seconds_count",
+    **{f"p{q} latency by route": rf"histogram_quantile\(0\.{q}, sum by \(le, route\) "
+                                  r"\(rate\(dgq_http_request_duration_seconds_bucket" for q in ("5", "95", "99")},
+    "queue depth": r"dgq_queue_depth_jobs",
+    "queue lag": r"dgq_queue_consumer_lag_jobs",
+    "queue wait time": r"histogram_quantile\(.*dgq_queue_wait_seconds_bucket",
+    "batch size": r"dgq_batch_size_images_(sum|bucket)",
+    "text encode time": r"dgq_text_encode_seconds_sum",
+    "denoise time": r"dgq_denoise_seconds_sum",
+    "decode time": r"dgq_decode_seconds_sum",
+    "images/s": r"^sum\(rate\(dgq_batch_size_images_sum\[",
+    "jobs by outcome": r"sum by \(outcome\) \(rate\(dgq_jobs_total",
+    "weight bytes by precision": r"by \([^)]*\bprecision\b[^)]*\) \(dgq_model_weight_bytes",
+    "RSS per process": r"^dgq_process_resident_memory_bytes$",
+    "GPU memory per worker": r'^dgq_cuda_memory_(allocated|peak)_bytes\{job="dgq-worker"\}$',
+}
+
+# The alerts the issue asks for: each needs a rule whose expression matches.
+ALERT_CONDITIONS = {
+    "workers down": r'up\{job="dgq-worker"\} == 0',
+    "queue lag growing": r"deriv\(dgq_queue_consumer_lag_jobs",
+    "p95 latency over a threshold": r"histogram_quantile\(0\.95,.*dgq_http_request_duration_seconds_bucket.*\) > \d",
+    "error rate": r'dgq_http_request_duration_seconds_count\{status=~"5\.\."\}',
+    "dead-letter growth": r"increase\(dgq_jobs_dead_lettered_total",
+    "GPU memory near the limit": r"dgq_cuda_memory_peak_bytes.*>.*dgq_cuda_memory_total_bytes",
+}
+
+
+def test_dashboard_and_alerts_cover_what_the_issue_asks_for():
+    dashboard = [" ".join(expr.split()) for expr in _dashboard_expressions()]
+    missing = [view for view, pattern in DASHBOARD_VIEWS.items()
+               if not any(re.search(pattern, expr) for expr in dashboard)]
+    assert missing == [], "dashboard views missing"
+    alerts = [" ".join(expr.split()) for expr in _alert_expressions().values()]
+    missing = [alert for alert, pattern in ALERT_CONDITIONS.items()
+               if not any(re.search(pattern, expr) for expr in alerts)]
+    assert missing == [], "alert rules missing"
+
+
+def test_grafana_provisioning_wiring():
+    """The dashboard's datasource is the provisioned one, and the files lie where compose mounts them."""
+    grafana = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["grafana"]
+    # Container path -> repository directory, for the bind mounts of the repository's files.
+    mounted = {volume.split(":")[1]: REPO / volume.split(":")[0] for volume in grafana["volumes"]
+               if volume.startswith("./")}
+    (datasource,) = yaml.safe_load(
+        (mounted["/etc/grafana/provisioning"] / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert datasource["url"] == "http://prometheus:9090" and datasource["type"] == "prometheus"
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    used = set()
+    for panel in dashboard["panels"]:
+        for node in [panel, *panel.get("targets", [])]:
+            if node.get("datasource") is not None:
+                used.add((node["datasource"]["type"], node["datasource"]["uid"]))
+    assert used == {("prometheus", datasource["uid"])}
+    assert all(target.get("expr") for panel in dashboard["panels"] for target in panel.get("targets", []))
+
+    (provider,) = yaml.safe_load(
+        (mounted["/etc/grafana/provisioning"] / "dashboards" / "dgq-serve.yml").read_text())["providers"]
+    dashboards_dir = provider["options"]["path"]
+    assert mounted[dashboards_dir].resolve() == DASHBOARD.parent
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (mounted[dashboards_dir] / Path(home).relative_to(dashboards_dir)).resolve() == DASHBOARD
 
 
 @pytest.fixture(scope="module")
