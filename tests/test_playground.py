@@ -1,8 +1,9 @@
 """The playground page at `/`, end to end in a real headless browser (Debian's chromium driven by Playwright).
 
 A `dgq serve` process on a free port serves the tiny DGQ-quantized model; the browser types a prompt, follows the
-live progress and shows the image. `DGQ_PLAYGROUND_SCREENSHOT=PATH` also saves a screenshot there (how
-docs/playground.png is made).
+live progress and shows the image. A second one serves what the Docker image serves by default (the bundled model,
+DGQ_QUANTIZED=auto); `DGQ_PLAYGROUND_SCREENSHOT=PATH` saves a screenshot of it there (how docs/playground.png is
+made).
 """
 
 from __future__ import annotations
@@ -33,15 +34,21 @@ def served(tiny_sd_model_dir, tiny_dgq_checkpoint_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(served):
+def browser():
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 900, "height": 820})
-            page.goto(served + "/")
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, served):
+    page = browser.new_page(viewport={"width": 900, "height": 820})
+    page.goto(served + "/")
+    yield page
+    page.close()
 
 
 def test_page_shows_the_model_and_its_quantization(page):
@@ -80,8 +87,6 @@ def test_generate_shows_live_progress_and_the_image_of_the_requested_seed(page, 
                                                 "seed": 7, "width": 16, "height": 16, "guidance_scale": 7.5})
     assert shown.status_code == direct.status_code == 200
     assert shown.content == direct.content
-    if screenshot := os.environ.get("DGQ_PLAYGROUND_SCREENSHOT"):
-        page.screenshot(path=screenshot, full_page=True)
 
 
 def test_a_refused_request_shows_the_reason(page):
@@ -114,3 +119,29 @@ def test_docs_render_without_the_internet(page, served):
         context.close()
     assert {"/generate", "/jobs/{job_id}", "/v1/images/generations"} <= {p.replace("\u200b", "") for p in paths}
     assert outside == []
+
+
+def test_the_bundled_model_as_the_image_serves_it(browser, tmp_path):
+    """The image's defaults (DGQ_MODEL=bundled, DGQ_QUANTIZED=auto) on the CPU: the page shows the DGQ checkpoint
+    shipped with the model (nothing is quantized at startup) and draws the page's own example prompt."""
+    cache = tmp_path / "quantized-cache"
+    env = {"DGQ_MODEL": "bundled", "DGQ_QUANTIZED": "auto", "DGQ_QUANTIZED_CACHE_DIR": str(cache),
+           "DGQ_DEVICE": "cpu"}
+    with running_serve(env, tmp_path / "serve.log") as base_url:
+        page = browser.new_page(viewport={"width": 900, "height": 820})
+        try:
+            page.goto(base_url + "/")
+            playwright_api.expect(page.locator("#model-info")).to_have_text(
+                "Model bundled · quantization DGQ W8A8, fake execution on cpu")
+            native = page.input_value("#width")
+            assert native == page.input_value("#height") and int(native) > 16
+            page.fill("#seed", "1")
+            page.click("#generate")
+            playwright_api.expect(page.locator("#status")).to_have_text("Done.", timeout=180_000)
+            assert page.evaluate("document.getElementById('image').naturalWidth") == int(native)
+            assert "seed 1" in page.text_content("#details")
+            if screenshot := os.environ.get("DGQ_PLAYGROUND_SCREENSHOT"):
+                page.screenshot(path=screenshot, full_page=True)
+        finally:
+            page.close()
+    assert not cache.exists() or list(cache.iterdir()) == [], "the bundled model was quantized at startup"
