@@ -405,6 +405,25 @@ def served(tiny_sd_model_dir, tmp_path_factory) -> Iterator[str]:
         yield base_url
 
 
+def test_healthchecks_pass_on_a_running_service_and_fail_without_one(served):
+    """The image's HEALTHCHECK command (DGQ_PORT pointed at the running `dgq serve`) and compose's API healthcheck
+    (its port swapped for the running one), run as Docker would run them; both must fail on a closed port."""
+    port = served.rsplit(":", 1)[1]
+    closed = str(free_port())
+    healthcheck = next(line for line in _dockerfile_instructions() if line.startswith("HEALTHCHECK "))
+    command = healthcheck.split(" CMD ", 1)[1]  # shell form: Docker runs it with /bin/sh -c
+    for tried, expected in ((port, 0), (closed, 1)):
+        result = subprocess.run(["/bin/sh", "-c", command], env=os.environ | {"DGQ_PORT": tried},
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == expected, (tried, result.stderr[-500:])
+
+    test = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["api"]["healthcheck"]["test"]
+    assert test[0] == "CMD" and "127.0.0.1:8000/healthz" in test[-1]
+    for tried, expected in ((port, 0), (closed, 1)):
+        argv = [*test[1:-1], test[-1].replace(":8000/", f":{tried}/")]
+        assert subprocess.run(argv, capture_output=True, timeout=30).returncode == expected, tried
+
+
 def test_every_metric_the_dashboard_and_alerts_query_is_exported(served):
     exported = {sample.name for family in text_string_to_metric_families(httpx.get(served + "/metrics").text)
                 for sample in family.samples}
