@@ -146,6 +146,13 @@ def test_compose_wiring():
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert "ports" not in worker, "a published host port would make `--scale worker=N` collide"
+    assert "container_name" not in worker, "a fixed container name allows one replica only"
+    # Prometheus finds the API by name and every worker replica through compose's DNS, on the ports they listen on.
+    scrape = {job["job_name"]: job for job in
+              yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]}
+    assert scrape["dgq-api"]["static_configs"][0]["targets"] == [f"api:{services['api']['environment']['DGQ_PORT']}"]
+    (dns,) = scrape["dgq-worker"]["dns_sd_configs"]
+    assert dns["names"] == ["worker"] and dns["port"] == int(worker["environment"]["DGQ_WORKER_METRICS_PORT"])
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
     assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
     for name in ("api", "worker"):
