@@ -131,16 +131,8 @@ class Settings(BaseSettings):
     @field_validator("model", "quantized")
     @classmethod
     def _inside_model_roots(cls, value: str | None, info: ValidationInfo) -> str | None:
-        roots = info.data.get("model_roots") or []
-        if not roots or value is None or not _is_local_path(value):
-            return value
-        resolved = Path(value).expanduser().resolve()  # symlinks followed: a link out of a root is outside
-        if not any(resolved.is_relative_to(Path(root).expanduser().resolve()) for root in roots):
-            raise ValueError(
-                f"{info.field_name} {value} resolves to {resolved}, outside the allowed model directories "
-                f"(model_roots: {', '.join(roots)}): move it under one of them or add its directory to "
-                "DGQ_MODEL_ROOTS"
-            )
+        if value is not None:
+            check_inside_model_roots(info.field_name, value, info.data.get("model_roots") or [])
         return value
 
     @property
@@ -164,6 +156,27 @@ class Settings(BaseSettings):
     def metrics_key_hashes(self) -> list[str]:
         """The `sha256:<hex>` hashes of the keys `/metrics` accepts."""
         return [key.get_secret_value() for key in self.metrics_api_keys]
+
+
+def check_inside_model_roots(what: str, value: str, roots: list[str]) -> None:
+    """Refuse a local model directory outside the allowed ones.
+
+    Args:
+        what (`str`): how the error names the path, e.g. "model".
+        value (`str`): a directory, hub id or keyword ('bundled', 'auto', 'none'); only directories are checked.
+        roots (`list[str]`): the allowed directories (`model_roots`); empty = any.
+
+    Raises:
+        ValueError: `value` is a directory that resolves (symlinks followed) outside every one of `roots`.
+    """
+    if not roots or not _is_local_path(value):
+        return
+    resolved = Path(value).expanduser().resolve()  # symlinks followed: a link out of a root is outside
+    if not any(resolved.is_relative_to(Path(root).expanduser().resolve()) for root in roots):
+        raise ValueError(
+            f"{what} {value} resolves to {resolved}, outside the allowed model directories "
+            f"(model_roots: {', '.join(roots)}): move it under one of them or add its directory to DGQ_MODEL_ROOTS"
+        )
 
 
 def _is_local_path(value: str) -> bool:

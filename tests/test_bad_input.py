@@ -27,6 +27,7 @@ from schemathesis.checks import not_a_server_error
 from dgq_core.checkpoint import CheckpointError
 from service.api.app import create_app
 from service.config import Settings
+from service.pipelines import quantized_checkpoint
 
 MAX_BODY_BYTES = 4096
 FUZZ_EXAMPLES = 40
@@ -223,6 +224,29 @@ def test_model_paths_outside_model_roots_are_refused(tiny_sd_model_dir, tmp_path
         env=env | {"DGQ_MODEL_ROOTS": str(roots), "DGQ_MODEL": str(tiny_sd_model_dir), "REDIS_URL": "redis://x"},
     )
     assert refused_start.returncode == 2 and "outside the allowed model directories" in refused_start.stderr
+
+
+@pytest.mark.anyio
+async def test_directories_a_model_leads_to_outside_model_roots_are_refused_at_startup(
+    tiny_sd_model_dir, tiny_dgq_checkpoint_dir, tmp_path
+):
+    """Paths `Settings` cannot see: the base model a quantized model directory names, and the checkpoint
+    quantized='auto' picks up beside the model."""
+    roots = tmp_path / "models"
+    names_outside = shutil.copytree(tiny_dgq_checkpoint_dir, roots / "checkpoint")  # base_model: tiny_sd_model_dir
+    inside = shutil.copytree(tiny_sd_model_dir, roots / "tiny")
+    (roots / "tiny-dgq").symlink_to(tiny_dgq_checkpoint_dir)  # shipped beside the model, but a link out
+    for model, outside in ((names_outside, tiny_sd_model_dir), (inside, tiny_dgq_checkpoint_dir)):
+        settings = Settings(model_roots=str(roots), model=str(model), _env_file=None)  # the model itself is inside
+        with pytest.raises(ValueError, match="outside the allowed model directories") as refused:
+            async with running_api(settings, wait_ready=False):
+                pass
+        assert f"resolves to {outside.resolve()}" in str(refused.value), refused.value
+
+    (roots / "tiny-dgq").unlink()
+    shutil.copytree(tiny_dgq_checkpoint_dir, roots / "tiny-dgq")
+    settings = Settings(model_roots=str(roots), model=str(inside), _env_file=None)
+    assert quantized_checkpoint(settings) == str(roots / "tiny-dgq"), "a checkpoint inside the roots is used"
 
 
 @pytest.mark.anyio
