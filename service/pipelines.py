@@ -18,7 +18,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from dgq_core.layers import MIN_CONV_BATCH, MIN_GEMM_ROWS
-from service.config import Settings
+from service.config import BUNDLED_MODEL, Settings, check_inside_model_roots
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,40 @@ def quantized_checkpoint(settings: Settings) -> str | None:
     'none': none. A path: that one. 'auto', in order: the model directory is itself quantized (None); a checkpoint
     shipped beside it (`shipped_quantized_dir`); the cache, filled at the first start by `dgq quantize` with its
     defaults (one process quantizes, the others on the same disk wait for it).
+
+    Raises:
+        ValueError: with `model_roots`, a directory this leads to lies outside them (`_check_model_roots`).
     """
+    checkpoint = _find_quantized_checkpoint(settings)
+    _check_model_roots(settings, checkpoint)
+    return checkpoint
+
+
+def _check_model_roots(settings: Settings, checkpoint: str | None) -> None:
+    """Refuse the directories a configured model leads to outside `model_roots`: the checkpoint quantized='auto'
+    found beside the model, and the base model a quantized model directory names (its `base_model`).
+
+    `Settings` checks the configured paths themselves; the bundled model and the cache quantized='auto' fills are
+    always allowed.
+
+    Args:
+        settings (`Settings`): the model, its `quantized` and `model_roots`.
+        checkpoint (`str | None`): what `quantized_checkpoint` chose.
+
+    Raises:
+        ValueError: one of them resolves outside `model_roots`.
+    """
+    if not settings.model_roots or settings.model == BUNDLED_MODEL:
+        return
+    from dgq_core.pipeline import resolve_model
+
+    base = resolve_model(settings.model_ref, checkpoint).base
+    check_inside_model_roots(f"the base model of {settings.model},", base, settings.model_roots)
+    if checkpoint is not None and Path(checkpoint) != auto_quantized_dir(settings):
+        check_inside_model_roots("the quantized checkpoint", checkpoint, settings.model_roots)
+
+
+def _find_quantized_checkpoint(settings: Settings) -> str | None:
     if settings.quantized in (None, "none"):
         return None
     if settings.quantized != "auto":
