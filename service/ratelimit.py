@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.config import Settings
 from service.errors import QueueUnavailable
 from service.queue import keys
+from service.queue.redis_streams import connect
 
 _TAKE = """
 local rate = tonumber(ARGV[1])
@@ -98,7 +98,7 @@ class RedisRateLimiter(RateLimiter):
 
     def __init__(self, redis_url: str, per_minute: float, burst: int, retry_after_s: int) -> None:
         super().__init__(per_minute, burst)
-        self._redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+        self._redis = connect(redis_url, socket_timeout_s=5)
         self._take = self._redis.register_script(_TAKE)
         self._retry_after_s = retry_after_s
 

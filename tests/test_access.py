@@ -22,6 +22,7 @@ from test_deploy import running_serve
 from service.auth import hash_api_key, key_id
 from service.config import Settings
 from service.queue import keys
+from service.ratelimit import RedisRateLimiter
 
 pytestmark = pytest.mark.anyio
 
@@ -113,6 +114,20 @@ async def test_rate_limit_is_shared_by_api_replicas_through_redis(embedded_setti
         bucket = keys.rate_limit(f"key:{key_id(hash_api_key(KEY_A))}")
         assert float(client.hget(bucket, "tokens")) < 1 and 0 < client.pttl(bucket) <= 41_000
         assert KEY_A.encode() not in b"".join(client.keys("*")), "Redis holds no key"
+
+
+async def test_shared_rate_limits_answer_again_at_once_after_a_redis_restart(redis_server, redis_url):
+    """Connections the limiter pooled before Redis restarted are dead; the next request retries on a fresh one
+    instead of answering 503."""
+    limiter = RedisRateLimiter(redis_url, per_minute=60, burst=4, retry_after_s=1)
+    try:
+        waits = [await limiter.take("key:a") for _ in range(5)]
+        assert waits[:4] == [0] * 4 and waits[4] > 0, waits
+        redis_server.stop()
+        redis_server.start()  # same port, no persistence: the buckets are gone
+        assert await limiter.take("key:a") == 0
+    finally:
+        await limiter.close()
 
 
 # --- /metrics ---

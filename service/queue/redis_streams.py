@@ -86,6 +86,22 @@ def _unavailable_on_connection_error(method: Callable[P, Awaitable[R]]) -> Calla
     return wrapper
 
 
+def connect(redis_url: str, socket_timeout_s: float) -> aioredis.Redis:
+    """An asyncio Redis client that rides out a Redis restart: the connections it pooled before are dead, and
+    without a retry on a fresh connection each of them would fail one command after Redis is back (a 503 per
+    pooled connection). Commands are retried twice, with jittered backoff.
+
+    Args:
+        redis_url (`str`): redis://host:port/db.
+        socket_timeout_s (`float`): longest wait for a reply (above any blocking read's own timeout).
+    """
+    return aioredis.Redis.from_url(
+        redis_url, socket_connect_timeout=2, socket_timeout=socket_timeout_s, health_check_interval=10,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+
+
 def _text(value: bytes | None) -> str | None:
     return value.decode() if value is not None else None
 
@@ -96,14 +112,9 @@ class RedisStreamsQueue(JobQueue):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._retry_after_s = settings.retry_after_s
-        # Pooled connections opened before a Redis restart are dead; without a retry on a fresh connection each
-        # of them would fail one command after Redis is back (a 503 per pooled connection). A retried write whose
-        # reply was lost can run twice; the status transitions are idempotent and a job ends once regardless.
-        self._redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=READ_BLOCK_MS / 1000 + 5,
-            health_check_interval=10, retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
+        # A retried write whose reply was lost can run twice; the status transitions are idempotent and a job ends
+        # once regardless.
+        self._redis = connect(settings.redis_url, socket_timeout_s=READ_BLOCK_MS / 1000 + 5)
         self._transition_script = self._redis.register_script(_TRANSITION)
         self._group_ready = False
 
