@@ -115,9 +115,9 @@ class ServiceProcesses:
     def __init__(self, model_dir: Path, redis_url: str, log_dir: Path, settings: dict[str, object]) -> None:
         self.redis_url = redis_url
         self.log_dir = log_dir
-        self.env = {
-            **os.environ, "DGQ_MODEL": str(model_dir), "DGQ_QUANTIZED": "none", "REDIS_URL": redis_url,
-            "DGQ_TORCH_THREADS": "1", "DGQ_WARMUP_STEPS": "1", "DGQ_WORKER_METRICS_PORT": "0",
+        self.env = {  # DGQ_HOST pinned: loopback only, whatever the environment says (the image sets 0.0.0.0)
+            **os.environ, "DGQ_HOST": "127.0.0.1", "DGQ_MODEL": str(model_dir), "DGQ_QUANTIZED": "none",
+            "REDIS_URL": redis_url, "DGQ_TORCH_THREADS": "1", "DGQ_WARMUP_STEPS": "1", "DGQ_WORKER_METRICS_PORT": "0",
             **{f"DGQ_{name.upper()}": str(value) for name, value in settings.items()},
         }
         self.api_port = free_port()
