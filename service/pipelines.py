@@ -122,6 +122,17 @@ def quantization_info(settings: Settings) -> dict[str, str]:
     return {"quant_method": config.method, "bits": f"W{config.w_bits}A{config.a_bits}"}
 
 
+def prompt_tokens(settings: Settings) -> int:
+    """Length of the model's text embeddings: its tokenizer pads every prompt to `model_max_length` (77 for CLIP,
+    20 for the bundled model), and a DGQ UNet calibrated at that length accepts no other."""
+    from transformers import AutoTokenizer
+
+    from dgq_core.pipeline import resolve_model
+
+    base = resolve_model(settings.model_ref, quantized_checkpoint(settings)).base
+    return AutoTokenizer.from_pretrained(base, subfolder="tokenizer").model_max_length
+
+
 def load_worker_pipeline(settings: Settings) -> DiffusionPipeline:
     """The pipeline a worker runs: quantized UNet, VAE and scheduler; no text encoder."""
     from dgq_core.pipeline import load_pipeline

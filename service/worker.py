@@ -31,6 +31,7 @@ from service.pipelines import (
     load_worker_pipeline,
     native_size,
     prompt_params_scope,
+    prompt_tokens,
     quantization_info,
     unpack_prompt,
     weight_bytes,
@@ -41,10 +42,6 @@ from service.schemas import JobEvent
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-PROMPT_TOKENS = 77
-"""Sequence length of CLIP prompt embeddings (used for the warm-up batch)."""
-
 
 @dataclass
 class BatchOutput:
@@ -190,7 +187,7 @@ class Worker:
             return
         width, height = native_size(self.settings)
         unet_config, device = self._pipe.unet.config, self._pipe.unet.device
-        embeds = torch.zeros(1, PROMPT_TOKENS, unet_config.cross_attention_dim, device=device)
+        embeds = torch.zeros(1, prompt_tokens(self.settings), unet_config.cross_attention_dim, device=device)
         text_inputs = {"prompt_embeds": embeds, "negative_prompt_embeds": embeds}
         if unet_config.addition_embed_type == "text_time":
             # SDXL: the pooled text embedding and 6 size/crop ids share the added embedding's input

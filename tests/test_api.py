@@ -5,14 +5,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import re
 
+import numpy as np
 import pytest
+import torch
 from conftest import running_api
 from PIL import Image
 
+from dgq_core.eval.metrics import psnr
+from dgq_core.pipeline import load_pipeline
 from service import metrics
 from service.auth import hash_api_key
+from service.config import BUNDLED_MODEL, Settings
+from service.pipelines import quantized_checkpoint, shipped_quantized_dir
 
 pytestmark = pytest.mark.anyio
 
@@ -38,6 +45,30 @@ async def test_generate_sync_png_and_several_as_json(embedded_settings):
 
         again = await client.post("/generate", json=REQUEST)
         assert again.content == single.content, "same parameters and seed -> same image"
+
+
+async def test_default_settings_serve_the_bundled_dgq_model_as_the_pipeline_does(monkeypatch):
+    """What `make serve` runs (`dgq serve` without settings): the bundled model with the DGQ checkpoint shipped
+    beside it (nothing quantized at startup), in-process queue and worker; the image is the pipeline's own."""
+    for name in [name for name in os.environ if name.startswith("DGQ_") or name == "REDIS_URL"]:
+        monkeypatch.delenv(name)
+    settings = Settings(_env_file=None, warmup_steps=1)
+    assert (settings.model, settings.quantized, settings.worker_in_api) == (BUNDLED_MODEL, "auto", True)
+    checkpoint = quantized_checkpoint(settings)
+    assert checkpoint == str(shipped_quantized_dir(settings.model_ref))
+    request = {"prompt": "a red circle above a blue square on a yellow background", "seed": 1, "steps": 4}
+    async with running_api(settings) as client:
+        served = await client.post("/generate", json=request)
+    assert served.status_code == 200 and served.headers["content-type"] == "image/png", served.text
+    served_image = np.asarray(Image.open(io.BytesIO(served.content)).convert("RGB"))
+    assert served_image.shape == (32, 32, 3), "the bundled model's native size"
+
+    direct = load_pipeline(settings.model_ref, quantized=checkpoint)(
+        request["prompt"], num_inference_steps=request["steps"], guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(request["seed"]), output_type="np",
+    ).images[0]
+    # The worker pads small GEMMs for batch invariance, so float rounding may differ from the plain pipeline's.
+    assert psnr(served_image, (direct * 255).round().astype(np.uint8)) >= 35.0
 
 
 async def test_generate_async_then_poll_image_and_events(embedded_settings):
