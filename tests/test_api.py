@@ -155,6 +155,19 @@ async def test_bad_input_is_422_saying_what_to_change(embedded_settings, change,
         assert says in response.json()["detail"]
 
 
+async def test_an_embedded_worker_that_cannot_load_is_logged_and_not_ready(embedded_settings, caplog):
+    embedded_settings.device = "cpu:not-a-device"  # the front stage loads on the CPU regardless
+    async with running_api(embedded_settings, wait_ready=False) as client:
+        deadline = asyncio.get_running_loop().time() + 60
+        while not [r for r in caplog.records if r.name == "service.api.app" and r.levelname == "ERROR"]:
+            assert asyncio.get_running_loop().time() < deadline, "the worker's failure was not logged"
+            await asyncio.sleep(0.05)
+        not_ready = await client.get("/readyz")
+    assert not_ready.status_code == 503 and "embedded_worker_warm" in not_ready.json()["detail"]
+    [record] = [r for r in caplog.records if r.name == "service.api.app"]
+    assert "embedded worker stopped" in record.getMessage() and "not-a-device" in record.getMessage()
+
+
 async def test_full_queue_is_429_with_retry_after(embedded_settings):
     embedded_settings.embedded_worker, embedded_settings.queue_max = False, 2
     async with running_api(embedded_settings, wait_ready=False) as client:

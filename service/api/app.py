@@ -45,6 +45,13 @@ async def _publish_queue_stats(queue: JobQueue) -> None:
         await asyncio.sleep(STATS_INTERVAL_S)
 
 
+def _log_worker_failure(task: asyncio.Task) -> None:
+    """Say in the log why the embedded worker stopped (it leaves /readyz at 503), instead of keeping the error
+    in the task until shutdown."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("the embedded worker stopped: %r; /readyz stays 503", error, exc_info=error)
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -59,7 +66,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("metrics on http://%s:%d/metrics", settings.host, app.state.metrics_server.server_port)
     tasks = [asyncio.create_task(_publish_queue_stats(queue))]
     if worker is not None:
-        tasks.append(asyncio.create_task(worker.run()))
+        worker_task = asyncio.create_task(worker.run())
+        worker_task.add_done_callback(_log_worker_failure)
+        tasks.append(worker_task)
     try:
         yield
     finally:
