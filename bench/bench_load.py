@@ -4,12 +4,13 @@ A bounded load generator on loopback (asyncio + httpx): `2 * queue_max` clients 
 `POST /generate` back to back - a share of them synchronous (wait for the PNG), the rest asynchronous (202) - and
 after a 429 pause `--backoff-s` (shorter than Retry-After, so the overload holds) before the next one. It stops at
 `--max-requests` or `--duration-s`, whichever comes first, then polls `GET /jobs/{id}` of every accepted job until
-all ended (or `--drain-timeout-s`). Meanwhile it samples the resident memory of the API and worker processes and
-Redis' `used_memory`.
+all ended (or `--drain-timeout-s`). Meanwhile it samples the resident memory of the API and worker processes,
+Redis' `used_memory` and the length of the jobs stream.
 
 Checked and reported: every answer is 200/202, or 429 with Retry-After (anything else is counted as a bad
 answer); jobs lost (accepted but not ended: succeeded, failed or cancelled); requests/s; p50/p95/p99 latency
-overall and per answer; the 429 share; memory at start, peak and end.
+overall and per answer; the 429 share; memory at start, peak and end; the peak queue depth (jobs queued or
+running, never above `queue_max`).
 
     .venv/bin/python bench/bench_load.py --queue-max 16 --duration-s 60 --max-requests 3000 --json load.json
 
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from local_cluster import RedisServer, ServiceProcesses  # noqa: E402
 
 from bench.common import load_average  # noqa: E402
+from service.queue import keys  # noqa: E402
 
 ENDED = {"succeeded", "failed", "cancelled"}
 WORKER_NAMES = ("worker-a", "worker-b")
@@ -84,10 +86,12 @@ class Answer:
 
 @dataclass
 class MemorySeries:
-    """Samples of resident memory (bytes) per process name and of Redis' used_memory."""
+    """Samples of resident memory (bytes) per process name, of Redis' used_memory and of the queue depth (entries
+    in the jobs stream: jobs queued or running)."""
 
     rss: dict[str, list[int]] = field(default_factory=dict)
     redis_used: list[int] = field(default_factory=list)
+    queue_depth: list[int] = field(default_factory=list)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Start, peak and end in MiB per series."""
@@ -98,7 +102,8 @@ class MemorySeries:
 
 
 class MemorySampler:
-    """Samples in a background thread while the load runs (psutil RSS of the children, Redis INFO memory)."""
+    """Samples in a background thread while the load runs (psutil RSS of the children, Redis INFO memory, XLEN of
+    the jobs stream)."""
 
     def __init__(self, processes: ServiceProcesses, redis_url: str, interval_s: float) -> None:
         self.pids = {name: process.pid for name, process in processes.processes().items()}
@@ -115,6 +120,7 @@ class MemorySampler:
             except psutil.NoSuchProcess:
                 pass
         self.series.redis_used.append(int(client.info("memory")["used_memory"]))
+        self.series.queue_depth.append(client.xlen(keys.JOBS_STREAM))
 
     def _run(self) -> None:
         with redis.Redis.from_url(self.redis_url) as client:
@@ -211,7 +217,7 @@ def summarize(answers: list[Answer], seconds: float, states: dict[str, str], mem
         "latency_s_by_status": {status: percentiles(values) for status, values in by_status.items()},
         "jobs_accepted": len(states), "job_outcomes": dict(outcomes),
         "jobs_lost": sum(status not in ENDED for status in states.values()),
-        "memory": memory.summary(),
+        "memory": memory.summary(), "queue_depth_peak": max(memory.queue_depth, default=0),
     }
 
 

@@ -1,6 +1,7 @@
 """Redis Streams backend: one consumer group of workers, heartbeats, a reaper for dead workers, dead letters.
 
-- Submit: job hash (spec + safetensors payload), then `XADD dgq:jobs {job: id}` (bounded by `queue_max`).
+- Submit: job hash (spec + safetensors payload), then `XADD dgq:jobs {job: id}` in a script that checks the bound
+  `queue_max` in the same step, so concurrent submits cannot overshoot it.
 - Workers: `XREADGROUP COUNT max_batch` (+ a short window for more), run, store PNGs under keys with a TTL,
   mark succeeded, then `XACK` + `XDEL` - acknowledged only after the result is stored.
 - Heartbeat: every few seconds a worker renews its key (TTL `worker_ttl_s`) and `XCLAIM ... JUSTID`s the entries
@@ -69,6 +70,24 @@ return 0
 ARGV[4..], TTL ARGV[3] ms), set status ARGV[2] and the remaining field/value pairs; count successes in
 'completions'. Returns 1 when moved, 0 when the job is in another status, -1 when it does not exist."""
 
+_ENQUEUE = """
+local entry = redis.call('HGET', KEYS[2], 'entry')
+if entry then return entry end
+local depth = redis.call('XLEN', KEYS[1])
+if depth >= tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[2])
+  return depth
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'event', 'queued', 'data', '{}')
+entry = redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
+redis.call('HSET', KEYS[2], 'entry', entry)
+return entry
+"""
+"""Atomically, so that concurrent submits cannot overshoot the bound: unless the jobs stream KEYS[1] holds ARGV[1]
+entries already, emit the 'queued' event (KEYS[3], trimmed to about ARGV[3]), add the entry of job ARGV[2] and note
+it in the job hash KEYS[2]; returns the entry id. At the bound the job hash is deleted and the depth (an integer)
+returned. A job that has its entry gets it back, so a retried call whose reply was lost adds nothing."""
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -116,6 +135,7 @@ class RedisStreamsQueue(JobQueue):
         # once regardless.
         self._redis = connect(settings.redis_url, socket_timeout_s=READ_BLOCK_MS / 1000 + 5)
         self._transition_script = self._redis.register_script(_TRANSITION)
+        self._enqueue_script = self._redis.register_script(_ENQUEUE)
         self._group_ready = False
 
     async def _transition(
@@ -196,15 +216,17 @@ class RedisStreamsQueue(JobQueue):
     @_unavailable_on_connection_error
     async def submit(self, spec: JobSpec, payload: bytes, timings: dict[str, float]) -> JobState:
         await self._ensure_group()
-        await self.admit()
         job_key = keys.job(spec.id)
         await self._redis.hset(job_key, mapping={
             "spec": spec.model_dump_json(), "payload": payload, "status": JobStatus.queued.value,
             "timings": json.dumps(timings), "deliveries": 0, "completions": 0,
         })
-        await self._emit(spec.id, JobEvent(event="queued"))
-        entry = await self._redis.xadd(keys.JOBS_STREAM, {"job": spec.id})
-        await self._redis.hset(job_key, "entry", entry)
+        entry = await self._enqueue_script(
+            keys=[keys.JOBS_STREAM, job_key, keys.job_events(spec.id)],
+            args=[self._settings.queue_max, spec.id, EVENTS_MAXLEN],
+        )
+        if isinstance(entry, int):
+            raise queue_full(entry, self._retry_after_s)
         return await self.get(spec.id)
 
     async def _position(self, entry: bytes | None) -> int | None:
