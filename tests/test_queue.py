@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from service.config import Settings
 from service.errors import QueueFull, QueueUnavailable
@@ -62,11 +63,17 @@ async def test_job_lifecycle_and_positions(queue):
     assert (await queue.stats()).depth == 1
 
 
+def _jobs_cancelled() -> float:
+    return REGISTRY.get_sample_value("dgq_jobs_total", {"outcome": "cancelled"}) or 0.0
+
+
 async def test_cancel_queued_and_running(queue):
     await queue.submit(_spec("q"), b"x", {})
     await queue.submit(_spec("r"), b"x", {})
+    cancelled_before = _jobs_cancelled()
     assert (await queue.cancel("q")).status == JobStatus.cancelled
     assert (await queue.cancel("q")).status == JobStatus.cancelled  # idempotent
+    assert _jobs_cancelled() - cancelled_before == 1, "a job cancelled while queued counts once among the outcomes"
     taken = await queue.take("w1", max_jobs=4, window_s=0)
     started = [job for job in taken if await queue.start(job, "w1")]
     assert [job.spec.id for job in started] == ["r"]

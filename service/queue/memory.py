@@ -113,6 +113,7 @@ class MemoryQueue(JobQueue):
             if job_id in self._waiting:  # else a worker took it and will skip it when it starts the batch
                 self._waiting.remove(job_id)
             await self._finish(record, JobStatus.cancelled, reason="cancelled while queued")
+            metrics.JOBS.labels(outcome="cancelled").inc()  # no worker sees it end: it is counted here
         elif record.status == JobStatus.running:
             record.cancel_requested = True
         return self._state(record)

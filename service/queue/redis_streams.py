@@ -264,8 +264,9 @@ class RedisStreamsQueue(JobQueue):
             return None
         if state.status == JobStatus.queued:
             entry = await self._redis.hget(keys.job(job_id), "entry")
-            await self._finish(job_id, _text(entry) or "", JobStatus.cancelled, [JobStatus.queued],
-                               error="cancelled while queued")
+            if await self._finish(job_id, _text(entry) or "", JobStatus.cancelled, [JobStatus.queued],
+                                  error="cancelled while queued"):
+                metrics.JOBS.labels(outcome="cancelled").inc()  # no worker sees it end: it is counted here
         await self._redis.hset(keys.job(job_id), "cancel", 1)
         return await self.get(job_id)
 
