@@ -6,7 +6,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.auth import HASH_HELP, is_key_hash
@@ -134,6 +134,19 @@ class Settings(BaseSettings):
         if value is not None:
             check_inside_model_roots(info.field_name, value, info.data.get("model_roots") or [])
         return value
+
+    @model_validator(mode="after")
+    def _heartbeats_well_within_worker_ttl(self) -> Settings:
+        # The reaper takes jobs idle for worker_ttl_s; a live worker's heartbeat resets their idle time. Heartbeats
+        # further apart would let a live worker's running jobs be reclaimed and run a second time elsewhere; half
+        # the TTL leaves room for one late heartbeat.
+        if self.heartbeat_interval_s > self.worker_ttl_s / 2:
+            raise ValueError(
+                f"heartbeat_interval_s {self.heartbeat_interval_s:g} is more than half of worker_ttl_s "
+                f"{self.worker_ttl_s:g}: live workers would lose their running jobs to the reaper; lower "
+                "heartbeat_interval_s or raise worker_ttl_s"
+            )
+        return self
 
     @property
     def worker_in_api(self) -> bool:

@@ -25,7 +25,8 @@ def _spec(job_id: str) -> JobSpec:
 @pytest.fixture(params=["memory", "redis"])
 def queue_settings(request) -> Settings:
     redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    return Settings(redis_url=redis_url, queue_max=3, result_ttl_s=60, worker_ttl_s=0.5, max_deliveries=2)
+    return Settings(redis_url=redis_url, queue_max=3, result_ttl_s=60, worker_ttl_s=0.5, heartbeat_interval_s=0.25,
+                    max_deliveries=2)
 
 
 @pytest.fixture
@@ -95,7 +96,7 @@ async def test_cancel_after_take_before_start(queue):
 
 @pytest.fixture
 def redis_settings(redis_url) -> Settings:
-    return Settings(redis_url=redis_url, worker_ttl_s=0.5, max_deliveries=2, max_batch=4)
+    return Settings(redis_url=redis_url, worker_ttl_s=0.5, heartbeat_interval_s=0.25, max_deliveries=2, max_batch=4)
 
 
 async def test_heartbeat_keeps_jobs_and_reaper_takes_dead_workers_jobs(redis_settings):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from pydantic import ValidationError
+
 from service.auth import hash_api_key
 from service.config import Settings
 from service.pipelines import quantized_checkpoint, shipped_quantized_dir
@@ -40,3 +43,12 @@ def test_quantized_checkpoint_resolution(tmp_path):
     assert quantized_checkpoint(Settings(model=str(model), quantized="auto")) == str(shipped)
     already_quantized = _quantized_unet(tmp_path / "q")
     assert quantized_checkpoint(Settings(model=str(already_quantized), quantized="auto")) is None
+
+
+def test_heartbeats_must_come_well_within_the_worker_ttl():
+    assert Settings(heartbeat_interval_s=5, worker_ttl_s=10).heartbeat_interval_s == 5
+    with pytest.raises(ValidationError, match="lower heartbeat_interval_s or raise worker_ttl_s"):
+        Settings(heartbeat_interval_s=6, worker_ttl_s=10)
+    settings = Settings()
+    with pytest.raises(ValidationError, match="more than half of worker_ttl_s"):
+        settings.worker_ttl_s = 1  # checked on assignment too
