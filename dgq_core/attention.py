@@ -6,6 +6,7 @@ computed with an explicit softmax so the probabilities can be quantized:
 - "dgq": Q, K, V group-quantized; probabilities log2-quantized with a dynamic scale `s = max(P)` taken **per sample**
   (the official code pools it over the whole batch, which would make one user's image depend on another's prompt);
   in cross-attention the `<start>` column of P and the start key stay in full precision and `s` excludes them.
+  `prob_quantizer="uniform"` swaps the log2 codes for uniform ones with the same scale (an ablation).
 - "pertensor": per-tensor Q/K/V, probabilities uniform with a calibrated per-step range (Q-Diffusion-style).
 - "dynamic": per-token Q/K/V, probabilities uniform with a per-query-row range computed at run time.
 
@@ -24,10 +25,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .layers import ActQuantizer, StepState, dequantize_uniform, quantize_activation
-from .quantizers import dynamic_rowwise_params, fake_quant_log2, fake_quant_uniform
-
-# Attention-probability quantizers, by activation method.
-PROB_MODES = {"dgq": "log2", "pertensor": "tensor", "dynamic": "token"}
+from .quantizers import dynamic_rowwise_params, fake_quant_log2, fake_quant_uniform, qmax
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -42,17 +40,22 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
-def quantize_probs_log2(probs: torch.Tensor, bits: int, keep_start: bool) -> torch.Tensor:
-    """Log2-quantize attention probabilities with one dynamic scale per sample (paper Eq. 8-9).
+def quantize_probs_per_sample(probs: torch.Tensor, bits: int, keep_start: bool, quantizer: str = "log2") -> torch.Tensor:
+    """Quantize attention probabilities with one dynamic scale per sample (paper Eq. 8-9).
 
     Args:
         probs (`torch.Tensor`): softmax output (B, heads, queries, keys), float32.
         bits (`int`): code width.
         keep_start (`bool`): keep column 0 (the `<start>` token of cross-attention) exact and leave it out of the scale.
+        quantizer (`str`): "log2" (codes `round(-log2(p / s))`, the method) or "uniform" (codes of step `s / (2^b - 1)`).
     """
     quantized_part = probs[..., 1:] if keep_start else probs
     scale = quantized_part.amax(dim=(1, 2, 3), keepdim=True)
-    quantized = fake_quant_log2(quantized_part, scale, bits)
+    if quantizer == "log2":
+        quantized = fake_quant_log2(quantized_part, scale, bits)
+    else:
+        step = (scale / qmax(bits)).clamp_min(torch.finfo(probs.dtype).tiny)
+        quantized = fake_quant_uniform(quantized_part, step, torch.zeros_like(step), bits)
     return torch.cat((probs[..., :1], quantized), dim=-1) if keep_start else quantized
 
 
@@ -153,6 +156,7 @@ class DGQAttnProcessor(ExplicitAttnProcessor):
         q_quant, k_quant, v_quant (`ActQuantizer`): quantizers of the head-split Q, K, V.
         state (`StepState`): the UNet's step state.
         prob_scale, prob_zero_point (`torch.Tensor | None`): per-step calibrated range of P ("pertensor" only).
+        prob_quantizer (`str`): "log2" or "uniform" codes for "dgq" (see `QuantConfig.prob_quantizer`).
     """
 
     def __init__(
@@ -166,9 +170,11 @@ class DGQAttnProcessor(ExplicitAttnProcessor):
         state: StepState,
         prob_scale: torch.Tensor | None = None,
         prob_zero_point: torch.Tensor | None = None,
+        prob_quantizer: str = "log2",
     ) -> None:
         super().__init__(keep_start=is_cross and method == "dgq")
         self.method, self.bits, self.is_cross = method, bits, is_cross
+        self.prob_quantizer = prob_quantizer
         self.q_quant, self.k_quant, self.v_quant = q_quant, k_quant, v_quant
         self.state = state
         self.register_buffer("prob_scale", prob_scale if prob_scale is not None else torch.zeros(0))
@@ -193,10 +199,9 @@ class DGQAttnProcessor(ExplicitAttnProcessor):
         return self.v_quant(value)
 
     def on_probs(self, probs: torch.Tensor) -> torch.Tensor:
-        mode = PROB_MODES[self.method]
-        if mode == "log2":
-            return quantize_probs_log2(probs, self.bits, self.keep_start)
-        if mode == "tensor":
+        if self.method == "dgq":
+            return quantize_probs_per_sample(probs, self.bits, self.keep_start, self.prob_quantizer)
+        if self.method == "pertensor":
             step = min(self.state.step, self.prob_scale.shape[0] - 1)
             return fake_quant_uniform(probs, self.prob_scale[step], self.prob_zero_point[step], self.bits)
         scale, zero_point = dynamic_rowwise_params(probs, self.bits)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ACTIVATION_BITS, ACTIVATION_METHODS, WEIGHT_BITS, QuantConfigError
+from .config import ACTIVATION_BITS, ACTIVATION_METHODS, PROB_QUANTIZERS, WEIGHT_BITS, QuantConfigError
 
 # Calibration prompts a model directory may ship (the bundled model does).
 COCO_ENV = "DGQ_COCO_CAPTIONS"
@@ -38,6 +38,10 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument(
         "--shared-channel-groups", action="store_true",
         help="one channel labelling per layer across steps (per-step scales stay): one weight copy in --exec int",
+    )
+    parser.add_argument(
+        "--prob-quantizer", choices=PROB_QUANTIZERS, default="log2",
+        help="attention-probability codes of --method dgq: log2 (the method, default) or uniform (ablation)",
     )
     parser.add_argument("--calib-prompts", type=Path, help="prompt file: one per line, or CSV/TSV with a prompt column")
     parser.add_argument("--num-calib", type=_positive_int, default=64, help="calibration prompts (default: 64)")
@@ -111,7 +115,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     config = QuantConfig(
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, groups=args.groups,
-        shared_channel_groups=args.shared_channel_groups, steps=args.steps,
+        prob_quantizer=args.prob_quantizer, shared_channel_groups=args.shared_channel_groups, steps=args.steps,
         num_calib=args.num_calib, seed=args.seed, guidance_scale=args.guidance_scale, height=args.height,
         width=args.width, base_model=_base_model_reference(args.model, args.out),
     )

@@ -7,6 +7,8 @@ from typing import Any
 
 QUANT_METHOD = "dgq"
 ACTIVATION_METHODS = ("dgq", "pertensor", "dynamic")
+# DGQ's attention-probability quantizers: the paper's log2 (Eq. 3), and uniform codes for its ablation (Table 3c).
+PROB_QUANTIZERS = ("log2", "uniform")
 WEIGHT_BITS = (4, 8)
 # Activation widths the uniform and log2 quantizers support; 6 and 8 are the paper's settings.
 ACTIVATION_BITS = (4, 5, 6, 7, 8)
@@ -29,6 +31,10 @@ class QuantConfig:
         w_bits (`int`): weight bits, 8 or 4 (per output channel, MSE-searched range).
         a_bits (`int`): activation and attention-probability bits.
         groups (`int`): K, the number of activation groups per layer and step ("dgq" only).
+        prob_quantizer (`str`): how "dgq" quantizes attention probabilities: "log2" (the method: codes
+            `round(-log2(p / s))`) or "uniform" (uniform codes `round(p / s * (2^b - 1))`); both take the
+            per-sample dynamic scale `s` and keep the `<start>` column exact. "uniform" is the ablation that
+            isolates what the log2 codes do.
         shared_channel_groups (`bool`): one channel labelling per layer for all steps that group channels, fitted
             to their ranges together (per-step scales stay); the method's default, False, labels every step anew.
             Integer execution keeps one group-sliced weight copy per distinct labelling, so sharing is what keeps
@@ -51,6 +57,7 @@ class QuantConfig:
     w_bits: int = 8
     a_bits: int = 8
     groups: int = 16
+    prob_quantizer: str = "log2"
     shared_channel_groups: bool = False
     steps: int = 25
     scheduler: str = ""
@@ -74,6 +81,10 @@ class QuantConfig:
             raise QuantConfigError(f"w_bits must be 8 or 4, got {self.w_bits}")
         if self.a_bits not in ACTIVATION_BITS:
             raise QuantConfigError(f"a_bits must be one of {ACTIVATION_BITS}, got {self.a_bits}")
+        if self.prob_quantizer not in PROB_QUANTIZERS:
+            raise QuantConfigError(
+                f"prob_quantizer must be one of {', '.join(PROB_QUANTIZERS)}, got {self.prob_quantizer!r}"
+            )
         if not 1 <= self.groups <= 64:
             raise QuantConfigError(f"groups must be between 1 and 64, got {self.groups}")
         if self.steps < 1:

@@ -139,7 +139,7 @@ def quantize_modules(
             prob_zero_point = torch.stack([z for _, z in ranges])
         processor = DGQAttnProcessor(
             config.method, config.a_bits, attn.is_cross_attention, state=state,
-            prob_scale=prob_scale, prob_zero_point=prob_zero_point, **quantizers,
+            prob_scale=prob_scale, prob_zero_point=prob_zero_point, prob_quantizer=config.prob_quantizer, **quantizers,
         )
         attn.set_processor(processor)
     model._dgq_input_specs = specs  # noqa: SLF001 -- the checkpoint writer stores them as the manifest

@@ -47,6 +47,7 @@ class QuantSetting:
         a_bits: activation bits.
         groups: K for "dgq".
         shared_channel_groups: one channel labelling per layer across steps ("dgq" only; see QuantConfig).
+        prob_quantizer: "log2" (the method) or "uniform" attention-probability codes ("dgq" only; see QuantConfig).
     """
 
     method: str
@@ -54,18 +55,21 @@ class QuantSetting:
     a_bits: int
     groups: int = 16
     shared_channel_groups: bool = False
+    prob_quantizer: str = "log2"
 
     @property
     def key(self) -> str:
-        """Its name in --methods: dgq8, dgq16, dgq8shared, pertensor, dynamic."""
+        """Its name in --methods: dgq8, dgq16, dgq8shared, dgq8uniform, pertensor, dynamic."""
         if self.method != "dgq":
             return self.method
-        return f"dgq{self.groups}" + ("shared" if self.shared_channel_groups else "")
+        variant = "shared" if self.shared_channel_groups else ("uniform" if self.prob_quantizer == "uniform" else "")
+        return f"dgq{self.groups}{variant}"
 
     @property
     def label(self) -> str:
         suffix = f" K={self.groups}" if self.method == "dgq" else ""
         suffix += " shared groups" if self.shared_channel_groups else ""
+        suffix += " uniform probs" if self.prob_quantizer == "uniform" else ""
         return f"W{self.w_bits}A{self.a_bits} {self.method}{suffix}"
 
     @property
@@ -74,7 +78,8 @@ class QuantSetting:
 
 
 def default_settings(precisions=PRECISIONS) -> list[QuantSetting]:
-    """DGQ K=8, DGQ K=16, DGQ K=8 with shared channel groups, per-tensor and dynamic baselines at each precision."""
+    """DGQ K=8, DGQ K=16, DGQ K=8 with shared channel groups, DGQ K=8 with uniform attention probabilities, and the
+    per-tensor and dynamic baselines, at each precision."""
     return [
         setting
         for w_bits, a_bits in precisions
@@ -82,6 +87,7 @@ def default_settings(precisions=PRECISIONS) -> list[QuantSetting]:
             QuantSetting("dgq", w_bits, a_bits, 8),
             QuantSetting("dgq", w_bits, a_bits, 16),
             QuantSetting("dgq", w_bits, a_bits, 8, shared_channel_groups=True),
+            QuantSetting("dgq", w_bits, a_bits, 8, prob_quantizer="uniform"),
             QuantSetting("pertensor", w_bits, a_bits),
             QuantSetting("dynamic", w_bits, a_bits),
         )
@@ -103,7 +109,7 @@ def quantized_model(
     pipe = load_pipeline(model)
     config = QuantConfig(
         method=setting.method, w_bits=setting.w_bits, a_bits=setting.a_bits, groups=setting.groups,
-        shared_channel_groups=setting.shared_channel_groups,
+        shared_channel_groups=setting.shared_channel_groups, prob_quantizer=setting.prob_quantizer,
         base_model=os.path.relpath(model.resolve(), out_dir.resolve()),
     )
     calibrations[setting.method == "dgq"].quantize(pipe.unet, config)
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=harness.DEFAULT_GUIDANCE)
     parser.add_argument("--num-calib", type=int, default=32)
     parser.add_argument("--precisions", default="8/8,4/8,8/6,4/6", help="W/A pairs, comma-separated")
-    parser.add_argument("--methods", default="dgq8,dgq16,pertensor,dynamic", help="rows per precision (also: dgq8shared)")
+    parser.add_argument("--methods", default="dgq8,dgq16,pertensor,dynamic", help="rows per precision (also: dgq8shared, dgq8uniform)")
     parser.add_argument("--exec", dest="exec_mode", choices=("fake", "int"), default="fake")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
