@@ -3,7 +3,8 @@
 Two networks:
 - the real pretrained TAESD decoder (../shared/assets/taesd): PSNR of the quantized decode against the
   full-precision decode of real photographs (calibrated on 14 other photographs, flipped and transposed);
-- a tiny random-init SD-architecture pipeline: PSNR of quantized images against full-precision images, same seeds.
+- a tiny random-init SD-architecture pipeline: PSNR of quantized images against full-precision images, same seeds
+  (calibrated on the 8 TINY_PROMPTS, evaluated on 4 others).
 
 Run: .venv/bin/python bench/bench_core_psnr.py [--json OUT]
 """
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from dgq_core.calibration import calibrate, collect_module_stats, quantize_from_stats  # noqa: E402
+from dgq_core.calibration import collect_module_stats, collect_unet_stats, quantize_from_stats  # noqa: E402
 from dgq_core.config import QuantConfig  # noqa: E402
 
 SETTINGS = [(8, 8), (4, 8), (8, 6), (4, 6)]
@@ -66,27 +67,38 @@ def taesd_table() -> dict:
 
 
 def tiny_sd_table(steps: int) -> tuple[dict, dict]:
+    """PSNR of every setting on the tiny SD pipeline, and the seconds of its two statistics runs.
+
+    One statistics run serves every bit width and K (DGQ records attention without the start column, so DGQ and the
+    baselines get one run each), as `dgq_core.eval.benchmark` does.
+    """
     from diffusers import StableDiffusionPipeline
     from tiny_models import build_tiny_sd
 
     model_dir = build_tiny_sd(Path(tempfile.mkdtemp()) / "tiny-sd")
+
+    def load():
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def images(pipe):
         generators = [torch.Generator().manual_seed(100 + i) for i in range(4)]
         return pipe(["a red circle", "two blue squares", "a green star", "a yellow triangle"],
                     num_inference_steps=steps, generator=generators, output_type="np").images
 
-    fp = StableDiffusionPipeline.from_pretrained(model_dir)
-    fp.set_progress_bar_config(disable=True)
-    reference = images(fp)
-    table, seconds = {}, {}
+    reference = images(load())
+    calibrations = {
+        family: collect_unet_stats(load(), QuantConfig(method=family, steps=steps), TINY_PROMPTS, progress=False)
+        for family in ("dgq", "pertensor")
+    }
+    table = {}
     for (w_bits, a_bits), (method, groups) in tqdm([(s, m) for s in SETTINGS for m in METHODS], desc="tiny SD"):
-        pipe = StableDiffusionPipeline.from_pretrained(model_dir)
-        config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, groups=groups, steps=steps)
-        report = calibrate(pipe, config, TINY_PROMPTS[:4], progress=False)
-        key = f"W{w_bits}A{a_bits} {method} K={groups}"
-        table[key] = round(psnr_np(images(pipe), reference), 2)
-        seconds[key] = round(report.seconds, 1)
+        pipe = load()
+        config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, groups=groups)
+        calibrations["dgq" if method == "dgq" else "pertensor"].quantize(pipe.unet, config)
+        table[f"W{w_bits}A{a_bits} {method} K={groups}"] = round(psnr_np(images(pipe), reference), 2)
+    seconds = {f"statistics run ({family})": round(c.seconds, 1) for family, c in calibrations.items()}
     return table, seconds
 
 
