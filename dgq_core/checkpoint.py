@@ -117,7 +117,10 @@ def load_quantized_unet(directory: str | Path, device: str | torch.device = "cpu
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path} is missing; the checkpoint is incomplete, re-run `dgq quantize`")
     expected = unet_config.pop("dgq_weights_sha256", None)
-    if expected and _sha256(weights_path) != expected:
+    if not expected:
+        # Without the checksum an altered tensor file would load silently; save_quantized_unet always writes it.
+        raise CheckpointError(f"{directory / CONFIG_NAME} names no dgq_weights_sha256; re-run `dgq quantize`")
+    if _sha256(weights_path) != expected:
         raise CheckpointError(f"{weights_path} does not match the checksum in config.json: the file is corrupt or was altered")
     try:
         with safe_open(str(weights_path), framework="pt", device="cpu") as handle:

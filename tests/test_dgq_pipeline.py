@@ -3,6 +3,7 @@ prompt-specific attention parameters, and checkpoint round trips."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -180,9 +181,14 @@ def test_corrupt_or_altered_checkpoints_are_refused(quantized, tmp_path):
     (broken / WEIGHTS_NAME).write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum"):
         load_quantized_unet(broken)
-    (broken / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
     config = json.loads((broken / "config.json").read_text())
     config.pop("dgq_weights_sha256")
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="names no dgq_weights_sha256"):
+        load_quantized_unet(broken)
+    garbage = b"not a safetensors file"
+    (broken / WEIGHTS_NAME).write_bytes(garbage)
+    config["dgq_weights_sha256"] = hashlib.sha256(garbage).hexdigest()
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="corrupt"):
         load_quantized_unet(broken)
