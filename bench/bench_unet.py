@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, median, peak_rss_bytes, time_interleaved  # noqa: E402
+from common import load_average, median, time_interleaved  # noqa: E402
 
 from dgq_core import layers, quantizers  # noqa: E402
 from dgq_core.calibration import StatsCollector, attach_collector  # noqa: E402
@@ -42,6 +42,7 @@ from dgq_core.checkpoint import load_quantized_unet, save_quantized_unet  # noqa
 from dgq_core.config import QuantConfig  # noqa: E402
 from dgq_core.kernels import enable_int_execution  # noqa: E402
 from dgq_core.layers import QuantConv2d, QuantLinear, StepState  # noqa: E402
+from dgq_core.memory import peak_rss_bytes  # noqa: E402
 from dgq_core.unet import input_specs, prompt_only_inputs, quantize_unet  # noqa: E402
 
 TIMESTEP = 500

@@ -1,4 +1,4 @@
-"""What every benchmark here needs: interleaved repeated timing with medians, and peak resident memory.
+"""What every benchmark here needs: interleaved repeated timing with medians (peak memory: dgq_core.memory).
 
 Ratios are only meaningful when measured side by side in one run on the same (possibly shared) machine, so
 `time_interleaved` runs one call of every variant per round, round after round, and reports medians.
@@ -6,7 +6,6 @@ Ratios are only meaningful when measured side by side in one run on the same (po
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -44,11 +43,6 @@ def time_interleaved(
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def load_average() -> str:

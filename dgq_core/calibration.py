@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import random
-import resource
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from .attention import ExplicitAttnProcessor
 from .config import QuantConfig
 from .grouping import RangeStats
 from .layers import StepState
+from .memory import peak_rss_bytes
 from .unet import (
     attention_modules,
     input_specs,
@@ -202,10 +202,6 @@ def calibration_timesteps(pipe, steps: int) -> list[int]:
     return [int(t) for t in pipe.scheduler.timesteps]
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 @dataclass
 class UNetCalibration:
     """Statistics of one calibration run of a pipeline's UNet: every quantized variant of it can be made from them.
@@ -310,7 +306,7 @@ def calibrate(pipe, config: QuantConfig, prompts: list[str], batch_size: int = 8
     calibration.quantize(pipe.unet, config)
     return CalibrationReport(
         seconds=time.perf_counter() - started,
-        peak_rss_bytes=_peak_rss_bytes(),
+        peak_rss_bytes=peak_rss_bytes(),
         peak_cuda_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         unet_calls=len(config.calib_timesteps),
         prompts=len(prompts),
