@@ -48,6 +48,18 @@ def load_vae(checkpoint_dir: Path | None, model_dir: Path | None) -> Autoencoder
     return AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
 
 
+def edge_weights(pixels: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights `1 + edge_weight` on and next to colour edges of the target images, else 1.
+
+    The objects of two-object scenes are about 11 px wide; blur rounds their corners into circles, and a loss
+    averaged over the mostly flat background barely notices. Weighting the pixels around edges spends the
+    decoder's capacity where shapes are decided.
+    """
+    spread = F.max_pool2d(pixels, 3, 1, 1) + F.max_pool2d(-pixels, 3, 1, 1)
+    edges = (spread.abs().amax(dim=1, keepdim=True) > 1e-3).float()
+    return 1.0 + edge_weight * edges
+
+
 def decoder_state(vae) -> dict[str, torch.Tensor]:
     return {k: v for k, v in vae.state_dict().items() if k.startswith(DECODER_PREFIXES)}
 
@@ -71,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--edge-weight", type=float, default=0.0, help="extra loss weight of pixels at colour edges (see edge_weights)"
+    )
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
@@ -98,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         save_file({k: v.contiguous() for k, v in decoder_state(vae).items()}, str(tmp))
         os.replace(tmp, args.out / DECODER_FILE)
         (args.out / STATE_FILE).write_text(
-            json.dumps({"step": step, "source": str(args.checkpoint or args.model)}) + "\n"
+            json.dumps({"step": step, "source": str(args.checkpoint or args.model), "edge_weight": args.edge_weight})
+            + "\n"
         )
 
     with tqdm(total=args.steps, initial=step, desc="decoder") as bar:
@@ -110,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 latents = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(batch_seed))
             reconstruction = vae.decode(latents).sample
             # L1 keeps edges sharp where the mean squared error alone settles for blur.
-            loss = F.mse_loss(reconstruction, pixels) + F.l1_loss(reconstruction, pixels)
+            error = reconstruction - pixels
+            weights = edge_weights(pixels, args.edge_weight)
+            loss = (weights * (error.square() + error.abs())).mean() / weights.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -2,6 +2,7 @@
 model: a diffusers `save_pretrained` directory with safetensors weights, its provenance and calibration prompts.
 
     python -m dgq_core.zoo.export --run runs/zoo --decoder runs/decoder --out dgq_core/zoo/dgq-shapes
+    python -m dgq_core.zoo.export --model dgq_core/zoo/dgq-shapes --decoder runs/decoder2 --out dgq_core/zoo/dgq-shapes
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
@@ -42,24 +44,46 @@ def export(run_dir: Path, out_dir: Path, decoder_dir: Path | None = None) -> dic
     unet = build_unet(config)
     for module, prefix in ((text_encoder, "ema_text_encoder."), (unet, "ema_unet.")):
         module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
-    vae = load_vae_from_checkpoint(checkpoint)
     provenance = {
         "vae_steps": state["vae_step"],
         "unet_steps": state["unet_step"],
         "train_config": state["train_config"],
         "decoder_finetune_steps": 0,
     }
+    pipeline = assemble_pipeline(load_vae_from_checkpoint(checkpoint), text_encoder, tokenizer, unet)
+    return _write(pipeline, provenance, out_dir, decoder_dir)
+
+
+def export_with_decoder(model_dir: Path, out_dir: Path, decoder_dir: Path) -> dict:
+    """An exported model with its decoder replaced by a later fine-tuning's (`dgq_core.zoo.decoder --model`).
+
+    Args:
+        model_dir: an exported model directory (the bundled model); `out_dir` may be the same directory.
+        out_dir: the exported model directory (replaced).
+        decoder_dir: the `--out` directory of `dgq_core.zoo.decoder`.
+    """
+    pipeline = StableDiffusionPipeline.from_pretrained(model_dir)
+    provenance = json.loads((model_dir / PROVENANCE_FILE).read_text())
+    return _write(pipeline, provenance, out_dir, decoder_dir)
+
+
+def _write(pipeline, provenance: dict, out_dir: Path, decoder_dir: Path | None) -> dict:
     if decoder_dir is not None:
-        vae.load_state_dict(load_file(str(decoder_dir / DECODER_FILE)), strict=False)
-        provenance["decoder_finetune_steps"] = json.loads((decoder_dir / DECODER_STATE_FILE).read_text())[
-            "step"
-        ]
+        pipeline.vae.load_state_dict(load_file(str(decoder_dir / DECODER_FILE)), strict=False)
+        decoder_state = json.loads((decoder_dir / DECODER_STATE_FILE).read_text())
+        provenance["decoder_finetune_steps"] = decoder_state["step"]
+        if "edge_weight" in decoder_state:
+            provenance["decoder_edge_weight"] = decoder_state["edge_weight"]
+    tmp = out_dir.with_name(out_dir.name + ".export")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipeline.save_pretrained(tmp, safe_serialization=True)
+    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
+    write_bpe_files(shapes.vocabulary(), tmp / "tokenizer")
+    write_calibration_prompts(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    assemble_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
-    write_bpe_files(shapes.vocabulary(), out_dir / "tokenizer")
-    write_calibration_prompts(out_dir)
+    tmp.rename(out_dir)
     return provenance
 
 
@@ -67,11 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m dgq_core.zoo.export`."""
     parser = argparse.ArgumentParser(prog="python -m dgq_core.zoo.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--run", type=Path, required=True, help="training run directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="training run directory")
+    source.add_argument("--model", type=Path, help="an exported model whose decoder --decoder replaces")
     parser.add_argument("--out", type=Path, required=True, help="exported model directory (replaced)")
     parser.add_argument("--decoder", type=Path, help="decoder fine-tuning directory")
     args = parser.parse_args(argv)
-    print(json.dumps(export(args.run, args.out, args.decoder)))
+    if args.model is not None and args.decoder is None:
+        parser.error("--model needs --decoder: it replaces the model's decoder")
+    if args.model is not None:
+        provenance = export_with_decoder(args.model, args.out, args.decoder)
+    else:
+        provenance = export(args.run, args.out, args.decoder)
+    print(json.dumps(provenance))
     return 0
 
 
