@@ -1,6 +1,6 @@
 """Integer executors vs the fake-quant reference, per layer type and activation mode, W8/W4, A8/A6.
 
-Both backends are checked on CPU: FBGEMM/oneDNN (the CPU kernels) and `torch._int_mm` (the CUDA backend's code, run
+Both backends are checked on CPU: oneDNN (the CPU kernels) and `torch._int_mm` (the CUDA backend's code, run
 on CPU tensors). The `_int_mm` backend accumulates in int32 and must match fake quantization to float rounding for
 every width; the AVX2 kernels must too wherever `saturation_free` says their int16 pair sums cannot saturate, and stay
 within a PSNR bound for W8A8 where they can.
@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from dgq_core.kernels import IntConv2d, IntLinear
-from dgq_core.kernels.cpu import FbgemmGemm, saturation_free
+from dgq_core.kernels.cpu import OnednnGemm, saturation_free
 from dgq_core.kernels.cuda import IntMmGemm
 from dgq_core.layers import QuantizedWeight, StepActParams, fake_quant_activation
 from dgq_core.quantizers import minmax_params
 
-BACKENDS = {"fbgemm": FbgemmGemm, "int_mm": lambda: IntMmGemm("cpu")}
+BACKENDS = {"onednn": OnednnGemm, "int_mm": lambda: IntMmGemm("cpu")}
 GROUPS = 8
 
 
@@ -154,7 +154,7 @@ def test_channel_group_slices_are_cached_per_labelling():
     torch.manual_seed(0)
     linear = torch.nn.Linear(32, 16)
     weight = QuantizedWeight.from_float(linear.weight, 8)
-    executor = IntLinear.from_quantized(weight.codes, weight.scale, weight.zero_point, 8, None, FbgemmGemm())
+    executor = IntLinear.from_quantized(weight.codes, weight.scale, weight.zero_point, 8, None, OnednnGemm())
     x = torch.randn(4, 32)
     before = executor.resident_nbytes()
     first = act_params(x, "group", 6, "channel", 1)
@@ -177,7 +177,7 @@ def test_layer_with_shared_channel_groups_keeps_one_weight_copy(w_bits):
     channel = act_params(x, "group", 8, "channel", 2)
     pixel = act_params(x, "group", 8, "pixel", 1)
     executor = IntLinear.from_quantized(
-        weight.codes, weight.scale, weight.zero_point, w_bits, linear.bias.detach(), FbgemmGemm(), 640,
+        weight.codes, weight.scale, weight.zero_point, w_bits, linear.bias.detach(), OnednnGemm(), 640,
         channel_labels=[channel.labels], row_params=False,
     )  # fmt: skip
     one_copy = 96 * 640 if w_bits == 8 else 96 * 320
@@ -198,7 +198,7 @@ def test_single_saturating_gemm_is_what_the_exact_split_avoids():
     ref = F.linear(fake_quant_activation(x, params, "linear"), weight.dequantize())
     outs = {
         exact: IntLinear.from_quantized(
-            weight.codes, weight.scale, weight.zero_point, 8, None, FbgemmGemm(exact)
+            weight.codes, weight.scale, weight.zero_point, 8, None, OnednnGemm(exact)
         )(x, params)
         for exact in (True, False)
     }
@@ -219,7 +219,7 @@ def test_w4_stays_packed_and_w8_one_byte_per_weight():
     for bits, bound in ((8, 0.26), (4, 0.14)):
         weight = QuantizedWeight.from_float(linear.weight, bits)
         executor = IntLinear.from_quantized(
-            weight.codes, weight.scale, weight.zero_point, bits, None, FbgemmGemm(), 1280
+            weight.codes, weight.scale, weight.zero_point, bits, None, OnednnGemm(), 1280
         )
         assert executor.resident_nbytes() <= bound * fp32_bytes
 
@@ -229,7 +229,7 @@ def test_unquantized_activations_run_weight_only():
     linear = torch.nn.Linear(24, 8)
     weight = QuantizedWeight.from_float(linear.weight, 4)
     executor = IntLinear.from_quantized(
-        weight.codes, weight.scale, weight.zero_point, 4, None, FbgemmGemm(), 24
+        weight.codes, weight.scale, weight.zero_point, 4, None, OnednnGemm(), 24
     )
     x = torch.randn(3, 24)
     torch.testing.assert_close(executor(x, StepActParams("none", 8)), F.linear(x, weight.dequantize()))

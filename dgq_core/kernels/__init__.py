@@ -24,7 +24,7 @@ __all__ = [
 
 
 def select_backend(device: torch.device | str, exact: bool = True) -> GemmBackend:
-    """The integer GEMM for `device`: FBGEMM/oneDNN on CPU, int8 tensor-core `torch._int_mm` on CUDA.
+    """The integer GEMM for `device`: oneDNN on CPU, int8 tensor-core `torch._int_mm` on CUDA.
 
     Args:
         device (`torch.device | str`): where the layers run.
@@ -33,9 +33,9 @@ def select_backend(device: torch.device | str, exact: bool = True) -> GemmBacken
     """
     device = torch.device(device)
     if device.type == "cpu":
-        from .cpu import FbgemmGemm
+        from .cpu import OnednnGemm
 
-        return FbgemmGemm(exact)
+        return OnednnGemm(exact)
     if device.type == "cuda":
         from .cuda import IntMmGemm
 

@@ -1,21 +1,23 @@
-"""CPU integer kernels: FBGEMM int8 GEMM with float32 output, oneDNN int8 convolution with float32 output.
+"""CPU integer kernels: oneDNN int8 GEMM and int8 convolution, both with float32 output.
 
-Measured on the project's AVX2 CPUs (no VNNI), SD-UNet shapes, batch 2 (bench/bench_unet.py --layers): FBGEMM's
-prepacked int8 linear is about 2x faster than the fp32 matmul and oneDNN's int8 3x3 convolution about 2x faster than
-the fp32 convolution, while `torch._int_mm` is 30-50x slower. Both libraries return float32 here, so channel groups
-can be accumulated across groups in float32 instead of being requantized.
+Measured on the project's AVX2 CPUs (no VNNI), SD-UNet shapes, batch 2: oneDNN's int8 linear is 1.4-1.9x faster
+than the fp32 matmul (and 1.2-1.7x faster than FBGEMM's `quantized::linear`), its int8 3x3 convolution about 2x
+faster than the fp32 convolution, while `torch._int_mm` is 30-50x slower. Both return float32, so channel groups can
+be accumulated across groups in float32 instead of being requantized.
 
-Caveat of these CPUs: without VNNI both libraries multiply with `vpmaddubsw`, which adds two adjacent u8*s8
-products in a saturating int16. Products are exact while `|x_a*w_a + x_b*w_b| <= 32767`; that always holds when the
-activation codes fit 7 bits (A <= 7) or the weight codes fit 4 bits (W4), and can fail for W8A8 with large codes on
-both sides. `saturation_free(w_bits, a_bits)` says which combinations are exact. For the others `FbgemmGemm(exact=True)`
-(the default) splits the activation codes as `q = min(q, 127) + (q - min(q, 127))` into two saturation-free GEMMs, and
+Why not FBGEMM: its packed weight pads the contraction dim to a multiple of 512, so the channel-group slices DGQ
+needs (a few to a few hundred columns each) take 2-66 bytes per weight instead of one (BENCHMARKS.md, "resident
+memory"); oneDNN's packed weights stay near one byte per weight for any K.
+
+Caveat of these CPUs: without VNNI oneDNN multiplies with `vpmaddubsw`, which adds two adjacent u8*s8 products in a
+saturating int16. Products are exact while `|x_a*w_a + x_b*w_b| <= 32767`; that always holds when the activation
+codes fit 7 bits (A <= 7) or the weight codes fit 4 bits (W4), and can fail for W8A8 with large codes on both sides.
+`saturation_free(w_bits, a_bits)` says which combinations are exact. For the others `OnednnGemm(exact=True)` (the
+default) splits the activation codes as `q = min(q, 127) + (q - min(q, 127))` into two saturation-free GEMMs, and
 `exact=False` runs one saturating GEMM; BENCHMARKS.md measures what each costs in speed and in agreement.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 
@@ -35,62 +37,78 @@ def saturation_free(w_bits: int, a_bits: int) -> bool:
 
 
 def _weight_int8(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
-    """Signed int8 form of uint8 codes and the offset subtracted: 8-bit codes move to [-128, 127]."""
-    offset = 128 if bits == 8 else 0
-    return (codes.to(torch.int16) - offset).to(torch.int8), offset
+    """Signed int8 form of uint8 codes and the offset subtracted: 8-bit codes move to [-128, 127] (c ^ 0x80 read as
+    int8 is c - 128, with no wider temporary), 4-bit codes are already int8 values."""
+    if bits == 8:
+        return (codes ^ 0x80).view(torch.int8), 128
+    return codes.view(torch.int8), 0
 
 
-class FbgemmGemm:
-    """`GemmBackend` on FBGEMM's prepacked int8 linear (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`).
+def _uint8_codes(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `_weight_int8`."""
+    codes = weight.contiguous().view(torch.uint8)
+    return codes ^ 0x80 if bits == 8 else codes
 
-    The weight zero points go into the prepacked weight (FBGEMM removes them with its column offsets); the
-    activation codes enter with scale 1 and zero point 0, so any zero point, in range or not, is handled by the
-    caller in float32.
+
+class OnednnGemm:
+    """`GemmBackend` on oneDNN's int8 linear (`onednn::qlinear_pointwise`, float32 output).
+
+    oneDNN takes symmetric int8 weights, so the weight is stored as `codes - offset` and its zero point comes back
+    out in float32 as a rank-1 term: `sum_k q (W - z_w) = sum_k q (W - o) - (z_w - o) sum_k q`. The activation codes
+    enter with scale 1 and zero point 0, so any activation zero point, in range or not, is handled by the caller.
 
     Args:
         exact (`bool`): split 8-bit activation codes above 127 into a second GEMM when the weight is 8-bit, so no int16
             pair sum can saturate (twice the GEMM work); False runs the single, possibly saturating GEMM.
     """
 
-    name = "fbgemm"
+    name = "onednn"
 
     def __init__(self, exact: bool = True) -> None:
         self.exact = exact
-        # The "x86" engine routes linear to FBGEMM; prepacked weights are engine-specific.
-        torch.backends.quantized.engine = "x86"
+        # oneDNN wants a weight zero point per output channel; they are all 0 (see above), one tensor per width.
+        self._zero_points: dict[int, torch.Tensor] = {}
 
     def pack(
         self, codes: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor, bits: int
     ) -> PackedWeight:
-        weight, offset = _weight_int8(codes, bits)
-        with warnings.catch_warnings():
-            # A quantized tensor is the only way into FBGEMM's prepack; PyTorch marks its creation deprecated.
-            warnings.simplefilter("ignore", UserWarning)
-            qweight = torch._make_per_channel_quantized_tensor(
-                weight, w_scale.double(), (w_zero_point - offset).long(), 0
-            )
+        weight, offset = _weight_int8(codes.contiguous(), bits)
         n, k = codes.shape
-        handle = torch.ops.quantized.linear_prepack(qweight, None)
-        # int8 matrix + FBGEMM's int32 column offsets + float scale and int32 zero point per output channel.
-        return PackedWeight(handle, bits, n, k, nbytes=n * k + n * (4 + 4 + 4))
+        scale = w_scale.float().contiguous()
+        handle = {
+            "weight": torch.ops.onednn.qlinear_prepack(weight, None),
+            "scale": scale,
+            # s_w[n] * (z_w[n] - o): what one unit of an activation row's code sum removes from output n.
+            "zero_point_weight": scale * (w_zero_point.float() - offset),
+        }
+        self._zero_points.setdefault(n, torch.zeros(n, dtype=torch.long))
+        # int8 matrix + two float32 vectors per output channel.
+        return PackedWeight(handle, bits, n, k, nbytes=n * k + n * 8)
+
+    def _gemm(self, codes_u8: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+        h = packed.handle
+        return torch.ops.onednn.qlinear_pointwise(
+            codes_u8, 1.0, 0, h["weight"], h["scale"], self._zero_points[packed.out_features], None,
+            1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
 
     def matmul(
         self, codes: torch.Tensor, packed: PackedWeight, x_scale: float | torch.Tensor = 1.0
     ) -> torch.Tensor:
-        gemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+        codes_u8 = codes.to(torch.uint8).contiguous()
         if self.exact and packed.bits == 8 and bool(codes.max() > _MAX_SAFE_CODE):
-            low = codes.clamp(max=_MAX_SAFE_CODE)
-            out = gemm(low, 1.0, 0, packed.handle).add_(gemm(codes - low, 1.0, 0, packed.handle))
+            low = codes_u8.clamp(max=_MAX_SAFE_CODE)
+            out = self._gemm(low, packed).add_(self._gemm(codes_u8 - low, packed))
         else:
-            out = gemm(codes, 1.0, 0, packed.handle)
+            out = self._gemm(codes_u8, packed)
+        out.addr_(codes.sum(dim=1), packed.handle["zero_point_weight"], alpha=-1)
         if isinstance(x_scale, torch.Tensor) or x_scale != 1.0:
             out.mul_(x_scale)
         return out
 
     def codes(self, packed: PackedWeight) -> torch.Tensor:
-        weight = torch.ops.quantized.linear_unpack(packed.handle)[0].int_repr()
-        offset = 128 if packed.bits == 8 else 0
-        return (weight.to(torch.int16) + offset).to(torch.uint8)
+        # The packed weight reads back as its (K, N) transpose.
+        return _uint8_codes(packed.handle["weight"].to_dense().t(), packed.bits)
 
     def pack_conv(self, codes, w_scale, w_zero_point, bits, stride, padding, dilation) -> OnednnConv:
         return OnednnConv(codes, w_scale, w_zero_point, bits, stride, padding, dilation, self.exact)
@@ -107,7 +125,7 @@ class OnednnConv:
         w_scale (`torch.Tensor`): (Cout,) scale. w_zero_point (`torch.Tensor`): (Cout,) zero point.
         bits (`int`): weight code width.
         stride, padding, dilation (`tuple[int, int]`): convolution geometry.
-        exact (`bool`): as for `FbgemmGemm`: split activation codes above 127 into a second convolution.
+        exact (`bool`): as for `OnednnGemm`: split activation codes above 127 into a second convolution.
     """
 
     def __init__(
