@@ -25,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .layers import ActQuantizer, StepState, dequantize_uniform, quantize_activation
-from .quantizers import dynamic_rowwise_params, fake_quant_log2, fake_quant_uniform, qmax
+from .quantizers import dynamic_rowwise_params, fake_quant_log2_, fake_quant_uniform, qmax
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -40,23 +40,35 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
+def _softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim, written over `scores` on the CPU: the probabilities of a 1024-token self-attention
+    are 64 MB per SD batch of two, and a fresh tensor of that size costs as much in page faults as the softmax."""
+    if scores.device.type != "cpu":
+        return scores.softmax(dim=-1)
+    # The last-dim kernel reads each row before it writes it, so aliasing input and output is safe.
+    return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+
+
 def quantize_probs_per_sample(probs: torch.Tensor, bits: int, keep_start: bool, quantizer: str = "log2") -> torch.Tensor:
-    """Quantize attention probabilities with one dynamic scale per sample (paper Eq. 8-9).
+    """Quantize attention probabilities with one dynamic scale per sample (paper Eq. 8-9), in place.
 
     Args:
-        probs (`torch.Tensor`): softmax output (B, heads, queries, keys), float32.
+        probs (`torch.Tensor`): softmax output (B, heads, queries, keys), float32; overwritten.
         bits (`int`): code width.
         keep_start (`bool`): keep column 0 (the `<start>` token of cross-attention) exact and leave it out of the scale.
         quantizer (`str`): "log2" (codes `round(-log2(p / s))`, the method) or "uniform" (codes of step `s / (2^b - 1)`).
     """
-    quantized_part = probs[..., 1:] if keep_start else probs
-    scale = quantized_part.amax(dim=(1, 2, 3), keepdim=True)
+    scale = (probs[..., 1:] if keep_start else probs).amax(dim=(1, 2, 3), keepdim=True)
+    start = probs[..., :1].clone() if keep_start else None
     if quantizer == "log2":
-        quantized = fake_quant_log2(quantized_part, scale, bits)
+        # Every quantized probability is at most the scale; the start column may exceed it, and is put back below.
+        fake_quant_log2_(probs, scale, bits, at_most_scale=True)
     else:
         step = (scale / qmax(bits)).clamp_min(torch.finfo(probs.dtype).tiny)
-        quantized = fake_quant_uniform(quantized_part, step, torch.zeros_like(step), bits)
-    return torch.cat((probs[..., :1], quantized), dim=-1) if keep_start else quantized
+        probs.copy_(fake_quant_uniform(probs, step, torch.zeros_like(step), bits))
+    if keep_start:
+        probs[..., :1] = start
+    return probs
 
 
 class ExplicitAttnProcessor(nn.Module):
@@ -130,11 +142,11 @@ class ExplicitAttnProcessor(nn.Module):
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             key, value = self.key_value(attn, encoder_hidden_states)
 
-        scores = (query @ key.transpose(-1, -2)).float() * attn.scale
+        scores = (query @ key.transpose(-1, -2)).float().mul_(attn.scale)
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch_size)
             scores = scores + mask.view(batch_size, attn.heads, -1, key.shape[2])
-        probs = self.on_probs(scores.softmax(dim=-1)).to(value.dtype)
+        probs = self.on_probs(_softmax_(scores)).to(value.dtype)
         hidden_states = merge_heads(probs @ value)
 
         hidden_states = attn.to_out[0](hidden_states)

@@ -179,7 +179,9 @@ def fake_quant_activation(x: torch.Tensor, params: StepActParams, kind: str) -> 
     """Quantize-dequantize an input with one step's parameters: the reference every kernel must reproduce."""
     if params.mode == "none":
         return x
-    return dequantize_uniform(*quantize_activation(x, params, kind))
+    codes, scale, zero_point = quantize_activation(x, params, kind)
+    # The codes are a new tensor: dequantize them in place, `(q - z) * s` as `dequantize_uniform` computes it.
+    return codes.sub_(zero_point).mul_(scale)
 
 
 class ActQuantizer(nn.Module):

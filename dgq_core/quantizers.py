@@ -35,8 +35,15 @@ def minmax_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.
 
 
 def quantize_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes `clamp(round(x / s) + z, 0, 2^b - 1)` as a float tensor (exact small integers)."""
-    return torch.clamp(torch.round(x / scale) + zero_point, 0, qmax(bits))
+    """Codes `clamp(round(x * (1/s) + z), 0, 2^b - 1)` as a float tensor (exact small integers).
+
+    `x * (1/s) + z` is rounded once, as the fused multiply-add of integer kernels' quantizers does (oneDNN, FBGEMM,
+    `torch.quantize_per_tensor`), so `dgq_core.kernels` reproduces these codes bit for bit: `torch.addcmul` compiles
+    to a fused multiply-add on CPU and CUDA (tests/test_quantizers.py checks it against float64 arithmetic).
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    codes = torch.addcmul(zero_point.to(dtype), x.to(dtype), torch.reciprocal(scale.to(dtype)))
+    return codes.round_().clamp_(0, qmax(bits))
 
 
 def dequantize_uniform(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
@@ -46,13 +53,15 @@ def dequantize_uniform(codes: torch.Tensor, scale: torch.Tensor, zero_point: tor
 
 def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize then dequantize: the value the integer pipeline represents `x` with."""
-    return dequantize_uniform(quantize_uniform(x, scale, zero_point, bits), scale, zero_point)
+    # The codes are a new tensor: dequantize them in place, `(q - z) * s` as `dequantize_uniform` computes it.
+    return quantize_uniform(x, scale, zero_point, bits).sub_(zero_point).mul_(scale)
 
 
 def quantize_log2(p: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Log2 codes `clamp(round(-log2(p / s)), 0, 2^b - 1)` of non-negative values (paper Eq. 3).
 
-    Zeros map to the largest code, i.e. the smallest representable value `s * 2^-(2^b - 1)`.
+    Ratios are floored at the smallest normal float32 (2^-126), so zeros map to code `min(2^b - 1, 126)`: the smallest
+    value `s * 2^-q` that is representable.
     """
     ratio = (p / scale).clamp_min(torch.finfo(p.dtype).tiny)
     return torch.clamp(torch.round(-torch.log2(ratio)), 0, qmax(bits))
@@ -64,8 +73,33 @@ def dequantize_log2(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_log2(p: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Log2 quantize then dequantize."""
-    return dequantize_log2(quantize_log2(p, scale, bits), scale)
+    """Log2 quantize then dequantize: `s * 2^-q` with `q = clamp(round(-log2(p / s)), 0, 2^b - 1)`."""
+    if p.dtype != torch.float32:
+        return dequantize_log2(quantize_log2(p, scale, bits), scale)
+    return fake_quant_log2_(p.clone(), scale, bits)
+
+
+# round(log2 r) = e + [m > sqrt(2)] for r = m * 2^e, 1 <= m < 2: adding 2^23 - (first float32 mantissa above
+# sqrt(2) - 1) to the bits of r carries into the exponent exactly when m > sqrt(2), and masking the mantissa off
+# leaves 2^round(log2 r).
+_LOG2_ROUNDING_CARRY = (1 << 23) - 0x3504F4
+_EXPONENT_BITS = 0x7F800000
+
+
+def fake_quant_log2_(p: torch.Tensor, scale: torch.Tensor, bits: int, at_most_scale: bool = False) -> torch.Tensor:
+    """`fake_quant_log2` in place on a float32 tensor, on the float bits instead of log2/exp2 (5 passes, not 9).
+
+    Equal to `dequantize_log2(quantize_log2(p, scale, bits), scale)` for every input, zeros and subnormal ratios
+    included (both floor the ratio at the smallest normal float32, 2^-126).
+
+    Args:
+        at_most_scale (`bool`): the caller guarantees `p <= s` (the scale is their maximum): values above `s` are
+            then not clamped to it.
+    """
+    ratio = p.div_(scale)
+    ratio.view(torch.int32).add_(_LOG2_ROUNDING_CARRY).bitwise_and_(_EXPONENT_BITS)
+    smallest = max(2.0 ** -qmax(bits), torch.finfo(torch.float32).tiny)
+    return ratio.clamp_(min=smallest, max=None if at_most_scale else 1.0).mul_(scale)
 
 
 def dynamic_rowwise_params(x: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:

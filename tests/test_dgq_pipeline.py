@@ -117,20 +117,20 @@ def test_an_image_does_not_depend_on_its_batch(quantized):
 def test_start_column_passes_unchanged_and_the_scale_is_per_sample(quantizer):
     probs = torch.softmax(torch.randn(2, 2, 5, 9) * 3, dim=-1)
     probs[1] = torch.softmax(torch.randn(2, 5, 9) * 8, dim=-1)
-    out = quantize_probs_per_sample(probs, 6, keep_start=True, quantizer=quantizer)
+    out = quantize_probs_per_sample(probs.clone(), 6, keep_start=True, quantizer=quantizer)
     assert torch.equal(out[..., 0], probs[..., 0])
     assert not torch.equal(out[..., 1:], probs[..., 1:])
-    alone = quantize_probs_per_sample(probs[:1], 6, keep_start=True, quantizer=quantizer)
+    alone = quantize_probs_per_sample(probs[:1].clone(), 6, keep_start=True, quantizer=quantizer)
     assert torch.equal(alone[0], out[0])
 
 
 def test_log2_codes_are_powers_of_two_of_the_scale_and_uniform_codes_its_steps():
     probs = torch.softmax(torch.randn(1, 2, 4, 16) * 4, dim=-1)
     scale = probs.max()
-    log2 = quantize_probs_per_sample(probs, 8, keep_start=False, quantizer="log2")
+    log2 = quantize_probs_per_sample(probs.clone(), 8, keep_start=False, quantizer="log2")
     exponents = torch.log2(log2 / scale)
     assert torch.allclose(exponents, exponents.round(), atol=1e-5)
-    uniform = quantize_probs_per_sample(probs, 8, keep_start=False, quantizer="uniform")
+    uniform = quantize_probs_per_sample(probs.clone(), 8, keep_start=False, quantizer="uniform")
     steps = uniform / (scale / 255)
     assert torch.allclose(steps, steps.round(), atol=1e-3)
     assert (uniform - probs).abs().max() <= scale / 255 / 2 + 1e-7

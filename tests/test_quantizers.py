@@ -45,6 +45,30 @@ def test_log2_represents_powers_of_two_exactly_and_zero_as_the_smallest_level():
     assert dequantize_log2(zero_code, scale).item() == pytest.approx(0.5 * 2.0**-63)
 
 
+@pytest.mark.parametrize("scale,zero_point", [(0.037, 117.0), (0.0123, 3.0), (0.001, 250.0)])
+def test_uniform_codes_round_once_like_a_fused_multiply_add(scale, zero_point):
+    # round(x * (1/s) + z) rounded to float32 once: float64 holds the product of two float32 exactly. An odd length
+    # also covers the vectorized kernels' scalar tails. torch.quantize_per_tensor, the CPU integer path's
+    # quantizer, rounds the same way.
+    x = torch.randn(1_000_003, generator=torch.Generator().manual_seed(0)) * 4
+    scale, zero_point = torch.tensor(scale), torch.tensor(zero_point)
+    fused = (x.double() * torch.reciprocal(scale).double() + zero_point.double()).float()
+    codes = quantize_uniform(x, scale, zero_point, 8)
+    assert torch.equal(codes, fused.round().clamp(0, 255))
+    per_tensor = torch.quantize_per_tensor(x, float(scale), int(zero_point), torch.quint8).int_repr()
+    assert torch.equal(codes, per_tensor.float())
+
+
+@pytest.mark.parametrize("bits", [6, 8])
+def test_log2_on_the_float_bits_matches_the_log2_exp2_formula(bits):
+    scale = torch.tensor(0.37)
+    # Ratios from 1 down to 2^-120 (normal floats), zeros, and values right at the rounding boundary sqrt(2).
+    p = scale * torch.exp2(-torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 120)
+    boundary = scale * torch.tensor([2**-0.5, 2**-3.5]) * torch.tensor([1 - 1e-7, 1 + 1e-7])[:, None]
+    p = torch.cat((p, boundary.flatten(), torch.zeros(3)))
+    assert torch.equal(fake_quant_log2(p, scale, bits), dequantize_log2(quantize_log2(p, scale, bits), scale))
+
+
 def test_log2_relative_error_is_bounded():
     p = torch.rand(5000) * 0.9 + 0.01
     q = fake_quant_log2(p, torch.tensor(1.0), 8)

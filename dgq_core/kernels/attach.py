@@ -2,8 +2,7 @@
 
 In "int" mode an 8-bit weight lives only in the backend's packed int8 form: the layer's uint8 code buffer is emptied
 so that no second copy stays resident, and `disable_int_execution` writes the codes back (for saving a checkpoint or
-returning to "fake"). A 4-bit weight is shared as-is: the executor reads the layer's packed nibbles. A convolution
-with per-tensor activations runs oneDNN's int8 convolution, whose packed weight cannot be read back: its codes stay.
+returning to "fake"). A 4-bit weight is shared as-is: the executor reads the layer's packed nibbles.
 """
 
 from __future__ import annotations
@@ -81,7 +80,7 @@ def enable_int_execution(model: nn.Module, exact: bool = True) -> int:
         if device not in backends:
             backends[device] = select_backend(device, exact=exact)
         module.int_executor = _executor(module, backends[device])
-        if module.weight_q.bits == 8 and module.int_executor.holds_codes:
+        if module.weight_q.bits == 8:
             module.weight_q.codes = torch.empty(0, dtype=torch.uint8, device=device)
         count += 1
     return count

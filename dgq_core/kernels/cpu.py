@@ -1,181 +1,155 @@
-"""CPU integer kernels: oneDNN int8 GEMM and int8 convolution, both with float32 output.
+"""CPU integer kernels: oneDNN's int8 linear and convolution with float32 output and the accumulation fused in.
 
-Measured on the project's AVX2 CPUs (no VNNI), SD-UNet shapes, batch 2: oneDNN's int8 linear is 1.4-1.9x faster
-than the fp32 matmul (and 1.2-1.7x faster than FBGEMM's `quantized::linear`), its int8 3x3 convolution about 2x
-faster than the fp32 convolution, while `torch._int_mm` is 30-50x slower. Both return float32, so channel groups can
-be accumulated across groups in float32 instead of being requantized.
+Measured on the project's CPUs (BENCHMARKS.md, "UNet integer execution"): on Sapphire Rapids (AMX int8) oneDNN's int8
+GEMM is 5-12x faster than the fp32 matmul at SD-UNet shapes; on AVX2 CPUs without VNNI 1.3-1.9x. `torch._int_mm` on
+CPU is 30-50x slower than fp32 and FBGEMM pads its packed weights' contraction dim to a multiple of 512, which DGQ's
+channel-group slices (a few to a few hundred columns each) cannot afford. Both ops take the activation zero point
+(any integer) and return float32, and their "sum" post-op adds the result into an existing output in the same pass:
+the per-group GEMMs of a channel-grouped layer accumulate without extra passes over the output.
 
-Why not FBGEMM: its packed weight pads the contraction dim to a multiple of 512, so the channel-group slices DGQ
-needs (a few to a few hundred columns each) take 2-66 bytes per weight instead of one (BENCHMARKS.md, "resident
-memory"); oneDNN's packed weights stay near one byte per weight for any K.
-
-Caveat of these CPUs: without VNNI oneDNN multiplies with `vpmaddubsw`, which adds two adjacent u8*s8 products in a
-saturating int16. Products are exact while `|x_a*w_a + x_b*w_b| <= 32767`; that always holds when the activation
-codes fit 7 bits (A <= 7) or the weight codes fit 4 bits (W4), and can fail for W8A8 with large codes on both sides.
-`saturation_free(w_bits, a_bits)` says which combinations are exact. For the others `OnednnGemm(exact=True)` (the
-default) splits the activation codes as `q = min(q, 127) + (q - min(q, 127))` into two saturation-free GEMMs, and
-`exact=False` runs one saturating GEMM; BENCHMARKS.md measures what each costs in speed and in agreement.
+Exactness: with VNNI (AVX512-VNNI, AVX-VNNI, AMX) oneDNN accumulates u8*s8 products in int32, so every width is exact.
+Without it (AVX2) it multiplies with `vpmaddubsw`, which adds two adjacent u8*s8 products in a *saturating* int16:
+exact while `|x_a*w_a + x_b*w_b| <= 32767`, which holds for weights within [-64, 64] (W4) or codes up to 127 (A <= 7).
+For 8-bit weights and codes on such CPUs `OnednnGemm(exact=True)` (the default) splits the codes as
+`q = min(q, 127) + (q - min(q, 127))` into two saturation-free GEMMs; `exact=False` runs the single saturating GEMM.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
+from ..quantizers import qmax, quantize_uniform
 from .gemm import PackedWeight
 
-# Largest int16 sum of two u8*s8 products: the vpmaddubsw limit on CPUs without VNNI.
-_INT16_MAX = 32767
-# Largest activation code whose pair sums with any int8 weight fit int16 (2 * 127 * 128 <= 32767); the high part
-# q - min(q, 127) is at most 128, which fits too (2 * 128 * 128 = -(-32768) only for negative products).
+# `torch.quantize_per_tensor` is the one-pass quantizer whose rounding (one fused multiply-add) the reference
+# `quantize_uniform` reproduces; torch 2.13 marks it deprecated, and the Makefile pins that release.
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
+
+# Largest code whose int16 pair sums with any int8 weight fit (2 * 127 * 128 <= 32767); the rest, q - 127, is at
+# most 128, which fits too.
 _MAX_SAFE_CODE = 127
+# oneDNN ISA limits below VNNI (`ONEDNN_MAX_CPU_ISA`); the VNNI ones (AVX2_VNNI, AVX512_CORE_VNNI, AMX) are exact.
+_ISAS_WITHOUT_VNNI = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
+# Largest weight magnitude whose int16 pair sums with any 8-bit code fit: 2 * 255 * 64 = 32640 <= 32767.
+_MAX_SAFE_WEIGHT = 64
+
+
+def has_vnni() -> bool:
+    """Whether oneDNN's int8 kernels accumulate in int32 here (no int16 saturation): the CPU has VNNI and oneDNN
+    is not held below it by `ONEDNN_MAX_CPU_ISA`."""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if limit.upper() in _ISAS_WITHOUT_VNNI:
+        return False
+    return bool(torch.cpu._is_vnni_supported())
 
 
 def saturation_free(w_bits: int, a_bits: int) -> bool:
-    """Whether the AVX2 (non-VNNI) int8 kernels are exact for these code widths (see the module docstring)."""
-    weight_magnitude = 1 << (w_bits - 1) if w_bits == 8 else (1 << w_bits) - 1
-    return 2 * ((1 << a_bits) - 1) * weight_magnitude <= _INT16_MAX
-
-
-def _weight_int8(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
-    """Signed int8 form of uint8 codes and the offset subtracted: 8-bit codes move to [-128, 127] (c ^ 0x80 read as
-    int8 is c - 128, with no wider temporary), 4-bit codes are already int8 values."""
-    if bits == 8:
-        return (codes ^ 0x80).view(torch.int8), 128
-    return codes.view(torch.int8), 0
-
-
-def _uint8_codes(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `_weight_int8`."""
-    codes = weight.contiguous().view(torch.uint8)
-    return codes ^ 0x80 if bits == 8 else codes
+    """Whether the non-VNNI int8 kernels are exact for these code widths (see the module docstring)."""
+    weight_magnitude = 1 << (w_bits - 1)
+    return 2 * ((1 << a_bits) - 1) * weight_magnitude <= 32767
 
 
 class OnednnGemm:
-    """`GemmBackend` on oneDNN's int8 linear (`onednn::qlinear_pointwise`, float32 output).
-
-    oneDNN takes symmetric int8 weights, so the weight is stored as `codes - offset` and its zero point comes back
-    out in float32 as a rank-1 term: `sum_k q (W - z_w) = sum_k q (W - o) - (z_w - o) sum_k q`. The activation codes
-    enter with scale 1 and zero point 0, so any activation zero point, in range or not, is handled by the caller.
+    """`GemmBackend` on `onednn::qlinear_pointwise` and `onednn::qconv2d_pointwise`.
 
     Args:
-        exact (`bool`): split 8-bit activation codes above 127 into a second GEMM when the weight is 8-bit, so no int16
-            pair sum can saturate (twice the GEMM work); False runs the single, possibly saturating GEMM.
+        exact (`bool`): on CPUs without VNNI, split 8-bit codes above 127 into a second GEMM when the weight is wider
+            than +-64, so no int16 pair sum can saturate (twice the GEMM work); False runs the single saturating
+            GEMM. Ignored where VNNI makes one GEMM exact.
     """
 
     name = "onednn"
+    native_conv = True
 
     def __init__(self, exact: bool = True) -> None:
-        self.exact = exact
-        # oneDNN wants a weight zero point per output channel; they are all 0 (see above), one tensor per width.
+        self.split_wide = exact and not has_vnni()
+        # oneDNN takes a weight zero point per output channel; they are all 0 (weights enter centred).
         self._zero_points: dict[int, torch.Tensor] = {}
 
-    def pack(
-        self, codes: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor, bits: int
-    ) -> PackedWeight:
-        weight, offset = _weight_int8(codes.contiguous(), bits)
-        n, k = codes.shape
-        scale = w_scale.float().contiguous()
-        handle = {
-            "weight": torch.ops.onednn.qlinear_prepack(weight, None),
-            "scale": scale,
-            # s_w[n] * (z_w[n] - o): what one unit of an activation row's code sum removes from output n.
-            "zero_point_weight": scale * (w_zero_point.float() - offset),
-        }
-        self._zero_points.setdefault(n, torch.zeros(n, dtype=torch.long))
-        # int8 matrix + two float32 vectors per output channel.
-        return PackedWeight(handle, bits, n, k, nbytes=n * k + n * 8)
+    def _weight_zero_points(self, n: int) -> torch.Tensor:
+        if n not in self._zero_points:
+            self._zero_points[n] = torch.zeros(n, dtype=torch.long)
+        return self._zero_points[n]
 
-    def _gemm(self, codes_u8: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
-        h = packed.handle
-        return torch.ops.onednn.qlinear_pointwise(
-            codes_u8, 1.0, 0, h["weight"], h["scale"], self._zero_points[packed.out_features], None,
-            1.0, 0, torch.float32, "none", [], "",
+    def _needs_split(self, centred: torch.Tensor) -> bool:
+        return self.split_wide and bool(centred.abs().max() > _MAX_SAFE_WEIGHT)
+
+    def quantize(self, x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
+        if not 0 <= zero_point <= 255:
+            # quint8 takes zero points in [0, 255] only; a range that excludes 0 has one outside (rare).
+            return quantize_uniform(x, torch.tensor(scale), torch.tensor(float(zero_point)), bits).to(
+                torch.uint8
+            )
+        codes = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+        return codes.clamp_(max=qmax(bits)) if bits < 8 else codes
+
+    def pack(self, centred: torch.Tensor) -> PackedWeight:
+        n, k = centred.shape
+        handle = {
+            "weight": torch.ops.onednn.qlinear_prepack(centred.contiguous(), None),
+            "split": self._needs_split(centred),
+        }
+        return PackedWeight(handle, n, k, nbytes=torch.ops.mkldnn._nbytes(handle["weight"]))
+
+    def unpack(self, packed: PackedWeight) -> torch.Tensor:
+        weight = packed.handle["weight"].to_dense()
+        # A linear weight reads back as its (K, N) transpose; a convolution's in its own shape.
+        return weight.t().contiguous() if weight.dim() == 2 else weight
+
+    def _split(self, codes: torch.Tensor, packed: PackedWeight) -> torch.Tensor | None:
+        if packed.handle["split"] and bool(codes.max() > _MAX_SAFE_CODE):
+            return codes.clamp(max=_MAX_SAFE_CODE)
+        return None
+
+    def linear(
+        self, codes, x_scale, x_zero_point, packed, w_scale, bias=None, accumulate=None
+    ) -> torch.Tensor:
+        low = self._split(codes, packed)
+        if low is not None:
+            # sum (q - z) W = sum (min(q, 127) - z) W + sum (q - min(q, 127)) W; each part is saturation-free.
+            out = self.linear(low, x_scale, x_zero_point, packed, w_scale, bias, accumulate)
+            return self.linear(codes - low, x_scale, 0, packed, w_scale, None, out)
+        zero_points = self._weight_zero_points(packed.out_features)
+        weight = packed.handle["weight"]
+        if accumulate is None:
+            return torch.ops.onednn.qlinear_pointwise(
+                codes, x_scale, x_zero_point, weight, w_scale, zero_points, bias,
+                1.0, 0, torch.float32, "none", [], "",
+            )  # fmt: skip
+        return torch.ops.onednn.qlinear_pointwise.binary(
+            codes, x_scale, x_zero_point, weight, w_scale, zero_points, accumulate, bias,
+            1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "",
         )  # fmt: skip
 
-    def matmul(
-        self, codes: torch.Tensor, packed: PackedWeight, x_scale: float | torch.Tensor = 1.0
-    ) -> torch.Tensor:
-        codes_u8 = codes.to(torch.uint8).contiguous()
-        if self.exact and packed.bits == 8 and bool(codes.max() > _MAX_SAFE_CODE):
-            low = codes_u8.clamp(max=_MAX_SAFE_CODE)
-            out = self._gemm(low, packed).add_(self._gemm(codes_u8 - low, packed))
-        else:
-            out = self._gemm(codes_u8, packed)
-        out.addr_(codes.sum(dim=1), packed.handle["zero_point_weight"], alpha=-1)
-        if isinstance(x_scale, torch.Tensor) or x_scale != 1.0:
-            out.mul_(x_scale)
-        return out
-
-    def codes(self, packed: PackedWeight) -> torch.Tensor:
-        # The packed weight reads back as its (K, N) transpose.
-        return _uint8_codes(packed.handle["weight"].to_dense().t(), packed.bits)
-
-    def pack_conv(self, codes, w_scale, w_zero_point, bits, stride, padding, dilation) -> OnednnConv:
-        return OnednnConv(codes, w_scale, w_zero_point, bits, stride, padding, dilation, self.exact)
-
-
-class OnednnConv:
-    """oneDNN int8 convolution with float32 output, for per-tensor activation parameters.
-
-    oneDNN takes symmetric int8 weights only, so the weight is stored as `codes - offset` and the weight zero point
-    is removed afterwards with one box sum of the centred activation codes (a 1-channel convolution).
-
-    Args:
-        codes (`torch.Tensor`): (Cout, Cin, kh, kw) uint8 weight codes.
-        w_scale (`torch.Tensor`): (Cout,) scale. w_zero_point (`torch.Tensor`): (Cout,) zero point.
-        bits (`int`): weight code width.
-        stride, padding, dilation (`tuple[int, int]`): convolution geometry.
-        exact (`bool`): as for `OnednnGemm`: split activation codes above 127 into a second convolution.
-    """
-
-    def __init__(
-        self, codes, w_scale, w_zero_point, bits, stride, padding, dilation, exact: bool = True
-    ) -> None:
-        self.exact = exact and bits == 8
-        self.geometry = [list(stride), list(padding), list(dilation)]
-        self.kernel_size = tuple(codes.shape[2:])
-        weight, offset = _weight_int8(codes, bits)
-        self.w_scale = w_scale.float()
-        self.packed = torch.ops.onednn.qconv_prepack(weight, self.w_scale, 1.0, 0, *self.geometry, 1, None)
-        # s_w[n] * (z_w[n] - offset): what one unit of the box sum removes from output channel n.
-        self.zero_point_weight = (self.w_scale * (w_zero_point - offset)).view(1, -1, 1, 1)
-        self.nbytes = codes.numel() + 8 * codes.shape[0]
-
-    def __call__(
-        self, codes: torch.Tensor, x_scale: float, x_zero_point: int, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """`conv(s_x (q - z), dq(W)) + b` from uint8-range float codes `q` of shape (B, Cin, H, W)."""
-        if self.exact and bool(codes.max() > _MAX_SAFE_CODE):
-            # sum (q - z) W = sum (min(q, 127) - z) W + sum (q - min(q, 127)) W; each part is saturation-free.
-            low = codes.clamp(max=_MAX_SAFE_CODE)
-            out = self._conv(low, x_scale, x_zero_point, bias).add_(self._conv(codes - low, x_scale, 0, None))
-        else:
-            out = self._conv(codes, x_scale, x_zero_point, bias)
-        # Zero padding of q - z is what oneDNN's padding with the zero point means.
-        centred_sum = (codes.sum(dim=1, keepdim=True) - x_zero_point * codes.shape[1]).float()
-        box = torch.ones(1, 1, *self.kernel_size)
-        box_sum = torch.nn.functional.conv2d(centred_sum, box, None, *self.geometry)
-        return out.sub_(box_sum * (x_scale * self.zero_point_weight))
-
-    def _conv(
-        self, codes: torch.Tensor, x_scale: float, x_zero_point: int, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        x_u8 = codes.to(torch.uint8).contiguous(memory_format=torch.channels_last)
-        zeros = torch.zeros(self.w_scale.numel(), dtype=torch.long)
-        return torch.ops.onednn.qconv2d_pointwise(
-            x_u8,
-            x_scale,
-            x_zero_point,
-            self.packed,
-            self.w_scale,
-            zeros,
-            bias,
-            *self.geometry,
-            1,
-            1.0,
-            0,
-            torch.float32,
-            "none",
-            [],
-            "",
+    def pack_conv(self, centred: torch.Tensor, stride, padding, dilation) -> PackedWeight:
+        cout = centred.shape[0]
+        geometry = [list(stride), list(padding), list(dilation)]
+        weight = torch.ops.onednn.qconv_prepack(
+            centred.contiguous(), torch.ones(cout), 1.0, 0, *geometry, 1, None
         )
+        handle = {"weight": weight, "split": self._needs_split(centred)}
+        return PackedWeight(handle, cout, centred[0].numel(), nbytes=centred.numel())
+
+    def conv(
+        self, codes, x_scale, x_zero_point, packed, w_scale, geometry, bias=None, accumulate=None
+    ) -> torch.Tensor:
+        low = self._split(codes, packed)
+        if low is not None:
+            out = self.conv(low, x_scale, x_zero_point, packed, w_scale, geometry, bias, accumulate)
+            return self.conv(codes - low, x_scale, 0, packed, w_scale, geometry, None, out)
+        codes = codes.contiguous(memory_format=torch.channels_last)
+        zero_points = self._weight_zero_points(packed.out_features)
+        weight = packed.handle["weight"]
+        stride, padding, dilation = (list(v) for v in geometry)
+        if accumulate is None:
+            return torch.ops.onednn.qconv2d_pointwise(
+                codes, x_scale, x_zero_point, weight, w_scale, zero_points, bias, stride, padding, dilation, 1,
+                1.0, 0, torch.float32, "none", [], "",
+            )  # fmt: skip
+        return torch.ops.onednn.qconv2d_pointwise.binary(
+            codes, x_scale, x_zero_point, weight, w_scale, zero_points, accumulate, bias,
+            stride, padding, dilation, 1, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "",
+        )  # fmt: skip

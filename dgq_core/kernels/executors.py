@@ -1,19 +1,33 @@
 """Integer execution of DGQ's quantized Linear and Conv2d, on any `GemmBackend`.
 
-With activation codes `q` (per-row parameters `s_m, z_m`) and weight codes `W` (per-output-channel `s_w, z_w`):
+Activation codes `q` have a scale `s` and zero point `z` (one pair per tensor, per group of columns, per group of
+rows, or per row); weight codes `W` have a per-output-channel scale `s_w` and zero point `z_w`. Weights are held
+*centred*, `W - o` with `o = 2^(bits-1)`, so that they are signed int8 for the kernels, and the rest of the zero point
+comes back out as a rank-1 term:
 
-    y[m, n] = s_m * s_w[n] * sum_k q[m, k] * (W[n, k] - z_w[n])  -  s_m * z_m * c[n]  +  b[n],
-    c[n]    = s_w[n] * sum_k (W[n, k] - z_w[n]).
+    y[m, n] = sum_k dq(x)[m, k] s_w[n] (W[n, k] - z_w[n]) + b[n]
+            = s_w[n] sum_k dq(x)[m, k] (W[n, k] - o)  -  c[n] r[m]  +  b[n]
+    dq(x) = s (q - z),   c[n] = s_w[n] (z_w[n] - o),   r[m] = sum_k dq(x)[m, k]
 
-The backend computes the first term with the weight zero point removed inside its kernel. Per-tensor, dynamic
-per-token and pixel-wise groups are all per-row parameters: one GEMM, a row scale and a rank-1 correction. Channel-wise
-groups sit on the contraction dim: their columns are gathered group by group (the weight's columns are sliced by group
-once per distinct labelling, offline) and the per-group GEMMs, each scaled by its group's scale, are summed in
-float32; their zero points are constant over rows and fold into the bias. Convolutions run through im2col, because
-DGQ defines conv groups on the unfolded input, except per-tensor parameters, where a native int8 convolution applies.
+The backend computes the first term for one (s, z) at a time with the scales, the bias and the accumulation over
+groups in its epilogue; `r` comes from uint8 row sums of the codes. So:
 
-Weights stay resident in the backend's int8 form (W8), or as 4-bit codes packed two per byte (W4) that are widened
-for the GEMM at each call; no floating-point copy is kept.
+- per-tensor: one GEMM;
+- channel groups (DGQ's "channel" axis is the contraction dim): one GEMM per group over that group's columns, each
+  with its group's (s, z), summed in the epilogue; the weight is sliced by group once per distinct labelling;
+- pixel groups (rows): one GEMM per group over its rows, written into its rows of the output;
+- per-token (the dynamic baseline): one GEMM with per-row scales applied after it.
+
+Convolutions: DGQ defines conv groups on the im2col unfolding (input channel x kernel tap). Per-tensor parameters
+run as the backend's native int8 convolution on the quantized image. Channel groups do too when the labels of most
+input channels are the same at every kernel tap (as they are away from the padding): group g then runs as one
+convolution over the channels that have a tap in g, with the other taps' weights zeroed, so channels whose taps
+straddle groups are duplicated; a layer where that would add more than `MAX_NATIVE_DUPLICATION` of its weight, and
+pixel groups and per-token parameters, run as im2col + the linear path. A native convolution gets `r` from one more
+output channel whose weights are the group masks (scale 1), accumulated with the others.
+
+Weights stay resident in the backend's form (W8), or as 4-bit codes packed two per byte (W4) that are widened and
+packed at each call; no floating-point copy is kept.
 """
 
 from __future__ import annotations
@@ -24,29 +38,60 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import StepActParams, conv_output_size, quantize_activation
-from ..quantizers import dequantize_uniform, quantize_uniform, unpack_int4
+from ..quantizers import dequantize_uniform, unpack_int4
 from .gemm import GemmBackend, PackedWeight
+
+# A channel-grouped convolution runs natively when the channels it duplicates add at most this fraction of its weight.
+MAX_NATIVE_DUPLICATION = 0.125
+
+
+def labelling_key(labels: torch.Tensor) -> bytes:
+    """Identity of a channel labelling, for the per-labelling weight slices."""
+    return labels.to(torch.uint8).cpu().numpy().tobytes()
 
 
 @dataclass
-class _ChannelPlan:
-    """A weight sliced by one channel labelling: per present group, its column indices and weight slice.
+class _GroupPlan:
+    """A weight split by activation group along its inputs (a linear layer's columns, a convolution's channels).
 
     Args:
-        group_ids (`list[int]`): ids of the non-empty groups.
-        columns (`list[torch.Tensor]`): column indices of each group.
-        packed (`list[PackedWeight] | None`): resident weight slices (W8); None when sliced per call (W4).
-        column_sums (`torch.Tensor`): (G, N) `s_w[n] * sum_{k in g} (W[n, k] - z_w[n])` per present group.
+        groups (`list[int]`): each part's group id (an index into the step's scales); [-1] for one part, all inputs.
+        order (`torch.Tensor | None`): the input indices the parts read, group after group (a convolution's channel
+            whose taps straddle groups appears in each of them); None: one part, all inputs in their own order.
+        bounds (`list[int]`): part i reads `order[bounds[i]:bounds[i + 1]]`.
+        packed (`list[PackedWeight] | None`): each part's resident weight; None when packed per call (W4).
     """
 
-    group_ids: list[int]
-    columns: list[torch.Tensor]
+    groups: list[int]
+    order: torch.Tensor | None
+    bounds: list[int]
     packed: list[PackedWeight] | None
-    column_sums: torch.Tensor
+
+    @classmethod
+    def of(
+        cls, groups: list[int], indices: list[torch.Tensor], packed: list[PackedWeight] | None
+    ) -> _GroupPlan:
+        bounds = [0]
+        for index in indices:
+            bounds.append(bounds[-1] + len(index))
+        return cls(groups, torch.cat(indices), bounds, packed)
+
+    def indices(self, part: int) -> torch.Tensor:
+        return self.order[self.bounds[part] : self.bounds[part + 1]]
+
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """The inputs in plan order: one gather for all parts."""
+        return x if self.order is None else x.index_select(dim, self.order)
+
+    def part(self, gathered: torch.Tensor, part: int, dim: int) -> torch.Tensor:
+        """Part `part` of `gather`'s result."""
+        if self.order is None:
+            return gathered
+        return gathered.narrow(dim, self.bounds[part], self.bounds[part + 1] - self.bounds[part])
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.packed or []) + self.column_sums.numel() * 4
+        return sum(packed.nbytes for packed in self.packed or [])
 
 
 class IntLinear:
@@ -54,10 +99,9 @@ class IntLinear:
 
     Build with `from_quantized`; call with the input and the step's `StepActParams`.
 
-    Resident weight: W8 keeps the backend's int8 form, once for the whole matrix if any step uses per-row parameters,
-    plus once per distinct channel labelling as group slices; with no per-row step the slices are the only copy
-    (per-row parameters then run over the slices). W4 keeps only the 4-bit codes packed two per byte and widens them
-    per call.
+    Resident weight: W8 keeps the backend's form of the whole matrix if any step uses per-tensor or per-row
+    parameters, plus one set of group slices per distinct channel labelling; with no such step the slices are the
+    only copy (per-row steps then run over the slices). W4 keeps only the 4-bit codes packed two per byte.
 
     Args:
         backend (`GemmBackend`): the integer GEMM.
@@ -69,13 +113,16 @@ class IntLinear:
 
     def __init__(self, backend, w_scale, w_zero_point, bits, in_features, bias, nibbles=None) -> None:
         self.backend: GemmBackend = backend
-        self.packed: PackedWeight | None = None
+        self.whole: PackedWeight | None = None
         self.nibbles = nibbles
-        self.w_scale, self.w_zero_point = w_scale.float(), w_zero_point.float()
         self.bits, self.in_features, self.out_features = bits, in_features, w_scale.numel()
-        self.bias = None if bias is None else bias.float()
-        self.column_sums: torch.Tensor | None = None
-        self._plans: dict[bytes, _ChannelPlan] = {}
+        self.offset = 1 << (bits - 1)
+        self.w_scale = w_scale.float().contiguous()
+        self.w_zero_point = w_zero_point.float()
+        self.zero_point_gap = self.w_scale * (self.w_zero_point - self.offset)
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.row_sums: torch.Tensor | None = None
+        self._plans: dict[bytes, _GroupPlan] = {}
 
     @classmethod
     def from_quantized(
@@ -100,67 +147,90 @@ class IntLinear:
             in_features (`int | None`): K; required for packed 4-bit codes with an odd K.
             channel_labels (`list[torch.Tensor]`): the channel labellings the layer's steps use, sliced now; others
                 are sliced at their first call.
-            row_params (`bool`): whether any step uses per-row parameters (per-tensor, per-token, pixel groups);
-                False keeps no whole-matrix copy next to the channel-group slices.
+            row_params (`bool`): whether any step uses per-tensor or per-row parameters; False keeps no
+                whole-matrix copy next to the channel-group slices.
         """
         if w_bits not in (4, 8):
             raise ValueError(f"integer execution supports 8- and 4-bit weights, not {w_bits}")
         k = in_features if in_features is not None else weight_codes.shape[1] * (2 if w_bits == 4 else 1)
         nibbles = weight_codes.contiguous() if w_bits == 4 else None
         layer = cls(backend, w_scale, w_zero_point, w_bits, k, bias, nibbles)
-        codes = layer.weight_codes() if w_bits == 4 else weight_codes
-        layer.column_sums = layer._column_sums(codes, torch.arange(k, device=codes.device)).squeeze(0)
+        centred = layer.centred_weight(weight_codes if w_bits == 8 else None)
+        # Per-row parameters need sum_k (W - o) per output channel: the zero point of each row times it comes out.
+        layer.row_sums = layer.w_scale * centred.sum(dim=1, dtype=torch.int32).float()
         for labels in channel_labels:
-            layer._plan(labels, codes)
+            layer._plan(labels, centred)
         if w_bits == 8 and (row_params or not layer._plans):
-            layer.packed = backend.pack(codes, w_scale, w_zero_point, 8)
+            layer.whole = backend.pack(centred)
         return layer
 
-    holds_codes = True
+    def centred_weight(self, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, K) int8 `W - o`, from the given uint8 codes or from whatever form is resident."""
+        if codes is not None:
+            return (codes.to(torch.int16) - self.offset).to(torch.int8)
+        if self.nibbles is not None:
+            return (unpack_int4(self.nibbles, self.in_features).to(torch.int16) - self.offset).to(torch.int8)
+        if self.whole is not None:
+            return self.backend.unpack(self.whole)
+        plan = next(iter(self._plans.values()))
+        centred = torch.empty(
+            self.out_features, self.in_features, dtype=torch.int8, device=self.w_scale.device
+        )
+        for part, packed in enumerate(plan.packed):
+            centred[:, plan.indices(part)] = self.backend.unpack(packed)
+        return centred
 
     def weight_codes(self) -> torch.Tensor:
         """(N, K) uint8 codes (unpacked from the resident form)."""
-        if self.nibbles is not None:
-            return unpack_int4(self.nibbles, self.in_features)
-        if self.packed is not None:
-            return self.backend.codes(self.packed)
-        plan = next(iter(self._plans.values()))
-        codes = torch.empty(
-            self.out_features, self.in_features, dtype=torch.uint8, device=self.w_scale.device
-        )
-        for columns, packed in zip(plan.columns, plan.packed, strict=True):
-            codes[:, columns] = self.backend.codes(packed)
-        return codes
+        return (self.centred_weight().to(torch.int16) + self.offset).to(torch.uint8)
 
     def resident_nbytes(self) -> int:
         """Bytes this layer keeps: weight (whole and/or channel-group slices), scales, zero points, bias, sums."""
         if self.nibbles is not None:
-            weight = self.nibbles.numel() + 8 * self.out_features
+            weight = self.nibbles.numel()
         else:
-            weight = 0 if self.packed is None else self.packed.nbytes
-        extra = (0 if self.bias is None else self.bias.numel() * 4) + self.column_sums.numel() * 4
-        return weight + extra + sum(plan.nbytes for plan in self._plans.values())
+            weight = 0 if self.whole is None else self.whole.nbytes
+        weight += sum(plan.nbytes for plan in self._plans.values())
+        vectors = [self.w_scale, self.w_zero_point, self.zero_point_gap, self.row_sums, self.bias]
+        return weight + sum(v.numel() * v.element_size() for v in vectors if v is not None)
 
     def dequantized_weight(self) -> torch.Tensor:
         """Float weight, only for inputs left unquantized (activation mode "none")."""
         return dequantize_uniform(self.weight_codes(), self.w_scale[:, None], self.w_zero_point[:, None])
 
-    def _column_sums(self, codes: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        centred = codes.index_select(1, columns).float() - self.w_zero_point[:, None]
-        return (self.w_scale * centred.sum(dim=1))[None]
+    def _plan(self, labels: torch.Tensor, centred: torch.Tensor | None = None) -> _GroupPlan:
+        # Labels may differ per sampler step; each distinct labelling gets its own weight slices (see BENCHMARKS.md).
+        key = labelling_key(labels)
+        if key not in self._plans:
+            centred = self.centred_weight() if centred is None else centred
+            groups = torch.unique(labels).tolist()
+            columns = [torch.nonzero(labels == group).flatten() for group in groups]
+            packed = (
+                [self.backend.pack(centred.index_select(1, c)) for c in columns] if self.bits == 8 else None
+            )
+            self._plans[key] = _GroupPlan.of(groups, columns, packed)
+        return self._plans[key]
 
-    def _product(self, codes: torch.Tensor, x_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
-        """`x_scale * s_w[n] * sum_k codes[m, k] (W[n, k] - z_w[n])` over all K, from whichever form is resident."""
-        if self.packed is not None:
-            return self.backend.matmul(codes, self.packed, x_scale)
+    def _packed_parts(self, plan: _GroupPlan | None) -> list[tuple[torch.Tensor | None, PackedWeight]]:
+        """(columns, packed weight) pairs that cover all K columns: the plan's parts, or the whole weight."""
+        if plan is None and self.whole is not None:
+            return [(None, self.whole)]
         if self.nibbles is not None:
-            packed = self.backend.pack(self.weight_codes(), self.w_scale, self.w_zero_point, 4)
-            return self.backend.matmul(codes, packed, x_scale)
-        plan = next(iter(self._plans.values()))
-        out = None
-        for columns, packed in zip(plan.columns, plan.packed, strict=True):
-            part = self.backend.matmul(codes.index_select(1, columns), packed, x_scale)
-            out = part if out is None else out.add_(part)
+            centred = self.centred_weight()
+            if plan is None:
+                return [(None, self.backend.pack(centred))]
+            columns = [plan.indices(part) for part in range(len(plan.groups))]
+            return [(c, self.backend.pack(centred.index_select(1, c))) for c in columns]
+        plan = plan if plan is not None else next(iter(self._plans.values()))
+        return [(plan.indices(part), packed) for part, packed in enumerate(plan.packed)]
+
+    def _gemm(self, codes, scale, zero_point, parts, bias=None, accumulate=None) -> torch.Tensor:
+        """`scale * s_w[n] * sum_k (codes - zero_point)(W - o) + bias` over all K columns, one GEMM per part."""
+        out = accumulate
+        for columns, packed in parts:
+            part_codes = codes if columns is None else codes.index_select(1, columns)
+            out = self.backend.linear(part_codes, scale, zero_point, packed, self.w_scale, bias, out)
+            bias = None
         return out
 
     def __call__(self, x: torch.Tensor, params: StepActParams) -> torch.Tensor:
@@ -169,86 +239,101 @@ class IntLinear:
             return F.linear(x, self.dequantized_weight(), self.bias)
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
-        if params.mode == "group" and params.axis == "channel":
+        if params.mode == "token":
+            out = self._per_row(rows, params)
+        elif params.mode == "tensor":
+            out = self._row_range(
+                rows, float(params.scale), int(params.zero_point), params.bits, self._packed_parts(None)
+            )
+        elif params.axis == "channel":
             out = self._channel_groups(rows, params)
         else:
-            codes, scale, zero_point = quantize_activation(x, params, "linear")
-            out = self._row_params(codes.reshape(-1, self.in_features), scale, zero_point, lead)
+            out = self._row_groups(rows, params)
         return out.view(*lead, self.out_features)
 
-    def _row_params(self, codes, scale, zero_point, lead) -> torch.Tensor:
-        if scale.numel() == 1:
-            # One range: its zero point is a constant row, folded into the bias.
-            out = self._product(codes, scale.reshape(()))
-            return self._finish(out, -(scale * zero_point).reshape(()) * self.column_sums)
-        row_scale = scale.expand(*lead, 1).reshape(-1, 1)
-        row_offset = (scale * zero_point).expand(*lead, 1).reshape(-1)
-        out = self._product(codes).mul_(row_scale)
-        out.addr_(row_offset, self.column_sums, alpha=-1)
-        return self._finish(out, None)
+    def _row_range(self, rows, scale, zero_point, bits, parts) -> torch.Tensor:
+        """Rows that share one (scale, zero point): per-tensor parameters, or one pixel group's rows."""
+        codes = self.backend.quantize(rows, scale, zero_point, bits)
+        out = self._gemm(codes, scale, zero_point, parts, self.bias)
+        return out.addr_(_dequantized_row_sums(codes, scale, zero_point), self.zero_point_gap, alpha=-1)
 
-    def _finish(self, out: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-        shift = offset if self.bias is None else (self.bias if offset is None else self.bias + offset)
-        return out if shift is None else out.add_(shift)
-
-    def _channel_groups(self, rows: torch.Tensor, params: StepActParams) -> torch.Tensor:
+    def _channel_groups(self, rows, params) -> torch.Tensor:
         plan = self._plan(params.labels)
-        codes = quantize_activation(rows, params, "linear")[0]
-        weights = plan.packed if plan.packed is not None else self._slices(plan.columns)
-        out = None
-        for group, columns, weight in zip(plan.group_ids, plan.columns, weights, strict=True):
-            part = self.backend.matmul(codes.index_select(1, columns), weight, params.scale[group])
-            out = part if out is None else out.add_(part)
-        groups = torch.tensor(plan.group_ids, device=params.scale.device)
-        offset = -(params.scale[groups] * params.zero_point[groups]) @ plan.column_sums
-        return self._finish(out, offset)
+        gathered = plan.gather(rows, 1)
+        out, dq_row_sums = None, torch.zeros(rows.shape[0], device=rows.device)
+        for part, (_, packed) in enumerate(self._packed_parts(plan)):
+            group = plan.groups[part]
+            scale, zero_point = float(params.scale[group]), int(params.zero_point[group])
+            codes = self.backend.quantize(plan.part(gathered, part, 1), scale, zero_point, params.bits)
+            bias = self.bias if out is None else None
+            out = self.backend.linear(codes, scale, zero_point, packed, self.w_scale, bias, out)
+            dq_row_sums += _dequantized_row_sums(codes, scale, zero_point)
+        return out.addr_(dq_row_sums, self.zero_point_gap, alpha=-1)
 
-    def _slices(self, columns: list[torch.Tensor]) -> list[PackedWeight]:
-        """Per-call group slices of a W4 weight (its resident form stays the packed nibbles)."""
-        codes = self.weight_codes()
-        return [
-            self.backend.pack(codes.index_select(1, c), self.w_scale, self.w_zero_point, 4) for c in columns
-        ]
+    def _row_groups(self, rows, params) -> torch.Tensor:
+        # Rows are (sample, pixel) pairs in sample-major order; the labels are per pixel.
+        row_labels = params.labels.repeat(rows.shape[0] // params.labels.numel())
+        parts = self._packed_parts(None)
+        out = torch.empty(rows.shape[0], self.out_features, device=rows.device)
+        for group in torch.unique(row_labels).tolist():
+            index = torch.nonzero(row_labels == group).flatten()
+            scale, zero_point = float(params.scale[group]), int(params.zero_point[group])
+            out.index_copy_(
+                0, index, self._row_range(rows.index_select(0, index), scale, zero_point, params.bits, parts)
+            )
+        return out
 
-    def _plan(self, labels: torch.Tensor, codes: torch.Tensor | None = None) -> _ChannelPlan:
-        # Labels may differ per sampler step; each distinct labelling gets its own weight slices (see BENCHMARKS.md).
-        key = labels.to(torch.uint8).cpu().numpy().tobytes()
-        if key not in self._plans:
-            codes = self.weight_codes() if codes is None else codes
-            group_ids = [int(g) for g in torch.unique(labels)]
-            columns = [torch.nonzero(labels == g).flatten() for g in group_ids]
-            sums = torch.cat([self._column_sums(codes, c) for c in columns])
-            packed = None
-            if self.bits == 8:
-                packed = [
-                    self.backend.pack(codes.index_select(1, c), self.w_scale, self.w_zero_point, 8)
-                    for c in columns
-                ]
-            self._plans[key] = _ChannelPlan(group_ids, columns, packed, sums)
-        return self._plans[key]
+    def _per_row(self, rows, params) -> torch.Tensor:
+        """Per-row ranges (dynamic per-token): one GEMM of the raw codes, the row scales and zero points after it."""
+        codes, scale, zero_point = quantize_activation(rows, params, "linear")
+        codes, scale, zero_point = codes.to(torch.uint8), scale.view(-1), zero_point.view(-1)
+        out = self._gemm(codes, 1.0, 0, self._packed_parts(None)).mul_(scale[:, None])
+        dq_row_sums = scale * (codes.sum(dim=1, dtype=torch.int32).float() - codes.shape[1] * zero_point)
+        # s_m * z_m * s_w[n] sum_k (W - o)  and  c[n] * r[m]
+        corrections = torch.stack((scale * zero_point, dq_row_sums), dim=1)
+        out.addmm_(corrections, torch.stack((self.row_sums, self.zero_point_gap)), alpha=-1)
+        return out if self.bias is None else out.add_(self.bias)
+
+
+def _dequantized_row_sums(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """`sum_k s (q - z)` of each row of uint8 codes."""
+    return codes.sum(dim=1, dtype=torch.int32).float().sub_(codes.shape[1] * zero_point).mul_(scale)
 
 
 class IntConv2d:
     """`y = conv2d(dq(q(x)), dq(W), b)` with DGQ's groups defined on the im2col unfolding, in integers.
 
-    Grouped and per-token parameters run as im2col + `IntLinear` on the unfolded input transposed to
-    (B, L, Cin*kh*kw): DGQ's conv "channel" axis (Cin*kh*kw) becomes the contraction dim and its "pixel" axis (the
-    L output locations) the rows. Per-tensor parameters use the backend's native int8 convolution when it has one.
+    Per-tensor parameters and channel groups whose labels are (mostly) the same at every kernel tap run as the
+    backend's native int8 convolution, one per group (see the module docstring); everything else runs as im2col +
+    `IntLinear` on the unfolded input transposed to (B, L, Cin*kh*kw): DGQ's conv "channel" axis (Cin*kh*kw) becomes
+    the contraction dim and its "pixel" axis (the L output locations) the rows.
 
     Args:
-        linear (`IntLinear | None`): the (Cout, Cin*kh*kw) weight in unfold order as an integer linear layer.
-        native (`object | None`): the backend's int8 convolution (per-tensor parameters, W8); exactly one of the two.
+        backend (`GemmBackend`): the integer kernels.
+        w_scale, w_zero_point (`torch.Tensor`): (Cout,) per-output-channel parameters.
+        bits (`int`): weight code width.
         bias (`torch.Tensor | None`): (Cout,).
         in_channels (`int`), kernel_size, stride, padding, dilation (`tuple[int, int]`): the geometry.
     """
 
-    def __init__(self, linear, native, bias, in_channels, kernel_size, stride, padding, dilation) -> None:
-        self.linear, self.native = linear, native
-        self.bias = None if bias is None else bias.float()
-        self.in_channels = in_channels
+    def __init__(
+        self, backend, w_scale, w_zero_point, bits, bias, in_channels, kernel_size, stride, padding, dilation
+    ):
+        self.backend: GemmBackend = backend
+        self.bits, self.offset = bits, 1 << (bits - 1)
+        self.out_channels, self.in_channels = w_scale.numel(), in_channels
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
         self.pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+        self.w_scale, self.w_zero_point = w_scale.float(), w_zero_point.float()
+        self.bias = None if bias is None else bias.float()
+        # Native convolutions carry one more output channel, the group mask with scale 1: it accumulates
+        # r = sum over the receptive field of dq(x), whose product with c[n] the weight zero point removes.
+        self.native_scale = torch.cat((self.w_scale, self.w_scale.new_ones(1)))
+        self.native_bias = None if bias is None else torch.cat((self.bias, self.bias.new_zeros(1)))
+        self.zero_point_gap = (self.w_scale * (self.w_zero_point - self.offset)).view(1, -1, 1, 1)
+        self.native_plans: dict[bytes, _GroupPlan] = {}
+        self.linear: IntLinear | None = None
 
     @classmethod
     def from_quantized(
@@ -275,61 +360,136 @@ class IntConv2d:
                 the same packed two per byte when `w_bits == 4`.
             w_scale, w_zero_point, w_bits, bias, backend: as for `IntLinear.from_quantized`.
             in_channels (`int`), kernel_size, stride, padding, dilation: the convolution's geometry.
-            act_mode (`str`): the layer's activation mode; "tensor" prepares the backend's native int8 convolution
-                (when it has one) instead of the im2col GEMM weight, so only one int8 copy is resident.
-            channel_labels, row_params: as for `IntLinear.from_quantized`, on the unfolded input's axes.
+            act_mode (`str`): the layer's activation mode; "tensor" prepares only the native convolution.
+            channel_labels, row_params: as for `IntLinear.from_quantized`, on the unfolded input's axes; labellings
+                that cannot run natively are sliced for im2col.
         """
-        geometry = (in_channels, kernel_size, stride, padding, dilation)
-        if act_mode == "tensor" and w_bits == 8:
-            codes = weight_codes.view(-1, in_channels, *kernel_size)
-            native = backend.pack_conv(
-                codes, w_scale.float(), w_zero_point.float(), 8, stride, padding, dilation
-            )
-            if native is not None:
-                return cls(None, native, bias, *geometry)
-        in_features = in_channels * kernel_size[0] * kernel_size[1]
-        linear = IntLinear.from_quantized(
-            weight_codes,
-            w_scale,
-            w_zero_point,
-            w_bits,
-            bias,
-            backend,
-            in_features,
-            channel_labels,
-            row_params,
+        conv = cls(
+            backend, w_scale, w_zero_point, w_bits, bias, in_channels, kernel_size, stride, padding, dilation
         )
-        return cls(linear, None, bias, *geometry)
+        native = w_bits == 8 and backend.native_conv
+        im2col_labels = list(channel_labels)
+        if native:
+            centred = (weight_codes.to(torch.int16) - conv.offset).to(torch.int8)
+            if act_mode == "tensor":
+                conv.native_plans[b""] = conv._native_plan(None, centred)
+            im2col_labels = [labels for labels in channel_labels if conv._try_native(labels, centred) is None]
+        if not native or act_mode == "token" or (act_mode == "group" and (im2col_labels or row_params)):
+            conv.linear = IntLinear.from_quantized(
+                weight_codes, w_scale, w_zero_point, w_bits, bias, backend,
+                in_channels * kernel_size[0] * kernel_size[1], im2col_labels, row_params,
+            )  # fmt: skip
+        return conv
 
     @property
-    def holds_codes(self) -> bool:
-        """Whether `weight_codes` can give the codes back (oneDNN's packed convolution weight cannot)."""
-        return self.linear is not None
+    def geometry(self) -> tuple:
+        return self.stride, self.padding, self.dilation
+
+    def _try_native(self, labels: torch.Tensor, centred: torch.Tensor | None = None) -> _GroupPlan | None:
+        """The native plan of a channel labelling, made on first use; None when it duplicates too much weight."""
+        key = labelling_key(labels)
+        if key not in self.native_plans:
+            taps = labels.view(self.in_channels, -1)
+            channels_per_group = sum(
+                int(((taps == g).any(dim=1)).sum()) for g in torch.unique(labels).tolist()
+            )
+            if channels_per_group - self.in_channels > MAX_NATIVE_DUPLICATION * self.in_channels:
+                return None
+            self.native_plans[key] = self._native_plan(
+                taps, self.centred_weight() if centred is None else centred
+            )
+        return self.native_plans[key]
+
+    def _native_plan(self, taps: torch.Tensor | None, centred: torch.Tensor) -> _GroupPlan:
+        """One native convolution per group: the channels with a tap in it, other taps' weights zeroed, and the
+        mask as an extra output channel. `taps` is the (Cin, kh*kw) labelling; None means one group, all weights."""
+        weight = centred.view(self.out_channels, self.in_channels, -1)
+        if taps is None:
+            mask = torch.ones(1, self.in_channels, weight.shape[2], dtype=torch.int8)
+            packed = self.backend.pack_conv(
+                torch.cat((weight, mask)).view(-1, *weight.shape[1:2], *self.kernel_size), *self.geometry
+            )
+            return _GroupPlan([-1], None, [0, self.in_channels], [packed])
+        groups = torch.unique(taps).tolist()
+        channels, packed = [], []
+        for group in groups:
+            in_group = taps == group
+            channels.append(torch.nonzero(in_group.any(dim=1)).flatten())
+            mask = in_group[channels[-1]].to(torch.int8)
+            sliced = torch.cat((weight[:, channels[-1]] * mask, mask[None]))
+            packed.append(
+                self.backend.pack_conv(sliced.view(-1, len(channels[-1]), *self.kernel_size), *self.geometry)
+            )
+        return _GroupPlan.of(groups, channels, packed)
+
+    def centred_weight(self) -> torch.Tensor:
+        """(Cout, Cin*kh*kw) int8 `W - o` from the resident form."""
+        if self.linear is not None:
+            return self.linear.centred_weight()
+        plan = next(iter(self.native_plans.values()))
+        centred = torch.zeros(self.out_channels, self.in_channels, *self.kernel_size, dtype=torch.int8)
+        for part, packed in enumerate(plan.packed):
+            # Each tap belongs to one group; the other groups' slices hold zeros for it.
+            channels = slice(None) if plan.order is None else plan.indices(part)
+            centred[:, channels] += self.backend.unpack(packed)[: self.out_channels]
+        return centred.view(self.out_channels, -1)
 
     def weight_codes(self) -> torch.Tensor:
         """(Cout, Cin*kh*kw) uint8 codes, unpacked."""
-        return self.linear.weight_codes()
+        return (self.centred_weight().to(torch.int16) + self.offset).to(torch.uint8)
 
     def resident_nbytes(self) -> int:
-        if self.linear is not None:
-            return self.linear.resident_nbytes()
-        return self.native.nbytes + (0 if self.bias is None else self.bias.numel() * 4)
+        native = sum(plan.nbytes for plan in self.native_plans.values())
+        vectors = [self.native_scale, self.native_bias, self.zero_point_gap] if self.native_plans else []
+        linear = 0 if self.linear is None else self.linear.resident_nbytes()
+        return native + linear + sum(v.numel() * v.element_size() for v in vectors if v is not None)
 
     def output_size(self, x: torch.Tensor) -> tuple[int, int]:
         return conv_output_size(x, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def __call__(self, x: torch.Tensor, params: StepActParams) -> torch.Tensor:
         """The conv output (B, Cout, Ho, Wo) for input `x` (B, Cin, H, W) under one step's activation parameters."""
-        if self.native is not None:
-            if params.mode != "tensor":
-                raise ValueError(
-                    f"this convolution was prepared for per-tensor activations, got mode {params.mode!r}"
-                )
-            codes = quantize_uniform(x, params.scale, params.zero_point, params.bits)
-            return self.native(codes, float(params.scale), int(params.zero_point), self.bias)
         if params.mode == "none":
-            weight = self.linear.dequantized_weight().view(-1, self.in_channels, *self.kernel_size)
+            weight = self._float_weight().view(-1, self.in_channels, *self.kernel_size)
             return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+        plan = None
+        if params.mode == "tensor":
+            plan = self.native_plans.get(b"")
+        elif params.mode == "group" and params.axis == "channel" and self.bits == 8 and self.native_plans:
+            plan = self._try_native(params.labels)
+        if plan is not None:
+            return self._native(x, plan, params)
+        return self._im2col(x, params)
+
+    def _float_weight(self) -> torch.Tensor:
+        return dequantize_uniform(self.weight_codes(), self.w_scale[:, None], self.w_zero_point[:, None])
+
+    def _native(self, x: torch.Tensor, plan: _GroupPlan, params: StepActParams) -> torch.Tensor:
+        gathered = plan.gather(x, 1)
+        out = None
+        for part, packed in enumerate(plan.packed):
+            group = max(plan.groups[part], 0)
+            scale, zero_point = float(params.scale[group]), int(params.zero_point[group])
+            codes = self.backend.quantize(plan.part(gathered, part, 1), scale, zero_point, params.bits)
+            bias = self.native_bias if out is None else None
+            out = self.backend.conv(
+                codes, scale, zero_point, packed, self.native_scale, self.geometry, bias, out
+            )
+        # The kernels write channels-last; the result is written in the UNet's own (contiguous) layout, so the next
+        # ops (norms, residual adds, concatenations) do not each convert it back.
+        result = torch.empty(out.shape[0], self.out_channels, *out.shape[2:], device=out.device)
+        main, mask_sums = out[:, : self.out_channels], out[:, self.out_channels :]
+        return torch.addcmul(main, mask_sums, self.zero_point_gap, value=-1, out=result)
+
+    def _im2col(self, x: torch.Tensor, params: StepActParams) -> torch.Tensor:
+        if self.linear is None:
+            # A channel labelling first seen now that cannot run natively: slice it for im2col.
+            codes = self.weight_codes()
+            self.linear = IntLinear.from_quantized(
+                codes, self.w_scale, self.w_zero_point, 8, self.bias, self.backend, codes.shape[1],
+                [params.labels] if params.mode == "group" and params.axis == "channel" else [],
+                row_params=params.mode != "group" or params.axis != "channel",
+            )  # fmt: skip
         h_out, w_out = self.output_size(x)
         if self.pointwise:
             columns = x.flatten(2)

@@ -1,9 +1,11 @@
-"""The one primitive every integer backend supplies: an integer GEMM of activation codes against weight codes.
+"""What every integer backend supplies: int8 GEMMs (and, where it has one, an int8 convolution) over uint8 codes.
 
-A backend turns a weight's codes into whatever its kernel wants resident (`pack`), and multiplies activation codes by
-it with the weight's zero point removed and the scales applied in the kernel's epilogue (`matmul`). Everything DGQ
-adds on top (zero points of activations, pixel groups as row scales, channel groups as a loop over column slices,
-im2col for convolutions) is written once, in `executors.py`.
+A backend keeps a weight in its own resident form (`pack`) and multiplies uint8 activation codes by it with the
+activation's scale and zero point applied exactly, the weight's per-output-channel scale and an optional bias in the
+epilogue, and optionally adds the result into an existing float32 output in the same pass (`accumulate`), which is
+how DGQ's channel groups are summed. Weights enter *centred*: signed int8 `W - o` for a fixed offset `o`; the weight
+zero point's remainder and everything else DGQ adds on top (groups, im2col, 4-bit codes) is written once, in
+`executors.py`.
 """
 
 from __future__ import annotations
@@ -16,68 +18,82 @@ import torch
 
 @dataclass
 class PackedWeight:
-    """A weight in a backend's resident form.
+    """A centred int8 weight in a backend's resident form.
 
     Args:
         handle: the backend's object (a prepacked kernel weight, or a tensor).
-        bits (`int`): weight code width. out_features, in_features (`int`): the (N, K) shape.
-        nbytes (`int`): bytes kept resident (codes, scales, zero points, kernel-side offsets).
+        out_features, in_features (`int`): the (N, K) shape of the linear weight (for a convolution, K = Cin*kh*kw).
+        nbytes (`int`): bytes the backend keeps resident for it, kernel-side padding included.
     """
 
     handle: Any
-    bits: int
     out_features: int
     in_features: int
     nbytes: int
 
 
 class GemmBackend(Protocol):
-    """Integer GEMM of unsigned activation codes by per-output-channel asymmetric weight codes."""
+    """Integer products of uint8 activation codes and centred int8 weights, with a float32 epilogue."""
 
     name: str
+    # Whether `conv` runs a native int8 convolution (else convolutions go through im2col + `linear`).
+    native_conv: bool
 
-    def pack(
-        self, codes: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor, bits: int
-    ) -> PackedWeight:
-        """Make the resident form of a weight.
-
-        Args:
-            codes (`torch.Tensor`): (N, K) uint8 weight codes in [0, 2^bits - 1] (already unpacked).
-            w_scale (`torch.Tensor`): (N,) float per-output-channel scale.
-            w_zero_point (`torch.Tensor`): (N,) integer-valued float zero point.
-            bits (`int`): weight code width (8 or 4).
-        """
+    def quantize(self, x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
+        """uint8 codes of `x` under one (scale, zero point), equal to `dgq_core.quantizers.quantize_uniform`'s."""
         ...
 
-    def matmul(
-        self, codes: torch.Tensor, packed: PackedWeight, x_scale: float | torch.Tensor = 1.0
-    ) -> torch.Tensor:
-        """`x_scale * s_w[n] * sum_k codes[m, k] * (W[n, k] - z_w[n])` as float32 (M, N).
-
-        Args:
-            codes (`torch.Tensor`): (M, K) float32 activation codes (exact integers in [0, 255]).
-            packed: what `pack` returned for the (N, K) weight.
-            x_scale (`float | torch.Tensor`): scalar multiplier of the whole product (a group's activation scale).
-        """
+    def pack(self, centred: torch.Tensor) -> PackedWeight:
+        """Make the resident form of a (N, K) int8 weight."""
         ...
 
-    def codes(self, packed: PackedWeight) -> torch.Tensor:
-        """The (N, K) uint8 weight codes back from the resident form (to build channel-group slices)."""
+    def unpack(self, packed: PackedWeight) -> torch.Tensor:
+        """The (N, K) int8 weight back from its resident form (convolutions: (Cout, Cin, kh, kw))."""
         ...
 
-    def pack_conv(
+    def linear(
         self,
         codes: torch.Tensor,
+        x_scale: float,
+        x_zero_point: int,
+        packed: PackedWeight,
         w_scale: torch.Tensor,
-        w_zero_point: torch.Tensor,
-        bits: int,
-        stride,
-        padding,
-        dilation,
-    ) -> Any | None:
-        """A native int8 convolution for per-tensor activation parameters, or None to use im2col + `matmul`.
+        bias: torch.Tensor | None = None,
+        accumulate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`x_scale * w_scale[n] * sum_k (codes[m, k] - x_zero_point) * W[n, k] + bias[n]` as float32 (M, N).
 
-        The returned callable maps `(codes (B, Cin, H, W), x_scale, x_zero_point, bias)` to the float32 output and has
-        an `nbytes` attribute.
+        Args:
+            codes (`torch.Tensor`): (M, K) uint8 activation codes.
+            x_scale (`float`), x_zero_point (`int`): the codes' scale and zero point (any integer zero point).
+            packed (`PackedWeight`): what `pack` returned.
+            w_scale (`torch.Tensor`): (N,) float32 per-output-channel scale.
+            bias (`torch.Tensor | None`): (N,) float32.
+            accumulate (`torch.Tensor | None`): (M, N) float32 the result is added into; the sum is returned (it may be
+                a new tensor).
+        """
+        ...
+
+    def pack_conv(self, centred: torch.Tensor, stride, padding, dilation) -> PackedWeight:
+        """A native int8 convolution's resident (Cout, Cin, kh, kw) weight (only where `native_conv`)."""
+        ...
+
+    def conv(
+        self,
+        codes: torch.Tensor,
+        x_scale: float,
+        x_zero_point: int,
+        packed: PackedWeight,
+        w_scale: torch.Tensor,
+        geometry: tuple,
+        bias: torch.Tensor | None = None,
+        accumulate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`conv2d(x_scale * (codes - x_zero_point), W * w_scale) + bias`, zero-padded in real values, as float32.
+
+        Args:
+            codes (`torch.Tensor`): (B, Cin, H, W) uint8 codes.
+            geometry (`tuple`): (stride, padding, dilation), each a pair.
+            Others: as for `linear`; `accumulate` is (B, Cout, Ho, Wo).
         """
         ...
