@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import QuantConfig, QuantConfigError
@@ -30,6 +30,39 @@ FORMAT = "dgq-unet/1"
 
 class CheckpointError(RuntimeError):
     """A quantized checkpoint is missing, corrupt or inconsistent; the message says which file and what to do."""
+
+
+# safetensors dtype names (the format's header) -> torch dtypes this checkpoint holds.
+_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a safetensors file, each tensor read into memory of its own.
+
+    `safetensors.safe_open` maps the file and hands out views of the mapping, which stays mapped, its touched pages
+    counted in the process's resident memory, as long as any one of its tensors lives. Integer execution replaces
+    the weight codes with packed kernel weights and frees them, while scales and norms stay: through the mapping the
+    freed codes would stay resident next to their packed copies.
+    """
+    file_size = path.stat().st_size
+    with path.open("rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        if not 0 < header_size <= file_size - 8:
+            raise ValueError(f"header of {header_size} bytes in a file of {file_size}")
+        header = json.loads(handle.read(header_size))
+        metadata = header.pop("__metadata__", {})
+        tensors = {}
+        for name, info in header.items():
+            dtype, shape = _DTYPES[info["dtype"]], info["shape"]
+            start, end = info["data_offsets"]
+            if end - start != math.prod(shape) * dtype.itemsize or not 0 <= start <= end <= file_size - 8 - header_size:
+                raise ValueError(f"tensor {name} has bytes {start}-{end} for shape {shape}")
+            tensor = torch.empty(shape, dtype=dtype)
+            handle.seek(8 + header_size + start)
+            if handle.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
+                raise ValueError(f"tensor {name} is cut short")
+            tensors[name] = tensor
+    return metadata, tensors
 
 
 def _sha256(path: Path) -> str:
@@ -123,19 +156,18 @@ def load_quantized_unet(directory: str | Path, device: str | torch.device = "cpu
     if _sha256(weights_path) != expected:
         raise CheckpointError(f"{weights_path} does not match the checksum in config.json: the file is corrupt or was altered")
     try:
-        with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise CheckpointError(f"{weights_path} is not a {FORMAT} file (format={metadata.get('format')!r})")
-            specs = specs_from_manifest(json.loads(metadata["manifest"]))
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 -- safe_open API
-    except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as error:
+        metadata, tensors = _read_safetensors(weights_path)
+        if metadata.get("format") != FORMAT:
+            raise CheckpointError(f"{weights_path} is not a {FORMAT} file (format={metadata.get('format')!r})")
+        specs = specs_from_manifest(json.loads(metadata["manifest"]))
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"cannot read {weights_path} ({error}); the file is corrupt, re-run `dgq quantize`") from error
 
     unet_config.pop("quantization_config")
     with torch.device("meta"):
+        # The quantized modules too: their empty weights would otherwise be allocated, only to be replaced.
         unet = UNet2DConditionModel.from_config(unet_config)
-    quantize_unet(unet, quant_config, specs)
+        quantize_unet(unet, quant_config, specs)
     unet._dgq_input_specs = specs  # noqa: SLF001
     try:
         unet.load_state_dict(tensors, strict=True, assign=True)

@@ -20,6 +20,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from ..quantizers import qmax, quantize_uniform
 from .gemm import PackedWeight
@@ -31,6 +32,19 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
 # Largest code whose int16 pair sums with any int8 weight fit (2 * 127 * 128 <= 32767); the rest, q - 127, is at
 # most 128, which fits too.
 _MAX_SAFE_CODE = 127
+# oneDNN's packed int8 weights already pad a linear layer's contraction dim to a multiple of 64 and a convolution's
+# input channels beyond 64 to one; group slices are padded to those sizes (with zero weights) so that the thousands
+# of slices of a UNet share a few dozen GEMM/convolution shapes, and with them oneDNN's JIT-compiled primitives
+# (with one primitive per slice, a UNet call needs more than the default primitive cache of 1,024 holds, and compiles
+# them anew on every call).
+_LINEAR_K_MULTIPLE = 64
+
+
+def _padded_channels(channels: int) -> int:
+    multiple = 16 if channels <= 64 else 64
+    return -(-channels // multiple) * multiple
+
+
 # oneDNN ISA limits below VNNI (`ONEDNN_MAX_CPU_ISA`); the VNNI ones (AVX2_VNNI, AVX512_CORE_VNNI, AMX) are exact.
 _ISAS_WITHOUT_VNNI = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
 # Largest weight magnitude whose int16 pair sums with any 8-bit code fit: 2 * 255 * 64 = 32640 <= 32767.
@@ -88,16 +102,16 @@ class OnednnGemm:
 
     def pack(self, centred: torch.Tensor) -> PackedWeight:
         n, k = centred.shape
-        handle = {
-            "weight": torch.ops.onednn.qlinear_prepack(centred.contiguous(), None),
-            "split": self._needs_split(centred),
-        }
-        return PackedWeight(handle, n, k, nbytes=torch.ops.mkldnn._nbytes(handle["weight"]))
+        padded = -(-k // _LINEAR_K_MULTIPLE) * _LINEAR_K_MULTIPLE
+        weight = torch.ops.onednn.qlinear_prepack(F.pad(centred, (0, padded - k)).contiguous(), None)
+        handle = {"weight": weight, "split": self._needs_split(centred), "padded": padded}
+        return PackedWeight(handle, n, k, nbytes=torch.ops.mkldnn._nbytes(weight))
 
     def unpack(self, packed: PackedWeight) -> torch.Tensor:
         weight = packed.handle["weight"].to_dense()
-        # A linear weight reads back as its (K, N) transpose; a convolution's in its own shape.
-        return weight.t().contiguous() if weight.dim() == 2 else weight
+        if weight.dim() == 2:  # a linear weight reads back as its (K, N) transpose
+            return weight.t()[:, : packed.in_features].contiguous()
+        return weight[:, : packed.handle["channels"]].contiguous()
 
     def _split(self, codes: torch.Tensor, packed: PackedWeight) -> torch.Tensor | None:
         if packed.handle["split"] and bool(codes.max() > _MAX_SAFE_CODE):
@@ -114,6 +128,8 @@ class OnednnGemm:
             return self.linear(codes - low, x_scale, 0, packed, w_scale, None, out)
         zero_points = self._weight_zero_points(packed.out_features)
         weight = packed.handle["weight"]
+        if codes.shape[1] < packed.handle["padded"]:
+            codes = F.pad(codes, (0, packed.handle["padded"] - codes.shape[1]))
         if accumulate is None:
             return torch.ops.onednn.qlinear_pointwise(
                 codes, x_scale, x_zero_point, weight, w_scale, zero_points, bias,
@@ -125,13 +141,12 @@ class OnednnGemm:
         )  # fmt: skip
 
     def pack_conv(self, centred: torch.Tensor, stride, padding, dilation) -> PackedWeight:
-        cout = centred.shape[0]
+        cout, channels = centred.shape[:2]
         geometry = [list(stride), list(padding), list(dilation)]
-        weight = torch.ops.onednn.qconv_prepack(
-            centred.contiguous(), torch.ones(cout), 1.0, 0, *geometry, 1, None
-        )
-        handle = {"weight": weight, "split": self._needs_split(centred)}
-        return PackedWeight(handle, cout, centred[0].numel(), nbytes=centred.numel())
+        padded = F.pad(centred, (0, 0, 0, 0, 0, _padded_channels(channels) - channels)).contiguous()
+        weight = torch.ops.onednn.qconv_prepack(padded, torch.ones(cout), 1.0, 0, *geometry, 1, None)
+        handle = {"weight": weight, "split": self._needs_split(centred), "channels": channels}
+        return PackedWeight(handle, cout, centred[0].numel(), nbytes=torch.ops.mkldnn._nbytes(weight))
 
     def conv(
         self, codes, x_scale, x_zero_point, packed, w_scale, geometry, bias=None, accumulate=None
@@ -140,6 +155,8 @@ class OnednnGemm:
         if low is not None:
             out = self.conv(low, x_scale, x_zero_point, packed, w_scale, geometry, bias, accumulate)
             return self.conv(codes - low, x_scale, 0, packed, w_scale, geometry, None, out)
+        if codes.shape[1] < _padded_channels(codes.shape[1]):
+            codes = F.pad(codes, (0, 0, 0, 0, 0, _padded_channels(codes.shape[1]) - codes.shape[1]))
         codes = codes.contiguous(memory_format=torch.channels_last)
         zero_points = self._weight_zero_points(packed.out_features)
         weight = packed.handle["weight"]
