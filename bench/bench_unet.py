@@ -6,10 +6,12 @@ memory do not depend on the weight values. Input: 256 px images (32x32 latents),
 inputs, the way `dgq quantize` calibrates one sampler step.
 
 Variants (all timed interleaved, round after round; medians reported):
-    FP32 eager; DGQ-int W8A8 (exact, the default); DGQ-int W8A8 with the single saturating GEMM; DGQ-int W4A8;
-    DGQ-fake W8A8; torch.ao dynamic int8 on the Linear layers (the nearest peer with real CPU kernels).
-Resident weight bytes are counted from the tensors and packed kernel weights each variant keeps; peak RSS is measured
-in a fresh process per variant that loads (or builds) the model and runs one call.
+    FP32 eager; DGQ-int W8A8; DGQ-int W4A8; DGQ-fake W8A8 and W4A8; torch.ao dynamic int8 on the Linear layers (the
+    nearest peer with real CPU kernels); on CPUs without VNNI also DGQ-int W8A8 with the single saturating GEMM
+    instead of the exact split (see dgq_core/kernels/cpu.py).
+Resident weight bytes are counted from the tensors and packed kernel weights (padding included) each variant keeps.
+A fresh process per variant loads (or builds) the model and runs one call: its peak RSS, and the RSS its model
+added (measured, after malloc_trim), are reported.
 
 Usage:
     .venv/bin/python bench/bench_unet.py --repeats 5 --out runs/bench_unet.json
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,13 +38,14 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, median, time_interleaved  # noqa: E402
+from common import machine, median, time_interleaved  # noqa: E402
 
 from dgq_core import layers, quantizers  # noqa: E402
 from dgq_core.calibration import StatsCollector, attach_collector  # noqa: E402
 from dgq_core.checkpoint import load_quantized_unet, save_quantized_unet  # noqa: E402
 from dgq_core.config import QuantConfig  # noqa: E402
 from dgq_core.kernels import enable_int_execution  # noqa: E402
+from dgq_core.kernels.cpu import has_vnni  # noqa: E402
 from dgq_core.layers import QuantConv2d, QuantLinear, StepState  # noqa: E402
 from dgq_core.memory import peak_rss_bytes  # noqa: E402
 from dgq_core.unet import input_specs, prompt_only_inputs, quantize_unet  # noqa: E402
@@ -153,16 +158,23 @@ def psnr_db(test: torch.Tensor, reference: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(reference.abs().max().item() ** 2 / mse)
 
 
-def set_exact(model: nn.Module, exact: bool) -> None:
+def set_saturating(model: nn.Module, saturating: bool) -> None:
     """Switch the CPU backend shared by a model's executors between the exact split and one saturating GEMM."""
     layer = next(m for m in model.modules() if getattr(m, "int_executor", None) is not None)
     executor = layer.int_executor.linear if isinstance(layer, QuantConv2d) else layer.int_executor
-    executor.backend.exact = exact
+    executor.backend.split_wide = not saturating
+
+
+def resident_bytes() -> int:
+    """This process's resident memory after handing freed heap memory back to the system."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @torch.no_grad()
 def rss_child(variant: str, checkpoint: str | None) -> None:
-    """Load or build one variant in this fresh process, run one call, print the process's peak RSS as JSON."""
+    """Load or build one variant in this fresh process, run one call, print its memory figures as JSON."""
+    before = resident_bytes()
     if variant in ("fp32", "ao-dynamic-int8"):
         unet = build_unet()
         if variant == "ao-dynamic-int8":
@@ -171,16 +183,19 @@ def rss_child(variant: str, checkpoint: str | None) -> None:
         unet = load_quantized_unet(checkpoint)
         if variant.startswith("dgq-int"):
             enable_int_execution(unet)
+    model_bytes = resident_bytes() - before
     unet(**unet_inputs(unet))
-    print(json.dumps({"variant": variant, "peak_rss_bytes": peak_rss_bytes()}))
+    print(
+        json.dumps({"variant": variant, "peak_rss_bytes": peak_rss_bytes(), "model_rss_bytes": model_bytes})
+    )
 
 
-def measure_rss(variant: str, checkpoint: Path | None) -> int:
+def measure_rss(variant: str, checkpoint: Path | None) -> dict:
     command = [sys.executable, __file__, "--rss-child", variant]
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def profile_table(call, rows: int) -> str:
@@ -244,24 +259,26 @@ def main() -> None:
         outputs[name] = model(**inputs).sample
 
     def saturating_call(model=ints[8]):
-        set_exact(model, False)
+        set_saturating(model, True)
         try:
             run("DGQ-int W8A8 saturating GEMM", model)
         finally:
-            set_exact(model, True)
+            set_saturating(model, False)
 
     variants = {name: functools.partial(run, name, model) for name, model in models.items()}
-    variants["DGQ-int W8A8 saturating GEMM"] = saturating_call
+    if not has_vnni():  # with VNNI the single GEMM is exact: the split never runs
+        variants["DGQ-int W8A8 saturating GEMM"] = saturating_call
     times = {} if args.skip_timing else time_interleaved(variants, args.repeats, args.warmup)
     agreement = {}
     if outputs:
         agreement = {
             "DGQ-int W8A8 vs DGQ-fake W8A8": psnr_db(outputs["DGQ-int W8A8"], outputs["DGQ-fake W8A8"]),
-            "DGQ-int W8A8 saturating vs DGQ-fake W8A8": psnr_db(
-                outputs["DGQ-int W8A8 saturating GEMM"], outputs["DGQ-fake W8A8"]
-            ),
             "DGQ-fake W8A8 vs FP32": psnr_db(outputs["DGQ-fake W8A8"], outputs["FP32 eager"]),
         }
+        if "DGQ-int W8A8 saturating GEMM" in outputs:
+            agreement["DGQ-int W8A8 saturating vs DGQ-fake W8A8"] = psnr_db(
+                outputs["DGQ-int W8A8 saturating GEMM"], outputs["DGQ-fake W8A8"]
+            )
         if args.w4:
             agreement["DGQ-int W4A8 vs DGQ-fake W4A8"] = psnr_db(
                 outputs["DGQ-int W4A8"], outputs["DGQ-fake W4A8"]
@@ -271,11 +288,7 @@ def main() -> None:
     weight_bytes = {name: resident_weight_bytes(model) for name, model in models.items()}
     weight_bytes["DGQ-int W8A8 saturating GEMM"] = weight_bytes["DGQ-int W8A8"]
     results = {
-        "machine": {
-            "threads": torch.get_num_threads(),
-            "load_average_after": load_average(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "setup": {
             "latent": LATENT,
             "batch": BATCH,
@@ -312,13 +325,16 @@ def main() -> None:
         }
         if args.w4:
             children["DGQ-int W4A8"] = ("dgq-int-w4", checkpoints[4])
-        for name, (variant, checkpoint) in children.items():
-            results["variants"][name]["peak_rss_bytes"] = measure_rss(variant, checkpoint)
-        fp32_rss = results["variants"]["FP32 eager"]["peak_rss_bytes"]
-        for name in children:
-            results["variants"][name]["peak_rss_ratio_vs_fp32"] = (
-                results["variants"][name]["peak_rss_bytes"] / fp32_rss
+        for name, (variant, checkpoint) in tqdm(children.items(), desc="peak RSS", unit="process"):
+            figures = measure_rss(variant, checkpoint)
+            results["variants"][name].update(
+                peak_rss_bytes=figures["peak_rss_bytes"], model_rss_bytes=figures["model_rss_bytes"]
             )
+        fp32 = results["variants"]["FP32 eager"]
+        for name in children:
+            variant = results["variants"][name]
+            variant["peak_rss_ratio_vs_fp32"] = variant["peak_rss_bytes"] / fp32["peak_rss_bytes"]
+            variant["model_rss_ratio_vs_fp32"] = variant["model_rss_bytes"] / fp32["model_rss_bytes"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(markdown(results))
@@ -326,16 +342,21 @@ def main() -> None:
 
 def markdown(results: dict) -> str:
     lines = [
-        "| variant | median s/call | speed-up vs FP32 | resident weight bytes | × FP32 | peak RSS | × FP32 |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | median s/call | speed-up vs FP32 | resident weight bytes (accounted) | × FP32 "
+        "| model RSS (measured) | × FP32 | peak RSS | × FP32 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in results["variants"].items():
-        rss = v.get("peak_rss_bytes")
-        rss_cells = f"{rss / 2**30:.2f} GiB | {v['peak_rss_ratio_vs_fp32']:.2f}" if rss else "— | —"
         time_cells = f"{v['median_s']:.2f} | {v['speedup_vs_fp32']:.2f}×" if "median_s" in v else "— | —"
+        rss_cells = "— | — | — | —"
+        if "peak_rss_bytes" in v:
+            rss_cells = (
+                f"{v['model_rss_bytes'] / 2**20:,.0f} MiB | {v['model_rss_ratio_vs_fp32']:.3f} "
+                f"| {v['peak_rss_bytes'] / 2**30:.2f} GiB | {v['peak_rss_ratio_vs_fp32']:.2f}"
+            )
         lines.append(
-            f"| {name} | {time_cells} | {v['weight_bytes'] / 2**20:.0f} MiB "
-            f"| {v['weight_ratio_vs_fp32']:.3f} | {rss_cells} |"
+            f"| {name} | {time_cells} | {v['weight_bytes'] / 2**20:,.0f} MiB | {v['weight_ratio_vs_fp32']:.3f} "
+            f"| {rss_cells} |"
         )
     lines.append("")
     lines.append(f"activation arrangement per quantized layer: {results['axis_mix']}")

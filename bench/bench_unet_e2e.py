@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, median, time_interleaved  # noqa: E402
+from common import machine, median, time_interleaved  # noqa: E402
 
 from dgq_core.calibration import calibrate, load_prompt_file  # noqa: E402
 from dgq_core.checkpoint import read_quant_config, save_quantized_unet  # noqa: E402
@@ -104,7 +104,7 @@ def main() -> None:
         {name: (lambda p=pipe: generate(p)) for name, pipe in pipes.items()}, args.repeats
     )
     results = {
-        "machine": {"threads": torch.get_num_threads(), "load_average_after": load_average()},
+        "machine": machine(),
         "setup": vars(args) | {"model": str(args.model), "checkpoint": str(checkpoint), "out": str(args.out)},
         "psnr_db": {
             f"{int_name} vs {fake_name}": psnr_db(images[int_name], images[fake_name]),

@@ -45,6 +45,30 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+# CPU features that decide which integer kernels run and how fast: int8 dot products with int32 accumulation
+# (VNNI) and tile matrix multiplies (AMX); without them oneDNN's int8 products saturate in int16.
+CPU_FLAGS = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "amx_int8")
+
+
+def machine() -> dict:
+    """What the figures were measured on: CPU model and int8 features, torch threads and version, load average."""
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu": fields.get("model name", "unknown"),
+        "cpu_int8_features": [flag for flag in CPU_FLAGS if flag in flags],
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average_after": load_average(),
+    }
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages, recorded with results because the machine is shared."""
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])

@@ -8,7 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ACTIVATION_BITS, ACTIVATION_METHODS, PROB_QUANTIZERS, WEIGHT_BITS, QuantConfigError
+from .config import (
+    ACTIVATION_BITS,
+    ACTIVATION_METHODS,
+    EXEC_MODES,
+    PROB_QUANTIZERS,
+    WEIGHT_BITS,
+    QuantConfigError,
+)
 
 # Calibration prompts a model directory may ship (the bundled model does).
 COCO_ENV = "DGQ_COCO_CAPTIONS"
@@ -69,7 +76,10 @@ def _add_generate(subparsers) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the calibrated one)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--exec", dest="exec_mode", choices=("fake", "int"), default="fake", help="execution mode")
+    parser.add_argument(
+        "--exec", dest="exec_mode", choices=EXEC_MODES, default="auto",
+        help="auto: integer kernels for the large layers, fake quantization for small ones; int; fake",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (default: out.png)")
     parser.set_defaults(run=_run_generate)

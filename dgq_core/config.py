@@ -10,6 +10,9 @@ ACTIVATION_METHODS = ("dgq", "pertensor", "dynamic")
 # DGQ's attention-probability quantizers: the paper's log2 (Eq. 3), and uniform codes for its ablation (Table 3c).
 PROB_QUANTIZERS = ("log2", "uniform")
 WEIGHT_BITS = (4, 8)
+# How a quantized UNet runs: "fake" quantizes and dequantizes in floating point (the reference), "int" runs integer
+# kernels (`dgq_core.kernels`), "auto" runs integer kernels for the layers large enough to gain from them.
+EXEC_MODES = ("auto", "fake", "int")
 # Activation widths the uniform and log2 quantizers support; 6 and 8 are the paper's settings.
 ACTIVATION_BITS = (4, 5, 6, 7, 8)
 # Kept in full precision by the method: the first and last convolution are "too much sensitive".

@@ -17,9 +17,8 @@ from diffusers import DiffusionPipeline
 
 from .attention import compute_prompt_params, cross_attention_processors
 from .checkpoint import CheckpointError, is_quantized_unet_dir, load_quantized_unet, read_quant_config
-from .config import QuantConfig
+from .config import EXEC_MODES, QuantConfig
 
-EXEC_MODES = ("fake", "int")
 # Components a worker does not need: the text side runs in the API process.
 TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 
@@ -77,7 +76,7 @@ def load_pipeline(
     *,
     quantized: str | Path | None = None,
     device: str | torch.device = "cpu",
-    exec_mode: str = "fake",
+    exec_mode: str = "auto",
     load_text_encoder: bool = True,
 ) -> DiffusionPipeline:
     """A diffusers pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...) with the quantized UNet.
@@ -86,7 +85,8 @@ def load_pipeline(
         model_ref (`str | Path`): full-precision pipeline directory or hub id, or a quantized pipeline directory.
         quantized (`str | Path | None`): quantized checkpoint to put into a full-precision `model_ref`.
         device (`str | torch.device`): where the model runs.
-        exec_mode (`str`): "fake" (quantize-dequantize reference) or "int" (integer kernels).
+        exec_mode (`str`): "fake" (quantize-dequantize reference), "int" (integer kernels) or "auto" (integer
+            kernels on the devices and for the layer sizes in `kernels.AUTO_MIN_WEIGHTS`, fake elsewhere).
         load_text_encoder (`bool`): load the tokenizer(s) and text encoder(s); workers that receive prompt
             embeddings from the API leave them out.
     """
@@ -101,10 +101,12 @@ def load_pipeline(
         overrides.update({name: None for name in TEXT_COMPONENTS if name in index})
     pipe = DiffusionPipeline.from_pretrained(resolved.base, **overrides)
     pipe = pipe.to(device)
-    if resolved.quantized_unet is not None and exec_mode == "int":
-        from .kernels import enable_int_execution
+    if resolved.quantized_unet is not None and exec_mode != "fake":
+        from .kernels import AUTO_MIN_WEIGHTS, enable_int_execution
 
-        enable_int_execution(pipe.unet)
+        min_weights = 0 if exec_mode == "int" else AUTO_MIN_WEIGHTS.get(torch.device(device).type)
+        if min_weights is not None:
+            enable_int_execution(pipe.unet, min_weights=min_weights)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

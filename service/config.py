@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -40,7 +40,11 @@ class Settings(BaseSettings):
         "else quantize at the first start and cache; 'none' = serve `model` as it is.",
     )
     quantized_cache_dir: str = Field("~/.cache/dgq-serve", description="Where quantized='auto' keeps checkpoints.")
-    exec_mode: str = Field("fake", description="DGQ execution backend: 'fake' (quantize-dequantize) or 'int'.")
+    exec_mode: Literal["auto", "fake", "int"] = Field(
+        "auto",
+        description="DGQ execution: 'auto' (integer kernels for the large layers, fake quantization for small ones), "
+        "'int' (integer kernels everywhere) or 'fake' (quantize-dequantize in floating point).",
+    )
     device: str = Field("cpu", description="Torch device for the workers' UNet and VAE, e.g. 'cuda:0'.")
     default_width: int | None = Field(None, description="Image width when a request gives none; None = model native.")
     default_height: int | None = Field(None, description="Image height when a request gives none; None = model native.")

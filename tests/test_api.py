@@ -216,7 +216,7 @@ async def test_health_docs_and_metrics(embedded_settings):
     assert 'dgq_http_request_duration_seconds_count{method="POST",route="/generate",status="200"}' in text
     assert 'dgq_model_weight_bytes{component="unet",precision="float32"}' in text
     assert 'dgq_jobs_total{outcome="succeeded"}' in text and "dgq_queue_depth_jobs 0.0" in text
-    assert "dgq_model_info{" in text and 'exec_mode="fake"' in text
+    assert "dgq_model_info{" in text and 'exec_mode="auto"' in text
 
 
 async def test_docs_load_swagger_ui_from_this_server(embedded_settings):

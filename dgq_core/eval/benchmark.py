@@ -29,7 +29,7 @@ from dgq_core.calibration import (
     load_prompt_file,
     sample_prompts,
 )
-from dgq_core.config import QuantConfig
+from dgq_core.config import EXEC_MODES, QuantConfig
 from dgq_core.eval import harness
 from dgq_core.pipeline import load_pipeline, save_quantized_pipeline
 from dgq_core.zoo import bundled_model_dir
@@ -137,7 +137,7 @@ def run(
         guidance: CFG scale (also the calibration's).
         num_calib: calibration prompts per quantized model.
         settings: the quantized rows.
-        exec_mode: "fake" or "int" execution of the quantized UNets.
+        exec_mode: execution of the quantized UNets (`dgq_core.config.EXEC_MODES`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = harness.heldout_prompts(num)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-calib", type=int, default=32)
     parser.add_argument("--precisions", default="8/8,4/8,8/6,4/6", help="W/A pairs, comma-separated")
     parser.add_argument("--methods", default="dgq8,dgq16,pertensor,dynamic", help="rows per precision (also: dgq8shared, dgq8uniform)")
-    parser.add_argument("--exec", dest="exec_mode", choices=("fake", "int"), default="fake")
+    parser.add_argument("--exec", dest="exec_mode", choices=EXEC_MODES, default="fake")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dgq_core.config import EXEC_MODES
 from dgq_core.eval import harness
 from dgq_core.eval.real_models import read_prompt_file
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", help="write a one-row markdown table here")
     parser.add_argument("--label", help="row label in the markdown table (default: the model dir)")
     parser.add_argument(
-        "--exec", dest="exec_mode", choices=("fake", "int"), default="fake", help="quantized execution"
+        "--exec", dest="exec_mode", choices=EXEC_MODES, default="fake", help="quantized execution (fake: the reference)"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     return parser

@@ -16,6 +16,7 @@ __all__ = [
     "GemmBackend",
     "IntConv2d",
     "IntLinear",
+    "AUTO_MIN_WEIGHTS",
     "PackedWeight",
     "disable_int_execution",
     "enable_int_execution",
@@ -44,4 +45,4 @@ def select_backend(device: torch.device | str, exact: bool = True) -> GemmBacken
 
 
 # After select_backend: attach builds executors with it.
-from .attach import disable_int_execution, enable_int_execution  # noqa: E402
+from .attach import AUTO_MIN_WEIGHTS, disable_int_execution, enable_int_execution  # noqa: E402

@@ -61,12 +61,22 @@ def _executor(module: QuantLinear | QuantConv2d, backend) -> IntLinear | IntConv
     )
 
 
-def enable_int_execution(model: nn.Module, exact: bool = True) -> int:
-    """Give every `QuantLinear`/`QuantConv2d` of `model` an integer executor for its device.
+# Exec mode "auto": the devices whose integer kernels are measured to pay off, and the smallest layer (in weights)
+# that runs on them; smaller layers stay in fake quantization, where one float GEMM costs less than the integer
+# path's per-group calls (the bundled model, whose largest layer has 147k weights: 3.0 images/s in integers vs 7.5
+# fake; SD v1.5, whose smallest has 246k: 1.5x faster in integers; BENCHMARKS.md, "UNet integer execution").
+# CUDA is not listed until its kernels are measured on a GPU.
+AUTO_MIN_WEIGHTS = {"cpu": 1 << 18}
+
+
+def enable_int_execution(model: nn.Module, exact: bool = True, min_weights: int = 0) -> int:
+    """Give the `QuantLinear`/`QuantConv2d` layers of `model` an integer executor for their device.
 
     Args:
         model (`nn.Module`): a quantized UNet (or any module tree holding quantized layers).
         exact (`bool`): on CPUs, keep W8A8 products exact (see `kernels.cpu`); False trades exactness for speed.
+        min_weights (`int`): layers with fewer weights stay in fake quantization (`AUTO_MIN_WEIGHTS` for exec mode
+            "auto").
 
     Returns:
         `int`: how many layers now run in integers.
@@ -75,6 +85,8 @@ def enable_int_execution(model: nn.Module, exact: bool = True) -> int:
     count = 0
     for module in model.modules():
         if not isinstance(module, QuantLinear | QuantConv2d) or module.int_executor is not None:
+            continue
+        if module.weight_q.shape[0] * module.weight_q.in_features < min_weights:
             continue
         device = module.weight_q.codes.device
         if device not in backends:
