@@ -76,6 +76,9 @@ class _GroupPlan:
             bounds.append(bounds[-1] + len(index))
         return cls(groups, torch.cat(indices), bounds, packed)
 
+    def sizes(self) -> list[int]:
+        return [end - start for start, end in zip(self.bounds, self.bounds[1:], strict=False)]
+
     def indices(self, part: int) -> torch.Tensor:
         return self.order[self.bounds[part] : self.bounds[part + 1]]
 
@@ -205,9 +208,9 @@ class IntLinear:
             centred = self.centred_weight() if centred is None else centred
             groups = torch.unique(labels).tolist()
             columns = [torch.nonzero(labels == group).flatten() for group in groups]
-            packed = (
-                [self.backend.pack(centred.index_select(1, c)) for c in columns] if self.bits == 8 else None
-            )
+            packed = None
+            if self.bits == 8:
+                packed = [self.backend.pack(centred.index_select(1, c)) for c in columns]
             self._plans[key] = _GroupPlan.of(groups, columns, packed)
         return self._plans[key]
 
@@ -260,14 +263,18 @@ class IntLinear:
     def _channel_groups(self, rows, params) -> torch.Tensor:
         plan = self._plan(params.labels)
         gathered = plan.gather(rows, 1)
-        out, dq_row_sums = None, torch.zeros(rows.shape[0], device=rows.device)
-        for part, (_, packed) in enumerate(self._packed_parts(plan)):
-            group = plan.groups[part]
-            scale, zero_point = float(params.scale[group]), int(params.zero_point[group])
-            codes = self.backend.quantize(plan.part(gathered, part, 1), scale, zero_point, params.bits)
+        scales, zero_points = params.scale[plan.groups], params.zero_point[plan.groups]
+        code_sums = torch.empty(len(plan.groups), rows.shape[0], dtype=torch.int32, device=rows.device)
+        out = None
+        parts = zip(self._packed_parts(plan), scales.tolist(), zero_points.tolist(), strict=True)
+        for part, ((_, packed), scale, zero_point) in enumerate(parts):
+            codes = self.backend.quantize(plan.part(gathered, part, 1), scale, int(zero_point), params.bits)
             bias = self.bias if out is None else None
-            out = self.backend.linear(codes, scale, zero_point, packed, self.w_scale, bias, out)
-            dq_row_sums += _dequantized_row_sums(codes, scale, zero_point)
+            out = self.backend.linear(codes, scale, int(zero_point), packed, self.w_scale, bias, out)
+            torch.sum(codes, dim=1, dtype=torch.int32, out=code_sums[part])
+        # r[m] = sum over groups of s_g * (the group's code sum in row m - |g| * z_g)
+        offset = (scales * zero_points * torch.tensor(plan.sizes(), device=scales.device)).sum()
+        dq_row_sums = torch.addmv(-offset, code_sums.t().float(), scales)
         return out.addr_(dq_row_sums, self.zero_point_gap, alpha=-1)
 
     def _row_groups(self, rows, params) -> torch.Tensor:
