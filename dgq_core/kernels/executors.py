@@ -18,8 +18,9 @@ groups in its epilogue; `r` comes from uint8 row sums of the codes. So:
 - pixel groups (rows): one GEMM per group over its rows, written into its rows of the output;
 - per-token (the dynamic baseline): one GEMM with per-row scales applied after it.
 
-Convolutions: DGQ defines conv groups on the im2col unfolding (input channel x kernel tap). Per-tensor parameters
-run as the backend's native int8 convolution on the quantized image. Channel groups do too when the labels of most
+Convolutions: DGQ defines conv groups on the im2col unfolding (input channel x kernel tap). Pointwise convolutions
+run as the linear path over the pixels. Other per-tensor parameters run as the backend's native int8 convolution on
+the quantized image. Channel groups do too when the labels of most
 input channels are the same at every kernel tap (as they are away from the padding): group g then runs as one
 convolution over the channels that have a tap in g, with the other taps' weights zeroed, so channels whose taps
 straddle groups are duplicated; a layer where that would add more than `MAX_NATIVE_DUPLICATION` of its weight, and
@@ -374,7 +375,10 @@ class IntConv2d:
         conv = cls(
             backend, w_scale, w_zero_point, w_bits, bias, in_channels, kernel_size, stride, padding, dilation
         )
-        native = w_bits == 8 and backend.native_conv
+        # A pointwise convolution is a GEMM over the pixels already: the linear path's groups accumulate in place,
+        # where oneDNN's convolution copies its accumulator for every group (SD v1.5's 1x1 convolutions ran 2.5x
+        # slower natively than as GEMMs).
+        native = w_bits == 8 and backend.native_conv and not conv.pointwise
         im2col_labels = list(channel_labels)
         if native:
             centred = (weight_codes.to(torch.int16) - conv.offset).to(torch.int8)
