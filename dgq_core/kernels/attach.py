@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import ActQuantizer, QuantConv2d, QuantLinear
+from ..layers import ActQuantizer, QuantConv2d, QuantLinear, grid_at_level
 from . import select_backend
 from .executors import IntConv2d, IntLinear
 
@@ -58,7 +58,17 @@ def _executor(module: QuantLinear | QuantConv2d, backend) -> IntLinear | IntConv
         act_mode=module.act.mode,
         channel_labels=channel_labels,
         row_params=row_params,
+        calibrated_positions=_calibrated_positions(module.act),
     )
+
+
+def _calibrated_positions(act: ActQuantizer) -> int | None:
+    """Output positions per sample of a convolution at the calibrated latent size; None where unknown."""
+    level = int(act.pixel_level)
+    if act.state is None or level < 0:
+        return None
+    height, width = grid_at_level(act.state.calib_latent_hw, level)
+    return height * width
 
 
 # Exec mode "auto": the devices whose integer kernels are measured to pay off, and the smallest layer (in weights)
