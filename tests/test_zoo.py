@@ -124,6 +124,27 @@ def test_training_resumes_and_exports(tmp_path):
     StableDiffusionPipeline.from_pretrained(exported)
 
 
+def test_relation_loss_reads_the_second_object_of_pair_prompts(tmp_path):
+    trainer = zoo_train.Trainer(tmp_path, zoo_train.ZooModelConfig(), zoo_train.TrainConfig(relation_loss_weight=0.1))
+    scenes = [shapes.parse_prompt(p) for p in (
+        "a red circle above a blue square on a yellow background",
+        "a small red circle on a gray background",
+        "a green cross to the right of a white triangle on a black background",
+    )]  # fmt: skip
+    input_ids = trainer._tokenize([scene.prompt for scene in scenes])
+    pairs, colours, relations = trainer.second_objects(input_ids)
+    assert pairs.tolist() == [True, False, True]
+    words = {index: word.removesuffix("</w>") for word, index in trainer.tokenizer.get_vocab().items()}
+    paired = [scene for scene in scenes if scene.relation]
+    for row, colour, relation, scene in zip(input_ids[pairs], colours, relations, paired, strict=True):
+        second = scene.objects[1]
+        assert [words[int(row[colour])], words[int(row[colour + 1])]] == [second.color, second.shape]
+        assert list(shapes.RELATIONS)[relation] == scene.relation
+    hidden = trainer.text_encoder(input_ids).last_hidden_state
+    assert trainer.relation_loss(input_ids, hidden) > 0
+    assert trainer.relation_loss(input_ids[1:2], hidden[1:2]) == 0, "single objects have no relation to read"
+
+
 def test_bundled_model_alignment_on_heldout_prompts():
     """Full-precision alignment on 8 held-out prompts at the evaluation's settings, against the number measured on
     64 prompts when the weights were exported (eval_heldout.json in the model directory)."""

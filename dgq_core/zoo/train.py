@@ -77,6 +77,11 @@ class TrainConfig:
         ema_decay: decay of the exported exponential moving average of the UNet and text-encoder weights.
         uncond_prob: probability of training on the empty prompt, so classifier-free guidance works.
         min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023), which speeds up convergence.
+        relation_loss_weight: weight of an auxiliary loss on the text encoder: a linear head (not exported) reads the
+            relation of a two-object prompt off the second object's colour and shape tokens. A causal text encoder
+            can only say where an object goes in the tokens after the relation word, and trained on the diffusion
+            loss alone it learns none of it: the model generates the same image for "A above B" and "B above A"
+            (relation 50% = order by chance, MODEL_CARD.md). 0 turns it off.
     """
 
     seed: int = 0
@@ -93,6 +98,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
     min_snr_gamma: float = 5.0
+    relation_loss_weight: float = 0.0
 
 
 def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -159,8 +165,10 @@ class Trainer:
         self.vae_optimizer = torch.optim.AdamW(
             self.vae.parameters(), lr=train_config.vae_lr, weight_decay=0.0
         )
+        # Reads a pair's relation off its second object's tokens (the auxiliary loss); trained, never exported.
+        self.relation_head = torch.nn.Linear(model_config.text_hidden_size, len(shapes.RELATIONS))
         self.optimizer = torch.optim.AdamW(
-            list(self.unet.parameters()) + list(self.text_encoder.parameters()),
+            list(self.unet.parameters()) + list(self.text_encoder.parameters()) + list(self.relation_head.parameters()),
             lr=train_config.lr,
             weight_decay=1e-2,
         )
@@ -177,6 +185,10 @@ class Trainer:
         # The UNet step at which the optimizer started (non-zero for a warm start); the schedule counts from it.
         self.schedule_origin = 0
         self.uncond_ids = self._tokenize([""])
+        vocabulary = self.tokenizer.get_vocab()
+        self.article_id = vocabulary["a</w>"]
+        # The one word of each relation's phrase that no other relation has ("to the left of" -> "left").
+        self.relation_ids = torch.tensor([vocabulary[f"{key}</w>"] for key in shapes.RELATIONS])
         self.latent_pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -188,6 +200,7 @@ class Trainer:
             "unet": self.unet,
             "ema_text_encoder": self.ema_text_encoder,
             "ema_unet": self.ema_unet,
+            "relation_head": self.relation_head,
         }
 
     def save_checkpoint(self) -> None:
@@ -332,6 +345,8 @@ class Trainer:
         snr = self.snr[timesteps]
         weight = torch.clamp(snr, max=self.config.min_snr_gamma) / snr
         loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        if self.config.relation_loss_weight > 0:
+            loss = loss + self.config.relation_loss_weight * self.relation_loss(input_ids, hidden_states)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(
@@ -341,6 +356,30 @@ class Trainer:
         self._update_ema()
         self.unet_step += 1
         return loss.item()
+
+    def second_objects(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where the second object of each two-object prompt starts, and the prompt's relation.
+
+        Returns:
+            `(pairs, colour_positions, relations)`: a (B,) mask of the two-object prompts; for each of them, the token
+            index of the second object's colour word (its shape word follows) and the index into `shapes.RELATIONS`.
+        """
+        relation = (input_ids[:, :, None] == self.relation_ids).any(dim=1)
+        pairs = relation.any(dim=1)
+        articles = input_ids[pairs] == self.article_id
+        # The second "a" of a pair prompt opens its second object; the tokenizer makes one token per word.
+        second_article = ((articles.cumsum(dim=1) == 2) & articles).int().argmax(dim=1)
+        return pairs, second_article + 1, relation[pairs].int().argmax(dim=1)
+
+    def relation_loss(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the relation of each two-object prompt, read by `relation_head` off the text encoder's
+        states of the second object's colour and shape tokens ("a red circle above a *blue square* on ...")."""
+        pairs, colours, relations = self.second_objects(input_ids)
+        if not pairs.any():
+            return hidden_states.new_zeros(())
+        states, rows = hidden_states[pairs], torch.arange(len(colours))
+        tokens = torch.cat((states[rows, colours], states[rows, colours + 1]))
+        return F.cross_entropy(self.relation_head(tokens), relations.repeat(2))
 
     def learning_rate(self) -> float:
         """The UNet-stage learning rate of the current step: linear warm-up, then constant or cosine decay."""
@@ -447,6 +486,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--lr-decay-steps", type=int, default=TrainConfig.lr_decay_steps)
+    parser.add_argument(
+        "--relation-loss-weight", type=float, default=TrainConfig.relation_loss_weight,
+        help="weight of the auxiliary loss that reads a pair's relation off its second object's text tokens",
+    )  # fmt: skip
     parser.add_argument("--final-lr-fraction", type=float, default=TrainConfig.final_lr_fraction)
     parser.add_argument("--latent-pool-size", type=int, default=TrainConfig.latent_pool_size)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
@@ -484,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         lr_decay_steps=args.lr_decay_steps,
         final_lr_fraction=args.final_lr_fraction,
+        relation_loss_weight=args.relation_loss_weight,
     )
     trainer = Trainer(args.out, ZooModelConfig(), train_config)
     if args.resume:
