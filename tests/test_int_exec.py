@@ -96,3 +96,21 @@ def test_shared_channel_groups_keep_one_labelling_per_layer(quantized: Quantized
     layers = [m for m in quantized.pipe.unet.modules() if isinstance(m, QuantLinear | QuantConv2d)]
     labellings = [len(step_arrangements(layer.act)[0]) for layer in layers]
     assert max(labellings) == 1 and sum(labellings) > 0, "channel-grouped layers exist and each has one labelling"
+
+
+@torch.no_grad()
+def test_auto_runs_only_the_layers_above_the_size_threshold_in_integers(quantized: QuantizedPipe):
+    unet = quantized.pipe.unet
+    layers = [m for m in unet.modules() if isinstance(m, QuantLinear | QuantConv2d)]
+    sizes = sorted(layer.weight_q.shape[0] * layer.weight_q.in_features for layer in layers)
+    threshold = sizes[len(sizes) // 2]
+    fake = generate(quantized.pipe)
+    try:
+        count = enable_int_execution(unet, min_weights=threshold)
+        assert count == sum(size >= threshold for size in sizes) and 0 < count < len(layers)
+        for layer in layers:
+            runs_int = layer.int_executor is not None
+            assert runs_int == (layer.weight_q.shape[0] * layer.weight_q.in_features >= threshold)
+        assert psnr_db(generate(quantized.pipe), fake) >= 40.0
+    finally:
+        disable_int_execution(unet)

@@ -154,6 +154,35 @@ def test_conv_matches_fake(backend_name, w_bits, a_bits, mode, axis, shape):
     check(executor(x, params), ref)
 
 
+@pytest.mark.parametrize("positions", [64, 1024])
+def test_channel_grouped_conv_runs_natively_only_at_large_sizes(positions):
+    # Labels tied across the taps (one per input channel), as DGQ finds away from the padding.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1)
+    weight = QuantizedWeight.from_float(conv.weight, 8)
+    x = channel_outliers(torch.randn(2, 16, 10, 10), 1)
+    columns = F.unfold(x, 3, padding=1)
+    labels = torch.randint(0, GROUPS, (16,), generator=torch.Generator().manual_seed(1)).repeat_interleave(9)
+    params = act_params_for_labels(columns, labels, 8)
+    executor = IntConv2d.from_quantized(
+        weight.codes, weight.scale, weight.zero_point, 8, conv.bias.detach(), OnednnGemm(), 16, (3, 3),
+        padding=(1, 1), channel_labels=[params.labels], row_params=False, calibrated_positions=positions,
+    )  # fmt: skip
+    assert bool(executor.native_plans) == (positions >= 256)
+    assert (executor.linear is None) == (positions >= 256)
+    check(executor(x, params), fake_conv(conv, weight, x, params))
+
+
+def act_params_for_labels(columns: torch.Tensor, labels: torch.Tensor, bits: int) -> StepActParams:
+    """Group parameters covering each group's range along the unfolding's channel axis, for given labels."""
+    moved = columns.movedim(1, 0).flatten(1)
+    groups = int(labels.max()) + 1
+    lo = torch.stack([moved[labels == g].min() if (labels == g).any() else torch.tensor(0.0) for g in range(groups)])
+    hi = torch.stack([moved[labels == g].max() if (labels == g).any() else torch.tensor(1.0) for g in range(groups)])
+    scale, zero_point = minmax_params(lo.clamp_max(0), hi.clamp_min(0), bits)
+    return StepActParams("group", bits, "channel", labels, scale, zero_point)
+
+
 def test_channel_group_slices_are_cached_per_labelling():
     torch.manual_seed(0)
     linear = torch.nn.Linear(32, 16)

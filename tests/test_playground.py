@@ -52,7 +52,7 @@ def page(browser, served):
 
 
 def test_page_shows_the_model_and_its_quantization(page):
-    playwright_api.expect(page.locator("#model-info")).to_contain_text("quantization DGQ W8A8, fake execution on cpu")
+    playwright_api.expect(page.locator("#model-info")).to_contain_text("quantization DGQ W8A8, auto execution on cpu")
     # Size fields start at the model's native size (the tiny model draws 16x16); no key field without API keys.
     assert page.input_value("#width") == "16" and page.input_value("#height") == "16"
     assert page.locator("#api-key-label").is_hidden()
@@ -132,7 +132,7 @@ def test_the_bundled_model_as_the_image_serves_it(browser, tmp_path):
         try:
             page.goto(base_url + "/")
             playwright_api.expect(page.locator("#model-info")).to_have_text(
-                "Model bundled · quantization DGQ W8A8, fake execution on cpu")
+                "Model bundled · quantization DGQ W8A8, auto execution on cpu")
             native = page.input_value("#width")
             assert native == page.input_value("#height") and int(native) > 16
             page.fill("#seed", "1")
