@@ -18,14 +18,14 @@ groups in its epilogue; `r` comes from uint8 row sums of the codes. So:
 - pixel groups (rows): one GEMM per group over its rows, written into its rows of the output;
 - per-token (the dynamic baseline): one GEMM with per-row scales applied after it.
 
-Convolutions: DGQ defines conv groups on the im2col unfolding (input channel x kernel tap). Pointwise convolutions
-run as the linear path over the pixels. Other per-tensor parameters run as the backend's native int8 convolution on
-the quantized image. Channel groups do too when the labels of most
-input channels are the same at every kernel tap (as they are away from the padding): group g then runs as one
-convolution over the channels that have a tap in g, with the other taps' weights zeroed, so channels whose taps
-straddle groups are duplicated; a layer where that would add more than `MAX_NATIVE_DUPLICATION` of its weight, and
-pixel groups and per-token parameters, run as im2col + the linear path. A native convolution gets `r` from one more
-output channel whose weights are the group masks (scale 1), accumulated with the others.
+Convolutions: DGQ defines conv groups on the im2col unfolding (input channel x kernel tap). Per-tensor parameters run
+as the backend's native int8 convolution on the quantized image. So do channel groups whose labels are the same at
+every kernel tap of most input channels (as they are away from the padding), on layers with at least
+`MIN_NATIVE_POSITIONS` output positions: group g runs as one convolution over the channels with a tap in g, the other
+taps' weights zeroed (channels whose taps straddle groups are duplicated, up to `MAX_NATIVE_DUPLICATION` of the
+weight), and gets `r` from one more output channel whose weights are the group mask (scale 1). Everything else --
+pointwise convolutions, smaller layers, straddling labels, pixel groups, per-token parameters -- runs as im2col + the
+linear path, with channel groups gathered and quantized in the unfolding's own layout.
 
 Weights stay resident in the backend's form (W8), or as 4-bit codes packed two per byte (W4) that are widened and
 packed at each call; no floating-point copy is kept.
