@@ -60,12 +60,6 @@ def has_vnni() -> bool:
     return bool(torch.cpu._is_vnni_supported())
 
 
-def saturation_free(w_bits: int, a_bits: int) -> bool:
-    """Whether the non-VNNI int8 kernels are exact for these code widths (see the module docstring)."""
-    weight_magnitude = 1 << (w_bits - 1)
-    return 2 * ((1 << a_bits) - 1) * weight_magnitude <= 32767
-
-
 class OnednnGemm:
     """`GemmBackend` on `onednn::qlinear_pointwise` and `onednn::qconv2d_pointwise`.
 
