@@ -33,7 +33,10 @@ class CheckpointError(RuntimeError):
 
 
 # safetensors dtype names (the format's header) -> torch dtypes this checkpoint holds.
-_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+_DTYPES = {
+    "U8": torch.uint8, "I8": torch.int8, "I64": torch.int64,
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+}  # fmt: skip
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

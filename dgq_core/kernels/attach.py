@@ -73,9 +73,10 @@ def _calibrated_positions(act: ActQuantizer) -> int | None:
 
 # Exec mode "auto": the devices whose integer kernels are measured to pay off, and the smallest layer (in weights)
 # that runs on them; smaller layers stay in fake quantization, where one float GEMM costs less than the integer
-# path's per-group calls (the bundled model, whose largest layer has 147k weights: 3.0 images/s in integers vs 7.5
-# fake; SD v1.5, whose smallest has 246k: 1.5x faster in integers; BENCHMARKS.md, "UNet integer execution").
-# CUDA is not listed until its kernels are measured on a GPU.
+# path's per-group calls. The bundled model, whose largest layer has 147k weights, runs at 3.0 images/s in integers
+# vs 7.5 fake; an SD v1.5 UNet call, whose layers have 410k weights and more but for the cross-attention keys and
+# values (246k, 77 text tokens each), 1.6x faster than FP32 (BENCHMARKS.md, "UNet integer execution"). CUDA is not
+# listed until its kernels are measured on a GPU.
 AUTO_MIN_WEIGHTS = {"cpu": 1 << 18}
 
 
