@@ -145,6 +145,37 @@ def test_relation_loss_reads_the_second_object_of_pair_prompts(tmp_path):
     assert trainer.relation_loss(input_ids[1:2], hidden[1:2]) == 0, "single objects have no relation to read"
 
 
+def test_mirrored_pairs_swap_the_words_and_the_objects_places():
+    scene = shapes.parse_prompt("a red circle above a blue square on a yellow background")
+    mirror = shapes.mirrored(scene)
+    assert mirror.prompt == "a blue square above a red circle on a yellow background"
+    original, swapped = np.asarray(shapes.render_scene(scene, 7)), np.asarray(shapes.render_scene(mirror, 7))
+    def centre(image: np.ndarray, colour: str) -> np.ndarray:
+        return np.argwhere((image == shapes.PALETTE[colour]).all(-1)).mean(axis=0)
+
+    # Circle and square are centred in their boxes: each object's centre is where the other one was.
+    assert np.allclose(centre(original, "red"), centre(swapped, "blue"))
+    assert np.allclose(centre(original, "blue"), centre(swapped, "red"))
+    assert shapes.mirrored(shapes.parse_prompt("a small red circle on a gray background")) is None
+
+
+def test_mirror_pair_batches_put_each_pair_beside_its_mirror(tmp_path):
+    config = zoo_train.TrainConfig(batch_size=8, latent_pool_size=64, mirror_pairs=True, vae_steps=0)
+    trainer = zoo_train.Trainer(tmp_path, zoo_train.ZooModelConfig(), config)
+    trainer.build_latent_pool()
+    _, _, input_ids = trainer._batch_entries(torch.Generator().manual_seed(3))
+    words = {index: word.removesuffix("</w>") for word, index in trainer.tokenizer.get_vocab().items()}
+    special = {trainer.tokenizer.pad_token_id, trainer.tokenizer.eos_token_id, trainer.tokenizer.bos_token_id}
+    prompts = [" ".join(words[int(t)] for t in row if int(t) not in special) for row in input_ids]
+    mirrored = 0
+    for first, second in zip(prompts[:4], prompts[4:], strict=True):
+        mirror = shapes.mirrored(shapes.parse_prompt(first))
+        if mirror is not None and not shapes.is_heldout(mirror):
+            assert second == mirror.prompt
+            mirrored += 1
+    assert mirrored > 0
+
+
 def test_bundled_model_alignment_on_heldout_prompts():
     """Full-precision alignment on 8 held-out prompts at the evaluation's settings, against the number measured on
     64 prompts when the weights were exported (eval_heldout.json in the model directory)."""

@@ -188,6 +188,14 @@ def all_scenes() -> list[Scene]:
     return scenes
 
 
+def mirrored(scene: Scene) -> Scene | None:
+    """A pair with its two objects swapped: the same words in the other order, drawn with the objects trading places
+    (at the same placement seed). None for a single object."""
+    if len(scene.objects) != 2:
+        return None
+    return Scene(objects=scene.objects[::-1], background=scene.background, relation=scene.relation)
+
+
 def is_heldout(scene: Scene) -> bool:
     """Whether a composition is held out of training: a fixed hash of its prompt, so the split never changes."""
     digest = hashlib.sha256(scene.prompt.encode()).digest()

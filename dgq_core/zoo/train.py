@@ -50,6 +50,7 @@ CALIBRATION_PROMPT_SEED = 31_337
 STATE_FILE = "state.json"
 LOG_FILE = "train_log.jsonl"
 LATENT_POOL_FILE = "latent_pool.safetensors"
+MIRROR_POOL_FILE = "mirror_pool.safetensors"
 
 
 @dataclass
@@ -77,6 +78,11 @@ class TrainConfig:
         ema_decay: decay of the exported exponential moving average of the UNet and text-encoder weights.
         uncond_prob: probability of training on the empty prompt, so classifier-free guidance works.
         min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023), which speeds up convergence.
+        mirror_pairs: draw half of each batch from the pool and pair every two-object image with its mirror (the same
+            words in the other order, the objects trading places; `shapes.mirrored`) when that composition is a
+            training one, else with another pool image. Trained on independent draws the model learns the words of
+            a pair but not their order, and draws the same image for "A above B" and "B above A"; the mirrored
+            couples put that contrast into every batch.
         relation_loss_weight: weight of an auxiliary loss on the text encoder: a linear head (not exported) reads the
             relation of a two-object prompt off the second object's colour and shape tokens. A causal text encoder
             can only say where an object goes in the tokens after the relation word, and trained on the diffusion
@@ -98,6 +104,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
     min_snr_gamma: float = 5.0
+    mirror_pairs: bool = False
     relation_loss_weight: float = 0.0
 
 
@@ -190,6 +197,8 @@ class Trainer:
         # The one word of each relation's phrase that no other relation has ("to the left of" -> "left").
         self.relation_ids = torch.tensor([vocabulary[f"{key}</w>"] for key in shapes.RELATIONS])
         self.latent_pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Mirror of each pool entry (means, stds, token ids, whether it has one), for `mirror_pairs`.
+        self.mirror_pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
@@ -322,20 +331,79 @@ class Trainer:
         self.latent_pool = (torch.cat(means), torch.cat(stds), torch.cat(input_ids))
         _save_atomic(dict(zip(("means", "stds", "input_ids"), self.latent_pool, strict=True)), cache)
 
+    @torch.no_grad()
+    def build_mirror_pool(self, encode_batch: int = 256) -> None:
+        """Encode the mirror (`shapes.mirrored`) of every two-object latent-pool image whose mirrored composition is
+        a training one, at the same placement, in the pool's order; cached in the run directory like the pool."""
+        cache = self.out_dir / MIRROR_POOL_FILE
+        if cache.is_file():
+            pool = load_file(str(cache))
+            self.mirror_pool = (pool["means"], pool["stds"], pool["input_ids"], pool["present"])
+            return
+        means, stds, input_ids, present = [], [], [], []
+        pool_seed = _batch_seed(self.config.seed, "unet", 4_999_999)
+        encode_batch = min(encode_batch, self.config.latent_pool_size)
+        latent_shape = self.latent_pool[0].shape[1:]
+        for start in tqdm(range(0, self.config.latent_pool_size, encode_batch), desc="mirror pool"):
+            # The pool's own recipe (shapes.make_batch): its scenes, and the placement seed of each image.
+            batch_seed = pool_seed * 1000 + start
+            mirrors = [shapes.mirrored(scene) for scene in shapes.sample_scenes(encode_batch, batch_seed, "train")]
+            keep = [m is not None and not shapes.is_heldout(m) for m in mirrors]
+            batch_means = torch.zeros(encode_batch, *latent_shape)
+            batch_stds = torch.ones(encode_batch, *latent_shape)
+            kept = [i for i, k in enumerate(keep) if k]
+            if kept:
+                images = np.stack(
+                    [np.asarray(shapes.render_scene(mirrors[i], batch_seed * 1_000_003 + i)) for i in kept]
+                )
+                posterior = self.vae.encode(_images_to_tensor(images)).latent_dist
+                batch_means[kept], batch_stds[kept] = posterior.mean, posterior.std
+            means.append(batch_means)
+            stds.append(batch_stds)
+            input_ids.append(self._tokenize([m.prompt if k else "" for m, k in zip(mirrors, keep, strict=True)]))
+            present.append(torch.tensor(keep))
+        self.mirror_pool = (torch.cat(means), torch.cat(stds), torch.cat(input_ids), torch.cat(present))
+        names = ("means", "stds", "input_ids", "present")
+        _save_atomic(dict(zip(names, self.mirror_pool, strict=True)), cache)
+
+    def _batch_entries(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Posterior means, stds and token ids of one batch (see `TrainConfig.mirror_pairs`)."""
+        means, stds, pool_ids = self.latent_pool
+        if not self.config.mirror_pairs:
+            index = torch.randint(0, len(means), (self.config.batch_size,), generator=generator)
+            return means[index], stds[index], pool_ids[index]
+        if self.mirror_pool is None:
+            self.build_mirror_pool()
+        mirror_means, mirror_stds, mirror_ids, present = self.mirror_pool
+        first = torch.randint(0, len(means), ((self.config.batch_size + 1) // 2,), generator=generator)
+        # The second half: the mirror of each first-half image that has one, another pool image otherwise.
+        others = torch.randint(0, len(means), (self.config.batch_size // 2,), generator=generator)
+        paired = first[: len(others)]
+        mirror = present[paired]
+
+        def partner(pool: torch.Tensor, mirror_tensor: torch.Tensor) -> torch.Tensor:
+            shape = (-1,) + (1,) * (pool.dim() - 1)
+            return torch.where(mirror.view(shape), mirror_tensor[paired], pool[others])
+
+        return (
+            torch.cat((means[first], partner(means, mirror_means))),
+            torch.cat((stds[first], partner(stds, mirror_stds))),
+            torch.cat((pool_ids[first], partner(pool_ids, mirror_ids))),
+        )
+
     def train_unet_step(self) -> float:
         if self.latent_pool is None:
             self.build_latent_pool()
-        means, stds, pool_ids = self.latent_pool
         step_seed = _batch_seed(self.config.seed, "unet", self.unet_step)
         generator = torch.Generator().manual_seed(step_seed)
-        index = torch.randint(0, len(means), (self.config.batch_size,), generator=generator)
-        latent_noise = torch.randn(means[index].shape, generator=generator)
-        latents = (means[index] + stds[index] * latent_noise) * self.vae.config.scaling_factor
-        input_ids = pool_ids[index].clone()
-        drop = torch.rand(len(index), generator=generator) < self.config.uncond_prob
+        batch_means, batch_stds, batch_ids = self._batch_entries(generator)
+        latent_noise = torch.randn(batch_means.shape, generator=generator)
+        latents = (batch_means + batch_stds * latent_noise) * self.vae.config.scaling_factor
+        input_ids = batch_ids.clone()
+        drop = torch.rand(len(input_ids), generator=generator) < self.config.uncond_prob
         input_ids[drop] = self.uncond_ids
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(index),), generator=generator)
+        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(input_ids),), generator=generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
         for group in self.optimizer.param_groups:
@@ -487,6 +555,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--lr-decay-steps", type=int, default=TrainConfig.lr_decay_steps)
     parser.add_argument(
+        "--mirror-pairs", action="store_true",
+        help="pair each two-object image of a batch with its mirror (same words, other order, objects swapped)",
+    )  # fmt: skip
+    parser.add_argument(
         "--relation-loss-weight", type=float, default=TrainConfig.relation_loss_weight,
         help="weight of the auxiliary loss that reads a pair's relation off its second object's text tokens",
     )  # fmt: skip
@@ -527,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         lr_decay_steps=args.lr_decay_steps,
         final_lr_fraction=args.final_lr_fraction,
+        mirror_pairs=args.mirror_pairs,
         relation_loss_weight=args.relation_loss_weight,
     )
     trainer = Trainer(args.out, ZooModelConfig(), train_config)
