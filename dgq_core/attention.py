@@ -41,8 +41,10 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
-# Per thread: each thread that runs attention keeps the largest scores tensor it needed (see `_attention_scores`).
+# Per thread: each thread that runs attention keeps the largest scores tensor it needed (see `_attention_scores`),
+# up to this size; larger ones (SD at 512 px: 1 GiB per CFG pair) are allocated per call rather than held for good.
 _scratch = threading.local()
+MAX_RETAINED_SCORES_BYTES = 256 << 20
 
 
 def _attention_scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
@@ -59,7 +61,8 @@ def _attention_scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> t
     buffer = getattr(_scratch, "scores", None)
     if buffer is None or buffer.numel() < size or buffer.device != query.device or buffer.dtype != query.dtype:
         buffer = torch.empty(size, dtype=query.dtype, device=query.device)
-        _scratch.scores = buffer
+        if size * buffer.element_size() <= MAX_RETAINED_SCORES_BYTES:
+            _scratch.scores = buffer
     scores = buffer[:size].view(batch * heads, queries, keys)
     torch.baddbmm(
         scores, query.reshape(-1, queries, head_dim), key.reshape(-1, keys, head_dim).transpose(1, 2),
