@@ -78,11 +78,11 @@ class TrainConfig:
         ema_decay: decay of the exported exponential moving average of the UNet and text-encoder weights.
         uncond_prob: probability of training on the empty prompt, so classifier-free guidance works.
         min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023), which speeds up convergence.
-        mirror_pairs: draw half of each batch from the pool and pair every two-object image with its mirror (the same
-            words in the other order, the objects trading places; `shapes.mirrored`) when that composition is a
-            training one, else with another pool image. Trained on independent draws the model learns the words of
-            a pair but not their order, and draws the same image for "A above B" and "B above A"; the mirrored
-            couples put that contrast into every batch.
+        mirror_fraction: the fraction of each batch made of mirrored couples: a two-object image from the pool beside
+            its mirror (the same words in the other order, the objects trading places; `shapes.mirrored`), for the
+            pool images whose mirror is a training composition; the rest of the batch is drawn from the whole pool.
+            Trained on independent draws the model learns the words of a pair but not their order, and draws the
+            same image for "A above B" and "B above A"; the couples put that contrast into every batch.
         relation_loss_weight: weight of an auxiliary loss on the text encoder: a linear head (not exported) reads the
             relation of a two-object prompt off the second object's colour and shape tokens. A causal text encoder
             can only say where an object goes in the tokens after the relation word, and trained on the diffusion
@@ -104,7 +104,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
     min_snr_gamma: float = 5.0
-    mirror_pairs: bool = False
+    mirror_fraction: float = 0.0
     relation_loss_weight: float = 0.0
 
 
@@ -197,7 +197,7 @@ class Trainer:
         # The one word of each relation's phrase that no other relation has ("to the left of" -> "left").
         self.relation_ids = torch.tensor([vocabulary[f"{key}</w>"] for key in shapes.RELATIONS])
         self.latent_pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # Mirror of each pool entry (means, stds, token ids, whether it has one), for `mirror_pairs`.
+        # Mirror of each pool entry (means, stds, token ids, whether it has one), for `mirror_fraction`.
         self.mirror_pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -367,28 +367,23 @@ class Trainer:
         _save_atomic(dict(zip(names, self.mirror_pool, strict=True)), cache)
 
     def _batch_entries(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Posterior means, stds and token ids of one batch (see `TrainConfig.mirror_pairs`)."""
+        """Posterior means, stds and token ids of one batch (see `TrainConfig.mirror_fraction`)."""
         means, stds, pool_ids = self.latent_pool
-        if not self.config.mirror_pairs:
+        couples = round(self.config.mirror_fraction * self.config.batch_size / 2)
+        if couples == 0:
             index = torch.randint(0, len(means), (self.config.batch_size,), generator=generator)
             return means[index], stds[index], pool_ids[index]
         if self.mirror_pool is None:
             self.build_mirror_pool()
         mirror_means, mirror_stds, mirror_ids, present = self.mirror_pool
-        first = torch.randint(0, len(means), ((self.config.batch_size + 1) // 2,), generator=generator)
-        # The second half: the mirror of each first-half image that has one, another pool image otherwise.
-        others = torch.randint(0, len(means), (self.config.batch_size // 2,), generator=generator)
-        paired = first[: len(others)]
-        mirror = present[paired]
-
-        def partner(pool: torch.Tensor, mirror_tensor: torch.Tensor) -> torch.Tensor:
-            shape = (-1,) + (1,) * (pool.dim() - 1)
-            return torch.where(mirror.view(shape), mirror_tensor[paired], pool[others])
-
+        mirrorable = torch.nonzero(present).flatten()
+        paired = mirrorable[torch.randint(0, len(mirrorable), (couples,), generator=generator)]
+        others = torch.randint(0, len(means), (self.config.batch_size - 2 * couples,), generator=generator)
+        index = torch.cat((paired, others))
         return (
-            torch.cat((means[first], partner(means, mirror_means))),
-            torch.cat((stds[first], partner(stds, mirror_stds))),
-            torch.cat((pool_ids[first], partner(pool_ids, mirror_ids))),
+            torch.cat((means[index], mirror_means[paired])),
+            torch.cat((stds[index], mirror_stds[paired])),
+            torch.cat((pool_ids[index], mirror_ids[paired])),
         )
 
     def train_unet_step(self) -> float:
@@ -555,8 +550,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--lr-decay-steps", type=int, default=TrainConfig.lr_decay_steps)
     parser.add_argument(
-        "--mirror-pairs", action="store_true",
-        help="pair each two-object image of a batch with its mirror (same words, other order, objects swapped)",
+        "--mirror-fraction", type=float, default=TrainConfig.mirror_fraction,
+        help="fraction of each batch made of two-object images beside their mirrors (same words, other order)",
     )  # fmt: skip
     parser.add_argument(
         "--relation-loss-weight", type=float, default=TrainConfig.relation_loss_weight,
@@ -599,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         lr_decay_steps=args.lr_decay_steps,
         final_lr_fraction=args.final_lr_fraction,
-        mirror_pairs=args.mirror_pairs,
+        mirror_fraction=args.mirror_fraction,
         relation_loss_weight=args.relation_loss_weight,
     )
     trainer = Trainer(args.out, ZooModelConfig(), train_config)
