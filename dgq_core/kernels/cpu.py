@@ -91,12 +91,20 @@ class OnednnGemm:
             return quantize_uniform(x, torch.tensor(scale), torch.tensor(float(zero_point)), bits).to(
                 torch.uint8
             )
-        codes = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+        quantized = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
+        # The quint8 tensor's bytes are the codes: a uint8 view of its storage costs nothing, where `int_repr()`
+        # copies them at 2.5x the cost of the quantization itself (2048x320: 136 us vs 43 us, 2 threads).
+        codes = torch.empty(0, dtype=torch.uint8, device=x.device).set_(
+            quantized.untyped_storage(), quantized.storage_offset(), quantized.size(), quantized.stride()
+        )
         return codes.clamp_(max=qmax(bits)) if bits < 8 else codes
+
+    def padded_width(self, k: int) -> int:
+        return -(-k // _LINEAR_K_MULTIPLE) * _LINEAR_K_MULTIPLE
 
     def pack(self, centred: torch.Tensor) -> PackedWeight:
         n, k = centred.shape
-        padded = -(-k // _LINEAR_K_MULTIPLE) * _LINEAR_K_MULTIPLE
+        padded = self.padded_width(k)
         weight = torch.ops.onednn.qlinear_prepack(F.pad(centred, (0, padded - k)).contiguous(), None)
         handle = {"weight": weight, "split": self._needs_split(centred), "padded": padded}
         return PackedWeight(handle, n, k, nbytes=torch.ops.mkldnn._nbytes(weight))
