@@ -251,23 +251,31 @@ class Trainer:
         self.schedule_origin = state.get("schedule_origin", 0)
         self.vae.register_to_config(scaling_factor=state["vae_scaling_factor"])
 
-    def init_from_pipeline(self, model_dir: Path) -> None:
-        """Warm-start from an exported pipeline (e.g. the committed one): its weights, a fresh optimizer."""
+    def init_from_pipeline(self, model_dir: Path, with_unet: bool = True) -> None:
+        """Warm-start from an exported pipeline (e.g. the committed one): its weights, a fresh optimizer.
+
+        Args:
+            model_dir: the exported pipeline.
+            with_unet: also take its UNet and step count; False keeps this trainer's new UNet (another
+                architecture, `ZooModelConfig.unet_channels`) and trains it from step 0 on the pipeline's VAE and
+                text encoder.
+        """
         self.vae.load_state_dict(AutoencoderKL.from_pretrained(model_dir, subfolder="vae").state_dict())
         self.vae.register_to_config(
             scaling_factor=AutoencoderKL.load_config(model_dir, subfolder="vae")["scaling_factor"]
         )
         text_state = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").state_dict()
-        unet_state = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").state_dict()
-        for module, state in (
-            (self.text_encoder, text_state), (self.ema_text_encoder, text_state),
-            (self.unet, unet_state), (self.ema_unet, unet_state),
-        ):  # fmt: skip
+        warm = [(self.text_encoder, text_state), (self.ema_text_encoder, text_state)]
+        if with_unet:
+            unet_state = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").state_dict()
+            warm += [(self.unet, unet_state), (self.ema_unet, unet_state)]
+        for module, state in warm:
             module.load_state_dict(state)
         provenance = json.loads((model_dir / "zoo_training.json").read_text())
         self.vae_step = provenance["vae_steps"]
-        self.unet_step = provenance["unet_steps"]
-        self.schedule_origin = self.unet_step
+        if with_unet:
+            self.unet_step = provenance["unet_steps"]
+            self.schedule_origin = self.unet_step
 
     # ---- training ----------------------------------------------------------------------------------------------
 
@@ -534,6 +542,10 @@ def _log(out_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _channels(text: str) -> tuple[int, ...]:
+    return tuple(int(width) for width in text.split(","))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dgq train-zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -563,6 +575,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--init-from", type=Path, help="warm-start from an exported pipeline dir (fresh optimizer)"
     )
+    parser.add_argument(
+        "--fresh-unet", action="store_true",
+        help="with --init-from: take only its VAE and text encoder, train a new UNet from step 0",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unet-channels", type=_channels, default=ZooModelConfig.unet_channels,
+        help="UNet block widths, comma-separated; one resolution level each (default 64,128)",
+    )  # fmt: skip
     parser.add_argument(
         "--export", type=Path, help="where to save_pretrained the EMA pipeline (default OUT/pipeline)"
     )
@@ -597,11 +617,13 @@ def main(argv: list[str] | None = None) -> int:
         mirror_fraction=args.mirror_fraction,
         relation_loss_weight=args.relation_loss_weight,
     )
-    trainer = Trainer(args.out, ZooModelConfig(), train_config)
+    if args.fresh_unet and not args.init_from:
+        raise SystemExit("--fresh-unet needs --init-from (the pipeline whose VAE and text encoder to keep)")
+    trainer = Trainer(args.out, ZooModelConfig(unet_channels=args.unet_channels), train_config)
     if args.resume:
         trainer.load_checkpoint()
     elif args.init_from:
-        trainer.init_from_pipeline(args.init_from)
+        trainer.init_from_pipeline(args.init_from, with_unet=not args.fresh_unet)
     start = time.time()
 
     if trainer.vae_step < train_config.vae_steps:
