@@ -31,7 +31,10 @@ class ZooModelConfig:
         image_size: side of the square images in pixels.
         vae_channels: AutoencoderKL block widths; len - 1 downsamplings by 2.
         latent_channels: channels of the VAE latent.
-        unet_channels: UNet block widths; every down/up block is a cross-attention block.
+        unet_channels: UNet block widths, one resolution level each; every down/up block is a cross-attention
+            block. Three levels put the middle block at 2x2 latents, where a pixel knows which quadrant it is in:
+            with two (middle block at 4x4) the model never learned which object of a pair goes where
+            (MODEL_CARD.md).
         unet_layers_per_block: ResNet (+ transformer) layers per UNet block.
         unet_attention_heads: heads of every UNet attention layer.
         text_hidden_size: CLIP text encoder width = the UNet's cross_attention_dim.
@@ -43,7 +46,7 @@ class ZooModelConfig:
     image_size: int = shapes.IMAGE_SIZE
     vae_channels: tuple[int, ...] = (32, 64, 64)
     latent_channels: int = 4
-    unet_channels: tuple[int, ...] = (64, 128)
+    unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_layers_per_block: int = 1
     unet_attention_heads: int = 4
     text_hidden_size: int = 128

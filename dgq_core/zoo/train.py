@@ -581,7 +581,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--unet-channels", type=_channels, default=ZooModelConfig.unet_channels,
-        help="UNet block widths, comma-separated; one resolution level each (default 64,128)",
+        help="UNet block widths, comma-separated; one resolution level each (default: the bundled model's)",
     )  # fmt: skip
     parser.add_argument(
         "--export", type=Path, help="where to save_pretrained the EMA pipeline (default OUT/pipeline)"
