@@ -12,6 +12,7 @@ from transformers import CLIPTokenizer
 
 from dgq_core.zoo import bundled_model_dir, shapes
 from dgq_core.zoo import train as zoo_train
+from dgq_core.zoo.export import export
 from dgq_core.zoo.tokenizer import save_word_tokenizer
 
 
@@ -140,6 +141,12 @@ def test_fresh_unet_keeps_the_pipelines_vae_and_text_encoder(tmp_path):
         assert all(torch.allclose(ours[k], theirs[k], atol=1e-3) for k in ours), name
     with pytest.raises(SystemExit, match="--init-from"):
         zoo_train.main(args[:10] + ["--fresh-unet"])
+    with pytest.raises(SystemExit, match="--unet-channels"):
+        zoo_train.main(args[:10] + ["--resume", "--unet-channels", "32,64"])
+    # The checkpoint records its architecture: exporting it rebuilds the three-level UNet, not the default one.
+    export(tmp_path / "run", tmp_path / "exported")
+    reexported = UNet2DConditionModel.from_pretrained(tmp_path / "exported", subfolder="unet")
+    assert list(reexported.config.block_out_channels) == [32, 64, 64]
 
 
 def test_relation_loss_reads_the_second_object_of_pair_prompts(tmp_path):

@@ -22,7 +22,7 @@ from dgq_core.zoo.decoder import DECODER_FILE, load_vae_from_checkpoint
 from dgq_core.zoo.decoder import STATE_FILE as DECODER_STATE_FILE
 from dgq_core.zoo.model import ZooModelConfig, assemble_pipeline, build_text_encoder, build_unet
 from dgq_core.zoo.tokenizer import write_bpe_files
-from dgq_core.zoo.train import CHECKPOINT_DIR, STATE_FILE, write_calibration_prompts
+from dgq_core.zoo.train import CHECKPOINT_DIR, STATE_FILE, checkpoint_unet_channels, write_calibration_prompts
 
 PROVENANCE_FILE = "zoo_training.json"
 
@@ -38,7 +38,7 @@ def export(run_dir: Path, out_dir: Path, decoder_dir: Path | None = None) -> dic
     checkpoint = run_dir / CHECKPOINT_DIR
     state = json.loads((checkpoint / STATE_FILE).read_text())
     weights = load_file(str(checkpoint / "model.safetensors"))
-    config = ZooModelConfig()
+    config = ZooModelConfig(unet_channels=checkpoint_unet_channels(state))
     tokenizer = CLIPTokenizer.from_pretrained(run_dir / "tokenizer")
     text_encoder = build_text_encoder(tokenizer, config)
     unet = build_unet(config)

@@ -108,6 +108,14 @@ class TrainConfig:
     relation_loss_weight: float = 0.0
 
 
+def checkpoint_unet_channels(state: dict) -> tuple[int, ...]:
+    """The UNet block widths of a training checkpoint, from its state file's contents.
+
+    Checkpoints written before the model config was recorded hold the two-level UNet of that time.
+    """
+    return tuple(state.get("model_config", {}).get("unet_channels", (64, 128)))
+
+
 def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the VAE's input range."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
@@ -227,6 +235,7 @@ class Trainer:
             "schedule_origin": self.schedule_origin,
             "vae_scaling_factor": self.vae.config.scaling_factor,
             "train_config": asdict(self.config),
+            "model_config": asdict(self.model_config),
             "optimizers": meta,
         }
         tmp = directory / (STATE_FILE + ".tmp")
@@ -238,6 +247,8 @@ class Trainer:
         state = json.loads((directory / STATE_FILE).read_text())
         if state["train_config"] != asdict(self.config):
             raise SystemExit(f"--resume with different hyper-parameters than {directory / STATE_FILE}")
+        if checkpoint_unet_channels(state) != tuple(self.model_config.unet_channels):
+            raise SystemExit(f"--resume with other --unet-channels than {directory / STATE_FILE}")
         weights = load_file(str(directory / "model.safetensors"))
         for name, module in self._modules().items():
             prefix = name + "."
