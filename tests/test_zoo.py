@@ -143,7 +143,7 @@ def test_fresh_unet_keeps_the_pipelines_vae_and_text_encoder(tmp_path):
         zoo_train.main(args[:10] + ["--fresh-unet"])
     with pytest.raises(SystemExit, match="--unet-channels"):
         zoo_train.main(args[:10] + ["--resume", "--unet-channels", "32,64"])
-    # The checkpoint records its architecture: exporting it rebuilds the three-level UNet, not the default one.
+    # The checkpoint records its architecture: exporting it rebuilds its own UNet, not ZooModelConfig's default.
     export(tmp_path / "run", tmp_path / "exported")
     reexported = UNet2DConditionModel.from_pretrained(tmp_path / "exported", subfolder="unet")
     assert list(reexported.config.block_out_channels) == [32, 64, 64]

@@ -99,12 +99,9 @@ class OnednnGemm:
         )
         return codes.clamp_(max=qmax(bits)) if bits < 8 else codes
 
-    def padded_width(self, k: int) -> int:
-        return -(-k // _LINEAR_K_MULTIPLE) * _LINEAR_K_MULTIPLE
-
     def pack(self, centred: torch.Tensor) -> PackedWeight:
         n, k = centred.shape
-        padded = self.padded_width(k)
+        padded = -(-k // _LINEAR_K_MULTIPLE) * _LINEAR_K_MULTIPLE
         weight = torch.ops.onednn.qlinear_prepack(F.pad(centred, (0, padded - k)).contiguous(), None)
         handle = {"weight": weight, "split": self._needs_split(centred), "padded": padded}
         return PackedWeight(handle, n, k, nbytes=torch.ops.mkldnn._nbytes(weight))
