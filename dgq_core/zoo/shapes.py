@@ -333,6 +333,11 @@ def make_batch(
     """
     scenes = sample_scenes(num, seed, split)
     images = np.stack(
-        [np.asarray(render_scene(scene, seed * 1_000_003 + i, image_size)) for i, scene in enumerate(scenes)]
+        [np.asarray(render_scene(scene, placement_seed(seed, i), image_size)) for i, scene in enumerate(scenes)]
     )
     return images, scenes
+
+
+def placement_seed(batch_seed: int, index: int) -> int:
+    """The `render_scene` seed of image `index` of the batch `make_batch(..., batch_seed)` draws."""
+    return batch_seed * 1_000_003 + index

@@ -86,8 +86,9 @@ class TrainConfig:
         relation_loss_weight: weight of an auxiliary loss on the text encoder: a linear head (not exported) reads the
             relation of a two-object prompt off the second object's colour and shape tokens. A causal text encoder
             can only say where an object goes in the tokens after the relation word, and trained on the diffusion
-            loss alone it learns none of it: the model generates the same image for "A above B" and "B above A"
-            (relation 50% = order by chance, MODEL_CARD.md). 0 turns it off.
+            loss alone its tokens carried little of it. It was not enough by itself: the two-level UNet still drew
+            the same image for "A above B" and "B above A" until it got a third resolution level (MODEL_CARD.md).
+            0 turns it off.
     """
 
     seed: int = 0
@@ -339,16 +340,22 @@ class Trainer:
             self.latent_pool = (pool["means"], pool["stds"], pool["input_ids"])
             return
         means, stds, input_ids = [], [], []
-        pool_seed = _batch_seed(self.config.seed, "unet", 4_999_999)
-        encode_batch = min(encode_batch, self.config.latent_pool_size)
-        for start in tqdm(range(0, self.config.latent_pool_size, encode_batch), desc="latent pool"):
-            images, scenes = shapes.make_batch(encode_batch, pool_seed * 1000 + start, "train")
+        for batch_seed, size in self._pool_batches(encode_batch, "latent pool"):
+            images, scenes = shapes.make_batch(size, batch_seed, "train")
             posterior = self.vae.encode(_images_to_tensor(images)).latent_dist
             means.append(posterior.mean)
             stds.append(posterior.std)
             input_ids.append(self._tokenize([scene.prompt for scene in scenes]))
         self.latent_pool = (torch.cat(means), torch.cat(stds), torch.cat(input_ids))
         _save_atomic(dict(zip(("means", "stds", "input_ids"), self.latent_pool, strict=True)), cache)
+
+    def _pool_batches(self, encode_batch: int, desc: str):
+        """The latent pool's `shapes.make_batch` draws in pool order, as (batch seed, batch size), with a progress
+        bar; the mirror pool walks the same ones."""
+        pool_seed = _batch_seed(self.config.seed, "unet", 4_999_999)
+        encode_batch = min(encode_batch, self.config.latent_pool_size)
+        for start in tqdm(range(0, self.config.latent_pool_size, encode_batch), desc=desc):
+            yield pool_seed * 1000 + start, encode_batch
 
     @torch.no_grad()
     def build_mirror_pool(self, encode_batch: int = 256) -> None:
@@ -360,20 +367,17 @@ class Trainer:
             self.mirror_pool = (pool["means"], pool["stds"], pool["input_ids"], pool["present"])
             return
         means, stds, input_ids, present = [], [], [], []
-        pool_seed = _batch_seed(self.config.seed, "unet", 4_999_999)
-        encode_batch = min(encode_batch, self.config.latent_pool_size)
         latent_shape = self.latent_pool[0].shape[1:]
-        for start in tqdm(range(0, self.config.latent_pool_size, encode_batch), desc="mirror pool"):
-            # The pool's own recipe (shapes.make_batch): its scenes, and the placement seed of each image.
-            batch_seed = pool_seed * 1000 + start
-            mirrors = [shapes.mirrored(scene) for scene in shapes.sample_scenes(encode_batch, batch_seed, "train")]
+        for batch_seed, size in self._pool_batches(encode_batch, "mirror pool"):
+            # The pool's scenes (shapes.make_batch's draw), each mirrored at its own placement.
+            mirrors = [shapes.mirrored(scene) for scene in shapes.sample_scenes(size, batch_seed, "train")]
             keep = [m is not None and not shapes.is_heldout(m) for m in mirrors]
-            batch_means = torch.zeros(encode_batch, *latent_shape)
-            batch_stds = torch.ones(encode_batch, *latent_shape)
+            batch_means = torch.zeros(size, *latent_shape)
+            batch_stds = torch.ones(size, *latent_shape)
             kept = [i for i, k in enumerate(keep) if k]
             if kept:
                 images = np.stack(
-                    [np.asarray(shapes.render_scene(mirrors[i], batch_seed * 1_000_003 + i)) for i in kept]
+                    [np.asarray(shapes.render_scene(mirrors[i], shapes.placement_seed(batch_seed, i))) for i in kept]
                 )
                 posterior = self.vae.encode(_images_to_tensor(images)).latent_dist
                 batch_means[kept], batch_stds[kept] = posterior.mean, posterior.std
