@@ -46,14 +46,15 @@ def act_params(
         return StepActParams("tensor", bits, scale=scale.reshape(1), zero_point=zero_point.reshape(1))
     moved = x_axis_values.movedim(dim, 0).flatten(1)
     labels = torch.randint(0, GROUPS, (moved.shape[0],), generator=torch.Generator().manual_seed(1))
-    lo = torch.stack(
-        [moved[labels == g].min() if (labels == g).any() else torch.tensor(0.0) for g in range(GROUPS)]
-    )
-    hi = torch.stack(
-        [moved[labels == g].max() if (labels == g).any() else torch.tensor(1.0) for g in range(GROUPS)]
-    )
-    scale, zero_point = minmax_params(lo, hi, bits)
+    scale, zero_point = minmax_params(*group_ranges(moved, labels, GROUPS), bits)
     return StepActParams("group", bits, axis, labels, scale, zero_point)
+
+
+def group_ranges(moved: torch.Tensor, labels: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's (min, max) over its members (rows of `moved`); [0, 1] for an empty group."""
+    lo = torch.stack([moved[labels == g].min() if (labels == g).any() else torch.tensor(0.0) for g in range(groups)])
+    hi = torch.stack([moved[labels == g].max() if (labels == g).any() else torch.tensor(1.0) for g in range(groups)])
+    return lo, hi
 
 
 def channel_outliers(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -175,10 +176,7 @@ def test_channel_grouped_conv_runs_natively_only_at_large_sizes(positions):
 
 def act_params_for_labels(columns: torch.Tensor, labels: torch.Tensor, bits: int) -> StepActParams:
     """Group parameters covering each group's range along the unfolding's channel axis, for given labels."""
-    moved = columns.movedim(1, 0).flatten(1)
-    groups = int(labels.max()) + 1
-    lo = torch.stack([moved[labels == g].min() if (labels == g).any() else torch.tensor(0.0) for g in range(groups)])
-    hi = torch.stack([moved[labels == g].max() if (labels == g).any() else torch.tensor(1.0) for g in range(groups)])
+    lo, hi = group_ranges(columns.movedim(1, 0).flatten(1), labels, int(labels.max()) + 1)
     scale, zero_point = minmax_params(lo.clamp_max(0), hi.clamp_min(0), bits)
     return StepActParams("group", bits, "channel", labels, scale, zero_point)
 
