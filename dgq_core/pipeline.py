@@ -86,7 +86,7 @@ def load_pipeline(
         quantized (`str | Path | None`): quantized checkpoint to put into a full-precision `model_ref`.
         device (`str | torch.device`): where the model runs.
         exec_mode (`str`): "fake" (quantize-dequantize reference), "int" (integer kernels) or "auto" (integer
-            kernels on the devices and for the layer sizes in `kernels.AUTO_MIN_WEIGHTS`, fake elsewhere).
+            kernels on the devices and for the layer sizes in `kernels.auto_min_weights`, fake elsewhere).
         load_text_encoder (`bool`): load the tokenizer(s) and text encoder(s); workers that receive prompt
             embeddings from the API leave them out.
     """
@@ -102,9 +102,9 @@ def load_pipeline(
     pipe = DiffusionPipeline.from_pretrained(resolved.base, **overrides)
     pipe = pipe.to(device)
     if resolved.quantized_unet is not None and exec_mode != "fake":
-        from .kernels import AUTO_MIN_WEIGHTS, enable_int_execution
+        from .kernels import auto_min_weights, enable_int_execution
 
-        min_weights = 0 if exec_mode == "int" else AUTO_MIN_WEIGHTS.get(torch.device(device).type)
+        min_weights = 0 if exec_mode == "int" else auto_min_weights(device)
         if min_weights is not None:
             enable_int_execution(pipe.unet, min_weights=min_weights)
     pipe.set_progress_bar_config(disable=True)

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     quantized_cache_dir: str = Field("~/.cache/dgq-serve", description="Where quantized='auto' keeps checkpoints.")
     exec_mode: Literal["auto", "fake", "int"] = Field(
         "auto",
-        description="DGQ execution: 'auto' (integer kernels for the large layers, fake quantization for small ones), "
+        description="DGQ execution: 'auto' (integer kernels for the large layers on CPUs with VNNI, fake quantization for "
+        "small ones and elsewhere), "
         "'int' (integer kernels everywhere) or 'fake' (quantize-dequantize in floating point).",
     )
     device: str = Field("cpu", description="Torch device for the workers' UNet and VAE, e.g. 'cuda:0'.")

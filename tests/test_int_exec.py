@@ -16,8 +16,8 @@ from conftest import build_tiny_sd_pipeline
 
 from dgq_core.calibration import calibrate
 from dgq_core.config import QuantConfig
-from dgq_core.kernels import disable_int_execution, enable_int_execution
-from dgq_core.kernels.attach import step_arrangements
+from dgq_core.kernels import auto_min_weights, disable_int_execution, enable_int_execution
+from dgq_core.kernels.attach import AUTO_MIN_WEIGHTS, step_arrangements
 from dgq_core.layers import QuantConv2d, QuantLinear
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle on white", "yellow stripes"]
@@ -96,6 +96,17 @@ def test_shared_channel_groups_keep_one_labelling_per_layer(quantized: Quantized
     layers = [m for m in quantized.pipe.unet.modules() if isinstance(m, QuantLinear | QuantConv2d)]
     labellings = [len(step_arrangements(layer.act)[0]) for layer in layers]
     assert max(labellings) == 1 and sum(labellings) > 0, "channel-grouped layers exist and each has one labelling"
+
+
+def test_auto_runs_integers_only_on_cpus_with_vnni(monkeypatch):
+    """Without VNNI exact W8A8 products take two GEMMs and integers run slower than fake quantization: "auto" keeps
+    every layer in fake quantization there, and on CUDA until its kernels are measured."""
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert auto_min_weights("cpu") is None
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert auto_min_weights("cpu") == (AUTO_MIN_WEIGHTS if torch.cpu._is_vnni_supported() else None)
+    assert auto_min_weights("cuda") is None
 
 
 @torch.no_grad()

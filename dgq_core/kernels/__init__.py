@@ -16,8 +16,8 @@ __all__ = [
     "GemmBackend",
     "IntConv2d",
     "IntLinear",
-    "AUTO_MIN_WEIGHTS",
     "PackedWeight",
+    "auto_min_weights",
     "disable_int_execution",
     "enable_int_execution",
     "select_backend",
@@ -45,4 +45,4 @@ def select_backend(device: torch.device | str, exact: bool = True) -> GemmBacken
 
 
 # After select_backend: attach builds executors with it.
-from .attach import AUTO_MIN_WEIGHTS, disable_int_execution, enable_int_execution  # noqa: E402
+from .attach import auto_min_weights, disable_int_execution, enable_int_execution  # noqa: E402

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..layers import ActQuantizer, QuantConv2d, QuantLinear, grid_at_level
 from . import select_backend
+from .cpu import has_vnni
 from .executors import IntConv2d, IntLinear
 
 
@@ -71,13 +72,27 @@ def _calibrated_positions(act: ActQuantizer) -> int | None:
     return height * width
 
 
-# Exec mode "auto": the devices whose integer kernels are measured to pay off, and the smallest layer (in weights)
-# that runs on them; smaller layers stay in fake quantization, where one float GEMM costs less than the integer
-# path's per-group calls. The bundled model, whose largest layer has 147k weights, runs at 3.0 images/s in integers
-# vs 7.5 fake; an SD v1.5 UNet call, whose layers have 410k weights and more but for the cross-attention keys and
-# values (246k, 77 text tokens each), 1.6x faster than FP32 (BENCHMARKS.md, "UNet integer execution"). CUDA is not
-# listed until its kernels are measured on a GPU.
-AUTO_MIN_WEIGHTS = {"cpu": 1 << 18}
+# Exec mode "auto": the smallest layer (in weights) that runs in integers where they pay off; smaller layers stay in
+# fake quantization, where one float GEMM costs less than the integer path's per-group calls. The bundled model, whose
+# largest layer has 147k weights, runs at 3.0 images/s in integers vs 7.5 fake; an SD v1.5 UNet call, whose layers
+# have 410k weights and more but for the cross-attention keys and values (246k, 77 text tokens each), 1.6x faster
+# than FP32 on a CPU with VNNI (BENCHMARKS.md, "UNet integer execution").
+AUTO_MIN_WEIGHTS = 1 << 18
+
+
+def auto_min_weights(device: torch.device | str) -> int | None:
+    """The smallest layer exec mode "auto" runs in integers on `device`; None: every layer stays in fake quantization.
+
+    Integers pay off on CPUs whose int8 products accumulate in int32 (VNNI, AMX). Without VNNI, exact 8-bit products
+    take two GEMMs (`kernels.cpu`) and the integer path is slower than fake quantization, which keeps the same int8
+    codes resident (BENCHMARKS.md). CUDA is not listed until its kernels are measured on a GPU.
+
+    Args:
+        device (`torch.device | str`): where the quantized UNet runs.
+    """
+    if torch.device(device).type == "cpu" and has_vnni():
+        return AUTO_MIN_WEIGHTS
+    return None
 
 
 def enable_int_execution(model: nn.Module, exact: bool = True, min_weights: int = 0) -> int:
@@ -86,8 +101,8 @@ def enable_int_execution(model: nn.Module, exact: bool = True, min_weights: int 
     Args:
         model (`nn.Module`): a quantized UNet (or any module tree holding quantized layers).
         exact (`bool`): on CPUs, keep W8A8 products exact (see `kernels.cpu`); False trades exactness for speed.
-        min_weights (`int`): layers with fewer weights stay in fake quantization (`AUTO_MIN_WEIGHTS` for exec mode
-            "auto").
+        min_weights (`int`): layers with fewer weights stay in fake quantization (`auto_min_weights` for exec
+            mode "auto").
 
     Returns:
         `int`: how many layers now run in integers.
