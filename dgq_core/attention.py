@@ -6,7 +6,8 @@ computed with an explicit softmax so the probabilities can be quantized:
 - "dgq": Q, K, V group-quantized; probabilities log2-quantized with a dynamic scale `s = max(P)` taken **per sample**
   (the official code pools it over the whole batch, which would make one user's image depend on another's prompt);
   in cross-attention the `<start>` column of P and the start key stay in full precision and `s` excludes them.
-  `prob_quantizer="uniform"` swaps the log2 codes for uniform ones with the same scale (an ablation).
+  `prob_quantizer="uniform"` swaps the log2 codes for uniform ones with the same scale (an ablation), "log-sqrt2"
+  for base-sqrt(2) log codes (half the log2 step; not the paper's, see `QuantConfig.prob_quantizer`).
 - "pertensor": per-tensor Q/K/V, probabilities uniform with a calibrated per-step range (Q-Diffusion-style).
 - "dynamic": per-token Q/K/V, probabilities uniform with a per-query-row range computed at run time.
 
@@ -26,7 +27,14 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .layers import ActQuantizer, StepState, dequantize_uniform, quantize_activation
-from .quantizers import dynamic_rowwise_params, fake_quant_log2_, fake_quant_uniform, qmax
+from .quantizers import (
+    dequantize_log2,
+    dynamic_rowwise_params,
+    fake_quant_log2_,
+    fake_quant_uniform,
+    qmax,
+    quantize_log2,
+)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -87,13 +95,16 @@ def quantize_probs_per_sample(probs: torch.Tensor, bits: int, keep_start: bool, 
         probs (`torch.Tensor`): softmax output (B, heads, queries, keys), float32; overwritten.
         bits (`int`): code width.
         keep_start (`bool`): keep column 0 (the `<start>` token of cross-attention) exact and leave it out of the scale.
-        quantizer (`str`): "log2" (codes `round(-log2(p / s))`, the method) or "uniform" (codes of step `s / (2^b - 1)`).
+        quantizer (`str`): "log2" (codes `round(-log2(p / s))`, the method), "log-sqrt2" (`round(-2 log2(p / s))`)
+            or "uniform" (codes of step `s / (2^b - 1)`).
     """
     scale = (probs[..., 1:] if keep_start else probs).amax(dim=(1, 2, 3), keepdim=True)
     start = probs[..., :1].clone() if keep_start else None
     if quantizer == "log2":
         # Every quantized probability is at most the scale; the start column may exceed it, and is put back below.
         fake_quant_log2_(probs, scale, bits, at_most_scale=True)
+    elif quantizer == "log-sqrt2":
+        probs.copy_(dequantize_log2(quantize_log2(probs, scale, bits, 2), scale, 2))
     else:
         step = (scale / qmax(bits)).clamp_min(torch.finfo(probs.dtype).tiny)
         probs.copy_(fake_quant_uniform(probs, step, torch.zeros_like(step), bits))
@@ -199,7 +210,7 @@ class DGQAttnProcessor(ExplicitAttnProcessor):
         q_quant, k_quant, v_quant (`ActQuantizer`): quantizers of the head-split Q, K, V.
         state (`StepState`): the UNet's step state.
         prob_scale, prob_zero_point (`torch.Tensor | None`): per-step calibrated range of P ("pertensor" only).
-        prob_quantizer (`str`): "log2" or "uniform" codes for "dgq" (see `QuantConfig.prob_quantizer`).
+        prob_quantizer (`str`): "log2", "log-sqrt2" or "uniform" codes for "dgq" (see `QuantConfig.prob_quantizer`).
     """
 
     def __init__(

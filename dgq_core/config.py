@@ -7,8 +7,9 @@ from typing import Any
 
 QUANT_METHOD = "dgq"
 ACTIVATION_METHODS = ("dgq", "pertensor", "dynamic")
-# DGQ's attention-probability quantizers: the paper's log2 (Eq. 3), and uniform codes for its ablation (Table 3c).
-PROB_QUANTIZERS = ("log2", "uniform")
+# DGQ's attention-probability quantizers: the paper's log2 (Eq. 3), base-sqrt(2) log codes (our proposal: half the
+# step, docs/zoo_quality.md), and uniform codes for its ablation (Table 3c).
+PROB_QUANTIZERS = ("log2", "log-sqrt2", "uniform")
 WEIGHT_BITS = (4, 8)
 # How a quantized UNet runs: "fake" quantizes and dequantizes in floating point (the reference), "int" runs integer
 # kernels (`dgq_core.kernels`), "auto" runs integer kernels for the layers large enough to gain from them.
@@ -35,9 +36,11 @@ class QuantConfig:
         a_bits (`int`): activation and attention-probability bits.
         groups (`int`): K, the number of activation groups per layer and step ("dgq" only).
         prob_quantizer (`str`): how "dgq" quantizes attention probabilities: "log2" (the method: codes
-            `round(-log2(p / s))`) or "uniform" (uniform codes `round(p / s * (2^b - 1))`); both take the
-            per-sample dynamic scale `s` and keep the `<start>` column exact. "uniform" is the ablation that
-            isolates what the log2 codes do.
+            `round(-log2(p / s))`), "log-sqrt2" (codes `round(-2 log2(p / s))`: half the log2 step in the same bits,
+            which keeps each probability to within 2^(1/4) instead of sqrt(2); not the paper's, measured in
+            docs/zoo_quality.md) or "uniform" (uniform codes `round(p / s * (2^b - 1))`); all take the per-sample
+            dynamic scale `s` and keep the `<start>` column exact. "uniform" is the ablation that isolates what the
+            log codes do.
         shared_channel_groups (`bool`): one channel labelling per layer for all steps that group channels, fitted
             to their ranges together (per-step scales stay); the method's default, False, labels every step anew.
             Integer execution keeps one group-sliced weight copy per distinct labelling, so sharing is what keeps

@@ -57,19 +57,21 @@ def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     return quantize_uniform(x, scale, zero_point, bits).sub_(zero_point).mul_(scale)
 
 
-def quantize_log2(p: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Log2 codes `clamp(round(-log2(p / s)), 0, 2^b - 1)` of non-negative values (paper Eq. 3).
+def quantize_log2(p: torch.Tensor, scale: torch.Tensor, bits: int, steps_per_octave: int = 1) -> torch.Tensor:
+    """Log codes `clamp(round(-k log2(p / s)), 0, 2^b - 1)` of non-negative values: base 2 with k = 1 (paper Eq. 3),
+    base 2^(1/k) with `steps_per_octave` k.
 
-    Ratios are floored at the smallest normal float32 (2^-126), so zeros map to code `min(2^b - 1, 126)`: the smallest
-    value `s * 2^-q` that is representable.
+    Ratios are floored at the smallest normal float32 (2^-126), so zeros map to code `min(2^b - 1, 126 k)`: the
+    smallest value `s * 2^(-q / k)` that is representable.
     """
     ratio = (p / scale).clamp_min(torch.finfo(p.dtype).tiny)
-    return torch.clamp(torch.round(-torch.log2(ratio)), 0, qmax(bits))
+    return torch.clamp(torch.round(-steps_per_octave * torch.log2(ratio)), 0, qmax(bits))
 
 
-def dequantize_log2(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Values `s * 2^-q` of log2 codes: a shift in integer hardware."""
-    return scale * torch.exp2(-codes)
+def dequantize_log2(codes: torch.Tensor, scale: torch.Tensor, steps_per_octave: int = 1) -> torch.Tensor:
+    """Values `s * 2^(-q / k)` of log codes: a shift in integer hardware (k = 1), a shift and one of k constant
+    multipliers otherwise."""
+    return scale * torch.exp2(-codes / steps_per_octave)
 
 
 def fake_quant_log2(p: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

@@ -113,7 +113,7 @@ def test_an_image_does_not_depend_on_its_batch(quantized):
     assert np.abs(alone[0] - batched[1]).max() <= 1e-5
 
 
-@pytest.mark.parametrize("quantizer", ["log2", "uniform"])
+@pytest.mark.parametrize("quantizer", ["log2", "log-sqrt2", "uniform"])
 def test_start_column_passes_unchanged_and_the_scale_is_per_sample(quantizer):
     probs = torch.softmax(torch.randn(2, 2, 5, 9) * 3, dim=-1)
     probs[1] = torch.softmax(torch.randn(2, 5, 9) * 8, dim=-1)
@@ -134,6 +134,20 @@ def test_log2_codes_are_powers_of_two_of_the_scale_and_uniform_codes_its_steps()
     steps = uniform / (scale / 255)
     assert torch.allclose(steps, steps.round(), atol=1e-3)
     assert (uniform - probs).abs().max() <= scale / 255 / 2 + 1e-7
+
+
+def test_log_sqrt2_codes_are_half_octaves_of_the_scale_and_halve_the_log2_error():
+    probs = torch.softmax(torch.randn(1, 2, 8, 16) * 4, dim=-1)
+    scale = probs.max()
+    fine = quantize_probs_per_sample(probs.clone(), 8, keep_start=False, quantizer="log-sqrt2")
+    half_octaves = -2 * torch.log2(fine / scale)
+    assert torch.allclose(half_octaves, half_octaves.round(), atol=1e-4)
+    assert bool((half_octaves.round() % 2 == 1).any()), "odd codes (the half steps) are used"
+    coarse = quantize_probs_per_sample(probs.clone(), 8, keep_start=False, quantizer="log2")
+    # Rounding in the log domain: within 2^(1/4) of the value vs within 2^(1/2) for log2 codes.
+    assert float((fine / probs).log2().abs().max()) <= 0.25 + 1e-5
+    assert float((coarse / probs).log2().abs().max()) > 0.25
+    assert float((fine - probs).abs().mean()) < float((coarse - probs).abs().mean())
 
 
 def test_precomputed_prompt_params_reproduce_the_image_exactly(quantized):

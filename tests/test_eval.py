@@ -163,3 +163,14 @@ def test_quality_benchmark_smoke(tiny_model, tmp_path):
     assert all(r.psnr_vs_reference is not None and r.alignment is not None for _, r in reports[1:])
     table = json.loads((tmp_path / "quality.json").read_text())
     assert len(table["rows"]) == 3 and "W8A8 dgq K=8" in (tmp_path / "quality.md").read_text()
+
+
+def test_quality_table_rows_have_distinct_method_names_and_labels():
+    """--methods picks rows by key and the table names them by label: every default row must have its own of both."""
+    from dgq_core.eval import benchmark
+
+    settings = benchmark.default_settings([(8, 8)])
+    keys, labels = [s.key for s in settings], [s.label for s in settings]
+    assert len(set(keys)) == len(keys) and len(set(labels)) == len(labels)
+    assert {"dgq8", "dgq16", "dgq8shared", "dgq8uniform", "dgq8sqrt2", "pertensor", "dynamic"} == set(keys)
+    assert "W8A8 dgq K=8 log-sqrt2 probs" in labels

@@ -37,6 +37,10 @@ from dgq_core.zoo import bundled_model_dir
 PRECISIONS = ((8, 8), (4, 8), (8, 6), (4, 6))
 
 
+# How --methods names the attention-probability codes of a DGQ row.
+_PROB_CODE_KEYS = {"log2": "", "log-sqrt2": "sqrt2", "uniform": "uniform"}
+
+
 @dataclass(frozen=True)
 class QuantSetting:
     """One row of the table.
@@ -47,7 +51,8 @@ class QuantSetting:
         a_bits: activation bits.
         groups: K for "dgq".
         shared_channel_groups: one channel labelling per layer across steps ("dgq" only; see QuantConfig).
-        prob_quantizer: "log2" (the method) or "uniform" attention-probability codes ("dgq" only; see QuantConfig).
+        prob_quantizer: "log2" (the method), "log-sqrt2" or "uniform" attention-probability codes ("dgq" only; see
+            QuantConfig).
     """
 
     method: str
@@ -59,17 +64,17 @@ class QuantSetting:
 
     @property
     def key(self) -> str:
-        """Its name in --methods: dgq8, dgq16, dgq8shared, dgq8uniform, pertensor, dynamic."""
+        """Its name in --methods: dgq8, dgq16, dgq8shared, dgq8uniform, dgq8sqrt2, pertensor, dynamic."""
         if self.method != "dgq":
             return self.method
-        variant = "shared" if self.shared_channel_groups else ("uniform" if self.prob_quantizer == "uniform" else "")
+        variant = "shared" if self.shared_channel_groups else _PROB_CODE_KEYS[self.prob_quantizer]
         return f"dgq{self.groups}{variant}"
 
     @property
     def label(self) -> str:
         suffix = f" K={self.groups}" if self.method == "dgq" else ""
         suffix += " shared groups" if self.shared_channel_groups else ""
-        suffix += " uniform probs" if self.prob_quantizer == "uniform" else ""
+        suffix += {"log2": "", "log-sqrt2": " log-sqrt2 probs", "uniform": " uniform probs"}[self.prob_quantizer]
         return f"W{self.w_bits}A{self.a_bits} {self.method}{suffix}"
 
     @property
@@ -78,8 +83,8 @@ class QuantSetting:
 
 
 def default_settings(precisions=PRECISIONS) -> list[QuantSetting]:
-    """DGQ K=8, DGQ K=16, DGQ K=8 with shared channel groups, DGQ K=8 with uniform attention probabilities, and the
-    per-tensor and dynamic baselines, at each precision."""
+    """DGQ K=8, DGQ K=16, DGQ K=8 with shared channel groups, DGQ K=8 with uniform and with base-sqrt(2) log attention
+    probabilities, and the per-tensor and dynamic baselines, at each precision."""
     return [
         setting
         for w_bits, a_bits in precisions
@@ -88,6 +93,7 @@ def default_settings(precisions=PRECISIONS) -> list[QuantSetting]:
             QuantSetting("dgq", w_bits, a_bits, 16),
             QuantSetting("dgq", w_bits, a_bits, 8, shared_channel_groups=True),
             QuantSetting("dgq", w_bits, a_bits, 8, prob_quantizer="uniform"),
+            QuantSetting("dgq", w_bits, a_bits, 8, prob_quantizer="log-sqrt2"),
             QuantSetting("pertensor", w_bits, a_bits),
             QuantSetting("dynamic", w_bits, a_bits),
         )
@@ -202,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=harness.DEFAULT_GUIDANCE)
     parser.add_argument("--num-calib", type=int, default=32)
     parser.add_argument("--precisions", default="8/8,4/8,8/6,4/6", help="W/A pairs, comma-separated")
-    parser.add_argument("--methods", default="dgq8,dgq16,pertensor,dynamic", help="rows per precision (also: dgq8shared, dgq8uniform)")
+    parser.add_argument("--methods", default="dgq8,dgq16,pertensor,dynamic", help="rows per precision (also: dgq8shared, dgq8uniform, dgq8sqrt2)")
     parser.add_argument("--exec", dest="exec_mode", choices=EXEC_MODES, default="fake")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
