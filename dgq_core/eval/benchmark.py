@@ -37,8 +37,8 @@ from dgq_core.zoo import bundled_model_dir
 PRECISIONS = ((8, 8), (4, 8), (8, 6), (4, 6))
 
 
-# How --methods names the attention-probability codes of a DGQ row.
-_PROB_CODE_KEYS = {"log2": "", "log-sqrt2": "sqrt2", "uniform": "uniform"}
+# How a DGQ row's attention-probability codes show in its --methods key and in its table label.
+_PROB_CODE_NAMES = {"log2": ("", ""), "log-sqrt2": ("sqrt2", " log-sqrt2 probs"), "uniform": ("uniform", " uniform probs")}
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,14 @@ class QuantSetting:
         """Its name in --methods: dgq8, dgq16, dgq8shared, dgq8uniform, dgq8sqrt2, pertensor, dynamic."""
         if self.method != "dgq":
             return self.method
-        variant = "shared" if self.shared_channel_groups else _PROB_CODE_KEYS[self.prob_quantizer]
+        variant = "shared" if self.shared_channel_groups else _PROB_CODE_NAMES[self.prob_quantizer][0]
         return f"dgq{self.groups}{variant}"
 
     @property
     def label(self) -> str:
         suffix = f" K={self.groups}" if self.method == "dgq" else ""
         suffix += " shared groups" if self.shared_channel_groups else ""
-        suffix += {"log2": "", "log-sqrt2": " log-sqrt2 probs", "uniform": " uniform probs"}[self.prob_quantizer]
+        suffix += _PROB_CODE_NAMES[self.prob_quantizer][1]
         return f"W{self.w_bits}A{self.a_bits} {self.method}{suffix}"
 
     @property
