@@ -69,16 +69,13 @@ def main() -> None:
     for name, (self_codes, cross_codes) in VARIANTS.items():
         set_prob_codes(pipeline.unet, self_codes, cross_codes)
         images, _ = harness.generate(pipeline, config(args.checkpoint), desc=name)
-        summary = alignment.summarize([alignment.score_image(i, s) for i, s in zip(images, scenes, strict=True)])
         rows.append({
             "variant": name,
             "psnr_vs_fp_db": metrics.mean_psnr(images, reference),
             "ssim_vs_fp": metrics.mean_ssim(images, reference),
-            "alignment": summary.accuracy,
+            "alignment": alignment.score_images(images, scenes).accuracy,
         })
-    fp_alignment = alignment.summarize(
-        [alignment.score_image(i, s) for i, s in zip(reference, scenes, strict=True)]
-    ).accuracy
+    fp_alignment = alignment.score_images(reference, scenes).accuracy
     result = {
         "command": " ".join(sys.argv), "machine": machine(), "checkpoint": args.checkpoint, "num": args.num,
         "steps": args.steps, "guidance": args.guidance, "fp_alignment": fp_alignment, "rows": rows,

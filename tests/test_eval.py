@@ -29,9 +29,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def test_scorer_is_at_least_98_percent_accurate_on_real_images():
     images, scenes = shapes.make_batch(400, seed=123, split="all")
-    summary = alignment.summarize(
-        [alignment.score_image(im, sc) for im, sc in zip(images, scenes, strict=True)]
-    )
+    summary = alignment.score_images(images, scenes)
     assert summary.accuracy >= 0.98 and summary.attribute_accuracy >= 0.98
     assert set(summary.per_attribute) == {"background", "color", "shape", "size", "relation"}
 

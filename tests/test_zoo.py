@@ -207,8 +207,7 @@ def test_bundled_model_alignment_on_heldout_prompts():
     prompts = harness.heldout_prompts(8)
     config = harness.EvalConfig(model=str(bundled_model_dir()), prompts=prompts)
     images, _ = harness.generate(harness.load_model(bundled_model_dir()), config)
-    results = [alignment.score_image(im, shapes.parse_prompt(p)) for im, p in zip(images, prompts, strict=True)]
-    accuracy = alignment.summarize(results).accuracy
+    accuracy = alignment.score_images(images, [shapes.parse_prompt(p) for p in prompts]).accuracy
     # 8 fixed prompts and seeds: a reproducible sample of the 64-prompt measurement, within its sampling error.
     assert accuracy >= measured["alignment"]["accuracy"] - 0.35
     if measured["alignment"]["accuracy"] < 0.9:

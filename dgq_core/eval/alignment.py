@@ -221,6 +221,16 @@ class AlignmentSummary:
     num_images: int
 
 
+def score_images(images, scenes) -> AlignmentSummary:
+    """Score each image against its scene and aggregate.
+
+    Args:
+        images: (N, H, W, 3) uint8 images (or any sequence of them).
+        scenes: the N scenes (parsed prompts) they should show.
+    """
+    return summarize([score_image(image, scene) for image, scene in zip(images, scenes, strict=True)])
+
+
 def summarize(results: list[AlignmentResult]) -> AlignmentSummary:
     """Aggregate per-image results.
 

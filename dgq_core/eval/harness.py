@@ -259,8 +259,7 @@ def evaluate(
 
     if is_shapes_prompt_set(config.prompts):
         scenes = [shapes.parse_prompt(p) for p in config.prompts]
-        results = [alignment.score_image(image, scene) for image, scene in zip(images, scenes, strict=True)]
-        report.alignment = asdict(alignment.summarize(results))
+        report.alignment = asdict(alignment.score_images(images, scenes))
         net = ShapesFeatureNet.from_pretrained()
         report.fid = metrics.frechet_distance(
             shapes_features(images, net), shapes_features(real_shapes_images(config.prompts), net)
