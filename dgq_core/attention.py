@@ -27,14 +27,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .layers import ActQuantizer, StepState, dequantize_uniform, quantize_activation
-from .quantizers import (
-    dequantize_log2,
-    dynamic_rowwise_params,
-    fake_quant_log2_,
-    fake_quant_uniform,
-    qmax,
-    quantize_log2,
-)
+from .quantizers import dynamic_rowwise_params, fake_quant_log2_, fake_quant_uniform, qmax
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -100,11 +93,9 @@ def quantize_probs_per_sample(probs: torch.Tensor, bits: int, keep_start: bool, 
     """
     scale = (probs[..., 1:] if keep_start else probs).amax(dim=(1, 2, 3), keepdim=True)
     start = probs[..., :1].clone() if keep_start else None
-    if quantizer == "log2":
+    if quantizer in ("log2", "log-sqrt2"):
         # Every quantized probability is at most the scale; the start column may exceed it, and is put back below.
-        fake_quant_log2_(probs, scale, bits, at_most_scale=True)
-    elif quantizer == "log-sqrt2":
-        probs.copy_(dequantize_log2(quantize_log2(probs, scale, bits, 2), scale, 2))
+        fake_quant_log2_(probs, scale, bits, at_most_scale=True, steps_per_octave=1 if quantizer == "log2" else 2)
     else:
         step = (scale / qmax(bits)).clamp_min(torch.finfo(probs.dtype).tiny)
         probs.copy_(fake_quant_uniform(probs, step, torch.zeros_like(step), bits))

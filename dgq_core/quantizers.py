@@ -61,11 +61,13 @@ def quantize_log2(p: torch.Tensor, scale: torch.Tensor, bits: int, steps_per_oct
     """Log codes `clamp(round(-k log2(p / s)), 0, 2^b - 1)` of non-negative values: base 2 with k = 1 (paper Eq. 3),
     base 2^(1/k) with `steps_per_octave` k.
 
-    Ratios are floored at the smallest normal float32 (2^-126), so zeros map to code `min(2^b - 1, 126 k)`: the
-    smallest value `s * 2^(-q / k)` that is representable.
+    The codes are computed as `round(-log2((p / s)^k))`, the k-th power floored at the smallest normal float32
+    (2^-126): zeros map to code `min(2^b - 1, 126)`, and for k = 2 ratios under 2^-63 (probabilities 10^-19 of
+    the scale) do as well. Taking the power first makes every k the base-2 rounding of one float, which
+    `fake_quant_log2_` reproduces bit for bit.
     """
-    ratio = (p / scale).clamp_min(torch.finfo(p.dtype).tiny)
-    return torch.clamp(torch.round(-steps_per_octave * torch.log2(ratio)), 0, qmax(bits))
+    ratio = (p / scale).pow_(steps_per_octave).clamp_min_(torch.finfo(p.dtype).tiny)
+    return torch.clamp(torch.round(-torch.log2(ratio)), 0, qmax(bits))
 
 
 def dequantize_log2(codes: torch.Tensor, scale: torch.Tensor, steps_per_octave: int = 1) -> torch.Tensor:
@@ -74,11 +76,11 @@ def dequantize_log2(codes: torch.Tensor, scale: torch.Tensor, steps_per_octave: 
     return scale * torch.exp2(-codes / steps_per_octave)
 
 
-def fake_quant_log2(p: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Log2 quantize then dequantize: `s * 2^-q` with `q = clamp(round(-log2(p / s)), 0, 2^b - 1)`."""
+def fake_quant_log2(p: torch.Tensor, scale: torch.Tensor, bits: int, steps_per_octave: int = 1) -> torch.Tensor:
+    """Log quantize then dequantize: `s * 2^(-q / k)` with `q = clamp(round(-k log2(p / s)), 0, 2^b - 1)`."""
     if p.dtype != torch.float32:
-        return dequantize_log2(quantize_log2(p, scale, bits), scale)
-    return fake_quant_log2_(p.clone(), scale, bits)
+        return dequantize_log2(quantize_log2(p, scale, bits, steps_per_octave), scale, steps_per_octave)
+    return fake_quant_log2_(p.clone(), scale, bits, steps_per_octave=steps_per_octave)
 
 
 # round(log2 r) = e + [m > sqrt(2)] for r = m * 2^e, 1 <= m < 2: adding 2^23 - (first float32 mantissa above
@@ -88,20 +90,33 @@ _LOG2_ROUNDING_CARRY = (1 << 23) - 0x3504F4
 _EXPONENT_BITS = 0x7F800000
 
 
-def fake_quant_log2_(p: torch.Tensor, scale: torch.Tensor, bits: int, at_most_scale: bool = False) -> torch.Tensor:
+def fake_quant_log2_(
+    p: torch.Tensor, scale: torch.Tensor, bits: int, at_most_scale: bool = False, steps_per_octave: int = 1
+) -> torch.Tensor:
     """`fake_quant_log2` in place on a float32 tensor, on the float bits instead of log2/exp2 (5 passes, not 9).
 
-    Equal to `dequantize_log2(quantize_log2(p, scale, bits), scale)` for every input, zeros and subnormal ratios
-    included (both floor the ratio at the smallest normal float32, 2^-126).
+    Equal to `dequantize_log2(quantize_log2(p, scale, bits, k), scale, k)`, zeros and subnormal ratios included,
+    but at the float32 `log2`'s ties: where it rounds a ratio next to a code boundary onto the boundary itself (about
+    5 floats in a million), the formula's round-half-to-even may pick the neighbouring code; the float bits compare
+    against the boundary exactly. Base-sqrt(2) codes (k = 2) are base-2 codes of the squared ratio, and their values
+    the square roots of its powers of two (7 passes, where log2/exp2 take 18 times as long).
 
     Args:
         at_most_scale (`bool`): the caller guarantees `p <= s` (the scale is their maximum): values above `s` are
             then not clamped to it.
+        steps_per_octave (`int`): 1 (base 2) or 2 (base sqrt(2)).
     """
+    if steps_per_octave not in (1, 2):
+        raise ValueError(f"fake_quant_log2_ computes base-2 and base-sqrt(2) codes, got steps_per_octave={steps_per_octave}")
     ratio = p.div_(scale)
+    if steps_per_octave == 2:
+        ratio.square_()
     ratio.view(torch.int32).add_(_LOG2_ROUNDING_CARRY).bitwise_and_(_EXPONENT_BITS)
     smallest = max(2.0 ** -qmax(bits), torch.finfo(torch.float32).tiny)
-    return ratio.clamp_(min=smallest, max=None if at_most_scale else 1.0).mul_(scale)
+    ratio.clamp_(min=smallest, max=None if at_most_scale else 1.0)
+    if steps_per_octave == 2:
+        ratio.sqrt_()
+    return ratio.mul_(scale)
 
 
 def dynamic_rowwise_params(x: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,14 +59,33 @@ def test_uniform_codes_round_once_like_a_fused_multiply_add(scale, zero_point):
     assert torch.equal(codes, per_tensor.float())
 
 
+@pytest.mark.parametrize("steps_per_octave", [1, 2])
 @pytest.mark.parametrize("bits", [6, 8])
-def test_log2_on_the_float_bits_matches_the_log2_exp2_formula(bits):
+def test_log2_on_the_float_bits_matches_the_log2_exp2_formula(bits, steps_per_octave):
     scale = torch.tensor(0.37)
-    # Ratios from 1 down to 2^-120 (normal floats), zeros, and values right at the rounding boundary sqrt(2).
+    # Ratios from 1 down to 2^-120 (normal floats), zeros, and values right at the rounding boundaries.
     p = scale * torch.exp2(-torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 120)
-    boundary = scale * torch.tensor([2**-0.5, 2**-3.5]) * torch.tensor([1 - 1e-7, 1 + 1e-7])[:, None]
+    boundary = scale * torch.tensor([2**-0.25, 2**-0.5, 2**-3.5]) * torch.tensor([1 - 1e-7, 1 + 1e-7])[:, None]
     p = torch.cat((p, boundary.flatten(), torch.zeros(3)))
-    assert torch.equal(fake_quant_log2(p, scale, bits), dequantize_log2(quantize_log2(p, scale, bits), scale))
+    formula = dequantize_log2(quantize_log2(p, scale, bits, steps_per_octave), scale, steps_per_octave)
+    assert torch.equal(fake_quant_log2(p, scale, bits, steps_per_octave), formula)
+
+
+@pytest.mark.parametrize("steps_per_octave", [1, 2])
+def test_log2_on_the_float_bits_differs_from_the_formula_only_at_its_ties(steps_per_octave):
+    """Every 211th float32 ratio in [2^-60, 1]: where the two disagree, the exact -k log2(ratio) is a code boundary
+    (a half-integer) to float32 log2's precision, and the codes are neighbours."""
+    first, last = (torch.tensor(value).view(torch.int32).item() for value in (2.0**-60, 1.0))
+    ratio = torch.arange(first, last + 1, 211, dtype=torch.int32).view(torch.float32)
+    scale = torch.tensor(1.0)
+    fast = fake_quant_log2(ratio, scale, 8, steps_per_octave)
+    formula = dequantize_log2(quantize_log2(ratio, scale, 8, steps_per_octave), scale, steps_per_octave)
+    differ = fast != formula
+    assert differ.float().mean() < 1e-5
+    exact = -steps_per_octave * torch.log2(ratio[differ].double())
+    assert ((exact - exact.floor() - 0.5).abs() < 1e-5).all()
+    code_steps = steps_per_octave * torch.log2(fast[differ].double() / formula[differ].double())
+    assert torch.allclose(code_steps.abs(), torch.ones_like(code_steps))
 
 
 def test_log2_relative_error_is_bounded():
