@@ -170,5 +170,5 @@ def test_quality_table_rows_have_distinct_method_names_and_labels():
     settings = benchmark.default_settings([(8, 8)])
     keys, labels = [s.key for s in settings], [s.label for s in settings]
     assert len(set(keys)) == len(keys) and len(set(labels)) == len(labels)
-    assert {"dgq8", "dgq16", "dgq8shared", "dgq8uniform", "dgq8sqrt2", "pertensor", "dynamic"} == set(keys)
+    assert {"dgq8", "dgq16", "dgq8shared", "dgq8uniform", "dgq8sqrt2", "dgq16sqrt2", "pertensor", "dynamic"} == set(keys)
     assert "W8A8 dgq K=8 log-sqrt2 probs" in labels

@@ -64,7 +64,7 @@ class QuantSetting:
 
     @property
     def key(self) -> str:
-        """Its name in --methods: dgq8, dgq16, dgq8shared, dgq8uniform, dgq8sqrt2, pertensor, dynamic."""
+        """Its name in --methods: dgq8, dgq16, dgq8shared, dgq8uniform, dgq8sqrt2, dgq16sqrt2, pertensor, dynamic."""
         if self.method != "dgq":
             return self.method
         variant = "shared" if self.shared_channel_groups else _PROB_CODE_NAMES[self.prob_quantizer][0]
@@ -83,8 +83,9 @@ class QuantSetting:
 
 
 def default_settings(precisions=PRECISIONS) -> list[QuantSetting]:
-    """DGQ K=8, DGQ K=16, DGQ K=8 with shared channel groups, DGQ K=8 with uniform and with base-sqrt(2) log attention
-    probabilities, and the per-tensor and dynamic baselines, at each precision."""
+    """DGQ K=8, DGQ K=16, DGQ K=8 with shared channel groups, DGQ K=8 with uniform attention probabilities, DGQ K=8
+    and K=16 with base-sqrt(2) log attention probabilities, and the per-tensor and dynamic baselines, at each
+    precision."""
     return [
         setting
         for w_bits, a_bits in precisions
@@ -94,6 +95,7 @@ def default_settings(precisions=PRECISIONS) -> list[QuantSetting]:
             QuantSetting("dgq", w_bits, a_bits, 8, shared_channel_groups=True),
             QuantSetting("dgq", w_bits, a_bits, 8, prob_quantizer="uniform"),
             QuantSetting("dgq", w_bits, a_bits, 8, prob_quantizer="log-sqrt2"),
+            QuantSetting("dgq", w_bits, a_bits, 16, prob_quantizer="log-sqrt2"),
             QuantSetting("pertensor", w_bits, a_bits),
             QuantSetting("dynamic", w_bits, a_bits),
         )
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=harness.DEFAULT_GUIDANCE)
     parser.add_argument("--num-calib", type=int, default=32)
     parser.add_argument("--precisions", default="8/8,4/8,8/6,4/6", help="W/A pairs, comma-separated")
-    parser.add_argument("--methods", default="dgq8,dgq16,pertensor,dynamic", help="rows per precision (also: dgq8shared, dgq8uniform, dgq8sqrt2)")
+    parser.add_argument("--methods", default="dgq8,dgq16,pertensor,dynamic", help="rows per precision (also: dgq8shared, dgq8uniform, dgq8sqrt2, dgq16sqrt2)")
     parser.add_argument("--exec", dest="exec_mode", choices=EXEC_MODES, default="fake")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
