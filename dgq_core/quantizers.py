@@ -64,7 +64,7 @@ def quantize_log2(p: torch.Tensor, scale: torch.Tensor, bits: int, steps_per_oct
     The codes are computed as `round(-log2((p / s)^k))`, the k-th power floored at the smallest normal float32
     (2^-126): zeros map to code `min(2^b - 1, 126)`, and for k = 2 ratios under 2^-63 (probabilities 10^-19 of
     the scale) do as well. Taking the power first makes every k the base-2 rounding of one float, which
-    `fake_quant_log2_` reproduces bit for bit.
+    `fake_quant_log2_` computes on the float bits (where the two may differ: there).
     """
     ratio = (p / scale).pow_(steps_per_octave).clamp_min_(torch.finfo(p.dtype).tiny)
     return torch.clamp(torch.round(-torch.log2(ratio)), 0, qmax(bits))
