@@ -81,6 +81,10 @@ def _softmax_(scores: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
 
 
+# Code steps per halving of the probability of each log quantizer: base 2 (the method) and base sqrt(2).
+LOG_CODE_STEPS_PER_OCTAVE = {"log2": 1, "log-sqrt2": 2}
+
+
 def quantize_probs_per_sample(probs: torch.Tensor, bits: int, keep_start: bool, quantizer: str = "log2") -> torch.Tensor:
     """Quantize attention probabilities with one dynamic scale per sample (paper Eq. 8-9), in place.
 
@@ -93,9 +97,9 @@ def quantize_probs_per_sample(probs: torch.Tensor, bits: int, keep_start: bool, 
     """
     scale = (probs[..., 1:] if keep_start else probs).amax(dim=(1, 2, 3), keepdim=True)
     start = probs[..., :1].clone() if keep_start else None
-    if quantizer in ("log2", "log-sqrt2"):
+    if quantizer in LOG_CODE_STEPS_PER_OCTAVE:
         # Every quantized probability is at most the scale; the start column may exceed it, and is put back below.
-        fake_quant_log2_(probs, scale, bits, at_most_scale=True, steps_per_octave=1 if quantizer == "log2" else 2)
+        fake_quant_log2_(probs, scale, bits, at_most_scale=True, steps_per_octave=LOG_CODE_STEPS_PER_OCTAVE[quantizer])
     else:
         step = (scale / qmax(bits)).clamp_min(torch.finfo(probs.dtype).tiny)
         probs.copy_(fake_quant_uniform(probs, step, torch.zeros_like(step), bits))

@@ -59,6 +59,11 @@ def test_uniform_codes_round_once_like_a_fused_multiply_add(scale, zero_point):
     assert torch.equal(codes, per_tensor.float())
 
 
+def log_formula(p, scale, bits, steps_per_octave):
+    """The log codes' values from log2/exp2: what the float-bits path is checked against."""
+    return dequantize_log2(quantize_log2(p, scale, bits, steps_per_octave), scale, steps_per_octave)
+
+
 @pytest.mark.parametrize("steps_per_octave", [1, 2])
 @pytest.mark.parametrize("bits", [6, 8])
 def test_log2_on_the_float_bits_matches_the_log2_exp2_formula(bits, steps_per_octave):
@@ -67,8 +72,7 @@ def test_log2_on_the_float_bits_matches_the_log2_exp2_formula(bits, steps_per_oc
     p = scale * torch.exp2(-torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 120)
     boundary = scale * torch.tensor([2**-0.25, 2**-0.5, 2**-3.5]) * torch.tensor([1 - 1e-7, 1 + 1e-7])[:, None]
     p = torch.cat((p, boundary.flatten(), torch.zeros(3)))
-    formula = dequantize_log2(quantize_log2(p, scale, bits, steps_per_octave), scale, steps_per_octave)
-    assert torch.equal(fake_quant_log2(p, scale, bits, steps_per_octave), formula)
+    assert torch.equal(fake_quant_log2(p, scale, bits, steps_per_octave), log_formula(p, scale, bits, steps_per_octave))
 
 
 @pytest.mark.parametrize("steps_per_octave", [1, 2])
@@ -79,7 +83,7 @@ def test_log2_on_the_float_bits_differs_from_the_formula_only_at_its_ties(steps_
     ratio = torch.arange(first, last + 1, 211, dtype=torch.int32).view(torch.float32)
     scale = torch.tensor(1.0)
     fast = fake_quant_log2(ratio, scale, 8, steps_per_octave)
-    formula = dequantize_log2(quantize_log2(ratio, scale, 8, steps_per_octave), scale, steps_per_octave)
+    formula = log_formula(ratio, scale, 8, steps_per_octave)
     differ = fast != formula
     assert differ.float().mean() < 1e-5
     exact = -steps_per_octave * torch.log2(ratio[differ].double())
