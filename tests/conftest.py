@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +18,10 @@ import httpx
 import pytest
 import torch
 from local_cluster import RedisServer, free_port  # noqa: F401 (free_port: re-exported to the tests)
+
+# The tests' tensors live on the CPU, where the fused CUDA kernel (dgq_core.kernels.fused) runs in Triton's
+# interpreter, which triton picks when it is first imported. bench/bench_unet_cuda.py runs it compiled on a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_VOCAB_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

@@ -6,6 +6,7 @@ calibration runs on it as on a real model, so every layer kind and activation mo
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import NamedTuple
 
@@ -72,6 +73,26 @@ def test_int_images_agree_with_fake_and_repeat(quantized: QuantizedPipe):
     assert psnr_db(first, fake) >= 40.0
     # Back in fake mode the restored codes give the reference image again.
     assert np.array_equal(generate(quantized_pipe), fake)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: pip install -e '.[dev]'")
+@torch.no_grad()
+def test_fused_cuda_kernel_images_agree_with_fake(quantized: QuantizedPipe):
+    """The CUDA backend's fused kernel, run in Triton's interpreter on this model's CPU tensors."""
+    from dgq_core.kernels.fused import FusedGroupGemm
+
+    config = quantized.config
+    if (config.method, config.w_bits, config.shared_channel_groups) != ("dgq", 8, False):
+        pytest.skip("the interpreter takes ~40 s per image batch: one configuration end to end; "
+                    "tests/test_kernels.py checks the kernel at every width and mode")
+    quantized_pipe = quantized.pipe
+    fake = generate(quantized_pipe)
+    assert enable_int_execution(quantized_pipe.unet, backend=FusedGroupGemm("cpu")) > 0
+    try:
+        fused = generate(quantized_pipe)
+    finally:
+        disable_int_execution(quantized_pipe.unet)
+    assert psnr_db(fused, fake) >= 40.0
 
 
 @torch.no_grad()

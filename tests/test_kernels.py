@@ -1,13 +1,15 @@
 """Integer executors vs the fake-quant reference, per layer type and activation mode, W8/W4, A8/A6.
 
-Both backends are checked on CPU: oneDNN (the CPU kernels) and `torch._int_mm` (the CUDA backend's code, run
-on CPU tensors). Both must match fake quantization to float rounding for every width: `_int_mm` and oneDNN with VNNI
-accumulate in int32, and oneDNN without VNNI splits the codes that could saturate its int16 pair sums (checked under
-`ONEDNN_MAX_CPU_ISA=AVX2`).
+All three backends are checked on CPU: oneDNN (the CPU kernels), `torch._int_mm` (the CUDA fallback's code, run on
+CPU tensors) and the fused Triton kernel (the CUDA backend, run in Triton's interpreter).
+They must match fake quantization to float rounding for every width: `_int_mm`, the Triton kernel and oneDNN with
+VNNI accumulate in int32, and oneDNN without VNNI splits the codes that could saturate its int16 pair sums (checked
+under `ONEDNN_MAX_CPU_ISA=AVX2`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -24,7 +26,20 @@ from dgq_core.kernels.cuda import IntMmGemm
 from dgq_core.layers import QuantizedWeight, StepActParams, fake_quant_activation
 from dgq_core.quantizers import minmax_params
 
-BACKENDS = {"onednn": OnednnGemm, "int_mm": lambda: IntMmGemm("cpu")}
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def fused_backend():
+    from dgq_core.kernels.fused import FusedGroupGemm
+
+    return FusedGroupGemm("cpu")
+
+
+BACKENDS = {"onednn": OnednnGemm, "int_mm": lambda: IntMmGemm("cpu"), "triton": fused_backend}
+NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: pip install -e '.[dev]'")
+BACKEND_PARAMS = [
+    pytest.param(name, marks=NEEDS_TRITON) if name == "triton" else name for name in BACKENDS
+]
 GROUPS = 8
 
 
@@ -79,7 +94,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
 @pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (8, 6), (4, 8), (4, 6)])
 @pytest.mark.parametrize("mode,axis", CASES)
 def test_linear_matches_fake(backend_name, w_bits, a_bits, mode, axis):
@@ -124,7 +139,7 @@ CONVS = {
 }
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
 @pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (8, 6), (4, 8)])
 @pytest.mark.parametrize("mode,axis", CASES)
 @pytest.mark.parametrize("shape", CONVS)
@@ -282,3 +297,25 @@ def test_unquantized_activations_run_weight_only():
     )
     x = torch.randn(3, 24)
     torch.testing.assert_close(executor(x, StepActParams("none", 8)), F.linear(x, weight.dequantize()))
+
+
+@NEEDS_TRITON
+def test_fused_kernel_keeps_one_unpadded_weight_for_every_labelling():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(200, 48)
+    weight = QuantizedWeight.from_float(linear.weight, 8)
+    x = channel_outliers(torch.randn(3, 7, 200), -1)
+    first = act_params(x, "group", 8, "channel", 2)
+    executor = IntLinear.from_quantized(
+        weight.codes, weight.scale, weight.zero_point, 8, linear.bias.detach(), fused_backend(), 200,
+        channel_labels=[first.labels], row_params=False,
+    )  # fmt: skip
+    # One byte per weight, no padding; each labelling adds its input order (4 bytes per input) and group bounds.
+    vectors = 5 * 48 * 4 + 200 * 4 + (GROUPS + 1) * 4
+    assert executor.resident_nbytes() == 48 * 200 + vectors
+    relabelled = StepActParams("group", 8, "channel", first.labels.roll(3), first.scale, first.zero_point)
+    for params in (first, relabelled):
+        ref = F.linear(fake_quant_activation(x, params, "linear"), weight.dequantize(), linear.bias.detach())
+        check(executor(x, params), ref)
+    assert executor.resident_nbytes() == 48 * 200 + vectors + 200 * 4 + (GROUPS + 1) * 4
+    assert torch.equal(executor.weight_codes(), weight.unpacked_codes())

@@ -7,6 +7,8 @@ y = executor(x, act_params)   # act_params: dgq_core.layers.StepActParams of the
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .executors import IntConv2d, IntLinear
@@ -25,7 +27,8 @@ __all__ = [
 
 
 def select_backend(device: torch.device | str, exact: bool = True) -> GemmBackend:
-    """The integer GEMM for `device`: oneDNN on CPU, int8 tensor-core `torch._int_mm` on CUDA.
+    """The integer GEMM for `device`: oneDNN on CPU; on CUDA the fused Triton kernel (`kernels.fused`), or one int8
+    tensor-core `torch._int_mm` per group where Triton is not installed.
 
     Args:
         device (`torch.device | str`): where the layers run.
@@ -38,6 +41,10 @@ def select_backend(device: torch.device | str, exact: bool = True) -> GemmBacken
 
         return OnednnGemm(exact)
     if device.type == "cuda":
+        if importlib.util.find_spec("triton") is not None:
+            from .fused import FusedGroupGemm
+
+            return FusedGroupGemm(device)
         from .cuda import IntMmGemm
 
         return IntMmGemm(device)

@@ -14,6 +14,7 @@ from ..layers import ActQuantizer, QuantConv2d, QuantLinear, grid_at_level
 from . import select_backend
 from .cpu import has_vnni
 from .executors import IntConv2d, IntLinear
+from .gemm import GemmBackend
 
 
 def step_arrangements(act: ActQuantizer) -> tuple[list[torch.Tensor], bool]:
@@ -95,7 +96,9 @@ def auto_min_weights(device: torch.device | str) -> int | None:
     return None
 
 
-def enable_int_execution(model: nn.Module, exact: bool = True, min_weights: int = 0) -> int:
+def enable_int_execution(
+    model: nn.Module, exact: bool = True, min_weights: int = 0, backend: GemmBackend | None = None
+) -> int:
     """Give the `QuantLinear`/`QuantConv2d` layers of `model` an integer executor for their device.
 
     Args:
@@ -103,6 +106,8 @@ def enable_int_execution(model: nn.Module, exact: bool = True, min_weights: int 
         exact (`bool`): on CPUs, keep W8A8 products exact (see `kernels.cpu`); False trades exactness for speed.
         min_weights (`int`): layers with fewer weights stay in fake quantization (`auto_min_weights` for exec
             mode "auto").
+        backend (`GemmBackend | None`): the integer kernels for every layer; None: `select_backend` of each layer's
+            device.
 
     Returns:
         `int`: how many layers now run in integers.
@@ -116,7 +121,7 @@ def enable_int_execution(model: nn.Module, exact: bool = True, min_weights: int 
             continue
         device = module.weight_q.codes.device
         if device not in backends:
-            backends[device] = select_backend(device, exact=exact)
+            backends[device] = backend if backend is not None else select_backend(device, exact=exact)
         module.int_executor = _executor(module, backends[device])
         if module.weight_q.bits == 8:
             module.weight_q.codes = torch.empty(0, dtype=torch.uint8, device=device)

@@ -34,6 +34,7 @@ packed at each call; no floating-point copy is kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,13 +65,16 @@ class _GroupPlan:
         order (`torch.Tensor | None`): the input indices the parts read, group after group (a convolution's channel
             whose taps straddle groups appears in each of them); None: one part, all inputs in their own order.
         bounds (`list[int]`): part i reads `order[bounds[i]:bounds[i + 1]]`.
-        packed (`list[PackedWeight] | None`): each part's resident weight; None when packed per call (W4).
+        packed (`list[PackedWeight] | None`): each part's resident weight; None when packed per call (W4) or when
+            the backend fuses the groups (`fused_groups`) and reads the whole weight through `kernel_index`.
+        kernel_index: the fused backend's form of `order` and `bounds` (`index_groups`); None for other backends.
     """
 
     groups: list[int]
     order: torch.Tensor | None
     bounds: list[int]
     packed: list[PackedWeight] | None
+    kernel_index: Any = None
 
     @classmethod
     def of(
@@ -99,7 +103,8 @@ class _GroupPlan:
 
     @property
     def nbytes(self) -> int:
-        return sum(packed.nbytes for packed in self.packed or [])
+        index = 0 if self.kernel_index is None else self.kernel_index.nbytes
+        return index + sum(packed.nbytes for packed in self.packed or [])
 
 
 class IntLinear:
@@ -109,7 +114,8 @@ class IntLinear:
 
     Resident weight: W8 keeps the backend's form of the whole matrix if any step uses per-tensor or per-row
     parameters, plus one set of group slices per distinct channel labelling; with no such step the slices are the
-    only copy (per-row steps then run over the slices). W4 keeps only the 4-bit codes packed two per byte.
+    only copy (per-row steps then run over the slices). A backend that fuses the group loop (`fused_groups`) keeps
+    only the whole matrix and an index vector per labelling. W4 keeps only the 4-bit codes packed two per byte.
 
     Args:
         backend (`GemmBackend`): the integer GEMM.
@@ -121,6 +127,7 @@ class IntLinear:
 
     def __init__(self, backend, w_scale, w_zero_point, bits, in_features, bias, nibbles=None) -> None:
         self.backend: GemmBackend = backend
+        self.fused = getattr(backend, "fused_groups", False)
         self.whole: PackedWeight | None = None
         self.nibbles = nibbles
         self.bits, self.in_features, self.out_features = bits, in_features, w_scale.numel()
@@ -168,7 +175,7 @@ class IntLinear:
         layer.row_sums = layer.w_scale * centred.sum(dim=1, dtype=torch.int32).float()
         for labels in channel_labels:
             layer._plan(labels, centred)
-        if w_bits == 8 and (row_params or not layer._plans):
+        if w_bits == 8 and (row_params or not layer._plans or layer.fused):
             layer.whole = backend.pack(centred)
         return layer
 
@@ -214,10 +221,24 @@ class IntLinear:
             groups = torch.unique(labels).tolist()
             columns = [torch.nonzero(labels == group).flatten() for group in groups]
             packed = None
-            if self.bits == 8:
+            if self.bits == 8 and not self.fused:
                 packed = [self.backend.pack(centred.index_select(1, c)) for c in columns]
-            self._plans[key] = _GroupPlan.of(groups, columns, packed)
+            plan = _GroupPlan.of(groups, columns, packed)
+            if self.fused:
+                plan.kernel_index = self.backend.index_groups(plan.order, plan.bounds)
+            self._plans[key] = plan
         return self._plans[key]
+
+    def _whole_weight(self) -> PackedWeight:
+        """The backend's form of the whole matrix: resident (W8), or packed for this call from the nibbles (W4)."""
+        return self.whole if self.whole is not None else self.backend.pack(self.centred_weight())
+
+    def _fused(self, inputs, kernel_index, scale, zero_point, bits) -> torch.Tensor:
+        """The layer output from float inputs in one launch of a `fused_groups` backend."""
+        return self.backend.grouped_linear(
+            inputs, kernel_index, scale, zero_point, bits, self._whole_weight(), self.w_scale,
+            self.zero_point_gap, self.bias,
+        )  # fmt: skip
 
     def _packed_parts(self, plan: _GroupPlan | None) -> list[tuple[torch.Tensor | None, PackedWeight]]:
         """(columns, packed weight) pairs that cover all K columns: the plan's parts, or the whole weight."""
@@ -261,6 +282,9 @@ class IntLinear:
 
     def _row_range(self, rows, scale, zero_point, bits, parts) -> torch.Tensor:
         """Rows that share one (scale, zero point): per-tensor parameters, or one pixel group's rows."""
+        if self.fused:
+            params = torch.tensor([[scale], [zero_point]], dtype=torch.float32, device=rows.device)
+            return self._fused(rows, None, params[0], params[1], bits)
         codes = self.backend.quantize(rows, scale, zero_point, bits)
         out = self._gemm(codes, scale, zero_point, parts, self.bias)
         return out.addr_(_dequantized_row_sums(codes, scale, zero_point), self.zero_point_gap, alpha=-1)
@@ -273,11 +297,14 @@ class IntLinear:
             params (`StepActParams`): the step's channel-group parameters.
             to_rows (`Callable | None`): turns a group's uint8 codes (the inputs' layout) into (M, K_g) rows. The
                 groups are gathered and quantized in the inputs' own layout, where a group's channels are whole
-                planes, and only their uint8 codes are transposed.
+                planes, and only their uint8 codes are transposed. Unused by a `fused_groups` backend, which reads
+                the inputs in place.
         """
         plan = self._plan(params.labels)
-        gathered = plan.gather(inputs, 1)
         scales, zero_points = params.scale[plan.groups], params.zero_point[plan.groups]
+        if self.fused:
+            return self._fused(inputs, plan.kernel_index, scales, zero_points, params.bits)
+        gathered = plan.gather(inputs, 1)
         code_sums, out = None, None
         parts = zip(self._packed_parts(plan), scales.tolist(), zero_points.tolist(), strict=True)
         for part, ((_, packed), scale, zero_point) in enumerate(parts):

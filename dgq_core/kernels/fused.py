@@ -1,0 +1,236 @@
+"""CUDA integer kernel with DGQ's channel-group loop fused in (Triton): one launch per layer call.
+
+One program computes an (BM, BN) output tile: for each activation group it quantizes the group's input columns with
+the group's (scale, zero point), multiplies the codes by the weight in int8 tensor-core dots with int32 accumulation,
+and adds the group's float contribution to an accumulator held in registers; the weight zero point's rank-1 term,
+the per-channel scale and the bias are applied once at the end. Compared with one GEMM per group (`kernels.cuda`),
+nothing is written to memory between groups, and the codes never exist in memory.
+
+The weight stays resident once, transposed to (K, N) in its own input order, with no padding: a channel labelling is
+only an index vector (which input each position reads) and group bounds, so per-step labellings cost K int32 each,
+not a copy of the weight (BENCHMARKS.md, "UNet integer execution", item 8). A tile that straddles two groups is
+loaded masked, once per group.
+
+The int8 dot multiplies signed by signed, so codes enter as `q - 128` and each group's offset comes back out through
+the weight's column sums over the group: `sum_k (q - z) W = sum_k (q - 128) W + (128 - z) sum_k W`.
+
+On CPU tensors the same source runs in Triton's interpreter (`TRITON_INTERPRET`), which is how the tests check its
+semantics without a GPU. **Not yet measured on a GPU** (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quantizers import quantize_uniform
+from .gemm import PackedWeight
+
+# 2^23: adding it to a float32 in [0, 2^23) rounds to an integer, ties to even (torch.round's rule), and subtracting
+# it back is exact.
+_ROUNDING_MAGIC = 8388608.0
+# Tile sizes: int8 tensor-core dots need 32 along K; 64x64 outputs keep the int32 and float accumulators of a
+# 4-warp program in registers. Not tuned: no GPU has been lent to measure on.
+_BLOCK_M, _BLOCK_N, _BLOCK_K = 64, 64, 32
+
+
+def _grouped_int8_linear(
+    x_ptr, stride_sample, stride_position, stride_k, positions,
+    order_ptr, w_ptr, bounds_ptr, scale_ptr, inv_scale_ptr, zero_point_ptr,
+    w_scale_ptr, gap_ptr, bias_ptr, acc_ptr, out_ptr,
+    M, N, groups, qmax,
+    QUANTIZE: tl.constexpr, GATHER: tl.constexpr, HAS_GAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """out[m, n] = s_w[n] sum_g s_g sum_{k in g} (q[m, k] - z_g) W[k, n] - r[m] gap[n] + bias[n] (+ acc[m, n]).
+
+    Row m of the input is sample m // positions, position m % positions, so (M, K) rows and im2col unfoldings
+    (B, K, L) are both read in place. Without QUANTIZE the input holds uint8 codes already (one group).
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    row_ok, col_ok = rows < M, cols < N
+    wide_rows = rows.to(tl.int64)
+    row_offset = (wide_rows // positions) * stride_sample + (wide_rows % positions) * stride_position
+    out = tl.zeros((BM, BN), dtype=tl.float32)
+    dq_row_sums = tl.zeros((BM,), dtype=tl.float32)
+    for group in range(groups):
+        start = tl.load(bounds_ptr + group)
+        end = tl.load(bounds_ptr + group + 1)
+        scale = tl.load(scale_ptr + group)
+        zero_point = tl.load(zero_point_ptr + group)
+        products = tl.zeros((BM, BN), dtype=tl.int32)
+        weight_sums = tl.zeros((BN,), dtype=tl.int32)
+        code_sums = tl.zeros((BM,), dtype=tl.int32)
+        for k0 in range(start, end, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < end
+            inputs = tl.load(order_ptr + ks, mask=k_ok, other=0).to(tl.int64) if GATHER else ks.to(tl.int64)
+            x_mask = row_ok[:, None] & k_ok[None, :]
+            x = tl.load(x_ptr + row_offset[:, None] + inputs[None, :] * stride_k, mask=x_mask, other=0)
+            if QUANTIZE:
+                # One rounding of x * (1/s) + z, as dgq_core.quantizers.quantize_uniform computes it.
+                v = tl.fma(x.to(tl.float32), tl.load(inv_scale_ptr + group), zero_point)
+                v = tl.minimum(tl.maximum(v, 0.0), qmax)
+                codes = ((v + _ROUNDING_MAGIC) - _ROUNDING_MAGIC).to(tl.int32)
+            else:
+                codes = x.to(tl.int32)
+            codes = tl.where(x_mask, codes, 0)
+            w_mask = k_ok[:, None] & col_ok[None, :]
+            w = tl.load(w_ptr + inputs[:, None] * N + cols[None, :], mask=w_mask, other=0)
+            products = tl.dot((codes - 128).to(tl.int8), w, products)
+            weight_sums += tl.sum(w.to(tl.int32), axis=0)
+            code_sums += tl.sum(codes, axis=1)
+        exact = products.to(tl.float32) + (128.0 - zero_point) * weight_sums.to(tl.float32)[None, :]
+        out += scale * exact
+        dq_row_sums += scale * (code_sums.to(tl.float32) - (end - start).to(tl.float32) * zero_point)
+    out = out * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if HAS_GAP:
+        out -= dq_row_sums[:, None] * tl.load(gap_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    offsets = wide_rows[:, None] * N + cols[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_ACC:
+        out += tl.load(acc_ptr + offsets, mask=out_mask, other=0.0)
+    tl.store(out_ptr + offsets, out, mask=out_mask)
+
+
+# Triton's interpreter replaces its language module when the process starts with TRITON_INTERPRET=1, so one process
+# runs the kernel either compiled (CUDA tensors) or interpreted (CPU tensors), never both.
+_kernel = triton.jit(_grouped_int8_linear)
+
+
+@dataclass
+class GroupIndex:
+    """A channel labelling as the fused kernel reads it.
+
+    Args:
+        order (`torch.Tensor`): (K,) int32 input index at each position, group after group.
+        bounds (`torch.Tensor`): (G + 1,) int32; group i holds positions `bounds[i]:bounds[i + 1]`.
+    """
+
+    order: torch.Tensor
+    bounds: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.order.numel() * 4 + self.bounds.numel() * 4
+
+
+class FusedGroupGemm:
+    """`GemmBackend` on the fused Triton kernel, plus `grouped_linear`, which runs every channel group in one launch.
+
+    Args:
+        device (`torch.device | str`): "cuda" compiles the kernel; "cpu" runs it in Triton's interpreter (tests).
+    """
+
+    name = "triton"
+    native_conv = False
+    fused_groups = True
+
+    def __init__(self, device: torch.device | str = "cuda") -> None:
+        self.device = torch.device(device)
+        interpreted = bool(triton.knobs.runtime.interpret)
+        if self.device.type == "cpu" and not interpreted:
+            raise RuntimeError("the fused kernel runs on CPU tensors in Triton's interpreter: set TRITON_INTERPRET=1")
+        if self.device.type != "cpu" and interpreted:
+            raise RuntimeError(f"the fused kernel compiles for {self.device.type} only without TRITON_INTERPRET")
+        # Group bounds [0, K] of the one-group launches, per K: made once, not copied to the device at every call.
+        self._one_group: dict[int, torch.Tensor] = {}
+
+    def quantize(self, x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
+        return quantize_uniform(x, torch.tensor(scale), torch.tensor(float(zero_point)), bits).to(torch.uint8)
+
+    def pack(self, centred: torch.Tensor) -> PackedWeight:
+        n, k = centred.shape
+        weight = centred.to(self.device).t().contiguous()
+        return PackedWeight(weight, n, k, nbytes=weight.numel())
+
+    def unpack(self, packed: PackedWeight) -> torch.Tensor:
+        return packed.handle.t().contiguous()
+
+    def index_groups(self, order: torch.Tensor, bounds: list[int]) -> GroupIndex:
+        """The kernel's form of a labelling's input order and group bounds."""
+        return GroupIndex(
+            order.to(self.device, torch.int32), torch.tensor(bounds, dtype=torch.int32, device=self.device)
+        )
+
+    def grouped_linear(
+        self,
+        inputs: torch.Tensor,
+        groups: GroupIndex | None,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        bits: int,
+        packed: PackedWeight,
+        w_scale: torch.Tensor,
+        zero_point_gap: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The layer output `dq(x) W^T + b` (weight zero point included) of float inputs, quantized in the kernel.
+
+        Args:
+            inputs (`torch.Tensor`): float32 (M, K) rows, or an im2col unfolding (B, K, L) (rows are (b, l) pairs).
+            groups (`GroupIndex | None`): the channel labelling; None: one group of all K inputs in order.
+            scale, zero_point (`torch.Tensor`): (G,) each group's parameters (one for None).
+            bits (`int`): activation code width.
+            packed (`PackedWeight`): what `pack` returned.
+            w_scale (`torch.Tensor`): (N,) per-output-channel scale. zero_point_gap (`torch.Tensor`): (N,)
+                `s_w (z_w - o)`, the weight zero point's rank-1 factor.
+            bias (`torch.Tensor | None`): (N,).
+
+        Returns:
+            `torch.Tensor`: float32 (M, N).
+        """
+        if groups is None:
+            groups = GroupIndex(inputs.new_empty(0, dtype=torch.int32), self._whole(packed.in_features))
+        scale, zero_point = scale.float().contiguous(), zero_point.float().contiguous()
+        return self._launch(
+            inputs, groups, scale, torch.reciprocal(scale), zero_point, (1 << bits) - 1, packed, w_scale,
+            zero_point_gap, bias, None, quantize=True,
+        )  # fmt: skip
+
+    def linear(
+        self, codes, x_scale, x_zero_point, packed, w_scale, bias=None, accumulate=None
+    ) -> torch.Tensor:
+        one = torch.tensor([x_scale], dtype=torch.float32, device=self.device)
+        groups = GroupIndex(one.new_empty(0, dtype=torch.int32), self._whole(packed.in_features))
+        zero_point = torch.tensor([float(x_zero_point)], device=self.device)
+        return self._launch(
+            codes, groups, one, one, zero_point, 255, packed, w_scale, None, bias, accumulate, quantize=False
+        )
+
+    def _whole(self, k: int) -> torch.Tensor:
+        if k not in self._one_group:
+            self._one_group[k] = torch.tensor([0, k], dtype=torch.int32, device=self.device)
+        return self._one_group[k]
+
+    def _launch(
+        self, inputs, groups, scale, inv_scale, zero_point, qmax, packed, w_scale, gap, bias, accumulate, quantize
+    ) -> torch.Tensor:  # fmt: skip
+        if inputs.dim() == 3:  # (B, K, L): row m = (m // L, m % L)
+            batch, _, positions = inputs.shape
+            strides = (inputs.stride(0), inputs.stride(2), inputs.stride(1), positions)
+            m = batch * positions
+        else:
+            m = inputs.shape[0]
+            strides = (0, inputs.stride(0), inputs.stride(1), max(m, 1))
+        n = packed.out_features
+        out = torch.empty(m, n, dtype=torch.float32, device=inputs.device)
+        if m == 0:
+            return out
+        # Any float tensor on the device for the pointers the kernel is told it lacks (it never reads them).
+        unused = w_scale
+        grid = (triton.cdiv(m, _BLOCK_M), triton.cdiv(n, _BLOCK_N))
+        _kernel[grid](
+            inputs, *strides, groups.order if groups.order.numel() else unused, packed.handle, groups.bounds,
+            scale, inv_scale, zero_point, w_scale, unused if gap is None else gap, unused if bias is None else bias,
+            out if accumulate is None else accumulate, out, m, n, groups.bounds.numel() - 1, float(qmax),
+            QUANTIZE=quantize, GATHER=groups.order.numel() > 0, HAS_GAP=gap is not None, HAS_BIAS=bias is not None,
+            HAS_ACC=accumulate is not None, BM=_BLOCK_M, BN=_BLOCK_N, BK=_BLOCK_K,
+        )  # fmt: skip
+        return out
