@@ -16,8 +16,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+# gcc and the Python headers: Triton (which the CUDA torch wheel brings) compiles its kernel launcher at the first
+# launch of the fused integer kernel (dgq_core/kernels/fused.py, exec mode "int" on CUDA).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv "$VIRTUAL_ENV" \
     && useradd --create-home --uid 10001 --user-group dgq

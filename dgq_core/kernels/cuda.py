@@ -1,4 +1,6 @@
-"""CUDA integer kernel: int8 x int8 -> int32 tensor-core GEMM (`torch._int_mm`, cuBLASLt) with a float32 epilogue.
+"""CUDA integer GEMM without Triton: int8 x int8 -> int32 tensor-core GEMM (`torch._int_mm`, cuBLASLt), one per
+channel group, with a float32 epilogue. Where Triton is installed (the CUDA torch wheel brings it), the fused kernel
+of `kernels.fused` runs instead.
 
 `torch._int_mm` multiplies signed int8 by signed int8, so activation codes enter as `q - 128` and the offset comes
 back out exactly through the weight's row sums:
