@@ -300,22 +300,75 @@ def test_unquantized_activations_run_weight_only():
 
 
 @NEEDS_TRITON
-def test_fused_kernel_keeps_one_unpadded_weight_for_every_labelling():
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_fused_kernel_keeps_one_unpadded_weight_for_every_labelling(w_bits):
     torch.manual_seed(0)
     linear = torch.nn.Linear(200, 48)
-    weight = QuantizedWeight.from_float(linear.weight, 8)
+    weight = QuantizedWeight.from_float(linear.weight, w_bits)
     x = channel_outliers(torch.randn(3, 7, 200), -1)
     first = act_params(x, "group", 8, "channel", 2)
     executor = IntLinear.from_quantized(
-        weight.codes, weight.scale, weight.zero_point, 8, linear.bias.detach(), fused_backend(), 200,
+        weight.codes, weight.scale, weight.zero_point, w_bits, linear.bias.detach(), fused_backend(), 200,
         channel_labels=[first.labels], row_params=False,
     )  # fmt: skip
-    # One byte per weight, no padding; each labelling adds its input order (4 bytes per input) and group bounds.
+    # One byte per weight (W8) or the layer's own nibbles (W4), no padding; each labelling adds its input order
+    # (4 bytes per input) and group bounds.
+    weight_bytes = 48 * 200 * w_bits // 8
     vectors = 5 * 48 * 4 + 200 * 4 + (GROUPS + 1) * 4
-    assert executor.resident_nbytes() == 48 * 200 + vectors
+    assert executor.resident_nbytes() == weight_bytes + vectors
     relabelled = StepActParams("group", 8, "channel", first.labels.roll(3), first.scale, first.zero_point)
     for params in (first, relabelled):
         ref = F.linear(fake_quant_activation(x, params, "linear"), weight.dequantize(), linear.bias.detach())
         check(executor(x, params), ref)
-    assert executor.resident_nbytes() == 48 * 200 + vectors + 200 * 4 + (GROUPS + 1) * 4
+    assert executor.resident_nbytes() == weight_bytes + vectors + 200 * 4 + (GROUPS + 1) * 4
     assert torch.equal(executor.weight_codes(), weight.unpacked_codes())
+
+
+COMPILE_SCRIPT = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dgq_core.kernels import fused
+
+pointers = {"x_ptr": "*fp32", "order_ptr": "*i32", "w_ptr": "*i8", "bounds_ptr": "*i32", "row_label_ptr": "*i32"}
+scalars = {"stride_sample": "i64", "stride_position": "i64", "stride_k": "i64", "positions": "i32", "M": "i32",
+           "N": "i32", "groups": "i32", "qmax": "fp32", "nibble_row_bytes": "i32", "label_period": "i32"}
+flags = ("QUANTIZE", "GATHER", "ROW_GROUPS", "NIBBLES", "HAS_GAP", "HAS_BIAS", "HAS_ACC")
+# The launches IntLinear makes: channel groups (quantize, gather) W8 and W4, pixel groups, one group, per-token codes.
+launches = [(True, True, False, False, True, True, False), (True, True, False, True, True, True, False),
+            (True, False, True, False, True, True, False), (True, False, False, False, True, False, False),
+            (False, False, False, True, False, True, True)]
+ptx = []
+for values in launches:
+    constants = dict(zip(flags, values)) | {"BM": 64, "BN": 64, "BK": 32}
+    signature = {
+        name: "constexpr" if name in constants else pointers.get(name) or scalars.get(name) or "*fp32"
+        for name in fused._kernel.arg_names
+    }
+    if not constants["QUANTIZE"]:
+        signature["x_ptr"] = "*u8"
+    if constants["NIBBLES"]:
+        signature["w_ptr"] = "*u8"
+    kernel = triton.compile(ASTSource(fused._kernel, signature, constexprs=constants),
+                            target=GPUTarget("cuda", int(sys.argv[1]), 32))
+    assert kernel.asm["cubin"], "ptxas made no cubin"
+    ptx.append(kernel.asm["ptx"])
+print(json.dumps(ptx))
+"""
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("capability,int8_mma", [(90, "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8"),
+                                                 (80, ".s32.s8.s8.s32")])  # fmt: skip
+def test_fused_kernel_compiles_to_int8_tensor_core_code(capability, int8_mma):
+    """Triton compiles without a GPU (its frontend, LLVM and the bundled ptxas): the kernel the interpreter checks
+    also builds for Hopper (H100/H200) and Ampere, with int8 tensor-core products."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT, str(capability)], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for ptx in json.loads(result.stdout.strip().splitlines()[-1]):
+        assert int8_mma in ptx

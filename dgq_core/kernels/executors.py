@@ -115,7 +115,8 @@ class IntLinear:
     Resident weight: W8 keeps the backend's form of the whole matrix if any step uses per-tensor or per-row
     parameters, plus one set of group slices per distinct channel labelling; with no such step the slices are the
     only copy (per-row steps then run over the slices). A backend that fuses the group loop (`fused_groups`) keeps
-    only the whole matrix and an index vector per labelling. W4 keeps only the 4-bit codes packed two per byte.
+    only the whole matrix and an index vector per labelling. W4 keeps only the 4-bit codes packed two per byte,
+    which a fused backend reads as they are and the others widen and pack at each call.
 
     Args:
         backend (`GemmBackend`): the integer GEMM.
@@ -177,6 +178,8 @@ class IntLinear:
             layer._plan(labels, centred)
         if w_bits == 8 and (row_params or not layer._plans or layer.fused):
             layer.whole = backend.pack(centred)
+        elif w_bits == 4 and layer.fused:
+            layer.whole = backend.pack_nibbles(nibbles, k)
         return layer
 
     def centred_weight(self, codes: torch.Tensor | None = None) -> torch.Tensor:
@@ -229,15 +232,11 @@ class IntLinear:
             self._plans[key] = plan
         return self._plans[key]
 
-    def _whole_weight(self) -> PackedWeight:
-        """The backend's form of the whole matrix: resident (W8), or packed for this call from the nibbles (W4)."""
-        return self.whole if self.whole is not None else self.backend.pack(self.centred_weight())
-
-    def _fused(self, inputs, kernel_index, scale, zero_point, bits) -> torch.Tensor:
+    def _fused(self, inputs, kernel_index, scale, zero_point, bits, row_labels=None) -> torch.Tensor:
         """The layer output from float inputs in one launch of a `fused_groups` backend."""
         return self.backend.grouped_linear(
-            inputs, kernel_index, scale, zero_point, bits, self._whole_weight(), self.w_scale,
-            self.zero_point_gap, self.bias,
+            inputs, kernel_index, scale, zero_point, bits, self.whole, self.w_scale, self.zero_point_gap, self.bias,
+            row_labels,
         )  # fmt: skip
 
     def _packed_parts(self, plan: _GroupPlan | None) -> list[tuple[torch.Tensor | None, PackedWeight]]:
@@ -322,6 +321,8 @@ class IntLinear:
 
     def _row_groups(self, rows, params) -> torch.Tensor:
         # Rows are (sample, pixel) pairs in sample-major order; the labels are per pixel.
+        if self.fused:
+            return self._fused(rows, None, params.scale, params.zero_point, params.bits, params.labels)
         row_labels = params.labels.repeat(rows.shape[0] // params.labels.numel())
         parts = self._packed_parts(None)
         out = torch.empty(rows.shape[0], self.out_features, device=rows.device)

@@ -9,7 +9,8 @@ nothing is written to memory between groups, and the codes never exist in memory
 The weight stays resident once, transposed to (K, N) in its own input order, with no padding: a channel labelling is
 only an index vector (which input each position reads) and group bounds, so per-step labellings cost K int32 each,
 not a copy of the weight (BENCHMARKS.md, "UNet integer execution", item 8). A tile that straddles two groups is
-loaded masked, once per group.
+loaded masked, once per group. W4 weights are read as the layer stores them (two codes per byte) and widened in
+registers. Pixel groups run in the same launch: each row loads its group's parameters.
 
 The int8 dot multiplies signed by signed, so codes enter as `q - 128` and each group's offset comes back out through
 the weight's column sums over the group: `sum_k (q - z) W = sum_k (q - 128) W + (128 - z) sum_k W`.
@@ -26,12 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quantizers import quantize_uniform
+from ..quantizers import quantize_uniform, unpack_int4
 from .gemm import PackedWeight
 
 # 2^23: adding it to a float32 in [0, 2^23) rounds to an integer, ties to even (torch.round's rule), and subtracting
 # it back is exact.
-_ROUNDING_MAGIC = 8388608.0
+_ROUNDING_MAGIC = tl.constexpr(8388608.0)
 # Tile sizes: int8 tensor-core dots need 32 along K; 64x64 outputs keep the int32 and float accumulators of a
 # 4-warp program in registers. Not tuned: no GPU has been lent to measure on.
 _BLOCK_M, _BLOCK_N, _BLOCK_K = 64, 64, 32
@@ -39,16 +40,19 @@ _BLOCK_M, _BLOCK_N, _BLOCK_K = 64, 64, 32
 
 def _grouped_int8_linear(
     x_ptr, stride_sample, stride_position, stride_k, positions,
-    order_ptr, w_ptr, bounds_ptr, scale_ptr, inv_scale_ptr, zero_point_ptr,
+    order_ptr, w_ptr, nibble_row_bytes, bounds_ptr, row_label_ptr, label_period, scale_ptr, inv_scale_ptr, zero_point_ptr,
     w_scale_ptr, gap_ptr, bias_ptr, acc_ptr, out_ptr,
     M, N, groups, qmax,
-    QUANTIZE: tl.constexpr, GATHER: tl.constexpr, HAS_GAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    QUANTIZE: tl.constexpr, GATHER: tl.constexpr, ROW_GROUPS: tl.constexpr, NIBBLES: tl.constexpr, HAS_GAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """out[m, n] = s_w[n] sum_g s_g sum_{k in g} (q[m, k] - z_g) W[k, n] - r[m] gap[n] + bias[n] (+ acc[m, n]).
 
     Row m of the input is sample m // positions, position m % positions, so (M, K) rows and im2col unfoldings
-    (B, K, L) are both read in place. Without QUANTIZE the input holds uint8 codes already (one group).
+    (B, K, L) are both read in place. Without QUANTIZE the input holds uint8 codes already (one group). With
+    ROW_GROUPS (DGQ's pixel groups; one column group) row m takes the parameters of group
+    `row_labels[m % label_period]`. W is the centred int8 (K, N) weight, or with NIBBLES the layer's 4-bit codes as
+    stored, (N, K/2) bytes, low nibble first.
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -60,32 +64,48 @@ def _grouped_int8_linear(
     for group in range(groups):
         start = tl.load(bounds_ptr + group)
         end = tl.load(bounds_ptr + group + 1)
-        scale = tl.load(scale_ptr + group)
-        zero_point = tl.load(zero_point_ptr + group)
+        # The (scale, 1/scale, zero point) of every row: its pixel group's, or the column group's.
+        if ROW_GROUPS:
+            param_index = tl.load(row_label_ptr + wide_rows % label_period, mask=row_ok, other=0)
+        else:
+            param_index = tl.zeros((BM,), dtype=tl.int32) + group
+        scale = tl.load(scale_ptr + param_index)
+        inv_scale = tl.load(inv_scale_ptr + param_index)
+        zero_point = tl.load(zero_point_ptr + param_index)
         products = tl.zeros((BM, BN), dtype=tl.int32)
         weight_sums = tl.zeros((BN,), dtype=tl.int32)
         code_sums = tl.zeros((BM,), dtype=tl.int32)
         for k0 in range(start, end, BK):
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < end
-            inputs = tl.load(order_ptr + ks, mask=k_ok, other=0).to(tl.int64) if GATHER else ks.to(tl.int64)
+            if GATHER:
+                inputs = tl.load(order_ptr + ks, mask=k_ok, other=0).to(tl.int64)
+            else:
+                inputs = ks.to(tl.int64)
             x_mask = row_ok[:, None] & k_ok[None, :]
             x = tl.load(x_ptr + row_offset[:, None] + inputs[None, :] * stride_k, mask=x_mask, other=0)
             if QUANTIZE:
                 # One rounding of x * (1/s) + z, as dgq_core.quantizers.quantize_uniform computes it.
-                v = tl.fma(x.to(tl.float32), tl.load(inv_scale_ptr + group), zero_point)
+                v = tl.fma(x.to(tl.float32), inv_scale[:, None], zero_point[:, None])
                 v = tl.minimum(tl.maximum(v, 0.0), qmax)
                 codes = ((v + _ROUNDING_MAGIC) - _ROUNDING_MAGIC).to(tl.int32)
             else:
                 codes = x.to(tl.int32)
             codes = tl.where(x_mask, codes, 0)
             w_mask = k_ok[:, None] & col_ok[None, :]
-            w = tl.load(w_ptr + inputs[:, None] * N + cols[None, :], mask=w_mask, other=0)
+            if NIBBLES:
+                nibble_pairs = tl.load(
+                    w_ptr + cols[None, :].to(tl.int64) * nibble_row_bytes + (inputs // 2)[:, None], mask=w_mask, other=0
+                ).to(tl.int32)
+                w = ((nibble_pairs >> ((inputs % 2) * 4).to(tl.int32)[:, None]) & 15) - 8
+                w = tl.where(w_mask, w, 0).to(tl.int8)
+            else:
+                w = tl.load(w_ptr + inputs[:, None] * N + cols[None, :], mask=w_mask, other=0)
             products = tl.dot((codes - 128).to(tl.int8), w, products)
             weight_sums += tl.sum(w.to(tl.int32), axis=0)
             code_sums += tl.sum(codes, axis=1)
-        exact = products.to(tl.float32) + (128.0 - zero_point) * weight_sums.to(tl.float32)[None, :]
-        out += scale * exact
+        exact = products.to(tl.float32) + (128.0 - zero_point)[:, None] * weight_sums.to(tl.float32)[None, :]
+        out += scale[:, None] * exact
         dq_row_sums += scale * (code_sums.to(tl.float32) - (end - start).to(tl.float32) * zero_point)
     out = out * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_GAP:
@@ -102,6 +122,19 @@ def _grouped_int8_linear(
 # Triton's interpreter replaces its language module when the process starts with TRITON_INTERPRET=1, so one process
 # runs the kernel either compiled (CUDA tensors) or interpreted (CPU tensors), never both.
 _kernel = triton.jit(_grouped_int8_linear)
+
+
+@dataclass
+class KernelWeight:
+    """A weight as the fused kernel reads it.
+
+    Args:
+        tensor (`torch.Tensor`): centred int8 (K, N), or the layer's own packed 4-bit codes (N, ceil(K/2)).
+        nibbles (`bool`): which of the two.
+    """
+
+    tensor: torch.Tensor
+    nibbles: bool = False
 
 
 @dataclass
@@ -139,7 +172,7 @@ class FusedGroupGemm:
             raise RuntimeError("the fused kernel runs on CPU tensors in Triton's interpreter: set TRITON_INTERPRET=1")
         if self.device.type != "cpu" and interpreted:
             raise RuntimeError(f"the fused kernel compiles for {self.device.type} only without TRITON_INTERPRET")
-        # Group bounds [0, K] of the one-group launches, per K: made once, not copied to the device at every call.
+        # Group bounds [0, K] of one-group launches, per K: made once, not copied to the device at every call.
         self._one_group: dict[int, torch.Tensor] = {}
 
     def quantize(self, x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
@@ -148,10 +181,25 @@ class FusedGroupGemm:
     def pack(self, centred: torch.Tensor) -> PackedWeight:
         n, k = centred.shape
         weight = centred.to(self.device).t().contiguous()
-        return PackedWeight(weight, n, k, nbytes=weight.numel())
+        return PackedWeight(KernelWeight(weight), n, k, nbytes=weight.numel())
+
+    def pack_nibbles(self, nibbles: torch.Tensor, in_features: int) -> PackedWeight:
+        """The kernel's view of 4-bit codes packed two per byte (`quantizers.pack_int4`), read as they are stored.
+
+        Args:
+            nibbles (`torch.Tensor`): (N, ceil(K/2)) uint8 codes (offset 8), on this backend's device; not copied.
+            in_features (`int`): K.
+
+        Returns:
+            `PackedWeight` whose `nbytes` is 0: the bytes are the caller's (a layer's code buffer).
+        """
+        return PackedWeight(KernelWeight(nibbles.contiguous(), nibbles=True), nibbles.shape[0], in_features, 0)
 
     def unpack(self, packed: PackedWeight) -> torch.Tensor:
-        return packed.handle.t().contiguous()
+        weight = packed.handle
+        if weight.nibbles:
+            return (unpack_int4(weight.tensor, packed.in_features).to(torch.int16) - 8).to(torch.int8)
+        return weight.tensor.t().contiguous()
 
     def index_groups(self, order: torch.Tensor, bounds: list[int]) -> GroupIndex:
         """The kernel's form of a labelling's input order and group bounds."""
@@ -170,47 +218,50 @@ class FusedGroupGemm:
         w_scale: torch.Tensor,
         zero_point_gap: torch.Tensor,
         bias: torch.Tensor | None = None,
+        row_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The layer output `dq(x) W^T + b` (weight zero point included) of float inputs, quantized in the kernel.
 
         Args:
             inputs (`torch.Tensor`): float32 (M, K) rows, or an im2col unfolding (B, K, L) (rows are (b, l) pairs).
-            groups (`GroupIndex | None`): the channel labelling; None: one group of all K inputs in order.
-            scale, zero_point (`torch.Tensor`): (G,) each group's parameters (one for None).
+            groups (`GroupIndex | None`): the channel labelling; None: all K inputs in order, as one group.
+            scale, zero_point (`torch.Tensor`): (G,) each group's parameters.
             bits (`int`): activation code width.
-            packed (`PackedWeight`): what `pack` returned.
+            packed (`PackedWeight`): what `pack` or `pack_nibbles` returned.
             w_scale (`torch.Tensor`): (N,) per-output-channel scale. zero_point_gap (`torch.Tensor`): (N,)
                 `s_w (z_w - o)`, the weight zero point's rank-1 factor.
             bias (`torch.Tensor | None`): (N,).
+            row_labels (`torch.Tensor | None`): (P,) the group of each pixel (DGQ's pixel groups, with `groups`
+                None): row m takes the parameters of group `row_labels[m % P]`.
 
         Returns:
             `torch.Tensor`: float32 (M, N).
         """
-        if groups is None:
-            groups = GroupIndex(inputs.new_empty(0, dtype=torch.int32), self._whole(packed.in_features))
         scale, zero_point = scale.float().contiguous(), zero_point.float().contiguous()
         return self._launch(
-            inputs, groups, scale, torch.reciprocal(scale), zero_point, (1 << bits) - 1, packed, w_scale,
-            zero_point_gap, bias, None, quantize=True,
+            inputs, packed, w_scale, groups=groups, row_labels=row_labels, scale=scale,
+            inv_scale=torch.reciprocal(scale), zero_point=zero_point, qmax=(1 << bits) - 1, gap=zero_point_gap,
+            bias=bias, quantize=True,
         )  # fmt: skip
 
     def linear(
         self, codes, x_scale, x_zero_point, packed, w_scale, bias=None, accumulate=None
     ) -> torch.Tensor:
-        one = torch.tensor([x_scale], dtype=torch.float32, device=self.device)
-        groups = GroupIndex(one.new_empty(0, dtype=torch.int32), self._whole(packed.in_features))
+        scale = torch.tensor([x_scale], dtype=torch.float32, device=self.device)
         zero_point = torch.tensor([float(x_zero_point)], device=self.device)
         return self._launch(
-            codes, groups, one, one, zero_point, 255, packed, w_scale, None, bias, accumulate, quantize=False
-        )
+            codes, packed, w_scale, groups=None, row_labels=None, scale=scale, inv_scale=scale,
+            zero_point=zero_point, qmax=255, gap=None, bias=bias, accumulate=accumulate, quantize=False,
+        )  # fmt: skip
 
-    def _whole(self, k: int) -> torch.Tensor:
+    def _one_group_bounds(self, k: int) -> torch.Tensor:
         if k not in self._one_group:
             self._one_group[k] = torch.tensor([0, k], dtype=torch.int32, device=self.device)
         return self._one_group[k]
 
     def _launch(
-        self, inputs, groups, scale, inv_scale, zero_point, qmax, packed, w_scale, gap, bias, accumulate, quantize
+        self, inputs, packed, w_scale, *, groups, row_labels, scale, inv_scale, zero_point, qmax, gap, bias,
+        quantize, accumulate=None,
     ) -> torch.Tensor:  # fmt: skip
         if inputs.dim() == 3:  # (B, K, L): row m = (m // L, m % L)
             batch, _, positions = inputs.shape
@@ -223,14 +274,21 @@ class FusedGroupGemm:
         out = torch.empty(m, n, dtype=torch.float32, device=inputs.device)
         if m == 0:
             return out
-        # Any float tensor on the device for the pointers the kernel is told it lacks (it never reads them).
+        bounds = self._one_group_bounds(packed.in_features) if groups is None else groups.bounds
+        if row_labels is not None:
+            row_labels = row_labels.to(self.device, torch.int32)
+        weight: KernelWeight = packed.handle
+        # Any tensor on the device for the pointers the kernel is told it lacks (it never reads them).
         unused = w_scale
         grid = (triton.cdiv(m, _BLOCK_M), triton.cdiv(n, _BLOCK_N))
         _kernel[grid](
-            inputs, *strides, groups.order if groups.order.numel() else unused, packed.handle, groups.bounds,
-            scale, inv_scale, zero_point, w_scale, unused if gap is None else gap, unused if bias is None else bias,
-            out if accumulate is None else accumulate, out, m, n, groups.bounds.numel() - 1, float(qmax),
-            QUANTIZE=quantize, GATHER=groups.order.numel() > 0, HAS_GAP=gap is not None, HAS_BIAS=bias is not None,
+            inputs, *strides, unused if groups is None else groups.order, weight.tensor,
+            weight.tensor.shape[1] if weight.nibbles else 0, bounds, unused if row_labels is None else row_labels,
+            1 if row_labels is None else row_labels.numel(), scale, inv_scale, zero_point, w_scale,
+            unused if gap is None else gap, unused if bias is None else bias,
+            out if accumulate is None else accumulate, out, m, n, bounds.numel() - 1, float(qmax),
+            QUANTIZE=quantize, GATHER=groups is not None, ROW_GROUPS=row_labels is not None,
+            NIBBLES=weight.nibbles, HAS_GAP=gap is not None, HAS_BIAS=bias is not None,
             HAS_ACC=accumulate is not None, BM=_BLOCK_M, BN=_BLOCK_N, BK=_BLOCK_K,
         )  # fmt: skip
         return out
