@@ -269,6 +269,8 @@ class IntLinear:
         rows = x.reshape(-1, self.in_features)
         if params.mode == "token":
             out = self._per_row(rows, params)
+        elif params.mode == "tensor" and self.fused:
+            out = self._fused(rows, None, params.scale, params.zero_point, params.bits)
         elif params.mode == "tensor":
             out = self._row_range(
                 rows, float(params.scale), int(params.zero_point), params.bits, self._packed_parts(None)
@@ -281,9 +283,6 @@ class IntLinear:
 
     def _row_range(self, rows, scale, zero_point, bits, parts) -> torch.Tensor:
         """Rows that share one (scale, zero point): per-tensor parameters, or one pixel group's rows."""
-        if self.fused:
-            params = torch.tensor([[scale], [zero_point]], dtype=torch.float32, device=rows.device)
-            return self._fused(rows, None, params[0], params[1], bits)
         codes = self.backend.quantize(rows, scale, zero_point, bits)
         out = self._gemm(codes, scale, zero_point, parts, self.bias)
         return out.addr_(_dequantized_row_sums(codes, scale, zero_point), self.zero_point_gap, alpha=-1)

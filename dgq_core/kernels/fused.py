@@ -40,11 +40,12 @@ _BLOCK_M, _BLOCK_N, _BLOCK_K = 64, 64, 32
 
 def _grouped_int8_linear(
     x_ptr, stride_sample, stride_position, stride_k, positions,
-    order_ptr, w_ptr, nibble_row_bytes, bounds_ptr, row_label_ptr, label_period, scale_ptr, inv_scale_ptr, zero_point_ptr,
-    w_scale_ptr, gap_ptr, bias_ptr, acc_ptr, out_ptr,
+    order_ptr, w_ptr, nibble_row_bytes, bounds_ptr, row_label_ptr, label_period,
+    scale_ptr, inv_scale_ptr, zero_point_ptr, w_scale_ptr, gap_ptr, bias_ptr, acc_ptr, out_ptr,
     M, N, groups, qmax,
-    QUANTIZE: tl.constexpr, GATHER: tl.constexpr, ROW_GROUPS: tl.constexpr, NIBBLES: tl.constexpr, HAS_GAP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    QUANTIZE: tl.constexpr, GATHER: tl.constexpr, ROW_GROUPS: tl.constexpr, NIBBLES: tl.constexpr,
+    HAS_GAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """out[m, n] = s_w[n] sum_g s_g sum_{k in g} (q[m, k] - z_g) W[k, n] - r[m] gap[n] + bias[n] (+ acc[m, n]).
 
@@ -94,9 +95,8 @@ def _grouped_int8_linear(
             codes = tl.where(x_mask, codes, 0)
             w_mask = k_ok[:, None] & col_ok[None, :]
             if NIBBLES:
-                nibble_pairs = tl.load(
-                    w_ptr + cols[None, :].to(tl.int64) * nibble_row_bytes + (inputs // 2)[:, None], mask=w_mask, other=0
-                ).to(tl.int32)
+                byte_offsets = cols[None, :].to(tl.int64) * nibble_row_bytes + (inputs // 2)[:, None]
+                nibble_pairs = tl.load(w_ptr + byte_offsets, mask=w_mask, other=0).to(tl.int32)
                 w = ((nibble_pairs >> ((inputs % 2) * 4).to(tl.int32)[:, None]) & 15) - 8
                 w = tl.where(w_mask, w, 0).to(tl.int8)
             else:
