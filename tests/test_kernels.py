@@ -311,16 +311,16 @@ def test_fused_kernel_keeps_one_unpadded_weight_for_every_labelling(w_bits):
         weight.codes, weight.scale, weight.zero_point, w_bits, linear.bias.detach(), fused_backend(), 200,
         channel_labels=[first.labels], row_params=False,
     )  # fmt: skip
-    # One byte per weight (W8) or the layer's own nibbles (W4), no padding; each labelling adds its input order
-    # (4 bytes per input) and group bounds.
+    # One byte per weight (W8) or the layer's own nibbles (W4), no padding; each labelling adds a few index vectors.
     weight_bytes = 48 * 200 * w_bits // 8
-    vectors = 5 * 48 * 4 + 200 * 4 + (GROUPS + 1) * 4
+    labelling = 200 * 4 + (2 * GROUPS + 1) * 4  # input order, group bounds and parameter indices
+    vectors = 5 * 48 * 4 + labelling
     assert executor.resident_nbytes() == weight_bytes + vectors
     relabelled = StepActParams("group", 8, "channel", first.labels.roll(3), first.scale, first.zero_point)
     for params in (first, relabelled):
         ref = F.linear(fake_quant_activation(x, params, "linear"), weight.dequantize(), linear.bias.detach())
         check(executor(x, params), ref)
-    assert executor.resident_nbytes() == weight_bytes + vectors + 200 * 4 + (GROUPS + 1) * 4
+    assert executor.resident_nbytes() == weight_bytes + vectors + labelling
     assert torch.equal(executor.weight_codes(), weight.unpacked_codes())
 
 
@@ -331,7 +331,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from dgq_core.kernels import fused
 
-pointers = {"x_ptr": "*fp32", "order_ptr": "*i32", "w_ptr": "*i8", "bounds_ptr": "*i32", "row_label_ptr": "*i32"}
+pointers = {"x_ptr": "*fp32", "order_ptr": "*i32", "w_ptr": "*i8", "bounds_ptr": "*i32", "group_id_ptr": "*i32",
+            "row_label_ptr": "*i32"}
 scalars = {"stride_sample": "i64", "stride_position": "i64", "stride_k": "i64", "positions": "i32", "M": "i32",
            "N": "i32", "groups": "i32", "qmax": "fp32", "nibble_row_bytes": "i32", "label_period": "i32"}
 flags = ("QUANTIZE", "GATHER", "ROW_GROUPS", "NIBBLES", "HAS_GAP", "HAS_BIAS", "HAS_ACC")

@@ -228,7 +228,7 @@ class IntLinear:
                 packed = [self.backend.pack(centred.index_select(1, c)) for c in columns]
             plan = _GroupPlan.of(groups, columns, packed)
             if self.fused:
-                plan.kernel_index = self.backend.index_groups(plan.order, plan.bounds)
+                plan.kernel_index = self.backend.index_groups(plan.order, plan.bounds, plan.groups)
             self._plans[key] = plan
         return self._plans[key]
 
@@ -299,9 +299,9 @@ class IntLinear:
                 the inputs in place.
         """
         plan = self._plan(params.labels)
-        scales, zero_points = params.scale[plan.groups], params.zero_point[plan.groups]
         if self.fused:
-            return self._fused(inputs, plan.kernel_index, scales, zero_points, params.bits)
+            return self._fused(inputs, plan.kernel_index, params.scale, params.zero_point, params.bits)
+        scales, zero_points = params.scale[plan.groups], params.zero_point[plan.groups]
         gathered = plan.gather(inputs, 1)
         code_sums, out = None, None
         parts = zip(self._packed_parts(plan), scales.tolist(), zero_points.tolist(), strict=True)

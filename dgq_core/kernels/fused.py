@@ -40,8 +40,8 @@ _BLOCK_M, _BLOCK_N, _BLOCK_K = 64, 64, 32
 
 def _grouped_int8_linear(
     x_ptr, stride_sample, stride_position, stride_k, positions,
-    order_ptr, w_ptr, nibble_row_bytes, bounds_ptr, row_label_ptr, label_period,
-    scale_ptr, inv_scale_ptr, zero_point_ptr, w_scale_ptr, gap_ptr, bias_ptr, acc_ptr, out_ptr,
+    order_ptr, w_ptr, nibble_row_bytes, bounds_ptr, group_id_ptr, row_label_ptr, label_period,
+    scale_ptr, zero_point_ptr, w_scale_ptr, gap_ptr, bias_ptr, acc_ptr, out_ptr,
     M, N, groups, qmax,
     QUANTIZE: tl.constexpr, GATHER: tl.constexpr, ROW_GROUPS: tl.constexpr, NIBBLES: tl.constexpr,
     HAS_GAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACC: tl.constexpr,
@@ -49,6 +49,7 @@ def _grouped_int8_linear(
 ):  # fmt: skip
     """out[m, n] = s_w[n] sum_g s_g sum_{k in g} (q[m, k] - z_g) W[k, n] - r[m] gap[n] + bias[n] (+ acc[m, n]).
 
+    Column group g holds positions `bounds[g]:bounds[g + 1]` and takes the step's parameters `group_ids[g]`.
     Row m of the input is sample m // positions, position m % positions, so (M, K) rows and im2col unfoldings
     (B, K, L) are both read in place. Without QUANTIZE the input holds uint8 codes already (one group). With
     ROW_GROUPS (DGQ's pixel groups; one column group) row m takes the parameters of group
@@ -65,14 +66,15 @@ def _grouped_int8_linear(
     for group in range(groups):
         start = tl.load(bounds_ptr + group)
         end = tl.load(bounds_ptr + group + 1)
-        # The (scale, 1/scale, zero point) of every row: its pixel group's, or the column group's.
+        # The (scale, zero point) of every row: its pixel group's, or the column group's.
         if ROW_GROUPS:
             param_index = tl.load(row_label_ptr + wide_rows % label_period, mask=row_ok, other=0)
         else:
-            param_index = tl.zeros((BM,), dtype=tl.int32) + group
+            param_index = tl.zeros((BM,), dtype=tl.int32) + tl.load(group_id_ptr + group)
         scale = tl.load(scale_ptr + param_index)
-        inv_scale = tl.load(inv_scale_ptr + param_index)
         zero_point = tl.load(zero_point_ptr + param_index)
+        # Correctly rounded, as torch.reciprocal (the reference quantizer's 1/s).
+        inv_scale = tl.math.div_rn(1.0, scale)
         products = tl.zeros((BM, BN), dtype=tl.int32)
         weight_sums = tl.zeros((BN,), dtype=tl.int32)
         code_sums = tl.zeros((BM,), dtype=tl.int32)
@@ -142,16 +144,19 @@ class GroupIndex:
     """A channel labelling as the fused kernel reads it.
 
     Args:
-        order (`torch.Tensor`): (K,) int32 input index at each position, group after group.
+        order (`torch.Tensor | None`): (K,) int32 input index at each position, group after group; None: the inputs
+            in their own order.
         bounds (`torch.Tensor`): (G + 1,) int32; group i holds positions `bounds[i]:bounds[i + 1]`.
+        group_ids (`torch.Tensor`): (G,) int32 index of group i's parameters among the step's.
     """
 
-    order: torch.Tensor
+    order: torch.Tensor | None
     bounds: torch.Tensor
+    group_ids: torch.Tensor
 
     @property
     def nbytes(self) -> int:
-        return self.order.numel() * 4 + self.bounds.numel() * 4
+        return sum(t.numel() * 4 for t in (self.order, self.bounds, self.group_ids) if t is not None)
 
 
 class FusedGroupGemm:
@@ -173,7 +178,7 @@ class FusedGroupGemm:
         if self.device.type != "cpu" and interpreted:
             raise RuntimeError(f"the fused kernel compiles for {self.device.type} only without TRITON_INTERPRET")
         # Group bounds [0, K] of one-group launches, per K: made once, not copied to the device at every call.
-        self._one_group: dict[int, torch.Tensor] = {}
+        self._one_groups: dict[int, GroupIndex] = {}
 
     def quantize(self, x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
         return quantize_uniform(x, torch.tensor(scale), torch.tensor(float(zero_point)), bits).to(torch.uint8)
@@ -201,10 +206,12 @@ class FusedGroupGemm:
             return (unpack_int4(weight.tensor, packed.in_features).to(torch.int16) - 8).to(torch.int8)
         return weight.tensor.t().contiguous()
 
-    def index_groups(self, order: torch.Tensor, bounds: list[int]) -> GroupIndex:
-        """The kernel's form of a labelling's input order and group bounds."""
+    def index_groups(self, order: torch.Tensor | None, bounds: list[int], group_ids: list[int]) -> GroupIndex:
+        """The kernel's form of a labelling: input order (None: their own), group bounds, each group's parameters."""
         return GroupIndex(
-            order.to(self.device, torch.int32), torch.tensor(bounds, dtype=torch.int32, device=self.device)
+            None if order is None else order.to(self.device, torch.int32),
+            torch.tensor(bounds, dtype=torch.int32, device=self.device),
+            torch.tensor(group_ids, dtype=torch.int32, device=self.device),
         )
 
     def grouped_linear(
@@ -225,7 +232,8 @@ class FusedGroupGemm:
         Args:
             inputs (`torch.Tensor`): float32 (M, K) rows, or an im2col unfolding (B, K, L) (rows are (b, l) pairs).
             groups (`GroupIndex | None`): the channel labelling; None: all K inputs in order, as one group.
-            scale, zero_point (`torch.Tensor`): (G,) each group's parameters.
+            scale, zero_point (`torch.Tensor`): the step's parameters, indexed by `groups.group_ids` or `row_labels`
+                ((1,) for one group).
             bits (`int`): activation code width.
             packed (`PackedWeight`): what `pack` or `pack_nibbles` returned.
             w_scale (`torch.Tensor`): (N,) per-output-channel scale. zero_point_gap (`torch.Tensor`): (N,)
@@ -237,11 +245,10 @@ class FusedGroupGemm:
         Returns:
             `torch.Tensor`: float32 (M, N).
         """
-        scale, zero_point = scale.float().contiguous(), zero_point.float().contiguous()
         return self._launch(
-            inputs, packed, w_scale, groups=groups, row_labels=row_labels, scale=scale,
-            inv_scale=torch.reciprocal(scale), zero_point=zero_point, qmax=(1 << bits) - 1, gap=zero_point_gap,
-            bias=bias, quantize=True,
+            inputs, packed, w_scale, groups=groups, row_labels=row_labels, scale=scale.float().contiguous(),
+            zero_point=zero_point.float().contiguous(), qmax=(1 << bits) - 1, gap=zero_point_gap, bias=bias,
+            quantize=True,
         )  # fmt: skip
 
     def linear(
@@ -250,18 +257,19 @@ class FusedGroupGemm:
         scale = torch.tensor([x_scale], dtype=torch.float32, device=self.device)
         zero_point = torch.tensor([float(x_zero_point)], device=self.device)
         return self._launch(
-            codes, packed, w_scale, groups=None, row_labels=None, scale=scale, inv_scale=scale,
-            zero_point=zero_point, qmax=255, gap=None, bias=bias, accumulate=accumulate, quantize=False,
+            codes, packed, w_scale, groups=None, row_labels=None, scale=scale, zero_point=zero_point, qmax=255,
+            gap=None, bias=bias, accumulate=accumulate, quantize=False,
         )  # fmt: skip
 
-    def _one_group_bounds(self, k: int) -> torch.Tensor:
-        if k not in self._one_group:
-            self._one_group[k] = torch.tensor([0, k], dtype=torch.int32, device=self.device)
-        return self._one_group[k]
+    def _one_group(self, k: int) -> GroupIndex:
+        """All K inputs in their own order, as group 0."""
+        if k not in self._one_groups:
+            self._one_groups[k] = self.index_groups(None, [0, k], [0])
+        return self._one_groups[k]
 
     def _launch(
-        self, inputs, packed, w_scale, *, groups, row_labels, scale, inv_scale, zero_point, qmax, gap, bias,
-        quantize, accumulate=None,
+        self, inputs, packed, w_scale, *, groups, row_labels, scale, zero_point, qmax, gap, bias, quantize,
+        accumulate=None,
     ) -> torch.Tensor:  # fmt: skip
         if inputs.dim() == 3:  # (B, K, L): row m = (m // L, m % L)
             batch, _, positions = inputs.shape
@@ -274,7 +282,7 @@ class FusedGroupGemm:
         out = torch.empty(m, n, dtype=torch.float32, device=inputs.device)
         if m == 0:
             return out
-        bounds = self._one_group_bounds(packed.in_features) if groups is None else groups.bounds
+        groups = groups if groups is not None else self._one_group(packed.in_features)
         if row_labels is not None:
             row_labels = row_labels.to(self.device, torch.int32)
         weight: KernelWeight = packed.handle
@@ -282,12 +290,12 @@ class FusedGroupGemm:
         unused = w_scale
         grid = (triton.cdiv(m, _BLOCK_M), triton.cdiv(n, _BLOCK_N))
         _kernel[grid](
-            inputs, *strides, unused if groups is None else groups.order, weight.tensor,
-            weight.tensor.shape[1] if weight.nibbles else 0, bounds, unused if row_labels is None else row_labels,
-            1 if row_labels is None else row_labels.numel(), scale, inv_scale, zero_point, w_scale,
-            unused if gap is None else gap, unused if bias is None else bias,
-            out if accumulate is None else accumulate, out, m, n, bounds.numel() - 1, float(qmax),
-            QUANTIZE=quantize, GATHER=groups is not None, ROW_GROUPS=row_labels is not None,
+            inputs, *strides, unused if groups.order is None else groups.order, weight.tensor,
+            weight.tensor.shape[1] if weight.nibbles else 0, groups.bounds, groups.group_ids,
+            unused if row_labels is None else row_labels, 1 if row_labels is None else row_labels.numel(),
+            scale, zero_point, w_scale, unused if gap is None else gap, unused if bias is None else bias,
+            out if accumulate is None else accumulate, out, m, n, groups.bounds.numel() - 1, float(qmax),
+            QUANTIZE=quantize, GATHER=groups.order is not None, ROW_GROUPS=row_labels is not None,
             NIBBLES=weight.nibbles, HAS_GAP=gap is not None, HAS_BIAS=bias is not None,
             HAS_ACC=accumulate is not None, BM=_BLOCK_M, BN=_BLOCK_N, BK=_BLOCK_K,
         )  # fmt: skip
