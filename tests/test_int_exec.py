@@ -76,15 +76,14 @@ def test_int_images_agree_with_fake_and_repeat(quantized: QuantizedPipe):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: pip install -e '.[dev]'")
+# One configuration end to end (the interpreter takes ~40 s per image batch); tests/test_kernels.py checks the kernel
+# at every width and mode.
+@pytest.mark.parametrize("quantized", [(8, 8, "dgq", False)], ids=["W8A8-dgq"], indirect=True)
 @torch.no_grad()
 def test_fused_cuda_kernel_images_agree_with_fake(quantized: QuantizedPipe):
     """The CUDA backend's fused kernel, run in Triton's interpreter on this model's CPU tensors."""
     from dgq_core.kernels.fused import FusedGroupGemm
 
-    config = quantized.config
-    if (config.method, config.w_bits, config.shared_channel_groups) != ("dgq", 8, False):
-        pytest.skip("the interpreter takes ~40 s per image batch: one configuration end to end; "
-                    "tests/test_kernels.py checks the kernel at every width and mode")
     quantized_pipe = quantized.pipe
     fake = generate(quantized_pipe)
     assert enable_int_execution(quantized_pipe.unet, backend=FusedGroupGemm("cpu")) > 0
