@@ -111,7 +111,7 @@ def _find_quantized_checkpoint(settings: Settings) -> str | None:
 
 
 def quantization_info(settings: Settings) -> dict[str, str]:
-    """Method and bits of the served UNet, for the model info metric."""
+    """Method, bits and attention-probability codes of the served UNet, for the model info metric."""
     from dgq_core.checkpoint import read_quant_config
     from dgq_core.pipeline import resolve_model
 
@@ -119,7 +119,8 @@ def quantization_info(settings: Settings) -> dict[str, str]:
     if unet_dir is None:
         return {"quant_method": "none", "bits": "fp"}
     config = read_quant_config(unet_dir)
-    return {"quant_method": config.method, "bits": f"W{config.w_bits}A{config.a_bits}"}
+    prob_quantizer = config.prob_quantizer if config.method == "dgq" else "none"
+    return {"quant_method": config.method, "bits": f"W{config.w_bits}A{config.a_bits}", "prob_quantizer": prob_quantizer}
 
 
 def prompt_tokens(settings: Settings) -> int:

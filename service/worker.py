@@ -24,6 +24,7 @@ from typing import TypeVar
 import torch
 from diffusers import DiffusionPipeline
 
+from dgq_core.kernels import int_execution_summary
 from service import metrics
 from service.config import Settings
 from service.errors import QueueUnavailable
@@ -174,7 +175,7 @@ class Worker:
         metrics.MODEL_INFO.info({
             "model": str(self.settings.model), **quantization_info(self.settings),
             "quantized": str(self.settings.quantized), "exec_mode": self.settings.exec_mode,
-            "device": self.settings.device,
+            **int_execution_summary(self._pipe.unet), "device": self.settings.device,
         })
         self.runner = BatchRunner(self._pipe)
         started = time.perf_counter()

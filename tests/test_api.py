@@ -217,6 +217,8 @@ async def test_health_docs_and_metrics(embedded_settings):
     assert 'dgq_model_weight_bytes{component="unet",precision="float32"}' in text
     assert 'dgq_jobs_total{outcome="succeeded"}' in text and "dgq_queue_depth_jobs 0.0" in text
     assert "dgq_model_info{" in text and 'exec_mode="auto"' in text
+    # The full-precision model has no quantized layers, so nothing runs in integers.
+    assert 'int_kernels="none"' in text and 'int_layers="0/0"' in text
 
 
 async def test_docs_load_swagger_ui_from_this_server(embedded_settings):

@@ -17,7 +17,12 @@ from conftest import build_tiny_sd_pipeline
 
 from dgq_core.calibration import calibrate
 from dgq_core.config import QuantConfig
-from dgq_core.kernels import auto_min_weights, disable_int_execution, enable_int_execution
+from dgq_core.kernels import (
+    auto_min_weights,
+    disable_int_execution,
+    enable_int_execution,
+    int_execution_summary,
+)
 from dgq_core.kernels.attach import AUTO_MIN_WEIGHTS, step_arrangements
 from dgq_core.layers import QuantConv2d, QuantLinear
 
@@ -92,6 +97,17 @@ def test_fused_cuda_kernel_images_agree_with_fake(quantized: QuantizedPipe):
     finally:
         disable_int_execution(quantized_pipe.unet)
     assert psnr_db(fused, fake) >= 40.0
+
+
+def test_int_execution_summary_names_what_runs_in_integers(quantized: QuantizedPipe):
+    unet = quantized.pipe.unet
+    total = sum(isinstance(m, QuantLinear | QuantConv2d) for m in unet.modules())
+    assert int_execution_summary(unet) == {"int_layers": f"0/{total}", "int_kernels": "none"}
+    enable_int_execution(unet)
+    try:
+        assert int_execution_summary(unet) == {"int_layers": f"{total}/{total}", "int_kernels": "onednn"}
+    finally:
+        disable_int_execution(unet)
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ __all__ = [
     "auto_min_weights",
     "disable_int_execution",
     "enable_int_execution",
+    "int_execution_summary",
     "select_backend",
 ]
 
@@ -52,4 +53,9 @@ def select_backend(device: torch.device | str, exact: bool = True) -> GemmBacken
 
 
 # After select_backend: attach builds executors with it.
-from .attach import auto_min_weights, disable_int_execution, enable_int_execution  # noqa: E402
+from .attach import (  # noqa: E402
+    auto_min_weights,
+    disable_int_execution,
+    enable_int_execution,
+    int_execution_summary,
+)

@@ -136,3 +136,17 @@ def disable_int_execution(model: nn.Module) -> None:
             if module.weight_q.codes.numel() == 0:
                 module.weight_q.codes = module.int_executor.weight_codes()
             module.int_executor = None
+
+
+def int_execution_summary(model: nn.Module) -> dict[str, str]:
+    """What a quantized model runs in integers, for logs and the service's model-info metric.
+
+    Returns:
+        `dict[str, str]`: "int_layers", the layers with an integer executor out of all quantized ones ("280/280"),
+        and "int_kernels", their backends' names ("onednn", "triton", "int_mm"; "none" when no layer runs in
+        integers).
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear | QuantConv2d)]
+    executors = [layer.int_executor for layer in layers if layer.int_executor is not None]
+    kernels = sorted({executor.backend.name for executor in executors}) or ["none"]
+    return {"int_layers": f"{len(executors)}/{len(layers)}", "int_kernels": ",".join(kernels)}
