@@ -148,6 +148,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import read_quant_config
+    from .kernels import int_execution_summary
     from .pipeline import load_pipeline, resolve_model
 
     resolved = resolve_model(args.model, args.quantized)
@@ -162,7 +163,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     ).images[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
-    print(f"wrote {args.out} ({image.width}x{image.height}, {steps} steps, {time.perf_counter() - started:.1f} s)")
+    seconds = time.perf_counter() - started
+    integers = ""
+    if calibrated is not None:
+        summary = int_execution_summary(pipe.unet)
+        integers = f"; exec {args.exec_mode}: {summary['int_layers']} layers in integers ({summary['int_kernels']})"
+    print(f"wrote {args.out} ({image.width}x{image.height}, {steps} steps, {seconds:.1f} s{integers})")
     return 0
 
 
