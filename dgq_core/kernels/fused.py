@@ -21,6 +21,7 @@ semantics without a GPU. **Not yet measured on a GPU** (BENCHMARKS.md).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +127,14 @@ def _grouped_int8_linear(
 _kernel = triton.jit(_grouped_int8_linear)
 
 
+def _interpreted() -> bool:
+    """Whether this process runs Triton kernels in its interpreter (read at triton's import)."""
+    knobs = getattr(triton, "knobs", None)  # Triton 3.4 and later
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 @dataclass
 class KernelWeight:
     """A weight as the fused kernel reads it.
@@ -172,7 +181,7 @@ class FusedGroupGemm:
 
     def __init__(self, device: torch.device | str = "cuda") -> None:
         self.device = torch.device(device)
-        interpreted = bool(triton.knobs.runtime.interpret)
+        interpreted = _interpreted()
         if self.device.type == "cpu" and not interpreted:
             raise RuntimeError("the fused kernel runs on CPU tensors in Triton's interpreter: set TRITON_INTERPRET=1")
         if self.device.type != "cpu" and interpreted:
