@@ -27,14 +27,12 @@ from diffusers import UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_unet import (  # noqa: E402
-    BATCH,
-    TIMESTEP,
-    TOKENS,
     calibrate_one_call,
     psnr_db,
     quant_config,
     quantized_copy,
     resident_weight_bytes,
+    unet_inputs,
 )
 from common import load_average, median, time_interleaved  # noqa: E402
 
@@ -50,16 +48,10 @@ TINY_UNET = dict(
 
 
 def build(device: torch.device, tiny: bool) -> tuple[UNet2DConditionModel, dict]:
+    """bench_unet.py's UNet (or the small one) and inputs, on `device`."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(TINY_UNET if tiny else {})).eval().to(device)
-    generator = torch.Generator().manual_seed(1)
-    latent = 32
-    inputs = {
-        "sample": torch.randn(BATCH, unet.config.in_channels, latent, latent, generator=generator),
-        "timestep": torch.tensor(TIMESTEP),
-        "encoder_hidden_states": torch.randn(BATCH, TOKENS, unet.config.cross_attention_dim, generator=generator),
-    }
-    return unet, {name: value.to(device) for name, value in inputs.items()}
+    unet = UNet2DConditionModel(**(TINY_UNET if tiny else {})).eval()
+    return unet.to(device), {name: value.to(device) for name, value in unet_inputs(unet).items()}
 
 
 def reference_of(variant: str) -> str | None:
@@ -116,12 +108,10 @@ def main() -> None:
         specs, stats = calibrate_one_call(unet, config, inputs)
         fake = quantized_copy(unet, config, specs, stats)
         models[f"dgq-fake-w{w_bits}a8"] = fake
-        backends = {"fused": lambda: FusedGroupGemm(device)}
-        if w_bits == 8:
-            backends["int_mm"] = lambda: IntMmGemm(device)
+        backends = {"fused": FusedGroupGemm, "int_mm": IntMmGemm} if w_bits == 8 else {"fused": FusedGroupGemm}
         for name, backend in backends.items():
             model = copy.deepcopy(fake)
-            enable_int_execution(model, backend=backend())
+            enable_int_execution(model, backend=backend(device))
             models[f"dgq-int-w{w_bits}a8-{name}"] = model
     calls = {
         name: synchronized(device, lambda m=model, x=half_inputs if name == "fp16" else inputs: m(**x).sample)
