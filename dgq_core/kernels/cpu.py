@@ -22,8 +22,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..quantizers import qmax, quantize_uniform
-from .gemm import PackedWeight
+from ..quantizers import qmax
+from .gemm import PackedWeight, uint8_codes
 
 # `torch.quantize_per_tensor` is the one-pass quantizer whose rounding (one fused multiply-add) the reference
 # `quantize_uniform` reproduces; torch 2.13 marks it deprecated, and the Makefile pins that release.
@@ -88,9 +88,7 @@ class OnednnGemm:
     def quantize(self, x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
         if not 0 <= zero_point <= 255:
             # quint8 takes zero points in [0, 255] only; a range that excludes 0 has one outside (rare).
-            return quantize_uniform(x, torch.tensor(scale), torch.tensor(float(zero_point)), bits).to(
-                torch.uint8
-            )
+            return uint8_codes(x, scale, zero_point, bits)
         quantized = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
         # The quint8 tensor's bytes are the codes: a uint8 view of its storage costs nothing, where `int_repr()`
         # copies them at 2.5x the cost of the quantization itself (2048x320: 136 us vs 43 us, 2 threads).

@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quantizers import quantize_uniform
-from .gemm import PackedWeight
+from .gemm import PackedWeight, uint8_codes
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -39,8 +38,7 @@ class IntMmGemm:
     def __init__(self, device: torch.device | str = "cuda") -> None:
         self.device = torch.device(device)
 
-    def quantize(self, x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
-        return quantize_uniform(x, torch.tensor(scale), torch.tensor(float(zero_point)), bits).to(torch.uint8)
+    quantize = staticmethod(uint8_codes)
 
     def pack(self, centred: torch.Tensor) -> PackedWeight:
         n, k = centred.shape

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quantizers import quantize_uniform, unpack_int4
-from .gemm import PackedWeight
+from ..quantizers import unpack_int4
+from .gemm import PackedWeight, uint8_codes
 
 # 2^23: adding it to a float32 in [0, 2^23) rounds to an integer, ties to even (torch.round's rule), and subtracting
 # it back is exact.
@@ -186,11 +186,10 @@ class FusedGroupGemm:
             raise RuntimeError("the fused kernel runs on CPU tensors in Triton's interpreter: set TRITON_INTERPRET=1")
         if self.device.type != "cpu" and interpreted:
             raise RuntimeError(f"the fused kernel compiles for {self.device.type} only without TRITON_INTERPRET")
-        # Group bounds [0, K] of one-group launches, per K: made once, not copied to the device at every call.
+        # The one-group labelling of each K (all inputs in order): made once, not copied to the device every call.
         self._one_groups: dict[int, GroupIndex] = {}
 
-    def quantize(self, x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
-        return quantize_uniform(x, torch.tensor(scale), torch.tensor(float(zero_point)), bits).to(torch.uint8)
+    quantize = staticmethod(uint8_codes)
 
     def pack(self, centred: torch.Tensor) -> PackedWeight:
         n, k = centred.shape

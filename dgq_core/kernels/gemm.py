@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ..quantizers import quantize_uniform
+
 
 @dataclass
 class PackedWeight:
@@ -30,6 +32,12 @@ class PackedWeight:
     out_features: int
     in_features: int
     nbytes: int
+
+
+def uint8_codes(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
+    """`quantizers.quantize_uniform`'s codes of `x` under one (scale, zero point), as uint8: `GemmBackend.quantize`
+    for backends without a quantizer of their own."""
+    return quantize_uniform(x, torch.tensor(scale), torch.tensor(float(zero_point)), bits).to(torch.uint8)
 
 
 class GemmBackend(Protocol):
