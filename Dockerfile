@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# dgq-serve on an NVIDIA GPU host: one image for the API (`dgq serve`, the default command) and the workers
-# (`dgq worker`). Build: docker build -t dgq-serve .
+# dgq-serve on an NVIDIA GPU host: one image for the API (`dgq-serve`, the default command) and the workers
+# (`dgq-worker`). Build: docker build -t dgq-serve .
 #
 # The CUDA runtime base supplies the user-space CUDA libraries the cu128 torch wheel expects next to its own;
 # the host's driver is mounted by the NVIDIA container toolkit at run time. Ubuntu 24.04 brings Python 3.12.
@@ -17,7 +17,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 # gcc and the Python headers: Triton (which the CUDA torch wheel brings) compiles its kernel launcher at the first
-# launch of the fused integer kernel (dgq_core/kernels/fused.py, exec mode "int" on CUDA).
+# launch of the fused integer kernel (dgq_core/kernels/triton_fused.py, exec mode "int" on CUDA).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
@@ -35,14 +35,16 @@ RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.tom
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The code, with the bundled model (dgq_core/zoo/dgq-shapes) and its pre-quantized checkpoint inside the package.
+# The library, the service, and the bundled model (dgq_zoo/dgq-shapes) with its pre-quantized checkpoint; the
+# evaluation harness (dgq_eval) stays out of the image.
 COPY dgq_core ./dgq_core
+COPY dgq_zoo ./dgq_zoo
 COPY service ./service
 RUN pip install --no-deps .
 
 # Where `DGQ_QUANTIZED=auto` keeps the checkpoints it makes for other models (a volume in docker-compose.yml) and
 # where hub models are cached; the dgq user writes both (a fresh named volume takes this directory's owner). The
-# bundled model needs neither: its DGQ checkpoint is installed beside it (dgq_core/zoo/dgq-shapes-dgq, package data),
+# bundled model needs neither: its DGQ checkpoint is installed beside it (dgq_zoo/dgq-shapes-dgq, package data),
 # and 'auto' takes a checkpoint shipped beside the model before the cache, so the image starts without calibrating.
 ENV DGQ_QUANTIZED_CACHE_DIR=/var/cache/dgq \
     HF_HOME=/var/cache/huggingface
@@ -63,4 +65,4 @@ EXPOSE 8000 9100
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
     CMD python3 -c 'import os, urllib.request; urllib.request.urlopen("http://127.0.0.1:%s/healthz" % os.environ.get("DGQ_PORT", "8000"), timeout=4)'
 
-CMD ["dgq", "serve"]
+CMD ["dgq-serve"]

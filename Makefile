@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch lies on these machines' disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install serve test lint clean
+.PHONY: install test-programs serve test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-serve: install
-	$(BIN)/dgq serve
+# redis-server, promtool, chromium, docker-compose: installed when run as root, else named with the command to run.
+test-programs:
+	@scripts/test-programs.sh
 
-test: install
+serve: install
+	$(BIN)/dgq-serve
+
+test: install test-programs
 	$(BIN)/pytest -q
 
 lint: install

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from dgq_core.attention import DGQAttnProcessor  # noqa: E402
-from dgq_core.eval import alignment, harness, metrics  # noqa: E402
-from dgq_core.zoo import bundled_model_dir, shapes  # noqa: E402
+from dgq_eval import alignment, harness, metrics  # noqa: E402
+from dgq_zoo import bundled_model_dir, shapes  # noqa: E402
 
 # The probability codes of each variant (`QuantConfig.prob_quantizer` values): (self-attention, cross-attention).
 VARIANTS = {

@@ -1,7 +1,7 @@
 """PSNR of DGQ (K=8, K=16) against both baselines at W8A8, W4A8, W8A6, W4A6, and calibration cost.
 
 Two networks:
-- the real pretrained TAESD decoder (../shared/assets/taesd): PSNR of the quantized decode against the
+- the real pretrained TAESD decoder (service/assets/taesd): PSNR of the quantized decode against the
   full-precision decode of real photographs (calibrated on 14 other photographs, flipped and transposed);
 - a tiny random-init SD-architecture pipeline: PSNR of quantized images against full-precision images, same seeds
   (calibrated on the 8 TINY_PROMPTS, evaluated on 4 others).
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from dgq_core.calibration import collect_module_stats, collect_unet_stats, quantize_from_stats  # noqa: E402
-from dgq_core.config import QuantConfig  # noqa: E402
+from dgq_core.config import DGQConfig  # noqa: E402
 
 SETTINGS = [(8, 8), (4, 8), (8, 6), (4, 6)]
 METHODS = [("dgq", 8), ("dgq", 16), ("pertensor", 1), ("dynamic", 1)]
@@ -54,13 +54,13 @@ def taesd_table() -> dict:
         reference = {n: model.decoder(z) for n, z in evaluation.items()}
     decoder = model.decoder
     collector, state = collect_module_stats(
-        decoder, QuantConfig(excluded_layers=[]),
+        decoder, DGQConfig(excluded_layers=[]),
         lambda: [decoder(calibration[i: i + 8]) for i in range(0, len(calibration), 8)], (taesd.SIZE // 8,) * 2,
     )
     table = {}
     for (w_bits, a_bits), (method, groups) in tqdm([(s, m) for s in SETTINGS for m in METHODS], desc="TAESD"):
         quantized = copy.deepcopy(decoder)
-        config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, groups=groups, excluded_layers=[])
+        config = DGQConfig(method=method, w_bits=w_bits, a_bits=a_bits, groups=groups, excluded_layers=[])
         quantize_from_stats(quantized, config, collector, state)
         with torch.no_grad():
             value = np.mean([taesd.psnr(quantized(evaluation[n]), reference[n]) for n in taesd.EVALUATION_IMAGES])
@@ -72,7 +72,7 @@ def tiny_sd_table(steps: int) -> tuple[dict, dict]:
     """PSNR of every setting on the tiny SD pipeline, and the seconds of its two statistics runs.
 
     One statistics run serves every bit width and K (DGQ records attention without the start column, so DGQ and the
-    baselines get one run each), as `dgq_core.eval.benchmark` does.
+    baselines get one run each), as `dgq_eval.benchmark` does.
     """
     from diffusers import StableDiffusionPipeline
     from tiny_models import build_tiny_sd
@@ -91,7 +91,7 @@ def tiny_sd_table(steps: int) -> tuple[dict, dict]:
 
     reference = images(load())
     calibrations = {
-        family: collect_unet_stats(load(), QuantConfig(method=family, steps=steps), TINY_PROMPTS, progress=False)
+        family: collect_unet_stats(load(), DGQConfig(method=family, steps=steps), TINY_PROMPTS, progress=False)
         for family in ("dgq", "pertensor")
     }
     table = {}
@@ -99,8 +99,8 @@ def tiny_sd_table(steps: int) -> tuple[dict, dict]:
     for (w_bits, a_bits), (name, groups) in tqdm(rows, desc="tiny SD"):
         pipe = load()
         method = name.split()[0]
-        config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, groups=groups,
-                             prob_quantizer="uniform" if name == UNIFORM_PROBS[0] else "log2")  # fmt: skip
+        config = DGQConfig(method=method, w_bits=w_bits, a_bits=a_bits, groups=groups, steps=steps,
+                           prob_quantizer="uniform" if name == UNIFORM_PROBS[0] else "log2")  # fmt: skip
         calibrations["dgq" if method == "dgq" else "pertensor"].quantize(pipe.unet, config)
         table[f"W{w_bits}A{a_bits} {name} K={groups}"] = round(psnr_np(images(pipe), reference), 2)
     seconds = {f"statistics run ({family})": round(c.seconds, 1) for family, c in calibrations.items()}

@@ -1,4 +1,4 @@
-"""Load: `dgq serve` and two `dgq worker` processes on a real redis-server, driven at twice the queue bound.
+"""Load: `dgq-serve` and two `dgq-worker` processes on a real redis-server, driven at twice the queue bound.
 
 A bounded load generator on loopback (asyncio + httpx): `2 * queue_max` clients (by default) each send
 `POST /generate` back to back - a share of them synchronous (wait for the PNG), the rest asynchronous (202) - and

@@ -29,10 +29,11 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import dgq_core  # noqa: E402
 from bench.common import load_average, median, time_interleaved  # noqa: E402
 from service.api.app import create_app  # noqa: E402
 from service.config import Settings  # noqa: E402
-from service.pipelines import quantized_checkpoint  # noqa: E402
+from service.served_model import quantized_checkpoint  # noqa: E402
 
 PROMPTS = ["a red circle on a blue background", "two green squares", "a yellow triangle above a purple star"]
 
@@ -84,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                 request_timeout_s=3600, default_width=args.size, default_height=args.size)
     body = {"width": args.size, "height": args.size, "steps": args.steps, "guidance_scale": 7.5}
 
-    from dgq_core.pipeline import load_pipeline
-
     reference = Settings(**base)
-    pipe = load_pipeline(reference.model_ref, quantized=quantized_checkpoint(reference), exec_mode=args.exec_mode)
+    pipe = dgq_core.from_pretrained(
+        reference.model_ref, quantized=quantized_checkpoint(reference), exec_mode=args.exec_mode
+    )
     rounds = iter(range(10**9))
 
     def direct() -> None:

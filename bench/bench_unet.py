@@ -8,7 +8,7 @@ inputs, the way `dgq quantize` calibrates one sampler step.
 Variants (all timed interleaved, round after round; medians reported):
     FP32 eager; DGQ-int W8A8; DGQ-int W4A8; DGQ-fake W8A8 and W4A8; torch.ao dynamic int8 on the Linear layers (the
     nearest peer with real CPU kernels); on CPUs without VNNI also DGQ-int W8A8 with the single saturating GEMM
-    instead of the exact split (see dgq_core/kernels/cpu.py).
+    instead of the exact split (see dgq_core/kernels/onednn.py).
 Resident weight bytes are counted from the tensors and packed kernel weights (padding included) each variant keeps.
 A fresh process per variant loads (or builds) the model and runs one call, then three timed ones: its peak RSS, the
 RSS its model added (measured, after malloc_trim) and its median call time are reported. The fresh-process times
@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -45,13 +46,18 @@ from common import machine, median, time_interleaved  # noqa: E402
 
 from dgq_core import layers, quantizers  # noqa: E402
 from dgq_core.calibration import StatsCollector, attach_collector  # noqa: E402
-from dgq_core.checkpoint import load_quantized_unet, save_quantized_unet  # noqa: E402
-from dgq_core.config import QuantConfig  # noqa: E402
+from dgq_core.config import CalibrationRecord, DGQConfig  # noqa: E402
+from dgq_core.diffusers_quantizer import (  # noqa: E402
+    attach_quantization_config,
+    load_quantized_unet,
+    save_quantized_unet,
+)
 from dgq_core.kernels import enable_int_execution  # noqa: E402
-from dgq_core.kernels.cpu import has_vnni  # noqa: E402
-from dgq_core.layers import QuantConv2d, QuantLinear, StepState  # noqa: E402
+from dgq_core.kernels.onednn import has_vnni  # noqa: E402
+from dgq_core.layers import QuantConv2d, QuantLinear  # noqa: E402
 from dgq_core.memory import peak_rss_bytes  # noqa: E402
-from dgq_core.unet import input_specs, prompt_only_inputs, quantize_unet  # noqa: E402
+from dgq_core.steps import StepState  # noqa: E402
+from dgq_core.unet import prompt_only_inputs, quantize_unet  # noqa: E402
 
 TIMESTEP = 500
 # Timed calls after the first in each fresh variant process: the speed without the benchmark process's heap, which
@@ -78,17 +84,15 @@ def unet_inputs(unet: UNet2DConditionModel, seed: int = 1) -> dict[str, torch.Te
     }
 
 
-def quant_config(w_bits: int, groups: int) -> QuantConfig:
-    return QuantConfig(
-        method="dgq", w_bits=w_bits, a_bits=8, groups=groups, steps=1, calib_timesteps=[TIMESTEP],
-        height=LATENT * 8, width=LATENT * 8, num_calib=BATCH,
-    )  # fmt: skip
+def quant_config(w_bits: int, groups: int) -> DGQConfig:
+    return DGQConfig(method="dgq", w_bits=w_bits, a_bits=8, groups=groups, steps=1, num_calib=BATCH)
 
 
 @torch.no_grad()
-def calibrate_one_call(unet: UNet2DConditionModel, config: QuantConfig, inputs: dict) -> tuple[dict, dict]:
-    """DGQ statistics of one UNet call (the calibration of one sampler step), without a pipeline."""
-    state = StepState(config.calib_timesteps, (LATENT, LATENT))
+def calibrate_one_call(unet: UNet2DConditionModel, config: DGQConfig, inputs: dict) -> tuple[DGQConfig, dict]:
+    """DGQ statistics of one UNet call (the calibration of one sampler step), without a pipeline: `config` with the
+    call's calibration record, and the statistics."""
+    state = StepState([TIMESTEP], (LATENT, LATENT))
     collector = StatsCollector(state, prompt_only_inputs(unet))
     processors = unet.attn_processors
     handles = [state.install(unet), *attach_collector(unet, collector, config)]
@@ -98,16 +102,21 @@ def calibrate_one_call(unet: UNet2DConditionModel, config: QuantConfig, inputs: 
         for handle in handles:
             handle.remove()
         unet.set_attn_processor(processors)
-    return input_specs(unet, config, collector.vector_inputs), collector.per_step()
+    record = CalibrationRecord(
+        scheduler="one UNet call", timesteps=[TIMESTEP], height=LATENT * 8, width=LATENT * 8, vae_scale_factor=8,
+        num_prompts=BATCH, vector_inputs=sorted(collector.vector_inputs),
+    )
+    return config.with_calibration(record), collector.per_step()
 
 
-def quantized_copy(unet: nn.Module, config: QuantConfig, specs: dict, stats: dict) -> UNet2DConditionModel:
+def quantized_copy(unet: nn.Module, config: DGQConfig, stats: dict) -> UNet2DConditionModel:
     model = copy.deepcopy(unet)
     # Plain per-channel min-max weight ranges instead of the 80-candidate MSE search: the search only moves the range
     # ends, which changes no speed or size, and on the shared 2-core machine it takes tens of minutes for SD v1.5.
     minmax_weights = functools.partial(quantizers.quantize_weight_per_channel, search_steps=1)
     with mock.patch.object(layers, "quantize_weight_per_channel", minmax_weights):
-        quantize_unet(model, config, specs, stats)
+        quantize_unet(model, config, stats)
+    attach_quantization_config(model, config)
     return model
 
 
@@ -242,16 +251,16 @@ def main() -> None:
     stages = tqdm(total=2 + 2 * len(bit_widths), desc="building variants", unit="stage")
     fp32 = build_unet()
     inputs = unet_inputs(fp32)
-    configs = {bits: quant_config(bits, args.groups) for bits in bit_widths}
-    specs, stats = calibrate_one_call(fp32, configs[8], inputs)
+    calibrated, stats = calibrate_one_call(fp32, quant_config(8, args.groups), inputs)
+    configs = {bits: replace(calibrated, w_bits=bits) for bits in bit_widths}
     stages.update(1)
     fakes, ints, checkpoints = {}, {}, {}
     workdir = Path(tempfile.mkdtemp(prefix="bench_unet_"))
     for bits, config in configs.items():
-        fakes[bits] = quantized_copy(fp32, config, specs, stats)
+        fakes[bits] = quantized_copy(fp32, config, stats)
         stages.update(1)
         if not args.skip_rss:
-            checkpoints[bits] = save_quantized_unet(fakes[bits], config, workdir / f"w{bits}")
+            checkpoints[bits] = save_quantized_unet(fakes[bits], workdir / f"w{bits}")
         ints[bits] = copy.deepcopy(fakes[bits])
         enable_int_execution(ints[bits])
         stages.update(1)

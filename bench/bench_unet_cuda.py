@@ -37,8 +37,8 @@ from bench_unet import (  # noqa: E402
 from common import load_average, median, time_interleaved  # noqa: E402
 
 from dgq_core.kernels import enable_int_execution  # noqa: E402
-from dgq_core.kernels.cuda import IntMmGemm  # noqa: E402
-from dgq_core.kernels.fused import FusedGroupGemm  # noqa: E402
+from dgq_core.kernels.int_mm import IntMmGemm  # noqa: E402
+from dgq_core.kernels.triton_fused import FusedGroupGemm  # noqa: E402
 
 # A UNet of the SD layout small enough for the interpreter (the smoke run), at the benchmark's latent size.
 TINY_UNET = dict(
@@ -104,9 +104,8 @@ def main() -> None:
     half_inputs = {name: value.half() if value.is_floating_point() else value for name, value in inputs.items()}
     models = {"fp32": unet, "fp16": copy.deepcopy(unet).half()}
     for w_bits in (8, 4) if args.w4 else (8,):
-        config = quant_config(w_bits, args.groups)
-        specs, stats = calibrate_one_call(unet, config, inputs)
-        fake = quantized_copy(unet, config, specs, stats)
+        config, stats = calibrate_one_call(unet, quant_config(w_bits, args.groups), inputs)
+        fake = quantized_copy(unet, config, stats)
         models[f"dgq-fake-w{w_bits}a8"] = fake
         backends = {"fused": FusedGroupGemm, "int_mm": IntMmGemm} if w_bits == 8 else {"fused": FusedGroupGemm}
         for name, backend in backends.items():

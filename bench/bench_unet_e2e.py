@@ -11,7 +11,7 @@ from fake quantization only by float rounding cannot agree with it better than t
 
 Usage:
     .venv/bin/python bench/bench_unet_e2e.py --repeats 3 --out runs/bench_unet_e2e.json
-    .venv/bin/python bench/bench_unet_e2e.py --checkpoint dgq_core/zoo/dgq-shapes-dgq --steps 25 --batch 8
+    .venv/bin/python bench/bench_unet_e2e.py --checkpoint dgq_zoo/dgq-shapes-dgq --steps 25 --batch 8
 """
 
 from __future__ import annotations
@@ -29,12 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median, time_interleaved  # noqa: E402
 
-from dgq_core.calibration import calibrate, load_prompt_file  # noqa: E402
-from dgq_core.checkpoint import read_quant_config, save_quantized_unet  # noqa: E402
-from dgq_core.config import QuantConfig  # noqa: E402
-from dgq_core.pipeline import load_pipeline, resolve_model  # noqa: E402
+import dgq_core  # noqa: E402
 
-BUNDLED = Path(__file__).resolve().parent.parent / "dgq_core" / "zoo" / "dgq-shapes"
+BUNDLED = Path(__file__).resolve().parent.parent / "dgq_zoo" / "dgq-shapes"
 
 
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
@@ -59,23 +56,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_unet_e2e.json"))
     args = parser.parse_args()
 
-    prompts = load_prompt_file(args.model / "calibration_prompts.txt")
+    prompts = dgq_core.load_prompt_file(args.model / "calibration_prompts.txt")
     calib, eval_prompts = prompts[: args.calib_prompts], prompts[-args.batch :]
     checkpoint = args.checkpoint
     if checkpoint is None:
-        calibrated = load_pipeline(args.model)
-        config = QuantConfig(
+        calibrated = dgq_core.from_pretrained(args.model)
+        config = dgq_core.DGQConfig(
             method="dgq", w_bits=args.w_bits, a_bits=8, groups=args.groups, steps=args.steps, num_calib=len(calib)
         )
-        calibrate(calibrated, config, calib, batch_size=8)
-        checkpoint = save_quantized_unet(
-            calibrated.unet, config, Path(tempfile.mkdtemp(prefix="bench_e2e_")) / "unet"
-        )
+        dgq_core.quantize_(calibrated, config, calib, batch_size=8)
+        checkpoint = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
+        dgq_core.save_pretrained(calibrated, checkpoint, self_contained=False, base_model=str(args.model))
         del calibrated
-    fp = load_pipeline(args.model)
-    fake = load_pipeline(args.model, quantized=checkpoint, exec_mode="fake")
-    integer = load_pipeline(args.model, quantized=checkpoint, exec_mode="int")
-    bits = read_quant_config(resolve_model(args.model, checkpoint).quantized_unet).w_bits
+    fp = dgq_core.from_pretrained(args.model)
+    fake = dgq_core.from_pretrained(args.model, quantized=checkpoint, exec_mode="fake")
+    integer = dgq_core.from_pretrained(args.model, quantized=checkpoint, exec_mode="int")
+    bits = dgq_core.read_quant_config(dgq_core.resolve_model(args.model, checkpoint).quantized_unet).w_bits
     int_name, fake_name = f"DGQ-int W{bits}A8", f"DGQ-fake W{bits}A8"
     pipes = {"FP32": fp, int_name: integer, fake_name: fake}
 

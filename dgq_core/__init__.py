@@ -1,3 +1,84 @@
-"""DGQ: Distribution-aware Group Quantization for text-to-image diffusion UNets."""
+"""DGQ: Distribution-aware Group Quantization for text-to-image diffusion UNets.
+
+The public API; everything outside the library (`dgq` command, service, evaluation, benchmarks) uses these names:
+
+    import dgq_core
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    dgq_core.quantize_(pipe, dgq_core.DGQConfig(w_bits=8, a_bits=8, groups=8), prompts=prompts)
+    dgq_core.save_pretrained(pipe, "quantized/")
+    pipe = dgq_core.from_pretrained("quantized/", device="cuda")        # or DiffusionPipeline.from_pretrained
+
+Importing this package registers DGQ in diffusers' quantizer registry (`diffusers_quantizer`).
+"""
+
+from .batch_invariance import make_batch_invariant
+from .calibration import (
+    CalibrationReport,
+    UNetCalibration,
+    collect_unet_stats,
+    default_calibration_prompts,
+    load_prompt_file,
+    quantize_,
+    sample_prompts,
+)
+from .checkpoint import CheckpointError, read_quant_config
+from .conditioning import (
+    EncodedPrompt,
+    PromptConditioner,
+    conditioning,
+    pack_prompt_pair,
+    unpack_prompt_pair,
+)
+from .config import (
+    ACTIVATION_BITS,
+    ACTIVATION_METHODS,
+    EXEC_MODES,
+    PROB_QUANTIZERS,
+    WEIGHT_BITS,
+    CalibrationRecord,
+    DGQConfig,
+    QuantConfigError,
+)
+from .diffusers_quantizer import DGQQuantizer, register_dgq_quantizer
+from .kernels import int_execution_summary, set_exec_mode
+from .memory import peak_rss_bytes
+from .pipeline import ResolvedModel, from_pretrained, quantize_pretrained, resolve_model, save_pretrained
 
 __version__ = "0.1.0"
+
+register_dgq_quantizer()
+
+__all__ = [
+    "ACTIVATION_BITS",
+    "ACTIVATION_METHODS",
+    "EXEC_MODES",
+    "PROB_QUANTIZERS",
+    "WEIGHT_BITS",
+    "CalibrationRecord",
+    "CalibrationReport",
+    "CheckpointError",
+    "DGQConfig",
+    "DGQQuantizer",
+    "EncodedPrompt",
+    "PromptConditioner",
+    "QuantConfigError",
+    "ResolvedModel",
+    "UNetCalibration",
+    "collect_unet_stats",
+    "conditioning",
+    "default_calibration_prompts",
+    "from_pretrained",
+    "int_execution_summary",
+    "load_prompt_file",
+    "make_batch_invariant",
+    "pack_prompt_pair",
+    "peak_rss_bytes",
+    "quantize_",
+    "quantize_pretrained",
+    "read_quant_config",
+    "resolve_model",
+    "sample_prompts",
+    "save_pretrained",
+    "set_exec_mode",
+    "unpack_prompt_pair",
+]

@@ -11,23 +11,20 @@ computed with an explicit softmax so the probabilities can be quantized:
 - "pertensor": per-tensor Q/K/V, probabilities uniform with a calibrated per-step range (Q-Diffusion-style).
 - "dynamic": per-token Q/K/V, probabilities uniform with a per-query-row range computed at run time.
 
-Cross-attention keys and values depend only on the prompt, so they can be computed once per request
-(`compute_prompt_params`), carried as safetensors bytes, and injected for a batch (`use_prompt_params`).
+Cross-attention keys and values depend only on the prompt: `dgq_core.conditioning` computes them once per request
+and sets them as a processor's `injected_kv` for a batch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .layers import ActQuantizer, StepState, dequantize_uniform, quantize_activation
+from .layers import ActQuantizer
 from .quantizers import dynamic_rowwise_params, fake_quant_log2_, fake_quant_uniform, qmax
+from .steps import StepState
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -265,95 +262,3 @@ def cross_attention_processors(unet: nn.Module) -> dict[str, tuple[nn.Module, DG
         if isinstance(processor, DGQAttnProcessor) and processor.is_cross:
             found[name] = (module, processor)
     return found
-
-
-def _encode_quantized(prefix: str, x: torch.Tensor, quantizer: ActQuantizer) -> dict[str, torch.Tensor]:
-    params = quantizer.params(x.shape)
-    if params.mode == "none":
-        return {prefix: x.contiguous()}
-    codes, scale, zero_point = quantize_activation(x, params, quantizer.kind)
-    # Scales stay in their broadcast shape (per group index, not per element) to keep the payload small.
-    return {
-        f"{prefix}.codes": codes.to(torch.uint8),
-        f"{prefix}.scale": _with_rank(scale, x.dim()),
-        f"{prefix}.zero_point": _with_rank(zero_point, x.dim()),
-    }
-
-
-def _with_rank(t: torch.Tensor, rank: int) -> torch.Tensor:
-    return t.reshape([1] * (rank - t.dim()) + list(t.shape)).contiguous()
-
-
-def _decode_quantized(prefix: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    if prefix in tensors:
-        return tensors[prefix]
-    return dequantize_uniform(tensors[f"{prefix}.codes"], tensors[f"{prefix}.scale"], tensors[f"{prefix}.zero_point"])
-
-
-@torch.no_grad()
-def compute_prompt_params(
-    cross_attention: dict[str, tuple[nn.Module, DGQAttnProcessor]], encoder_hidden_states: torch.Tensor
-) -> list[dict[str, torch.Tensor]]:
-    """The prompt-specific DGQ attention parameters: quantized cross-attention keys and values, one dict per prompt.
-
-    Keys and values of cross-attention depend only on the text embedding, so they are computed once per request
-    instead of at every denoising step. Each is stored as uint8 codes with its group scale and zero point (the start
-    key separately, in full precision), so a worker reproduces exactly the values the UNet would compute itself.
-
-    Args:
-        cross_attention (`dict`): `cross_attention_processors(unet)` of a quantized UNet.
-        encoder_hidden_states (`torch.Tensor`): text-encoder output (B, tokens, dim).
-
-    Returns:
-        `list[dict[str, torch.Tensor]]`: per prompt, tensors named `<attention module>.key...`/`.value...`; empty dicts
-        when there are no DGQ cross-attention modules (a full-precision UNet).
-    """
-    per_prompt: list[dict[str, torch.Tensor]] = [{} for _ in range(encoder_hidden_states.shape[0])]
-    for name, (attn, processor) in cross_attention.items():
-        ehs = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
-        key = split_heads(attn.to_k(ehs), attn.heads)
-        value = split_heads(attn.to_v(ehs), attn.heads)
-        for index in range(len(per_prompt)):
-            sample_key, sample_value = key[index : index + 1], value[index : index + 1]
-            tensors = per_prompt[index]
-            if processor.keep_start:
-                tensors[f"{name}.key_start"] = sample_key[:, :, :1].contiguous()
-                sample_key = sample_key[:, :, 1:]
-            tensors.update(_encode_quantized(f"{name}.key", sample_key, processor.k_quant))
-            tensors.update(_encode_quantized(f"{name}.value", sample_value, processor.v_quant))
-    return per_prompt
-
-
-def params_to_bytes(params: dict[str, torch.Tensor]) -> bytes:
-    """Serialize one prompt's parameters as safetensors (never pickle)."""
-    return save_safetensors({name: tensor.contiguous() for name, tensor in params.items()})
-
-
-def params_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    """Inverse of `params_to_bytes`."""
-    return load_safetensors(data)
-
-
-@contextlib.contextmanager
-def use_prompt_params(unet: nn.Module, params: list[dict[str, torch.Tensor]]) -> Iterator[None]:
-    """Run the UNet with precomputed cross-attention keys/values.
-
-    Args:
-        unet (`nn.Module`): a quantized UNet.
-        params (`list[dict[str, torch.Tensor]]`): one dict per row of the UNet batch, in batch order (with
-            classifier-free guidance diffusers stacks [negative prompts..., prompts...]).
-    """
-    processors = cross_attention_processors(unet)
-    device = next(unet.parameters()).device
-    params = [{name: tensor.to(device) for name, tensor in sample.items()} for sample in params]
-    try:
-        for name, (_, processor) in processors.items():
-            keys = [_decode_quantized(f"{name}.key", sample) for sample in params]
-            if processor.keep_start:
-                keys = [torch.cat((sample[f"{name}.key_start"], key), dim=2) for sample, key in zip(params, keys, strict=True)]
-            values = [_decode_quantized(f"{name}.value", sample) for sample in params]
-            processor.injected_kv = (torch.cat(keys), torch.cat(values))
-        yield
-    finally:
-        for _, processor in processors.values():
-            processor.injected_kv = None

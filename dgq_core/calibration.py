@@ -1,7 +1,9 @@
 """Calibration: run the full-precision pipeline over prompts, record per-step input ranges with hooks, quantize.
 
 Statistics are keyed by the UNet call index within a generation (PNDM calls the UNet twice at one timestep; keying
-by call order keeps those calls apart, which the official code's timestep-derived index does not).
+by call order keeps those calls apart, which the official code's timestep-derived index does not). What a run found
+(the scheduler, the timestep of every call, the image size, the 2-D inputs) is its `CalibrationRecord`; the settings
+the user chose (`DGQConfig`) are never written to.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attention import ExplicitAttnProcessor
-from .config import QuantConfig
+from .config import CalibrationRecord, DGQConfig
+from .diffusers_quantizer import attach_quantization_config
 from .grouping import RangeStats
-from .layers import StepState
 from .memory import peak_rss_bytes
+from .steps import StepState
 from .unet import (
     attention_modules,
     input_specs,
-    latent_size,
     prompt_only_inputs,
     quantizable_layers,
     quantize_modules,
@@ -34,8 +36,10 @@ from .unet import (
 )
 
 MODEL_CALIBRATION_PROMPTS = "calibration_prompts.txt"
-"""A model directory's own calibration prompts, read by `dgq quantize` when none are given."""
+"""A model directory's own calibration prompts, taken when none are given."""
 
+COCO_CAPTIONS = Path(__file__).resolve().parent / "data" / "coco_val2014_30k.csv"
+"""30,000 MS-COCO val2014 captions (data/README.md): the default calibration pool, as the paper calibrates on COCO."""
 # Rows of the COCO caption file at or after this index are the calibration pool; evaluation uses the rows before it,
 # so the two never share a caption.
 COCO_CALIBRATION_START = 15000
@@ -86,9 +90,22 @@ def sample_prompts(pool: list[str], count: int, seed: int) -> list[str]:
     return random.Random(seed).sample(pool, count)
 
 
-def coco_calibration_pool(coco_csv: str | Path) -> list[str]:
-    """The calibration part of the COCO caption file, disjoint from the evaluation part."""
-    return load_prompt_file(coco_csv)[COCO_CALIBRATION_START:]
+def coco_calibration_pool() -> list[str]:
+    """The calibration part of the COCO captions, disjoint from the evaluation part."""
+    return load_prompt_file(COCO_CAPTIONS)[COCO_CALIBRATION_START:]
+
+
+def default_calibration_prompts(model_ref: str | Path, count: int, seed: int) -> list[str]:
+    """The prompts a model is calibrated on when none are given: a seeded subset of the model directory's own
+    `calibration_prompts.txt` (the bundled model has one), else of the COCO calibration captions.
+
+    Args:
+        model_ref (`str | Path`): the full-precision model's directory or hub id.
+        count (`int`): how many. seed (`int`): seed of the subset.
+    """
+    own = Path(model_ref) / MODEL_CALIBRATION_PROMPTS
+    pool = load_prompt_file(own) if own.is_file() else coco_calibration_pool()
+    return sample_prompts(pool, count, seed)
 
 
 class StatsCollector:
@@ -149,7 +166,7 @@ class CalibrationAttnProcessor(ExplicitAttnProcessor):
         return probs
 
 
-def attach_collector(model: nn.Module, collector: StatsCollector, config: QuantConfig) -> list:
+def attach_collector(model: nn.Module, collector: StatsCollector, config: DGQConfig) -> list:
     """Hook every quantizable input of `model` (layer inputs, attention Q/K/V/probabilities) into `collector`.
 
     Returns:
@@ -167,13 +184,13 @@ def attach_collector(model: nn.Module, collector: StatsCollector, config: QuantC
 
 @torch.no_grad()
 def collect_module_stats(
-    model: nn.Module, config: QuantConfig, run: Callable[[], None], input_hw: tuple[int, int]
+    model: nn.Module, config: DGQConfig, run: Callable[[], None], input_hw: tuple[int, int]
 ) -> tuple[StatsCollector, StepState]:
     """Record single-step statistics of any module tree (no sampler steps), e.g. a VAE decoder.
 
     Args:
         model (`nn.Module`): full-precision model; left unchanged.
-        config (`QuantConfig`): decides the excluded layers.
+        config (`DGQConfig`): decides the excluded layers.
         run (`Callable[[], None]`): runs the model over the calibration inputs.
         input_hw (`tuple[int, int]`): spatial size of the model input, on which pixel groups are laid.
     """
@@ -191,7 +208,7 @@ def collect_module_stats(
     return collector, state
 
 
-def quantize_from_stats(model: nn.Module, config: QuantConfig, collector: StatsCollector, state: StepState) -> None:
+def quantize_from_stats(model: nn.Module, config: DGQConfig, collector: StatsCollector, state: StepState) -> None:
     """Quantize `model` in place from statistics of `collect_module_stats` (one set serves every method)."""
     quantize_modules(model, config, input_specs(model, config, collector.vector_inputs), state, collector.per_step())
 
@@ -208,58 +225,64 @@ class UNetCalibration:
 
     Args:
         collector (`StatsCollector`): per-step range statistics of every quantizable input.
-        config (`QuantConfig`): the settings they were collected with, their run-dependent fields filled in.
+        config (`DGQConfig`): the settings they were collected with.
+        record (`CalibrationRecord`): what the run found.
         seconds (`float`): wall time of the collection.
     """
 
     collector: StatsCollector
-    config: QuantConfig
+    config: DGQConfig
+    record: CalibrationRecord
     seconds: float
 
-    def collected_like(self, config: QuantConfig) -> bool:
+    def collected_like(self, config: DGQConfig) -> bool:
         """Whether these statistics serve `config`: only DGQ records attention probabilities without the start
         column, so DGQ and the baselines need runs of their own; bits and groups do not matter."""
         return (config.method == "dgq") == (self.config.method == "dgq")
 
-    def quantize(self, unet, config: QuantConfig) -> None:
+    def quantize(self, unet: nn.Module, config: DGQConfig) -> DGQConfig:
         """Quantize a full-precision `unet` of the calibrated pipeline in place with `config`'s method, bits and
-        groups; the fields that describe the statistics run (steps, timesteps, image size, ...) are set from it."""
+        groups.
+
+        Returns:
+            `DGQConfig`: `config` with this run's calibration record, which the quantized UNet now carries (its
+            `config.quantization_config`), so that it saves like any diffusers quantized model.
+        """
         if not self.collected_like(config):
             raise ValueError(f"statistics collected for {self.config.method} cannot quantize {config.method}")
-        for name in ("steps", "scheduler", "calib_timesteps", "num_calib", "guidance_scale", "height", "width",
-                     "vae_scale_factor", "seed"):  # fmt: skip
-            setattr(config, name, getattr(self.config, name))
-        quantize_unet(unet, config, input_specs(unet, config, self.collector.vector_inputs), self.collector.per_step())
+        calibrated = config.with_calibration(self.record)
+        quantize_unet(unet, calibrated, self.collector.per_step())
+        attach_quantization_config(unet, calibrated)
+        return calibrated
 
 
 @torch.no_grad()
 def collect_unet_stats(
-    pipe, config: QuantConfig, prompts: list[str], batch_size: int = 8, progress: bool = True
+    pipe, config: DGQConfig, prompts: list[str], batch_size: int = 8, progress: bool = True
 ) -> UNetCalibration:
     """Run the full-precision pipeline over the prompts and record every quantizable input of the UNet per step.
 
     Args:
         pipe: a diffusers Stable Diffusion (or SDXL) pipeline in full precision; left unchanged.
-        config (`QuantConfig`): the settings; `scheduler`, `calib_timesteps`, `height`, `width` and `num_calib` are
-            filled in here.
+        config (`DGQConfig`): the settings (steps, guidance scale, image size, seed, method).
         prompts (`list[str]`): calibration prompts.
         batch_size (`int`): prompts per pipeline call.
         progress (`bool`): show a progress bar.
     """
     started = time.perf_counter()
     unet = pipe.unet
-    config.vae_scale_factor = pipe.vae_scale_factor
-    config.height = config.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    config.width = config.width or config.height
-    config.scheduler = type(pipe.scheduler).__name__
-    config.calib_timesteps = calibration_timesteps(pipe, config.steps)
-    config.num_calib = len(prompts)
-    state = StepState(config.calib_timesteps, latent_size(config))
+    height = config.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    record = CalibrationRecord(
+        scheduler=type(pipe.scheduler).__name__, timesteps=calibration_timesteps(pipe, config.steps),
+        height=height, width=config.width or height, vae_scale_factor=pipe.vae_scale_factor,
+        num_prompts=len(prompts),
+    )
+    state = StepState(record.timesteps, record.latent_hw)
     collector = StatsCollector(state, prompt_only_inputs(unet))
     original_processors = unet.attn_processors
     handles = [state.install(unet), *attach_collector(unet, collector, config)]
 
-    calls = len(config.calib_timesteps)
+    calls = record.unet_calls
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     bar = tqdm(total=len(batches) * calls, desc="calibrating", unit="unet call", disable=not progress)
 
@@ -276,30 +299,36 @@ def collect_unet_stats(
             ]
             pipe(
                 prompt=batch, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                height=config.height, width=config.width, generator=generators, output_type="latent",
+                height=record.height, width=record.width, generator=generators, output_type="latent",
             )
     finally:
         bar.close()
         for handle in handles:
             handle.remove()
         unet.set_attn_processor(original_processors)
-    return UNetCalibration(collector, config, time.perf_counter() - started)
+    record.vector_inputs = sorted(collector.vector_inputs)
+    return UNetCalibration(collector, config, record, time.perf_counter() - started)
 
 
 @torch.no_grad()
-def calibrate(pipe, config: QuantConfig, prompts: list[str], batch_size: int = 8, progress: bool = True) -> CalibrationReport:
-    """Collect statistics with the full-precision pipeline, then quantize `pipe.unet` in place.
+def quantize_(
+    pipe, config: DGQConfig, prompts: list[str], *, batch_size: int = 8, progress: bool = True
+) -> CalibrationReport:
+    """Calibrate on `prompts` and quantize `pipe.unet` in place with DGQ: the one call, in torchao's style.
+
+    Statistics are collected with the full-precision pipeline; the quantized UNet then carries `config` with its
+    calibration record, so that `dgq_core.save_pretrained` (or diffusers' own `pipe.save_pretrained`) writes a DGQ
+    checkpoint.
 
     Args:
         pipe: a diffusers Stable Diffusion (or SDXL) pipeline in full precision.
-        config (`QuantConfig`): the settings; `scheduler`, `calib_timesteps`, `height`, `width` and `num_calib` are
-            filled in here.
-        prompts (`list[str]`): calibration prompts.
-        batch_size (`int`): prompts per pipeline call.
+        config (`DGQConfig`): the settings; not modified.
+        prompts (`list[str]`): calibration prompts (`default_calibration_prompts` draws the usual ones).
+        batch_size (`int`): prompts per calibration pipeline call.
         progress (`bool`): show a progress bar.
 
     Returns:
-        `CalibrationReport`.
+        `CalibrationReport`: what calibration cost.
     """
     started = time.perf_counter()
     calibration = collect_unet_stats(pipe, config, prompts, batch_size, progress)
@@ -308,6 +337,6 @@ def calibrate(pipe, config: QuantConfig, prompts: list[str], batch_size: int = 8
         seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss_bytes(),
         peak_cuda_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        unet_calls=len(config.calib_timesteps),
+        unet_calls=calibration.record.unet_calls,
         prompts=len(prompts),
     )

@@ -1,12 +1,16 @@
-"""Save and load a quantized UNet: `config.json` with `quantization_config` + one safetensors file. Never pickle.
+"""The DGQ checkpoint format: a diffusers model directory whose weights are quantized. Never pickle.
 
 Layout of a quantized UNet directory (the `unet/` folder of a quantized pipeline directory):
 
-    config.json              the diffusers UNet config plus "quantization_config" (see QuantConfig.to_dict) and
-                             "dgq_weights_sha256", the checksum of the tensor file
-    dgq_unet.safetensors     uint8 / packed-int4 weight codes, scales and zero points, per-step activation
-                             parameters, and the full-precision tensors of unquantized modules (conv_in, conv_out,
-                             norms); its metadata holds the manifest of quantized inputs as JSON
+    config.json                            the diffusers UNet config plus "quantization_config" (`DGQConfig.to_dict`:
+                                           the settings and the calibration record)
+    diffusion_pytorch_model.safetensors    uint8 / packed-int4 weight codes, scales and zero points, per-step
+                                           activation parameters, and the full-precision tensors of unquantized
+                                           modules (conv_in, conv_out, norms); its metadata holds the format name and
+                                           the SHA-256 of the tensors (`tensors_digest`)
+
+diffusers' own `save_pretrained`/`from_pretrained` write and read it through `dgq_core.diffusers_quantizer`; this
+module reads and checks the files.
 """
 
 from __future__ import annotations
@@ -17,15 +21,15 @@ import math
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
-from safetensors.torch import save_file
 
-from .config import QuantConfig, QuantConfigError
-from .unet import manifest, quantize_unet, specs_from_manifest
+from .config import DGQConfig, QuantConfigError, QuantMethod
 
-WEIGHTS_NAME = "dgq_unet.safetensors"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
-FORMAT = "dgq-unet/1"
+FORMAT = "dgq-unet/2"
+# safetensors metadata keys of a DGQ weights file.
+FORMAT_KEY = "dgq_format"
+DIGEST_KEY = "dgq_tensors_sha256"
 
 
 class CheckpointError(RuntimeError):
@@ -39,41 +43,86 @@ _DTYPES = {
 }  # fmt: skip
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The metadata and tensors of a safetensors file, each tensor read into memory of its own.
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors in name order (each name, dtype, shape and bytes), independent of the file layout:
+    written into the metadata when saving, checked when loading."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _read_header(path: Path, handle) -> tuple[int, dict]:
+    file_size = path.stat().st_size
+    header_size = int.from_bytes(handle.read(8), "little")
+    if not 0 < header_size <= file_size - 8:
+        raise ValueError(f"header of {header_size} bytes in a file of {file_size}")
+    header = json.loads(handle.read(header_size))
+    data_size = file_size - 8 - header_size
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if end - start != math.prod(info["shape"]) * _DTYPES[info["dtype"]].itemsize or not 0 <= start <= end <= data_size:
+            raise ValueError(f"tensor {name} has bytes {start}-{end} for shape {info['shape']} in {data_size} data bytes")
+    return header_size, header
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse a missing, truncated or non-DGQ weights file before anything loads it (the header only).
+
+    Raises:
+        CheckpointError: naming the file and what to do.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, re-run `dgq quantize`")
+    try:
+        with path.open("rb") as handle:
+            _, header = _read_header(path, handle)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"cannot read {path} ({error}); the file is corrupt, re-run `dgq quantize`") from error
+    metadata = header.get("__metadata__", {})
+    if metadata.get(FORMAT_KEY) != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} file ({FORMAT_KEY}={metadata.get(FORMAT_KEY)!r}); re-run `dgq quantize`")
+    if not metadata.get(DIGEST_KEY):
+        # Without the digest an altered tensor would load silently; saving always writes it.
+        raise CheckpointError(f"{path} names no {DIGEST_KEY} in its metadata; re-run `dgq quantize`")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a DGQ weights file, each read into memory of its own, after checking them against the digest
+    in the file's metadata.
 
     `safetensors.safe_open` maps the file and hands out views of the mapping, which stays mapped, its touched pages
     counted in the process's resident memory, as long as any one of its tensors lives. Integer execution replaces
     the weight codes with packed kernel weights and frees them, while scales and norms stay: through the mapping the
     freed codes would stay resident next to their packed copies.
+
+    Raises:
+        CheckpointError: the file is missing, corrupt, or its tensors were altered since it was written.
     """
-    file_size = path.stat().st_size
-    with path.open("rb") as handle:
-        header_size = int.from_bytes(handle.read(8), "little")
-        if not 0 < header_size <= file_size - 8:
-            raise ValueError(f"header of {header_size} bytes in a file of {file_size}")
-        header = json.loads(handle.read(header_size))
-        metadata = header.pop("__metadata__", {})
-        tensors = {}
-        for name, info in header.items():
-            dtype, shape = _DTYPES[info["dtype"]], info["shape"]
-            start, end = info["data_offsets"]
-            if end - start != math.prod(shape) * dtype.itemsize or not 0 <= start <= end <= file_size - 8 - header_size:
-                raise ValueError(f"tensor {name} has bytes {start}-{end} for shape {shape}")
-            tensor = torch.empty(shape, dtype=dtype)
-            handle.seek(8 + header_size + start)
-            if handle.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
-                raise ValueError(f"tensor {name} is cut short")
-            tensors[name] = tensor
-    return metadata, tensors
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    check_weights_file(path)
+    try:
+        with path.open("rb") as handle:
+            header_size, header = _read_header(path, handle)
+            metadata = header.pop("__metadata__", {})
+            tensors = {}
+            for name, info in header.items():
+                start, end = info["data_offsets"]
+                tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+                handle.seek(8 + header_size + start)
+                if end > start and handle.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
+                    raise ValueError(f"tensor {name} is cut short")
+                tensors[name] = tensor
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"cannot read {path} ({error}); the file is corrupt, re-run `dgq quantize`") from error
+    if tensors_digest(tensors) != metadata[DIGEST_KEY]:
+        raise CheckpointError(
+            f"{path} does not match the {DIGEST_KEY} in its metadata: the file is corrupt or was altered"
+        )
+    return tensors
 
 
 def is_quantized_unet_dir(path: str | Path) -> bool:
@@ -85,98 +134,19 @@ def is_quantized_unet_dir(path: str | Path) -> bool:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return config.get("quantization_config", {}).get("quant_method") == "dgq"
+    return config.get("quantization_config", {}).get("quant_method") == QuantMethod.DGQ.value
 
 
-def save_quantized_unet(unet: UNet2DConditionModel, config: QuantConfig, directory: str | Path) -> Path:
-    """Write a quantized UNet (from `dgq_core.calibration.calibrate`) to `directory`.
-
-    Args:
-        unet (`UNet2DConditionModel`): a UNet quantized in place by calibration.
-        config (`QuantConfig`): its settings.
-        directory (`str | Path`): output directory (created).
-
-    Returns:
-        `Path` of the directory.
-    """
-    specs = getattr(unet, "_dgq_input_specs", None)
-    if specs is None:
-        raise CheckpointError("this UNet was not quantized by dgq_core (no input manifest); run calibration first")
-    if any(getattr(module, "int_executor", None) is not None for module in unet.modules()):
-        # Integer execution moves W8 codes into the kernels' packed form; the codes buffers are empty then.
-        raise CheckpointError("save in fake execution mode: call dgq_core.kernels.disable_int_execution(unet) first")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in unet.state_dict().items()}
-    weights_path = directory / WEIGHTS_NAME
-    save_file(tensors, weights_path, metadata={"format": FORMAT, "manifest": json.dumps(manifest(specs))})
-    unet_config = {key: value for key, value in dict(unet.config).items() if not key.startswith("_")}
-    unet_config.update(
-        _class_name=type(unet).__name__,
-        quantization_config=config.to_dict(),
-        dgq_weights_sha256=_sha256(weights_path),
-    )
-    (directory / CONFIG_NAME).write_text(json.dumps(unet_config, indent=2, sort_keys=True))
-    return directory
-
-
-def read_quant_config(directory: str | Path) -> QuantConfig:
-    """The `QuantConfig` of a quantized UNet directory."""
+def read_quant_config(directory: str | Path) -> DGQConfig:
+    """The `DGQConfig` (with its calibration record) of a quantized UNet directory."""
     config_path = Path(directory) / CONFIG_NAME
     try:
         data = json.loads(config_path.read_text())
-        return QuantConfig.from_dict(data["quantization_config"])
+        config = DGQConfig.from_dict(data["quantization_config"])
     except FileNotFoundError as error:
         raise CheckpointError(f"{config_path} is missing: is {directory} a quantized UNet directory?") from error
     except (json.JSONDecodeError, KeyError, TypeError, QuantConfigError) as error:
         raise CheckpointError(f"{config_path} is not a valid DGQ config ({error}); re-run `dgq quantize`") from error
-
-
-def load_quantized_unet(directory: str | Path, device: str | torch.device = "cpu") -> UNet2DConditionModel:
-    """Load a quantized UNet without recalibrating and without unpickling anything.
-
-    The module tree is built on the meta device from `config.json`, the quantized layers are swapped in empty, and
-    every tensor then comes from the safetensors file, so no full-precision copy of the quantized weights is ever
-    allocated.
-
-    Args:
-        directory (`str | Path`): a directory written by `save_quantized_unet`.
-        device (`str | torch.device`): where the tensors go.
-
-    Raises:
-        CheckpointError: a file is missing, corrupt, altered since it was written, or does not match the config.
-    """
-    directory = Path(directory)
-    quant_config = read_quant_config(directory)
-    unet_config = json.loads((directory / CONFIG_NAME).read_text())
-    weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise CheckpointError(f"{weights_path} is missing; the checkpoint is incomplete, re-run `dgq quantize`")
-    expected = unet_config.pop("dgq_weights_sha256", None)
-    if not expected:
-        # Without the checksum an altered tensor file would load silently; save_quantized_unet always writes it.
-        raise CheckpointError(f"{directory / CONFIG_NAME} names no dgq_weights_sha256; re-run `dgq quantize`")
-    if _sha256(weights_path) != expected:
-        raise CheckpointError(f"{weights_path} does not match the checksum in config.json: the file is corrupt or was altered")
-    try:
-        metadata, tensors = _read_safetensors(weights_path)
-        if metadata.get("format") != FORMAT:
-            raise CheckpointError(f"{weights_path} is not a {FORMAT} file (format={metadata.get('format')!r})")
-        specs = specs_from_manifest(json.loads(metadata["manifest"]))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"cannot read {weights_path} ({error}); the file is corrupt, re-run `dgq quantize`") from error
-
-    unet_config.pop("quantization_config")
-    with torch.device("meta"):
-        # The quantized modules too: their empty weights would otherwise be allocated, only to be replaced.
-        unet = UNet2DConditionModel.from_config(unet_config)
-        quantize_unet(unet, quant_config, specs)
-    unet._dgq_input_specs = specs  # noqa: SLF001
-    try:
-        unet.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"{weights_path} does not fit the UNet described by config.json: {error}") from error
-    leftover = [name for name, tensor in unet.state_dict().items() if tensor.is_meta]
-    if leftover:
-        raise CheckpointError(f"{weights_path} lacks tensors {leftover[:5]}...; re-run `dgq quantize`")
-    return unet.to(device).eval()
+    if config.calibration is None:
+        raise CheckpointError(f"{config_path} holds no calibration record; re-run `dgq quantize`")
+    return config

@@ -1,9 +1,9 @@
-"""The `dgq` command: quantize, generate, and the entry points of the service, evaluation and training."""
+"""The library's command, `dgq`: quantize a model and generate with it. The service (`dgq-serve`, `dgq-worker`,
+`dgq-hash-key`), the evaluation (`dgq-eval`) and the bundled model's training (`dgq-train-zoo`) have their own."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,10 +17,12 @@ from .config import (
     QuantConfigError,
 )
 
-# Calibration prompts a model directory may ship (the bundled model does).
-COCO_ENV = "DGQ_COCO_CAPTIONS"
-# Where the shared COCO captions live in a development checkout (never needed by the product).
-DEV_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_val2014_30k.csv"
+OTHER_COMMANDS = """other commands:
+  dgq-serve       the HTTP API (embedded queue and worker unless a Redis URL is set)
+  dgq-worker      a worker that takes jobs from Redis
+  dgq-hash-key    the hash of an API key, for DGQ_API_KEYS
+  dgq-eval        alignment, FID, PSNR/SSIM and speed of a model
+  dgq-train-zoo   train the bundled shapes model"""
 
 
 def _positive_int(text: str) -> int:
@@ -51,7 +53,11 @@ def _add_quantize(subparsers) -> None:
         help="attention-probability codes of --method dgq: log2 (the method, default), log-sqrt2 (half the log2 step: "
         "32.8 vs 28.1 dB PSNR vs FP on the bundled model) or uniform (ablation)",
     )
-    parser.add_argument("--calib-prompts", type=Path, help="prompt file: one per line, or CSV/TSV with a prompt column")
+    parser.add_argument(
+        "--calib-prompts", type=Path,
+        help="prompt file: one per line, or CSV/TSV with a prompt column (default: the model directory's own "
+        "calibration_prompts.txt, else the COCO captions that ship with dgq_core)",
+    )
     parser.add_argument("--num-calib", type=_positive_int, default=64, help="calibration prompts (default: 64)")
     parser.add_argument("--steps", type=_positive_int, default=25, help="sampler steps to calibrate (default: 25)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for calibration (default: 7.5)")
@@ -86,55 +92,23 @@ def _add_generate(subparsers) -> None:
     parser.set_defaults(run=_run_generate)
 
 
-def calibration_prompts(args: argparse.Namespace) -> list[str]:
-    """The calibration prompts `dgq quantize` uses, in order of preference:
-    --calib-prompts; the model directory's own calibration_prompts.txt; the COCO captions ($DGQ_COCO_CAPTIONS or the
-    shared data of a development checkout).
-    """
-    from .calibration import (
-        MODEL_CALIBRATION_PROMPTS,
-        coco_calibration_pool,
-        load_prompt_file,
-        sample_prompts,
-    )
-
-    if args.calib_prompts is not None:
-        pool = load_prompt_file(args.calib_prompts)
-    elif (Path(args.model) / MODEL_CALIBRATION_PROMPTS).is_file():
-        pool = load_prompt_file(Path(args.model) / MODEL_CALIBRATION_PROMPTS)
-    elif os.environ.get(COCO_ENV) or DEV_COCO.is_file():
-        pool = coco_calibration_pool(os.environ.get(COCO_ENV) or DEV_COCO)
-    else:
-        raise FileNotFoundError(
-            f"no calibration prompts: pass --calib-prompts FILE, or set {COCO_ENV} to the COCO captions CSV"
-        )
-    return sample_prompts(pool, args.num_calib, args.seed)
-
-
-def _base_model_reference(model: str, out: Path) -> str:
-    """How the checkpoint names its base model: a local directory relative to the output (so the pair can move
-    together, e.g. inside a repository), a hub id as it is."""
-    if Path(model).is_dir():
-        return os.path.relpath(Path(model).resolve(), out.resolve())
-    return model
-
-
 def _run_quantize(args: argparse.Namespace) -> int:
-    from .calibration import calibrate
-    from .config import QuantConfig
-    from .pipeline import load_pipeline, save_quantized_pipeline
+    from .calibration import load_prompt_file, sample_prompts
+    from .config import DGQConfig
+    from .pipeline import quantize_pretrained
 
-    config = QuantConfig(
+    config = DGQConfig(
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, groups=args.groups,
         prob_quantizer=args.prob_quantizer, shared_channel_groups=args.shared_channel_groups, steps=args.steps,
         num_calib=args.num_calib, seed=args.seed, guidance_scale=args.guidance_scale, height=args.height,
-        width=args.width, base_model=_base_model_reference(args.model, args.out),
+        width=args.width,
     )
-    prompts = calibration_prompts(args)
-    pipe = load_pipeline(args.model)
-    report = calibrate(pipe, config, prompts, batch_size=args.batch_size)
-    self_contained = Path(args.model).is_dir() if args.self_contained is None else args.self_contained
-    save_quantized_pipeline(pipe, config, args.out, self_contained=self_contained)
+    prompts = None
+    if args.calib_prompts is not None:
+        prompts = sample_prompts(load_prompt_file(args.calib_prompts), args.num_calib, args.seed)
+    report = quantize_pretrained(
+        args.model, args.out, config, prompts=prompts, batch_size=args.batch_size, self_contained=args.self_contained
+    )
     print(
         f"quantized {args.model} -> {args.out}: {config.method} W{config.w_bits}A{config.a_bits} K={config.groups}, "
         f"{report.prompts} prompts x {report.unet_calls} UNet calls, calibration {report.seconds:.1f} s, "
@@ -149,11 +123,11 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from .checkpoint import read_quant_config
     from .kernels import int_execution_summary
-    from .pipeline import load_pipeline, resolve_model
+    from .pipeline import from_pretrained, resolve_model
 
     resolved = resolve_model(args.model, args.quantized)
     calibrated = read_quant_config(resolved.quantized_unet) if resolved.quantized_unet else None
-    pipe = load_pipeline(args.model, quantized=args.quantized, device=args.device, exec_mode=args.exec_mode)
+    pipe = from_pretrained(args.model, quantized=args.quantized, device=args.device, exec_mode=args.exec_mode)
     steps = args.steps or (calibrated.steps if calibrated else 25)
     guidance = args.guidance_scale if args.guidance_scale is not None else (calibrated.guidance_scale if calibrated else 7.5)
     started = time.perf_counter()
@@ -172,33 +146,18 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# Subcommands whose arguments their own modules parse: name -> (module, function, help).
-DELEGATED = {
-    "serve": ("service.cli", "serve_main", "run the HTTP API (embedded queue and worker unless REDIS_URL is set)"),
-    "worker": ("service.cli", "worker_main", "run a GPU/CPU worker that takes jobs from Redis"),
-    "hash-key": ("service.cli", "hash_key_main", "print the hash of an API key to store in DGQ_API_KEYS"),
-    "eval": ("dgq_core.eval.cli", "main", "measure alignment, FID, PSNR/SSIM and speed of a model"),
-    "train-zoo": ("dgq_core.zoo.train", "main", "train the bundled shapes model"),
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dgq", description="DGQ quantization and serving of text-to-image diffusion models")
+    parser = argparse.ArgumentParser(
+        prog="dgq", description="DGQ quantization of text-to-image diffusion models", epilog=OTHER_COMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_quantize(subparsers)
     _add_generate(subparsers)
-    for name, (_, _, help_text) in DELEGATED.items():
-        subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in DELEGATED:
-        import importlib
-
-        module_name, function, _ = DELEGATED[argv[0]]
-        return getattr(importlib.import_module(module_name), function)(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -1,14 +1,20 @@
-"""Quantization settings, stored as `quantization_config` in the quantized UNet's `config.json`."""
+"""What a DGQ quantization is: the settings a user chooses (`DGQConfig`) and what calibration found
+(`CalibrationRecord`). Both are stored as `quantization_config` in the quantized UNet's `config.json`, where diffusers'
+quantizer registry finds them (`dgq_core.diffusers_quantizer`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
 from typing import Any
 
-QUANT_METHOD = "dgq"
+from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
 ACTIVATION_METHODS = ("dgq", "pertensor", "dynamic")
 # DGQ's attention-probability quantizers: the paper's log2 (Eq. 3), base-sqrt(2) log codes (our proposal: half the
-# step, docs/zoo_quality.md), and uniform codes for its ablation (Table 3c).
+# step, docs/zoo_quality.md), and uniform codes with the same dynamic scale and `<start>` split (the log codes
+# switched off).
 PROB_QUANTIZERS = ("log2", "log-sqrt2", "uniform")
 WEIGHT_BITS = (4, 8)
 # How a quantized UNet runs: "fake" quantizes and dequantizes in floating point (the reference), "int" runs integer
@@ -20,16 +26,58 @@ ACTIVATION_BITS = (4, 5, 6, 7, 8)
 DEFAULT_EXCLUDED_LAYERS = ("conv_in", "conv_out")
 
 
+class QuantMethod(StrEnum):
+    """The `quant_method` of a DGQ checkpoint; diffusers reads quantization methods as enums (`.value`)."""
+
+    DGQ = "dgq"
+
+
 class QuantConfigError(ValueError):
     """A quantization setting is out of range; the message says which and what is allowed."""
 
 
 @dataclass
-class QuantConfig:
-    """How a UNet is quantized.
+class CalibrationRecord:
+    """What one calibration run found; written by calibration, read by the loader. Never set by hand.
 
     Args:
-        method (`str`): activation scheme: "dgq" (outlier-preserving groups + log2 attention with the start token
+        scheduler (`str`): class name of the scheduler that ran the calibration generations.
+        timesteps (`list[int]`): the timestep of every UNet call of a calibration generation, in call order; the
+            activation parameters of call `i` are stored at index `i`.
+        height (`int`), width (`int`): the calibration images' size, in pixels.
+        vae_scale_factor (`int`): pixels per latent cell of the pipeline's VAE.
+        num_prompts (`int`): calibration prompts.
+        vector_inputs (`list[str]`): layers whose input was 2-D (time embeddings): quantized per tensor.
+    """
+
+    scheduler: str
+    timesteps: list[int]
+    height: int
+    width: int
+    vae_scale_factor: int
+    num_prompts: int
+    vector_inputs: list[str] = field(default_factory=list)
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """Latent (height, width) of the calibration images."""
+        return self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+
+    @property
+    def unet_calls(self) -> int:
+        """How many UNet calls the per-step activation parameters cover."""
+        return len(self.timesteps)
+
+
+@dataclass
+class DGQConfig(QuantizationConfigMixin):
+    """How a UNet is quantized with DGQ: the settings a user chooses.
+
+    `dgq_core.quantize_(pipe, DGQConfig(...), prompts=...)` calibrates with them; the quantized UNet's copy then also
+    holds the `calibration` record, and `config.json` stores both as `quantization_config`.
+
+    Args:
+        method (`str`): activation scheme: "dgq" (outlier-preserving groups + log attention with the start token
             exact), "pertensor" (per-tensor min-max activations, uniform attention probabilities: Q-Diffusion-style
             without reconstruction) or "dynamic" (per-token min-max computed at run time).
         w_bits (`int`): weight bits, 8 or 4 (per output channel, MSE-searched range).
@@ -39,24 +87,20 @@ class QuantConfig:
             `round(-log2(p / s))`), "log-sqrt2" (codes `round(-2 log2(p / s))`: half the log2 step in the same bits,
             which keeps each probability to within 2^(1/4) instead of sqrt(2); not the paper's, measured in
             docs/zoo_quality.md) or "uniform" (uniform codes `round(p / s * (2^b - 1))`); all take the per-sample
-            dynamic scale `s` and keep the `<start>` column exact. "uniform" is the ablation that isolates what the
-            log codes do.
+            dynamic scale `s` and keep the `<start>` column exact.
         shared_channel_groups (`bool`): one channel labelling per layer for all steps that group channels, fitted
             to their ranges together (per-step scales stay); the method's default, False, labels every step anew.
             Integer execution keeps one group-sliced weight copy per distinct labelling, so sharing is what keeps
             a channel-grouped W8 layer near one byte per weight.
-        steps (`int`): sampler steps used for calibration.
-        scheduler (`str`): scheduler class used for calibration.
-        calib_timesteps (`list[int]`): the timestep of every UNet call during calibration, in call order; the
-            activation parameters of call `i` are stored at index `i`.
-        num_calib (`int`): calibration prompts.
+        steps (`int`): sampler steps of the calibration generations.
+        num_calib (`int`): calibration prompts to draw when none are given.
         seed (`int`): seed of the prompt subset, the latents and K-means.
-        guidance_scale (`float`): classifier-free guidance scale used for calibration.
-        height (`int`), width (`int`): image size used for calibration, in pixels.
-        vae_scale_factor (`int`): pixels per latent cell of the pipeline's VAE.
+        guidance_scale (`float`): classifier-free guidance scale of the calibration generations.
+        height (`int`), width (`int`): calibration image size in pixels; 0: the model's own.
         excluded_layers (`list[str]`): module names kept in full precision.
         base_model (`str | None`): where the unquantized components (VAE, text encoder, ...) come from when the
-            checkpoint does not carry them.
+            checkpoint does not carry them; set when the checkpoint is saved.
+        calibration (`CalibrationRecord | None`): what calibration found; None until the UNet is calibrated.
     """
 
     method: str = "dgq"
@@ -66,18 +110,19 @@ class QuantConfig:
     prob_quantizer: str = "log2"
     shared_channel_groups: bool = False
     steps: int = 25
-    scheduler: str = ""
-    calib_timesteps: list[int] = field(default_factory=list)
     num_calib: int = 64
     seed: int = 0
     guidance_scale: float = 7.5
     height: int = 0
     width: int = 0
-    vae_scale_factor: int = 8
     excluded_layers: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDED_LAYERS))
     base_model: str | None = None
+    calibration: CalibrationRecord | None = None
+    quant_method: QuantMethod = field(default=QuantMethod.DGQ, init=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.calibration, dict):
+            self.calibration = CalibrationRecord(**self.calibration)
         self.validate()
 
     def validate(self) -> None:
@@ -99,23 +144,37 @@ class QuantConfig:
             raise QuantConfigError(f"num_calib must be at least 1, got {self.num_calib}")
 
     @property
-    def num_calibrated_calls(self) -> int:
-        """How many UNet calls the per-step activation parameters cover."""
-        return len(self.calib_timesteps)
+    def record(self) -> CalibrationRecord:
+        """The calibration record; a config that has none describes no quantized UNet yet."""
+        if self.calibration is None:
+            raise QuantConfigError("this DGQConfig has no calibration record: calibrate with dgq_core.quantize_")
+        return self.calibration
+
+    def with_calibration(self, record: CalibrationRecord) -> DGQConfig:
+        """A copy holding `record` (the settings stay as the user chose them)."""
+        return replace(self, calibration=record)
 
     def to_dict(self) -> dict[str, Any]:
         """The `quantization_config` entry of `config.json`."""
-        return {"quant_method": QUANT_METHOD, **asdict(self)}
+        settings = {name: value for name, value in asdict(self).items() if name != "quant_method"}
+        return {"quant_method": self.quant_method.value, **settings}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
-        """Inverse of `to_dict`; unknown keys are an error so a newer checkpoint is not misread."""
-        data = dict(data)
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs) -> DGQConfig:
+        """Inverse of `to_dict`; unknown keys are an error, so that a newer checkpoint is not misread.
+
+        Args:
+            config_dict (`dict`): a `quantization_config` entry.
+            return_unused_kwargs (`bool`): diffusers' signature; there are never unused ones.
+            kwargs: settings that override the entry's.
+        """
+        data = {**config_dict, **kwargs}
         method = data.pop("quant_method", None)
-        if method != QUANT_METHOD:
+        if method != QuantMethod.DGQ.value:
             raise QuantConfigError(f"quantization_config.quant_method is {method!r}; this loader reads only 'dgq'")
-        known = set(cls.__dataclass_fields__)
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise QuantConfigError(f"unknown quantization_config keys {unknown}; was it written by a newer dgq-serve?")
-        return cls(**data)
+        config = cls(**data)
+        return (config, {}) if return_unused_kwargs else config

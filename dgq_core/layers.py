@@ -1,23 +1,24 @@
 """Quantized Linear/Conv2d modules and the per-step activation quantizer they share with attention.
 
-A quantized UNet holds one `StepState`; a forward pre-hook on the UNet tells it which calibrated sampler step the
-current call is, and every `ActQuantizer` reads its parameters for that step. Weights are resident as uint8 codes
-(4-bit codes packed two per byte) with per-output-channel scales and zero points; no floating-point copy is kept.
+Every `ActQuantizer` reads its parameters for the calibrated call its UNet's `StepState` (`dgq_core.steps`) names.
+Weights are resident as uint8 codes (4-bit codes packed two per byte) with per-output-channel scales and zero points;
+no floating-point copy is kept.
 
 Execution modes: "fake" quantizes and dequantizes in floating point and is the reference that defines the numbers;
-"int" hands the quantized weight and the step's activation parameters to an integer kernel (`dgq_core.kernels`).
+"int" hands the quantized weight and the step's activation parameters to an integer executor that
+`dgq_core.kernels` gives the layer.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch_invariance import batch_stable_conv2d, row_stable_linear
 from .grouping import RangeStats, choose_axis, group_params, kmeans_labels, tensor_params
 from .quantizers import (
     dequantize_uniform,
@@ -27,6 +28,7 @@ from .quantizers import (
     quantize_weight_per_channel,
     unpack_int4,
 )
+from .steps import StepState
 
 # How an input is laid out, which decides what "channel" and "pixel" mean (see grouping.py):
 #   "linear": (..., P, C)   "conv": im2col (B, C*kh*kw, L)   "qkv": (B, heads, T, head_dim)   "vector": (B, C)
@@ -50,69 +52,6 @@ def pixel_level(length: int, latent_hw: tuple[int, int], max_level: int = 8) -> 
 
 def grid_at_level(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
     return math.ceil(latent_hw[0] / 2**level), math.ceil(latent_hw[1] / 2**level)
-
-
-def calibrated_step_for(timestep: float, occurrence: int, calib_timesteps: list[int]) -> int:
-    """Index of the calibrated UNet call whose parameters apply to an inference call.
-
-    The nearest calibrated timestep wins; when a timestep repeats (PNDM calls the UNet twice at its second
-    timestep) the k-th occurrence at inference takes the k-th calibrated call with that timestep, so a request with
-    the calibration schedule uses exactly the parameters of the same call index.
-
-    Args:
-        timestep (`float`): the inference call's timestep.
-        occurrence (`int`): how many earlier calls of this generation had the same timestep.
-        calib_timesteps (`list[int]`): timesteps of the calibration calls, in call order.
-    """
-    if not calib_timesteps:
-        return 0
-    distances = [abs(t - timestep) for t in calib_timesteps]
-    nearest = min(distances)
-    candidates = [i for i, d in enumerate(distances) if d == nearest]
-    return candidates[min(occurrence, len(candidates) - 1)]
-
-
-class StepState:
-    """Which calibrated step's activation parameters the quantizers of one UNet use now.
-
-    Args:
-        calib_timesteps (`list[int]`): timesteps of the calibration UNet calls, in call order.
-        calib_latent_hw (`tuple[int, int]`): latent size used for calibration (pixel groups are laid on its grids).
-    """
-
-    def __init__(self, calib_timesteps: list[int], calib_latent_hw: tuple[int, int]) -> None:
-        self.calib_timesteps = list(calib_timesteps)
-        self.calib_latent_hw = tuple(calib_latent_hw)
-        self.latent_hw = self.calib_latent_hw
-        self.step = 0
-        self._previous_timestep: float | None = None
-        self._seen = Counter()
-
-    def observe_call(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> None:
-        """Called before every UNet forward: picks the calibrated step and records the latent size."""
-        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        # Timesteps fall within a generation; a rise means the next generation started.
-        if self._previous_timestep is None or t > self._previous_timestep:
-            self._seen.clear()
-        self.step = calibrated_step_for(t, self._seen[t], self.calib_timesteps)
-        self._seen[t] += 1
-        self._previous_timestep = t
-        self.latent_hw = tuple(sample.shape[-2:])
-
-    def reset(self) -> None:
-        """Forget the current generation (the next call starts a new one)."""
-        self._previous_timestep = None
-        self._seen.clear()
-
-    def install(self, unet: nn.Module) -> torch.utils.hooks.RemovableHandle:
-        """Register the forward pre-hook on `unet` that keeps this state current."""
-
-        def hook(module, args, kwargs):
-            sample = args[0] if args else kwargs["sample"]
-            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-            self.observe_call(sample, timestep)
-
-        return unet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @dataclass
@@ -330,31 +269,6 @@ class ActQuantizer(nn.Module):
         return fake_quant_activation(x, self.params(x.shape), self.kind)
 
 
-# CPU GEMM kernels take other code paths, which round differently, for calls with few rows (and convolutions for a
-# batch of one). Padding such calls to a fixed size makes a row's result independent of how many other rows share
-# the call, so a request's image does not depend on what it was batched with.
-MIN_GEMM_ROWS = 64
-MIN_CONV_BATCH = 2
-
-
-def row_stable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear` whose per-row results do not depend on the number of rows in the call."""
-    rows = x.numel() // x.shape[-1]
-    if rows >= MIN_GEMM_ROWS:
-        return F.linear(x, weight, bias)
-    flat = x.reshape(rows, x.shape[-1])
-    padded = torch.cat((flat, flat.new_zeros(MIN_GEMM_ROWS - rows, flat.shape[1])))
-    return F.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
-
-
-def batch_stable_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **conv_args) -> torch.Tensor:
-    """`F.conv2d` whose per-sample results do not depend on the batch size."""
-    if x.shape[0] >= MIN_CONV_BATCH:
-        return F.conv2d(x, weight, bias, **conv_args)
-    padded = torch.cat((x, x.new_zeros(MIN_CONV_BATCH - x.shape[0], *x.shape[1:])))
-    return F.conv2d(padded, weight, bias, **conv_args)[: x.shape[0]]
-
-
 def conv_output_size(x: torch.Tensor, kernel_size, stride, padding, dilation) -> tuple[int, int]:
     """(H_out, W_out) of a zero-padded Conv2d over input `x` (B, C, H, W)."""
     sizes = []
@@ -402,24 +316,64 @@ class QuantizedWeight(nn.Module):
         return dequantize_uniform(codes, self.scale[:, None], self.zero_point[:, None]).reshape(self.shape)
 
 
-class QuantLinear(nn.Module):
+class QuantizedLayer(nn.Module):
+    """What `QuantLinear` and `QuantConv2d` share: a resident quantized weight, the quantizer of their input, and in
+    exec mode "int" an integer executor (`dgq_core.kernels.set_exec_mode`), in which an 8-bit weight then lives
+    alone: the code buffer is emptied so that no second copy stays resident.
+
+    Args:
+        weight_q (`QuantizedWeight`): the weight's codes, scales and zero points.
+        bias (`bool`): whether the layer has a bias (float, loaded with the checkpoint).
+        act (`ActQuantizer`): the input's quantizer.
+    """
+
+    def __init__(self, weight_q: QuantizedWeight, bias: bool, act: ActQuantizer) -> None:
+        super().__init__()
+        self.weight_q = weight_q
+        out_features = weight_q.shape[0]
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.act = act
+        self.int_executor = None
+        self.register_state_dict_post_hook(_codes_into_state_dict)
+
+    def drop_int_executor(self) -> None:
+        """Return to the fake-quant reference, taking an 8-bit weight's codes back from the executor."""
+        if self.int_executor is None:
+            return
+        if self.weight_q.codes.numel() == 0:
+            self.weight_q.codes = self.int_executor.weight_codes()
+        self.int_executor = None
+
+    def _apply(self, fn, recurse=True):
+        # An executor's packed weights belong to the device they were made on: moving (or casting) the layer returns
+        # it to the reference first, so that its codes move with it; `set_exec_mode` makes new executors there.
+        self.drop_int_executor()
+        return super()._apply(fn, recurse)
+
+    def _copy_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is not None:
+            self.bias.data.copy_(bias.detach().float())
+
+
+def _codes_into_state_dict(layer: QuantizedLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """A layer's state holds its weight codes in every exec mode: in "int" they come back from the executor."""
+    key = f"{prefix}weight_q.codes"
+    if layer.int_executor is not None and key in state_dict and state_dict[key].numel() == 0:
+        state_dict[key] = layer.int_executor.weight_codes()
+
+
+class QuantLinear(QuantizedLayer):
     """`nn.Linear` with a quantized weight and a per-step activation quantizer on its input."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, w_bits: int, act: ActQuantizer) -> None:
-        super().__init__()
+        super().__init__(QuantizedWeight((out_features, in_features), w_bits), bias, act)
         self.in_features, self.out_features = in_features, out_features
-        self.weight_q = QuantizedWeight((out_features, in_features), w_bits)
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.act = act
-        # Set by `dgq_core.kernels` for exec mode "int"; None runs the fake-quant reference.
-        self.int_executor = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, w_bits: int, act: ActQuantizer) -> QuantLinear:
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, w_bits, act)
         module.weight_q = QuantizedWeight.from_float(linear.weight, w_bits)
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach().float())
+        module._copy_bias(linear.bias)
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -429,29 +383,25 @@ class QuantLinear(nn.Module):
         return row_stable_linear(self.act(x), weight, None if self.bias is None else self.bias.to(x.dtype))
 
 
-class QuantConv2d(nn.Module):
+class QuantConv2d(QuantizedLayer):
     """`nn.Conv2d` with a quantized weight; grouped activations are quantized on the im2col unfolding, as DGQ defines."""
 
     def __init__(self, conv: nn.Conv2d, w_bits: int, act: ActQuantizer) -> None:
-        super().__init__()
         if conv.groups != 1:
             raise ValueError("grouped convolutions are not quantized (SD UNets have none)")
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
-        self.padding = conv.padding if isinstance(conv.padding, tuple) else (0, 0)
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("only zero-padded convolutions with explicit padding are quantized")
-        self.weight_q = QuantizedWeight((conv.out_channels, conv.in_channels, *conv.kernel_size), w_bits)
-        self.bias = nn.Parameter(torch.zeros(conv.out_channels), requires_grad=False) if conv.bias is not None else None
-        self.act = act
-        self.int_executor = None
+        weight_q = QuantizedWeight((conv.out_channels, conv.in_channels, *conv.kernel_size), w_bits)
+        super().__init__(weight_q, conv.bias is not None, act)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
+        self.padding = conv.padding
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_bits: int, act: ActQuantizer) -> QuantConv2d:
         module = cls(conv, w_bits, act)
         module.weight_q = QuantizedWeight.from_float(conv.weight, w_bits)
-        if conv.bias is not None:
-            module.bias.data.copy_(conv.bias.detach().float())
+        module._copy_bias(conv.bias)
         return module
 
     def output_size(self, x: torch.Tensor) -> tuple[int, int]:

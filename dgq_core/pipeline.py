@@ -1,23 +1,37 @@
-"""Load ready-to-run diffusers pipelines with a DGQ-quantized UNet, and the per-request prompt front stage.
+"""DGQ at the level of whole diffusers pipelines: quantize, save, load.
 
-A model reference is a diffusers pipeline directory or hub id. A quantized pipeline directory has the usual
-diffusers layout with a quantized `unet/` (see checkpoint.py); it is self-contained when it also carries the other
-components, otherwise its `quantization_config.base_model` names where they come from.
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    quantize_(pipe, DGQConfig(w_bits=8, a_bits=8, groups=8), prompts=calibration_prompts)
+    save_pretrained(pipe, "quantized/")
+    pipe = from_pretrained("quantized/", device="cuda", exec_mode="auto")
+
+A model reference is a diffusers pipeline directory or hub id. A quantized pipeline directory has the usual diffusers
+layout with a quantized `unet/` (`dgq_core.checkpoint`); it is self-contained when it also carries the other
+components (then `DiffusionPipeline.from_pretrained` loads it too), otherwise its `quantization_config.base_model`
+names where they come from.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 
-from .attention import compute_prompt_params, cross_attention_processors
-from .checkpoint import CheckpointError, is_quantized_unet_dir, load_quantized_unet, read_quant_config
-from .config import EXEC_MODES, QuantConfig
+from .calibration import CalibrationReport, default_calibration_prompts, quantize_
+from .checkpoint import CheckpointError, is_quantized_unet_dir, read_quant_config
+from .config import EXEC_MODES, DGQConfig
+from .diffusers_quantizer import (
+    attach_quantization_config,
+    load_quantized_unet,
+    quantization_config_of,
+    save_quantized_unet,
+)
+from .kernels import set_exec_mode
 
 # Components a worker does not need: the text side runs in the API process.
 TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
@@ -71,7 +85,7 @@ def _quantized_unet_dir(path: Path) -> Path:
     raise CheckpointError(f"{path} holds no DGQ-quantized UNet (expected unet/config.json with quantization_config)")
 
 
-def load_pipeline(
+def from_pretrained(
     model_ref: str | Path,
     *,
     quantized: str | Path | None = None,
@@ -79,7 +93,8 @@ def load_pipeline(
     exec_mode: str = "auto",
     load_text_encoder: bool = True,
 ) -> DiffusionPipeline:
-    """A diffusers pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...) with the quantized UNet.
+    """A ready-to-run diffusers pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...) with the quantized
+    UNet, the inverse of `save_pretrained`.
 
     Args:
         model_ref (`str | Path`): full-precision pipeline directory or hub id, or a quantized pipeline directory.
@@ -95,18 +110,13 @@ def load_pipeline(
     resolved = resolve_model(model_ref, quantized)
     overrides = {}
     if resolved.quantized_unet is not None:
-        overrides["unet"] = load_quantized_unet(resolved.quantized_unet, device)
+        overrides["unet"] = load_quantized_unet(resolved.quantized_unet)
     if not load_text_encoder:
         index = _model_index(resolved.base)
         overrides.update({name: None for name in TEXT_COMPONENTS if name in index})
-    pipe = DiffusionPipeline.from_pretrained(resolved.base, **overrides)
-    pipe = pipe.to(device)
-    if resolved.quantized_unet is not None and exec_mode != "fake":
-        from .kernels import auto_min_weights, enable_int_execution
-
-        min_weights = 0 if exec_mode == "int" else auto_min_weights(device)
-        if min_weights is not None:
-            enable_int_execution(pipe.unet, min_weights=min_weights)
+    pipe = DiffusionPipeline.from_pretrained(resolved.base, **overrides).to(device)
+    if resolved.quantized_unet is not None:
+        set_exec_mode(pipe.unet, exec_mode)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -120,93 +130,66 @@ def _model_index(base: str) -> dict:
     return json.loads(Path(hf_hub_download(base, "model_index.json")).read_text())
 
 
-def save_quantized_pipeline(pipe: DiffusionPipeline, config: QuantConfig, out_dir: str | Path, self_contained: bool) -> Path:
-    """Write a quantized pipeline directory.
+def save_pretrained(
+    pipe: DiffusionPipeline, out_dir: str | Path, *, self_contained: bool = True, base_model: str | None = None
+) -> Path:
+    """Write a quantized pipeline directory, the inverse of `from_pretrained`.
 
     Args:
-        pipe (`DiffusionPipeline`): the pipeline whose UNet was quantized by calibration.
-        config (`QuantConfig`): its settings (`base_model` should name the full-precision source).
+        pipe (`DiffusionPipeline`): a pipeline whose UNet `quantize_` quantized.
         out_dir (`str | Path`): output directory; an existing quantized UNet there is replaced.
-        self_contained (`bool`): also save the other components (VAE, text encoder, tokenizer, scheduler) so the
-            directory loads on its own.
+        self_contained (`bool`): also save the other components (VAE, text encoder, tokenizer, scheduler) so that the
+            directory loads on its own (with `DiffusionPipeline.from_pretrained` too); else only `unet/`.
+        base_model (`str | None`): where the other components come from, recorded in the checkpoint as given
+            (required without `self_contained`).
     """
-    from .checkpoint import save_quantized_unet
-
+    config = quantization_config_of(pipe.unet)
+    if config is None:
+        raise CheckpointError("this pipeline's UNet was not quantized by dgq_core; run dgq_core.quantize_ first")
+    if not self_contained and not base_model:
+        raise ValueError("a checkpoint that is not self-contained must name its base_model")
     out_dir = Path(out_dir)
-    if self_contained:
-        unet = pipe.unet
-        # save_pretrained would write the quantized UNet as ordinary weights; it is written separately below.
-        pipe.unet = None
-        try:
-            pipe.save_pretrained(out_dir, safe_serialization=True)
-        finally:
-            pipe.unet = unet
-        index_path = out_dir / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index["unet"] = ["diffusers", "UNet2DConditionModel"]
-        index_path.write_text(json.dumps(index, indent=2))
+    if base_model is not None:
+        attach_quantization_config(pipe.unet, replace(config, base_model=base_model))
     unet_dir = out_dir / "unet"
     if unet_dir.exists():
         shutil.rmtree(unet_dir)
-    save_quantized_unet(pipe.unet, config, unet_dir)
+    if self_contained:
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        save_quantized_unet(pipe.unet, unet_dir)
     return out_dir
 
 
-@dataclass
-class PromptBatch:
-    """Text-side inputs of a batch of prompts.
+def quantize_pretrained(
+    model_ref: str | Path,
+    out_dir: str | Path,
+    config: DGQConfig,
+    *,
+    prompts: list[str] | None = None,
+    batch_size: int = 8,
+    self_contained: bool | None = None,
+    progress: bool = True,
+) -> CalibrationReport:
+    """Load a full-precision model, quantize it and write the checkpoint: what `dgq quantize` and the service's
+    `quantized=auto` run.
 
     Args:
-        embeds (`torch.Tensor`): text-encoder output (B, tokens, dim).
-        pooled (`torch.Tensor | None`): pooled embedding (SDXL), else None.
-        attention_params (`list[dict[str, torch.Tensor]]`): prompt-specific DGQ attention parameters per prompt
-            (empty dicts for a full-precision model).
+        model_ref (`str | Path`): full-precision diffusers directory or hub id.
+        out_dir (`str | Path`): the quantized pipeline directory to write.
+        config (`DGQConfig`): the settings.
+        prompts (`list[str] | None`): calibration prompts; None: `default_calibration_prompts` (`config.num_calib`
+            of them, seeded by `config.seed`).
+        batch_size (`int`): prompts per calibration pipeline call.
+        self_contained (`bool | None`): copy the other components into `out_dir`; None: yes for local models.
+        progress (`bool`): show a progress bar.
     """
-
-    embeds: torch.Tensor
-    pooled: torch.Tensor | None
-    attention_params: list[dict[str, torch.Tensor]]
-
-
-class PromptEncoder:
-    """The API-side front stage: tokenize, text-encode, and compute prompt-specific DGQ attention parameters.
-
-    Only the text encoder(s) and the quantized UNet's cross-attention modules are kept; the rest of the UNet is
-    released after loading.
-    """
-
-    def __init__(self, pipe: DiffusionPipeline, cross_attention: dict) -> None:
-        self.pipe = pipe
-        self.cross_attention = cross_attention
-
-    @classmethod
-    def from_pretrained(
-        cls, model_ref: str | Path, quantized: str | Path | None = None, device: str | torch.device = "cpu"
-    ) -> PromptEncoder:
-        pipe = load_pipeline(model_ref, quantized=quantized, device=device)
-        cross_attention = cross_attention_processors(pipe.unet)
-        pipe.unet = None
-        pipe.vae = None
-        return cls(pipe, cross_attention)
-
-    @property
-    def max_tokens(self) -> int:
-        """Longest prompt, in tokens including start and end tokens."""
-        return self.pipe.tokenizer.model_max_length
-
-    def count_tokens(self, prompt: str) -> int:
-        return len(self.pipe.tokenizer(prompt, truncation=False)["input_ids"])
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> PromptBatch:
-        """Encode prompts the way the pipeline itself would (no classifier-free guidance pairing here)."""
-        device = self.pipe._execution_device  # noqa: SLF001 -- the pipeline's own notion of its device
-        encoded = self.pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-        embeds = encoded[0]
-        pooled = encoded[2] if len(encoded) == 4 else None
-        if self.pipe.config.get("force_zeros_for_empty_prompt", False):
-            # SDXL conditions an absent negative prompt on zeros, not on the encoding of ""; serving sends "" for it
-            empty = torch.tensor([prompt == "" for prompt in prompts], device=embeds.device)
-            embeds = embeds.masked_fill(empty[:, None, None], 0.0)
-            pooled = pooled.masked_fill(empty[:, None], 0.0)
-        return PromptBatch(embeds, pooled, compute_prompt_params(self.cross_attention, embeds))
+    if prompts is None:
+        prompts = default_calibration_prompts(model_ref, config.num_calib, config.seed)
+    pipe = from_pretrained(model_ref)
+    report = quantize_(pipe, config, prompts, batch_size=batch_size, progress=progress)
+    local = Path(model_ref).is_dir()
+    # A local base model is named relative to the checkpoint, so that the pair can move together (in a repository).
+    base_model = os.path.relpath(Path(model_ref).resolve(), Path(out_dir).resolve()) if local else str(model_ref)
+    save_pretrained(pipe, out_dir, self_contained=local if self_contained is None else self_contained, base_model=base_model)
+    return report

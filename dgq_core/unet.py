@@ -6,16 +6,17 @@ shape that a checkpoint is then loaded into, so the two can never disagree about
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .attention import DGQAttnProcessor
-from .config import QuantConfig
+from .config import DGQConfig
 from .grouping import RangeStats, tensor_params
-from .layers import ActQuantizer, QuantConv2d, QuantLinear, StepState
+from .layers import ActQuantizer, QuantConv2d, QuantLinear
+from .steps import StepState
 
 # Activation mode of a layer input, by method and input kind (see layers.ACT_MODES). Time-embedding inputs
 # ("vector") are never grouped: they stay per tensor, as in the official code.
@@ -63,12 +64,12 @@ def prompt_only_inputs(unet: nn.Module) -> set[str]:
     return names
 
 
-def input_specs(unet: nn.Module, config: QuantConfig, vector_inputs: set[str]) -> dict[str, InputSpec]:
+def input_specs(unet: nn.Module, config: DGQConfig, vector_inputs: set[str]) -> dict[str, InputSpec]:
     """Every quantized input of the UNet, by the name of the quantizer that will hold its parameters' owner.
 
     Args:
         unet (`nn.Module`): the full-precision UNet.
-        config (`QuantConfig`): the settings.
+        config (`DGQConfig`): the settings.
         vector_inputs (`set[str]`): layers whose input was seen 2-D during calibration (time embeddings).
     """
     invariant = prompt_only_inputs(unet)
@@ -90,7 +91,7 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_modules(
     model: nn.Module,
-    config: QuantConfig,
+    config: DGQConfig,
     specs: dict[str, InputSpec],
     state: StepState,
     stats: dict[str, list[RangeStats]] | None = None,
@@ -101,7 +102,7 @@ def quantize_modules(
 
     Args:
         model (`nn.Module`): full precision, or built on the meta device when `stats` is None.
-        config (`QuantConfig`): the settings.
+        config (`DGQConfig`): the settings.
         specs (`dict[str, InputSpec]`): from `input_specs` (or a checkpoint's manifest).
         state (`StepState`): the step state the quantizers read.
         stats (`dict[str, list[RangeStats]] | None`): calibration statistics per input, one entry per step (one for
@@ -142,49 +143,26 @@ def quantize_modules(
             prob_scale=prob_scale, prob_zero_point=prob_zero_point, prob_quantizer=config.prob_quantizer, **quantizers,
         )
         attn.set_processor(processor)
-    model._dgq_input_specs = specs  # noqa: SLF001 -- the checkpoint writer stores them as the manifest
-
-
-def latent_size(config: QuantConfig) -> tuple[int, int]:
-    """Latent (height, width) of the calibration images."""
-    return config.height // config.vae_scale_factor, config.width // config.vae_scale_factor
 
 
 def quantize_unet(
     unet: nn.Module,
-    config: QuantConfig,
-    specs: dict[str, InputSpec],
+    config: DGQConfig,
     stats: dict[str, list[RangeStats]] | None = None,
 ) -> StepState:
     """`quantize_modules` for a UNet, with a step state that follows the UNet's calls.
 
     Args:
         unet (`nn.Module`): a diffusers UNet.
-        config (`QuantConfig`): the settings; `calib_timesteps`, `height` and `width` must be filled in.
-        specs, stats: as for `quantize_modules`.
+        config (`DGQConfig`): the settings with their calibration record.
+        stats (`dict[str, list[RangeStats]] | None`): as for `quantize_modules`; None builds the empty quantized UNet
+            a checkpoint is loaded into (on the meta device).
 
     Returns:
         `StepState`: the step state, hooked into `unet`.
     """
-    state = StepState(config.calib_timesteps, latent_size(config))
-    quantize_modules(unet, config, specs, state, stats)
-    unet._dgq_step_state = state  # noqa: SLF001 -- kept alive with the model
+    record = config.record
+    state = StepState(record.timesteps, record.latent_hw)
+    quantize_modules(unet, config, input_specs(unet, config, set(record.vector_inputs)), state, stats)
     state.install(unet)
     return state
-
-
-def manifest(specs: dict[str, InputSpec]) -> dict[str, dict]:
-    """JSON-ready description of every quantized input (stored in the checkpoint)."""
-    return {name: asdict(spec) for name, spec in specs.items()}
-
-
-def specs_from_manifest(data: dict[str, dict]) -> dict[str, InputSpec]:
-    return {name: InputSpec(**spec) for name, spec in data.items()}
-
-
-def is_quantized(unet: nn.Module) -> bool:
-    return hasattr(unet, "_dgq_step_state")
-
-
-def step_state(unet: nn.Module) -> StepState:
-    return unet._dgq_step_state  # noqa: SLF001

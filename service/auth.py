@@ -1,6 +1,6 @@
 """API keys, stored only as hashes.
 
-Keys are random tokens (`dgq hash-key --generate` makes 32 random bytes), not passwords people choose, so one SHA-256
+Keys are random tokens (`dgq-hash-key --generate` makes 32 random bytes), not passwords people choose, so one SHA-256
 is as good as a slow salted hash against someone who reads the configuration: guessing a 256-bit key is out of
 reach either way, and salt only defeats precomputed tables of *likely* inputs. A slow hash (scrypt, PBKDF2) would
 instead cost tens of milliseconds of CPU on every request and hand anyone without a key a cheap way to load the
@@ -19,7 +19,7 @@ SCHEME = "sha256"
 MIN_KEY_CHARS = 20
 """Shortest key `hash_api_key` accepts: 20 characters of a random base64 key are ~120 bits."""
 KEY_HASH = re.compile(rf"^{SCHEME}:[0-9a-f]{{64}}$")
-HASH_HELP = "make one with `dgq hash-key` (it reads the key from stdin or a prompt and prints the line to store)"
+HASH_HELP = "make one with `dgq-hash-key` (it reads the key from stdin or a prompt and prints the line to store)"
 
 
 class WeakKey(ValueError):
@@ -43,7 +43,7 @@ def hash_api_key(key: str) -> str:
     if len(key) < MIN_KEY_CHARS:
         raise WeakKey(
             f"the key has {len(key)} characters; use at least {MIN_KEY_CHARS} random ones "
-            "(`dgq hash-key --generate` makes one)"
+            "(`dgq-hash-key --generate` makes one)"
         )
     return f"{SCHEME}:{_digest(key)}"
 

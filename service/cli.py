@@ -1,6 +1,6 @@
-"""Entry points behind `dgq serve`, `dgq worker` and `dgq hash-key` (wired in dgq_core/cli.py). Flags of serve and
-worker are the `Settings` fields (`--max_batch 8`, `--redis_url redis://...`); environment variables `DGQ_*` (and
-`REDIS_URL`) work as well."""
+"""The service's console scripts: `dgq-serve`, `dgq-worker` and `dgq-hash-key`. Flags of serve and worker are the
+`Settings` fields (`--max_batch 8`, `--redis_url redis://...`); environment variables `DGQ_*` (and `REDIS_URL`) work
+as well."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _process_settings(argv: list[str] | None, prog: str) -> Settings:
     """Parse flags and environment (exit 2 saying what is wrong when they do not validate); set up logging and
     torch's thread count for this process."""
     try:
-        settings = Settings(_cli_parse_args=argv if argv is not None else [], _cli_prog_name=prog)
+        settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv, _cli_prog_name=prog)
     except ValidationError as error:
         # The message names each bad setting and what to do; a traceback would only bury it.
         print(f"{prog}: error: {error}", file=sys.stderr)
@@ -36,12 +36,12 @@ def _process_settings(argv: list[str] | None, prog: str) -> Settings:
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    """`dgq serve`: the HTTP API (plus an in-process queue and worker unless a Redis URL is given)."""
+    """`dgq-serve`: the HTTP API (plus an in-process queue and worker unless a Redis URL is given)."""
     import uvicorn
 
     from service.api.app import create_app
 
-    settings = _process_settings(argv, "dgq serve")
+    settings = _process_settings(argv, "dgq-serve")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
 
@@ -77,12 +77,12 @@ async def run_worker(settings: Settings) -> None:
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    """`dgq worker`: load the quantized UNet + VAE, warm up, serve jobs from Redis; `/metrics` on its own port."""
+    """`dgq-worker`: load the quantized UNet + VAE, warm up, serve jobs from Redis; `/metrics` on its own port."""
     from prometheus_client import start_http_server
 
-    settings = _process_settings(argv, "dgq worker")
+    settings = _process_settings(argv, "dgq-worker")
     if not settings.redis_url:
-        log.error("dgq worker needs a Redis URL (--redis_url or REDIS_URL): workers share jobs through Redis")
+        log.error("dgq-worker needs a Redis URL (--redis_url or REDIS_URL): workers share jobs through Redis")
         return 2
     if settings.worker_metrics_port is not None:
         server, _ = start_http_server(settings.worker_metrics_port, addr=settings.host)
@@ -92,20 +92,20 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 
 def hash_key_main(argv: list[str] | None = None) -> int:
-    """`dgq hash-key`: read an API key from stdin (or a prompt on a terminal) and print the `sha256:<hex>` line to
+    """`dgq-hash-key`: read an API key from stdin (or a prompt on a terminal) and print the `sha256:<hex>` line to
     put into `DGQ_API_KEYS`; `--generate` makes a new random key and prints it, then its hash.
 
     Args:
-        argv (`list[str] | None`): arguments after `hash-key`.
+        argv (`list[str] | None`): the arguments (sys.argv[1:] when None).
     """
     from service.auth import WeakKey, generate_api_key, hash_api_key
 
     parser = argparse.ArgumentParser(
-        prog="dgq hash-key", description="Print the hash of an API key to store in DGQ_API_KEYS (comma-separated)."
+        prog="dgq-hash-key", description="Print the hash of an API key to store in DGQ_API_KEYS (comma-separated)."
     )
     parser.add_argument("--generate", action="store_true",
                         help="make a new random key; prints the key (give it to the client), then its hash")
-    args = parser.parse_args(argv or [])
+    args = parser.parse_args(argv)
     if args.generate:
         key = generate_api_key()
         print(key)
@@ -116,6 +116,6 @@ def hash_key_main(argv: list[str] | None = None) -> int:
     try:
         print(hash_api_key(key))
     except WeakKey as error:
-        print(f"dgq hash-key: error: {error}", file=sys.stderr)
+        print(f"dgq-hash-key: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -15,7 +15,7 @@ BUNDLED_MODEL = "bundled"
 
 
 class Settings(BaseSettings):
-    """Everything a `dgq serve` or `dgq worker` process can be told.
+    """Everything a `dgq-serve` or `dgq-worker` process can be told.
 
     Environment variables are the field names upper-cased with the `DGQ_` prefix (`DGQ_MAX_BATCH=8`);
     `REDIS_URL` is also read without the prefix. On the command line they are `--max_batch 8` etc.
@@ -33,7 +33,7 @@ class Settings(BaseSettings):
         "`quantized` path elsewhere is refused at startup. Empty = any directory. Hub ids, the bundled model and "
         "the checkpoints quantized='auto' makes are always allowed.",
     )
-    model: str = Field(BUNDLED_MODEL, description="Diffusers model dir or hub id; 'bundled' = the model in dgq_core.zoo.")
+    model: str = Field(BUNDLED_MODEL, description="Diffusers model dir or hub id; 'bundled' = the model in dgq_zoo.")
     quantized: str | None = Field(
         "auto",
         description="Quantized checkpoint dir to put into `model`; 'auto' = the model dir's own if it is quantized, "
@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     port: int = 8000
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="SHA-256 hashes (`sha256:<hex>`, from `dgq hash-key`) of the accepted bearer tokens, "
+        description="SHA-256 hashes (`sha256:<hex>`, from `dgq-hash-key`) of the accepted bearer tokens, "
         "comma-separated; empty = no authentication. Plain-text keys are refused.",
     )
     rate_limit_per_minute: float | None = Field(
@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     def model_ref(self) -> str | Path:
         """The model to load: a path for the bundled model, else what was configured."""
         if self.model == BUNDLED_MODEL:
-            from dgq_core.zoo import bundled_model_dir
+            from dgq_zoo import bundled_model_dir
 
             return bundled_model_dir()
         return self.model

@@ -18,7 +18,7 @@ from service.errors import (
     JobNotFound,
     NotReady,
 )
-from service.frontend import PromptFrontend
+from service.prompts import PromptStage
 from service.queue.base import JobQueue
 from service.schemas import GenerateRequest, JobEvent, JobSpec, JobState, JobStatus
 from service.worker import Worker
@@ -37,17 +37,18 @@ class GenerationService:
     """What the routers call."""
 
     def __init__(
-        self, settings: Settings, queue: JobQueue, frontend: PromptFrontend, worker: Worker | None = None
+        self, settings: Settings, queue: JobQueue, prompts: PromptStage, worker: Worker | None = None
     ) -> None:
         self.settings = settings
         self.queue = queue
-        self.frontend = frontend
+        self.prompts = prompts
+        self.model = prompts.model
         self.worker = worker
-        self.model_name = settings.model
         self.started_at = int(time.time())
 
     def _check_limits(self, request: GenerateRequest) -> tuple[int, int]:
-        width, height = request.width or self.frontend.native_size[0], request.height or self.frontend.native_size[1]
+        native_width, native_height = self.model.native_size
+        width, height = request.width or native_width, request.height or native_height
         s = self.settings
         problems = []
         if width > s.max_width:
@@ -73,7 +74,7 @@ class GenerationService:
         """Validate, encode the prompts (which checks their token length), enqueue; the queued job's state."""
         width, height = self._check_limits(request)
         await self.queue.admit()  # at the bound, answer 429 before the text encoder's work
-        payload, encode_s = await self.frontend.encode(request.prompt, request.negative_prompt)
+        payload, encode_s = await self.prompts.encode(request.prompt, request.negative_prompt)
         spec = JobSpec(
             id=secrets.token_hex(12), width=width, height=height, steps=request.steps,
             guidance_scale=request.guidance_scale,
@@ -132,7 +133,7 @@ class GenerationService:
 
     async def readiness(self) -> dict[str, bool]:
         """Checks of `/readyz`; raises `NotReady` naming the failing ones."""
-        checks = {"text_encoder_loaded": self.frontend is not None}
+        checks = {"text_encoder_loaded": self.prompts is not None}
         if self.worker is not None:
             checks["embedded_worker_warm"] = self.worker.ready
         try:

@@ -1,7 +1,7 @@
 """The worker: takes compatible jobs, runs them as one batched denoising loop, stores PNGs, acknowledges.
 
 Every image has its own torch.Generator (seed + n) and its own prompt-specific parameters, and the UNet is made
-batch-invariant (`pipelines.make_batch_invariant`), so an image does not depend on what it was batched with.
+batch-invariant (`dgq_core.make_batch_invariant`), so an image does not depend on what it was batched with.
 
 A batch that raises (out of memory, or one job that cannot run) is split in halves and each half retried, so a
 job that fails even alone is the only one to fail: it goes to the dead letters with the reason. `stop()` drains:
@@ -24,21 +24,13 @@ from typing import TypeVar
 import torch
 from diffusers import DiffusionPipeline
 
-from dgq_core.kernels import int_execution_summary
+import dgq_core
 from service import metrics
 from service.config import Settings
 from service.errors import QueueUnavailable
-from service.pipelines import (
-    load_worker_pipeline,
-    native_size,
-    prompt_params_scope,
-    prompt_tokens,
-    quantization_info,
-    unpack_prompt,
-    weight_bytes,
-)
 from service.queue.base import JobQueue, QueuedJob, StoredImages
 from service.schemas import JobEvent
+from service.served_model import ServedModel, component_weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +53,10 @@ class BatchRunner:
     def run(self, jobs: list[QueuedJob], on_step: Callable[[int, float], bool]) -> BatchOutput:
         """`on_step(step, seconds)` is called after each step; it returns True to stop the loop (all cancelled)."""
         spec = jobs[0].spec
-        rows = [(unpack_prompt(job.payload), seed) for job in jobs for seed in job.spec.seeds]
-        device = self.pipe.unet.device
+        rows = [(dgq_core.unpack_prompt_pair(job.payload), seed) for job in jobs for seed in job.spec.seeds]
         prompts = [prompt for (prompt, _), _ in rows]
         negatives = [negative for (_, negative), _ in rows]
-        text_inputs = {
-            "prompt_embeds": torch.stack([p.embeds for p in prompts]).to(device),
-            "negative_prompt_embeds": torch.stack([n.embeds for n in negatives]).to(device),
-        }
-        if prompts[0].pooled is not None:  # SDXL also conditions on the pooled text embedding
-            text_inputs["pooled_prompt_embeds"] = torch.stack([p.pooled for p in prompts]).to(device)
-            text_inputs["negative_pooled_prompt_embeds"] = torch.stack([n.pooled for n in negatives]).to(device)
-        row_params = [p.params for p in prompts]
-        if spec.guidance_scale > 1.0:  # diffusers puts the negative rows first
-            row_params = [n.params for n in negatives] + row_params
-        generators = [torch.Generator(device).manual_seed(seed) for _, seed in rows]
+        generators = [torch.Generator(self.pipe.unet.device).manual_seed(seed) for _, seed in rows]
 
         last_step = time.perf_counter()
 
@@ -87,9 +68,9 @@ class BatchRunner:
             return {}
 
         started = time.perf_counter()
-        with torch.inference_mode(), prompt_params_scope(self.pipe.unet, row_params):
+        with torch.inference_mode(), dgq_core.conditioning(self.pipe, prompts, negatives, spec.guidance_scale) as text:
             latents = self.pipe(
-                **text_inputs, generator=generators,
+                **text, generator=generators,
                 num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale, width=spec.width,
                 height=spec.height, output_type="latent", callback_on_step_end=step_end,
             ).images
@@ -145,11 +126,14 @@ def default_worker_id() -> str:
 class Worker:
     """Loads the pipeline, warms up, then loops: take jobs, batch, run, store, acknowledge."""
 
-    def __init__(self, settings: Settings, queue: JobQueue, pipe: DiffusionPipeline | None = None) -> None:
+    def __init__(
+        self, settings: Settings, queue: JobQueue, model: ServedModel | None = None, pipe: DiffusionPipeline | None = None
+    ) -> None:
         self.settings = settings
         self.queue = queue
         self.worker_id = settings.worker_id or default_worker_id()
         self.ready = False
+        self.model = model
         self._pipe = pipe
         self._held: list[QueuedJob] = []
         self._cancel_requested: set[str] = set()
@@ -167,15 +151,17 @@ class Worker:
     async def load(self) -> None:
         """Load the UNet and VAE (unless given) and run the warm-up batch; `ready` is True afterwards."""
         started = time.perf_counter()
+        if self.model is None:
+            self.model = await asyncio.to_thread(ServedModel, self.settings)
         if self._pipe is None:
-            self._pipe = await asyncio.to_thread(load_worker_pipeline, self.settings)
+            self._pipe = await asyncio.to_thread(self.model.load_worker_pipeline)
         metrics.MODEL_LOAD.labels(stage="worker_load").set(time.perf_counter() - started)
-        for component, precision, size in weight_bytes(self._pipe):
+        for component, precision, size in component_weight_bytes(self._pipe):
             metrics.MODEL_WEIGHT_BYTES.labels(component=component, precision=precision).set(size)
         metrics.MODEL_INFO.info({
-            "model": str(self.settings.model), **quantization_info(self.settings),
+            "model": str(self.settings.model), **self.model.quantization_info(),
             "quantized": str(self.settings.quantized), "exec_mode": self.settings.exec_mode,
-            **int_execution_summary(self._pipe.unet), "device": self.settings.device,
+            **dgq_core.int_execution_summary(self._pipe.unet), "device": self.settings.device,
         })
         self.runner = BatchRunner(self._pipe)
         started = time.perf_counter()
@@ -186,9 +172,9 @@ class Worker:
     def _warm_up(self) -> None:
         if self.settings.warmup_steps == 0:
             return
-        width, height = native_size(self.settings)
+        width, height = self.model.native_size
         unet_config, device = self._pipe.unet.config, self._pipe.unet.device
-        embeds = torch.zeros(1, prompt_tokens(self.settings), unet_config.cross_attention_dim, device=device)
+        embeds = torch.zeros(1, self.model.prompt_tokens, unet_config.cross_attention_dim, device=device)
         text_inputs = {"prompt_embeds": embeds, "negative_prompt_embeds": embeds}
         if unet_config.addition_embed_type == "text_time":
             # SDXL: the pooled text embedding and 6 size/crop ids share the added embedding's input

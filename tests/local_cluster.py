@@ -1,4 +1,4 @@
-"""Real processes on loopback for tests and benchmarks: a redis-server, `dgq serve` and `dgq worker`.
+"""Real processes on loopback for tests and benchmarks: a redis-server, `dgq-serve` and `dgq-worker`.
 
 Importable without pytest (bench/bench_load.py uses it), so nothing here is a fixture.
 """
@@ -94,16 +94,19 @@ class RedisServer:
             client.flushall()
 
 
-def spawn(entry_point: str, env: dict[str, str], log_file: Path) -> subprocess.Popen:
-    """Run `service.cli.<entry_point>([])` (`serve_main` or `worker_main`) in a child process, output to `log_file`."""
-    code = f"import sys; from service.cli import {entry_point}; sys.exit({entry_point}([]))"
+def console_script(name: str) -> Path:
+    """The installed console script `name` (`dgq-serve`, `dgq-worker`, ...) of the running environment."""
+    return Path(sys.executable).parent / name
+
+
+def spawn(command: str, env: dict[str, str], log_file: Path) -> subprocess.Popen:
+    """Run the console script `command` (`dgq-serve` or `dgq-worker`) in a child process, output to `log_file`."""
     with log_file.open("ab") as log:
-        return subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen([console_script(command)], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 class ServiceProcesses:
-    """`dgq serve` and any number of `dgq worker` processes on one Redis, configured through `DGQ_*` variables.
+    """`dgq-serve` and any number of `dgq-worker` processes on one Redis, configured through `DGQ_*` variables.
 
     Args:
         model_dir (`Path`): diffusers model directory, served unquantized.
@@ -126,14 +129,14 @@ class ServiceProcesses:
         self.workers: dict[str, subprocess.Popen] = {}
 
     def start_api(self) -> subprocess.Popen:
-        """Start `dgq serve` on `api_port` (the same port after a restart)."""
-        self.api = spawn("serve_main", self.env | {"DGQ_PORT": str(self.api_port)}, self.log_dir / "api.log")
+        """Start `dgq-serve` on `api_port` (the same port after a restart)."""
+        self.api = spawn("dgq-serve", self.env | {"DGQ_PORT": str(self.api_port)}, self.log_dir / "api.log")
         return self.api
 
     def start_worker(self, name: str, settings: dict[str, object] | None = None) -> subprocess.Popen:
-        """Start `dgq worker` with worker id `name` and, on top of the common ones, its own `settings`."""
+        """Start `dgq-worker` with worker id `name` and, on top of the common ones, its own `settings`."""
         env = self.env | {f"DGQ_{key.upper()}": str(value) for key, value in (settings or {}).items()}
-        self.workers[name] = spawn("worker_main", env | {"DGQ_WORKER_ID": name}, self.log_dir / f"{name}.log")
+        self.workers[name] = spawn("dgq-worker", env | {"DGQ_WORKER_ID": name}, self.log_dir / f"{name}.log")
         return self.workers[name]
 
     def live_workers(self) -> set[str]:

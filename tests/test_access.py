@@ -1,6 +1,6 @@
-"""Access: hashed API keys (`dgq hash-key`), per-key rate limits (in-process and shared through a real Redis),
+"""Access: hashed API keys (`dgq-hash-key`), per-key rate limits (in-process and shared through a real Redis),
 `/metrics` on its own port or behind its own key, CORS off by default, and no secret in the logs of a real
-`dgq serve` started with keys and a password-protected Redis."""
+`dgq-serve` started with keys and a password-protected Redis."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import asyncio
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import httpx
 import pytest
 import redis
 from conftest import free_port, running_api
+from local_cluster import console_script
 from pydantic import ValidationError
 from test_deploy import running_serve
 
@@ -34,9 +34,8 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def dgq(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dgq_core.cli", *args], input=stdin, capture_output=True, text=True,
-                          timeout=120)
+def run(command: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([console_script(command), *args], input=stdin, capture_output=True, text=True, timeout=120)
 
 
 # --- keys at rest ---
@@ -46,26 +45,26 @@ def test_plain_text_keys_are_refused_without_echoing_them(tmp_path):
     with pytest.raises(ValidationError) as refused:
         Settings(api_keys=f"{hash_api_key(KEY_A)}, {KEY_B}", _env_file=None)
     message = str(refused.value)
-    assert "api_keys entries [2]" in message and "dgq hash-key" in message and KEY_B not in message
+    assert "api_keys entries [2]" in message and "dgq-hash-key" in message and KEY_B not in message
 
     env = {name: value for name, value in os.environ.items() if not name.startswith(("DGQ_", "REDIS_URL"))}
     refused_start = subprocess.run(  # cwd: no stray .env
-        [sys.executable, "-m", "dgq_core.cli", "serve"], env=env | {"DGQ_API_KEYS": KEY_B}, cwd=tmp_path,
+        [console_script("dgq-serve")], env=env | {"DGQ_API_KEYS": KEY_B}, cwd=tmp_path,
         capture_output=True, text=True, timeout=120,
     )
     assert refused_start.returncode == 2
-    assert "plain-text keys" in refused_start.stderr and "dgq hash-key" in refused_start.stderr
+    assert "plain-text keys" in refused_start.stderr and "dgq-hash-key" in refused_start.stderr
     assert KEY_B not in refused_start.stderr + refused_start.stdout
     assert "Traceback" not in refused_start.stderr
 
 
 def test_hash_key_cli():
-    hashed = dgq("hash-key", stdin=KEY_A + "\n")
+    hashed = run("dgq-hash-key", stdin=KEY_A + "\n")
     assert hashed.returncode == 0 and hashed.stdout.strip() == hash_api_key(KEY_A)
     assert Settings(api_keys=hashed.stdout.strip(), _env_file=None).api_key_hashes() == [hash_api_key(KEY_A)]
-    weak = dgq("hash-key", stdin="hunter2\n")
+    weak = run("dgq-hash-key", stdin="hunter2\n")
     assert weak.returncode == 2 and "at least 20" in weak.stderr and "--generate" in weak.stderr
-    generated = dgq("hash-key", "--generate")
+    generated = run("dgq-hash-key", "--generate")
     key, key_hash = generated.stdout.split()
     assert len(key) >= 40 and key_hash == hash_api_key(key)
 
@@ -207,7 +206,7 @@ def _redis_with_password(data_dir: Path, password: str) -> tuple[subprocess.Pope
 
 
 def test_no_secrets_in_the_logs_of_startup_and_requests(tiny_sd_model_dir, tmp_path):
-    """`dgq serve` with a Redis password, API keys and a rate limit; keys right and wrong, a 429, a 413: the log
+    """`dgq-serve` with a Redis password, API keys and a rate limit; keys right and wrong, a 429, a 413: the log
     has every request line and none of the secrets."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")

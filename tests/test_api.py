@@ -14,12 +14,12 @@ import torch
 from conftest import running_api
 from PIL import Image
 
-from dgq_core.eval.metrics import psnr
-from dgq_core.pipeline import load_pipeline
+from dgq_core import from_pretrained
+from dgq_eval.metrics import psnr
 from service import metrics
 from service.auth import hash_api_key
 from service.config import BUNDLED_MODEL, Settings
-from service.pipelines import quantized_checkpoint, shipped_quantized_dir
+from service.served_model import quantized_checkpoint, shipped_quantized_dir
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +48,7 @@ async def test_generate_sync_png_and_several_as_json(embedded_settings):
 
 
 async def test_default_settings_serve_the_bundled_dgq_model_as_the_pipeline_does(monkeypatch):
-    """What `make serve` runs (`dgq serve` without settings): the bundled model with the DGQ checkpoint shipped
+    """What `make serve` runs (`dgq-serve` without settings): the bundled model with the DGQ checkpoint shipped
     beside it (nothing quantized at startup), in-process queue and worker; the image is the pipeline's own."""
     for name in [name for name in os.environ if name.startswith("DGQ_") or name == "REDIS_URL"]:
         monkeypatch.delenv(name)
@@ -63,7 +63,7 @@ async def test_default_settings_serve_the_bundled_dgq_model_as_the_pipeline_does
     served_image = np.asarray(Image.open(io.BytesIO(served.content)).convert("RGB"))
     assert served_image.shape == (32, 32, 3), "the bundled model's native size"
 
-    direct = load_pipeline(settings.model_ref, quantized=checkpoint)(
+    direct = from_pretrained(settings.model_ref, quantized=checkpoint)(
         request["prompt"], num_inference_steps=request["steps"], guidance_scale=7.5,
         generator=torch.Generator().manual_seed(request["seed"]), output_type="np",
     ).images[0]

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -21,13 +20,17 @@ import uvicorn
 from conftest import free_port, running_api
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
+from local_cluster import console_script
 from pydantic import ValidationError
+from safetensors import safe_open
+from safetensors.torch import save_file
 from schemathesis.checks import not_a_server_error
 
-from dgq_core.checkpoint import CheckpointError
+from dgq_core import CheckpointError
+from dgq_core.checkpoint import DIGEST_KEY, WEIGHTS_NAME
 from service.api.app import create_app
 from service.config import Settings
-from service.pipelines import quantized_checkpoint
+from service.served_model import quantized_checkpoint
 
 MAX_BODY_BYTES = 4096
 FUZZ_EXAMPLES = 40
@@ -142,21 +145,27 @@ def test_unknown_routes_and_methods_answer_in_the_error_format(served):
 
 
 def _flip_a_byte(unet_dir: Path) -> None:
-    weights = unet_dir / "dgq_unet.safetensors"
+    weights = unet_dir / WEIGHTS_NAME
     data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0x01
+    data[-5] ^= 0x01  # inside the last tensor's bytes
     weights.write_bytes(bytes(data))
 
 
 def _truncate(unet_dir: Path) -> None:
-    weights = unet_dir / "dgq_unet.safetensors"
+    weights = unet_dir / WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
 
+def _rewrite_metadata(unet_dir: Path, **changes: str | None) -> None:
+    """The weights file written again with its metadata changed (a None value removes the key)."""
+    with safe_open(unet_dir / WEIGHTS_NAME, "pt") as weights:
+        metadata, tensors = weights.metadata(), {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118
+    metadata = {key: value for key, value in (metadata | changes).items() if value is not None}
+    save_file(tensors, unet_dir / WEIGHTS_NAME, metadata=metadata)
+
+
 def _other_checksum(unet_dir: Path) -> None:
-    config = json.loads((unet_dir / "config.json").read_text())
-    config["dgq_weights_sha256"] = "0" * 64
-    (unet_dir / "config.json").write_text(json.dumps(config))
+    _rewrite_metadata(unet_dir, **{DIGEST_KEY: "0" * 64})
 
 
 def _garbled_config(unet_dir: Path) -> None:
@@ -164,14 +173,14 @@ def _garbled_config(unet_dir: Path) -> None:
 
 
 def _weights_removed(unet_dir: Path) -> None:
-    (unet_dir / "dgq_unet.safetensors").unlink()
+    (unet_dir / WEIGHTS_NAME).unlink()
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(("tamper", "says"), [
-    (_flip_a_byte, "does not match the checksum in config.json: the file is corrupt or was altered"),
-    (_truncate, "does not match the checksum in config.json"),
-    (_other_checksum, "does not match the checksum in config.json"),
+    (_flip_a_byte, f"does not match the {DIGEST_KEY} in its metadata: the file is corrupt or was altered"),
+    (_truncate, "the file is corrupt, re-run `dgq quantize`"),
+    (_other_checksum, f"does not match the {DIGEST_KEY} in its metadata"),
     (_garbled_config, "holds no DGQ-quantized UNet (expected unet/config.json with quantization_config)"),
     (_weights_removed, "is missing; the checkpoint is incomplete, re-run `dgq quantize`"),
 ], ids=["flipped-byte", "truncated", "other-checksum", "garbled-config", "weights-removed"])
@@ -189,12 +198,10 @@ async def test_tampered_checkpoint_is_refused_at_startup(tiny_sd_model_dir, tiny
 @pytest.mark.anyio
 async def test_checkpoint_without_its_checksum_is_refused(tiny_sd_model_dir, tiny_dgq_checkpoint_dir, tmp_path):
     checkpoint = shutil.copytree(tiny_dgq_checkpoint_dir, tmp_path / "checkpoint")
-    config = json.loads((checkpoint / "unet" / "config.json").read_text())
-    del config["dgq_weights_sha256"]
-    (checkpoint / "unet" / "config.json").write_text(json.dumps(config))
+    _rewrite_metadata(checkpoint / "unet", **{DIGEST_KEY: None})
     _flip_a_byte(checkpoint / "unet")
     settings = Settings(model=str(tiny_sd_model_dir), quantized=str(checkpoint), _env_file=None)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=f"names no {DIGEST_KEY}"):
         async with running_api(settings, wait_ready=False):
             pass
 
@@ -218,7 +225,7 @@ def test_model_paths_outside_model_roots_are_refused(tiny_sd_model_dir, tmp_path
 
     env = {name: value for name, value in os.environ.items() if not name.startswith(("DGQ_", "REDIS_URL"))}
     refused_start = subprocess.run(
-        [sys.executable, "-m", "dgq_core.cli", "worker"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [console_script("dgq-worker")], cwd=tmp_path, capture_output=True, text=True, timeout=120,
         env=env | {"DGQ_MODEL_ROOTS": str(roots), "DGQ_MODEL": str(tiny_sd_model_dir), "REDIS_URL": "redis://x"},
     )
     assert refused_start.returncode == 2 and "outside the allowed model directories" in refused_start.stderr

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 
 import pytest
+from local_cluster import console_script
 from PIL import Image
 from tiny_models import build_tiny_sd, build_tiny_sdxl
+
+from dgq_core.checkpoint import WEIGHTS_NAME
 
 PROMPTS = "a red circle\nblue square on green\nsmall yellow triangle\n"
 
 
 def dgq(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dgq_core.cli", *args], capture_output=True, text=True, timeout=900)
+    return subprocess.run([console_script("dgq"), *args], capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.parametrize("builder", [build_tiny_sd, build_tiny_sdxl], ids=["sd", "sdxl"])
@@ -27,7 +29,7 @@ def test_quantize_then_generate(builder, tmp_path):
                  "--steps", "3", "--calib-prompts", str(prompts), "--num-calib", "2")
     assert result.returncode == 0, result.stderr
     assert "calibration" in result.stdout and "peak RSS" in result.stdout
-    assert (out / "unet" / "dgq_unet.safetensors").is_file() and (out / "model_index.json").is_file()
+    assert (out / "unet" / WEIGHTS_NAME).is_file() and (out / "model_index.json").is_file()
     image_path = tmp_path / "image.png"
     result = dgq("generate", "--model", str(out), "--prompt", "a red circle", "--seed", "1", "--out", str(image_path))
     assert result.returncode == 0, result.stderr
@@ -44,11 +46,17 @@ def test_help_and_bad_arguments():
     assert missing.returncode == 1 and "neither a local directory nor a hub id" in missing.stderr
 
 
-def test_quantize_without_prompts_says_what_to_pass(tmp_path, monkeypatch):
-    from dgq_core import cli
+def test_default_calibration_prompts_are_the_models_own_else_the_coco_calibration_rows(tmp_path):
+    from dgq_core.calibration import (
+        COCO_CALIBRATION_START,
+        COCO_CAPTIONS,
+        default_calibration_prompts,
+        load_prompt_file,
+    )
 
-    monkeypatch.setattr(cli, "DEV_COCO", tmp_path / "absent.csv")
-    monkeypatch.delenv(cli.COCO_ENV, raising=False)
-    args = cli.build_parser().parse_args(["quantize", "--model", str(tmp_path), "--out", str(tmp_path / "o")])
-    with pytest.raises(FileNotFoundError, match="--calib-prompts"):
-        cli.calibration_prompts(args)
+    (tmp_path / "calibration_prompts.txt").write_text("one\ntwo\nthree\n")
+    assert sorted(default_calibration_prompts(tmp_path, 2, seed=0)) in (["one", "three"], ["one", "two"], ["three", "two"])
+    coco = default_calibration_prompts(tmp_path / "no-prompts-here", 64, seed=0)
+    captions = load_prompt_file(COCO_CAPTIONS)
+    assert len(coco) == 64 and set(coco) <= set(captions[COCO_CALIBRATION_START:])
+    assert coco == default_calibration_prompts("owner/hub-model", 64, seed=0), "seeded"

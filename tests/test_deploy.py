@@ -6,7 +6,7 @@
 - .env.example against `Settings`;
 - deploy/k8s against the Kubernetes OpenAPI schemas (kubernetes-validate) and the queue's stream/group names;
 - deploy/prometheus with `promtool` (Debian package prometheus);
-- every metric the dashboard and the alert rules query exists in the /metrics of a running `dgq serve`, and a real
+- every metric the dashboard and the alert rules query exists in the /metrics of a running `dgq-serve`, and a real
   Prometheus scraping that process answers the request count.
 Each check that needs a binary skips with the package to install when it is missing.
 """
@@ -29,6 +29,7 @@ import httpx
 import pytest
 import yaml
 from conftest import free_port
+from local_cluster import console_script
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -46,22 +47,21 @@ GENERATE = {"prompt": "a red square", "steps": 2, "seed": 3, "width": 16, "heigh
 
 @contextlib.contextmanager
 def running_serve(env: dict[str, str], log_file: Path, timeout_s: float = 240) -> Iterator[str]:
-    """`dgq serve` (embedded queue and worker) on a free port; yields its base URL once /readyz answers 200."""
+    """`dgq-serve` (embedded queue and worker) on a free port; yields its base URL once /readyz answers 200."""
     port = free_port()
     child_env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "DGQ_REDIS_URL")}
     child_env |= {"DGQ_HOST": "127.0.0.1", "DGQ_PORT": str(port), "DGQ_TORCH_THREADS": "1",
                   "DGQ_WARMUP_STEPS": "1", "DGQ_BATCH_WINDOW_S": "0.01", **env}
-    dgq = Path(sys.executable).parent / "dgq"
     with log_file.open("wb") as log:
         # cwd: the log's directory, so that no stray .env is read.
-        process = subprocess.Popen([str(dgq), "serve"], cwd=log_file.parent, env=child_env, stdout=log,
+        process = subprocess.Popen([console_script("dgq-serve")], cwd=log_file.parent, env=child_env, stdout=log,
                                    stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
         while True:
-            assert process.poll() is None, f"dgq serve exited:\n{log_file.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"dgq serve not ready:\n{log_file.read_text()[-3000:]}"
+            assert process.poll() is None, f"dgq-serve exited:\n{log_file.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"dgq-serve not ready:\n{log_file.read_text()[-3000:]}"
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
                     break
@@ -207,7 +207,7 @@ def test_dockerfile_layers_user_and_healthcheck():
     users = [line for line in instructions if line.startswith("USER ")]
     assert users and users[-1] != "USER root"
     assert "/healthz" in index[first("HEALTHCHECK")]
-    assert instructions[-1] == 'CMD ["dgq", "serve"]'
+    assert instructions[-1] == 'CMD ["dgq-serve"]'
 
     # The user the containers run as owns the directories the volumes are mounted on (quantize cache, hub cache).
     user = users[-1].split()[1]
@@ -232,8 +232,10 @@ def test_image_package_holds_the_bundled_model_and_its_checkpoint(tmp_path):
     context.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, context / name)
-    for name in ("dgq_core", "service"):
-        shutil.copytree(REPO / name, context / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    copied = [line.split()[1] for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")]
+    for name in copied:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, context / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                              "-w", str(tmp_path / "dist"), str(context)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -242,22 +244,23 @@ def test_image_package_holds_the_bundled_model_and_its_checkpoint(tmp_path):
         packaged = set(archive.namelist())
         archive.extractall(tmp_path / "site")
 
-    shipped = [f"dgq_core/zoo/{name}" for name in ("dgq-shapes", "dgq-shapes-dgq")] + ["service/static"]
+    shipped = [f"dgq_zoo/{name}" for name in ("dgq-shapes", "dgq-shapes-dgq")]
+    shipped += ["service/static", "service/assets", "dgq_core/data"]
     needed = {path.relative_to(context).as_posix() for folder in shipped for path in (context / folder).rglob("*")
               if path.is_file()}
-    assert any(name.endswith("dgq_unet.safetensors") for name in needed)
+    assert "dgq_zoo/dgq-shapes-dgq/unet/diffusion_pytorch_model.safetensors" in needed
     assert needed - packaged == set(), "files the image would lack (pyproject.toml package-data)"
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    probe = ("from service.config import Settings; from service.pipelines import quantized_checkpoint; "
+    probe = ("from service.config import Settings; from service.served_model import quantized_checkpoint; "
              "print(quantized_checkpoint(Settings(_env_file=None, model='bundled', quantized='auto')))")
     env = {key: value for key, value in os.environ.items() if not key.startswith("DGQ_")}
     env |= {"PYTHONPATH": str(tmp_path / "site"), "DGQ_QUANTIZED_CACHE_DIR": str(cache)}
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
-    assert Path(result.stdout.strip()) == tmp_path / "site" / "dgq_core" / "zoo" / "dgq-shapes-dgq"
+    assert Path(result.stdout.strip()) == tmp_path / "site" / "dgq_zoo" / "dgq-shapes-dgq"
     assert list(cache.iterdir()) == [], "the bundled model was quantized at startup"
 
 
@@ -404,7 +407,7 @@ def test_grafana_provisioning_wiring():
 
 @pytest.fixture(scope="module")
 def served(tiny_sd_model_dir, tmp_path_factory) -> Iterator[str]:
-    """A running `dgq serve` on the tiny model that has generated one image."""
+    """A running `dgq-serve` on the tiny model that has generated one image."""
     log_file = tmp_path_factory.mktemp("deploy-serve") / "serve.log"
     with running_serve({"DGQ_MODEL": str(tiny_sd_model_dir), "DGQ_QUANTIZED": "none"}, log_file) as base_url:
         response = httpx.post(base_url + "/generate", json=GENERATE, timeout=120)
@@ -413,7 +416,7 @@ def served(tiny_sd_model_dir, tmp_path_factory) -> Iterator[str]:
 
 
 def test_healthchecks_pass_on_a_running_service_and_fail_without_one(served):
-    """The image's HEALTHCHECK command (DGQ_PORT pointed at the running `dgq serve`) and compose's API healthcheck
+    """The image's HEALTHCHECK command (DGQ_PORT pointed at the running `dgq-serve`) and compose's API healthcheck
     (its port swapped for the running one), run as Docker would run them; both must fail on a closed port."""
     port = served.rsplit(":", 1)[1]
     closed = str(free_port())
@@ -436,7 +439,7 @@ def test_every_metric_the_dashboard_and_alerts_query_is_exported(served):
                 for sample in family.samples}
     queried = _queried_metric_names()
     assert len(queried) >= 20
-    assert queried - exported == set(), "queried but not exported by dgq serve"
+    assert queried - exported == set(), "queried but not exported by dgq-serve"
 
 
 def test_real_prometheus_scrapes_dgq_serve(served, tmp_path):

@@ -3,29 +3,30 @@ prompt-specific attention parameters, and checkpoint round trips."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
 from tiny_models import build_tiny_sd
 
-from dgq_core.attention import (
-    DGQAttnProcessor,
-    compute_prompt_params,
-    cross_attention_processors,
-    params_from_bytes,
-    params_to_bytes,
-    quantize_probs_per_sample,
+import dgq_core
+from dgq_core.attention import DGQAttnProcessor, cross_attention_processors, quantize_probs_per_sample
+from dgq_core.calibration import collect_unet_stats
+from dgq_core.checkpoint import DIGEST_KEY, FORMAT, FORMAT_KEY, WEIGHTS_NAME, CheckpointError
+from dgq_core.conditioning import (
+    PromptConditioner,
+    conditioning,
+    pack_prompt_pair,
+    unpack_prompt_pair,
     use_prompt_params,
 )
-from dgq_core.calibration import calibrate, collect_unet_stats
-from dgq_core.checkpoint import WEIGHTS_NAME, CheckpointError, load_quantized_unet
-from dgq_core.config import QuantConfig
-from dgq_core.layers import QuantConv2d, QuantLinear, calibrated_step_for
-from dgq_core.pipeline import load_pipeline, save_quantized_pipeline
+from dgq_core.config import DGQConfig
+from dgq_core.diffusers_quantizer import load_quantized_unet, quantization_config_of
+from dgq_core.layers import QuantConv2d, QuantLinear
+from dgq_core.steps import calibrated_step_for
 
 PROMPTS = ["a red circle", "a blue square on green", "small yellow triangle", "big purple star"]
 STEPS = 4
@@ -46,11 +47,11 @@ def quantized(tiny_sd, tmp_path_factory):
     """(pipeline with a DGQ W8A8 K=4 UNet, its config, the saved directory)."""
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.set_progress_bar_config(disable=True)
-    config = QuantConfig(method="dgq", w_bits=8, a_bits=8, groups=4, steps=STEPS, base_model=str(tiny_sd))
-    calibrate(pipe, config, PROMPTS, batch_size=2, progress=False)
+    config = DGQConfig(method="dgq", w_bits=8, a_bits=8, groups=4, steps=STEPS)
+    dgq_core.quantize_(pipe, config, PROMPTS, batch_size=2, progress=False)
     out = tmp_path_factory.mktemp("quantized") / "dgq"
-    save_quantized_pipeline(pipe, config, out, self_contained=True)
-    return pipe, config, out
+    dgq_core.save_pretrained(pipe, out, base_model=str(tiny_sd))
+    return pipe, quantization_config_of(pipe.unet), out
 
 
 def test_quantized_modules_follow_the_method(quantized):
@@ -67,28 +68,29 @@ def test_quantized_modules_follow_the_method(quantized):
     # Cross-attention keys/values depend only on the prompt: one parameter set for all steps.
     assert block.attn2.to_k.act.scale.shape[0] == 1 and block.attn2.processor.k_quant.scale.shape[0] == 1
     per_step = block.attn1.to_q.act
-    assert per_step.scale.shape == (len(config.calib_timesteps), config.groups)
+    assert per_step.scale.shape == (config.record.unet_calls, config.groups)
     assert int(unet.down_blocks[0].resnets[0].conv1.weight_q.codes.max()) <= 255
 
 
 def test_statistics_collected_once_quantize_every_bit_width_like_a_full_calibration(tiny_sd, quantized):
     pipe, config, _ = quantized
     stats_pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
-    calibration = collect_unet_stats(stats_pipe, QuantConfig(method="dgq", steps=STEPS), PROMPTS, 2, progress=False)
-    assert calibration.collected_like(QuantConfig(method="dgq", w_bits=4, a_bits=6, groups=16, steps=STEPS))
-    assert not calibration.collected_like(QuantConfig(method="pertensor", steps=STEPS))
-    same = QuantConfig(method="dgq", w_bits=8, a_bits=8, groups=4, steps=STEPS, base_model=str(tiny_sd))
-    calibration.quantize(stats_pipe.unet, same)
-    assert same == config, "the run-dependent fields come from the statistics run"
+    calibration = collect_unet_stats(stats_pipe, DGQConfig(method="dgq", steps=STEPS), PROMPTS, 2, progress=False)
+    assert calibration.collected_like(DGQConfig(method="dgq", w_bits=4, a_bits=6, groups=16, steps=STEPS))
+    assert not calibration.collected_like(DGQConfig(method="pertensor", steps=STEPS))
+    settings = DGQConfig(method="dgq", w_bits=8, a_bits=8, groups=4, steps=STEPS)
+    quantized_config = calibration.quantize(stats_pipe.unet, settings)
+    assert settings.calibration is None, "the user's settings are not written to"
+    assert quantized_config.calibration == config.calibration, "the record comes from the statistics run"
     reference = pipe.unet.state_dict()
     assert all(torch.equal(value, reference[key]) for key, value in stats_pipe.unet.state_dict().items())
     with pytest.raises(ValueError, match="cannot quantize pertensor"):
-        calibration.quantize(StableDiffusionPipeline.from_pretrained(tiny_sd).unet, QuantConfig(method="pertensor"))
+        calibration.quantize(StableDiffusionPipeline.from_pretrained(tiny_sd).unet, DGQConfig(method="pertensor"))
 
 
 def test_steps_are_keyed_by_call_index_including_pndms_repeated_timestep(quantized):
     _, config, _ = quantized
-    timesteps = config.calib_timesteps
+    timesteps = config.record.timesteps
     assert len(timesteps) == STEPS + 1 and len(set(timesteps)) == STEPS  # PNDM repeats its second timestep
     seen: dict[int, int] = {}
     for call, t in enumerate(timesteps):
@@ -152,29 +154,48 @@ def test_log_sqrt2_codes_are_half_octaves_of_the_scale_and_halve_the_log2_error(
 
 def test_precomputed_prompt_params_reproduce_the_image_exactly(quantized):
     pipe, _, _ = quantized
-    embeds, negative = pipe.encode_prompt(PROMPTS[:2], "cpu", 1, True, None)
-    params = compute_prompt_params(cross_attention_processors(pipe.unet), torch.cat([negative, embeds]))
-    assert params and all(any(name.endswith("key.codes") for name in p) for p in params)
-    params = [params_from_bytes(params_to_bytes(p)) for p in params]
+    conditioner = PromptConditioner(pipe, cross_attention_processors(pipe.unet))
+    prompts, negatives = conditioner.encode(PROMPTS[:2]), conditioner.encode(["", ""])
+    assert all(any(name.endswith("key.codes") for name in p.params) for p in prompts)
+    # Through the wire format, as between the API and a worker.
+    pairs = [unpack_prompt_pair(pack_prompt_pair(p, n)) for p, n in zip(prompts, negatives, strict=True)]
+    prompts, negatives = [p for p, _ in pairs], [n for _, n in pairs]
     generators = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
-    kwargs = dict(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=STEPS, output_type="np")
-    direct = pipe(generator=generators(), **kwargs).images
-    with use_prompt_params(pipe.unet, params):
-        injected = pipe(generator=generators(), **kwargs).images
+    embeds = torch.stack([p.embeds for p in prompts])
+    negative = torch.stack([n.embeds for n in negatives])
+    kwargs = dict(num_inference_steps=STEPS, output_type="np")
+    direct = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=generators(), **kwargs).images
+    with conditioning(pipe, prompts, negatives, guidance_scale=7.5) as text_inputs:
+        injected = pipe(**text_inputs, generator=generators(), **kwargs).images
     assert np.array_equal(direct, injected)
-    with use_prompt_params(pipe.unet, params[:1]), pytest.raises(ValueError, match="samples"):
-        pipe(generator=generators(), **kwargs)
+    one_row = [negatives[0].params]
+    with use_prompt_params(pipe.unet, one_row), pytest.raises(ValueError, match="samples"):
+        pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=generators(), **kwargs)
 
 
 def test_save_load_generate_gives_the_same_image(quantized):
-    pipe, config, out = quantized
+    pipe, _, out = quantized
     before = generate(pipe, PROMPTS[1:2], [5])
-    loaded = load_pipeline(out)
+    loaded = dgq_core.from_pretrained(out)
     after = generate(loaded, PROMPTS[1:2], [5])
     assert np.array_equal(before, after)
     saved = json.loads((out / "unet" / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "dgq" and saved["groups"] == 4 and saved["excluded_layers"] == ["conv_in", "conv_out"]
+    assert saved["calibration"]["timesteps"] == quantization_config_of(pipe.unet).record.timesteps
     assert not any(p.dtype.is_floating_point and p.numel() > 10_000 for p in loaded.unet.state_dict().values())
+
+
+def test_diffusers_from_pretrained_loads_a_dgq_checkpoint_like_dgq_core(quantized):
+    _, _, out = quantized
+    ours = generate(dgq_core.from_pretrained(out, exec_mode="fake"), PROMPTS[:2], [3, 4])
+    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.unet.hf_quantizer, dgq_core.DGQQuantizer)
+    assert np.array_equal(generate(pipe, PROMPTS[:2], [3, 4]), ours)
+    # diffusers' own save writes the same checkpoint back.
+    pipe.save_pretrained(out.parent / "resaved")
+    resaved = generate(dgq_core.from_pretrained(out.parent / "resaved", exec_mode="fake"), PROMPTS[:2], [3, 4])
+    assert np.array_equal(resaved, ours)
 
 
 def test_load_keeps_weights_as_integer_codes(quantized):
@@ -190,22 +211,20 @@ def test_corrupt_or_altered_checkpoints_are_refused(quantized, tmp_path):
     _, _, out = quantized
     broken = tmp_path / "unet"
     shutil.copytree(out / "unet", broken)
-    data = bytearray((broken / WEIGHTS_NAME).read_bytes())
+    weights = broken / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
-    (broken / WEIGHTS_NAME).write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="checksum"):
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"does not match the {DIGEST_KEY}"):
         load_quantized_unet(broken)
-    config = json.loads((broken / "config.json").read_text())
-    config.pop("dgq_weights_sha256")
-    (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="names no dgq_weights_sha256"):
+    tensors = load_file(weights)
+    save_file(tensors, weights, metadata={FORMAT_KEY: FORMAT})
+    with pytest.raises(CheckpointError, match=f"names no {DIGEST_KEY}"):
         load_quantized_unet(broken)
-    garbage = b"not a safetensors file"
-    (broken / WEIGHTS_NAME).write_bytes(garbage)
-    config["dgq_weights_sha256"] = hashlib.sha256(garbage).hexdigest()
-    (broken / "config.json").write_text(json.dumps(config))
+    weights.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_quantized_unet(broken)
+    config = json.loads((broken / "config.json").read_text())
     config["quantization_config"]["quant_method"] = "bitsandbytes"
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="dgq"):
@@ -216,8 +235,8 @@ def test_corrupt_or_altered_checkpoints_are_refused(quantized, tmp_path):
 def test_every_method_and_bit_setting_generates(tiny_sd, method, w_bits, a_bits):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.set_progress_bar_config(disable=True)
-    config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, groups=8, steps=2)
-    calibrate(pipe, config, PROMPTS[:2], progress=False)
+    config = DGQConfig(method=method, w_bits=w_bits, a_bits=a_bits, groups=8, steps=2)
+    dgq_core.quantize_(pipe, config, PROMPTS[:2], progress=False)
     image = pipe(PROMPTS[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert np.isfinite(image).all() and image.std() > 0
     codes = pipe.unet.down_blocks[0].resnets[0].conv1.weight_q.codes

@@ -1,4 +1,4 @@
-"""Alignment scorer, feature network, metrics and the `dgq eval` entry point on tiny models (CPU, seconds)."""
+"""Alignment scorer, feature network, metrics and the `dgq-eval` entry point on tiny models (CPU, seconds)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from dgq_core.eval import alignment, cli, harness, metrics
-from dgq_core.eval.features import ShapesFeatureNet, attribute_accuracy
-from dgq_core.eval.real_models import inception_weights_path, read_prompt_file
-from dgq_core.zoo import shapes
-from dgq_core.zoo.model import (
+from dgq_core import load_prompt_file
+from dgq_eval import alignment, cli, harness, metrics
+from dgq_eval.features import ShapesFeatureNet, attribute_accuracy
+from dgq_eval.real_models import PARTI_PROMPTS, inception_weights_path
+from dgq_zoo import shapes
+from dgq_zoo.model import (
     ZooModelConfig,
     assemble_pipeline,
     build_text_encoder,
@@ -23,8 +24,6 @@ from dgq_core.zoo.model import (
     build_unet,
     build_vae,
 )
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_scorer_is_at_least_98_percent_accurate_on_real_images():
@@ -125,11 +124,8 @@ def _tiny_clip_dir(directory: Path, tokenizer_dir: Path) -> Path:
 
 
 def test_eval_of_a_real_model_path_on_parti_prompts(tiny_model, tmp_path):
-    prompts_file = SHARED_DATA / "PartiPrompts.tsv"
-    if not prompts_file.is_file():
-        prompts_file = tmp_path / "prompts.txt"
-        prompts_file.write_text("a photo of a cat\na red bicycle by a lake\na city at night\n")
-    assert len(read_prompt_file(prompts_file)) >= 3
+    prompts_file = PARTI_PROMPTS
+    assert len(load_prompt_file(prompts_file)) == 1632
     clip_dir = _tiny_clip_dir(tmp_path / "clip", tiny_model / "tokenizer")
     args = ["--model", str(tiny_model), "--prompts", str(prompts_file), "--num", "3", "--steps", "2",
             "--clip-model", str(clip_dir), "--json", str(tmp_path / "r.json")]  # fmt: skip
@@ -151,8 +147,8 @@ def test_heldout_prompts_are_fixed_and_held_out():
 @pytest.mark.slow
 def test_quality_benchmark_smoke(tiny_model, tmp_path):
     """The BENCHMARKS quality table's code path, on a few prompts: FP, DGQ and the per-tensor baseline at W8A8."""
-    from dgq_core.eval import benchmark
-    from dgq_core.zoo.train import write_calibration_prompts
+    from dgq_eval import benchmark
+    from dgq_zoo.train import write_calibration_prompts
 
     write_calibration_prompts(tiny_model)
     settings = [benchmark.QuantSetting("dgq", 8, 8, 8), benchmark.QuantSetting("pertensor", 8, 8)]
@@ -165,7 +161,7 @@ def test_quality_benchmark_smoke(tiny_model, tmp_path):
 
 def test_quality_table_rows_have_distinct_method_names_and_labels():
     """--methods picks rows by key and the table names them by label: every default row must have its own of both."""
-    from dgq_core.eval import benchmark
+    from dgq_eval import benchmark
 
     settings = benchmark.default_settings([(8, 8)])
     keys, labels = [s.key for s in settings], [s.label for s in settings]

@@ -1,7 +1,7 @@
 """Faults, each survived with nothing lost and each reported with a figure (printed; `pytest -s` shows them,
 RELIABILITY.md quotes them).
 
-Real parts throughout: a redis-server with the append-only file on, `dgq serve` and two `dgq worker` child
+Real parts throughout: a redis-server with the append-only file on, `dgq-serve` and two `dgq-worker` child
 processes on the tiny random model (kill -9 a worker mid-batch, kill -9 Redis, kill -9 the API, SIGTERM a worker);
 and an in-process `Worker` on another real Redis for the failures inside a batch (out of memory, a job that fails
 every time, malformed entries written straight into the stream). The out-of-memory error is raised by a forward
@@ -26,11 +26,13 @@ import redis
 import torch
 from conftest import running_api
 from local_cluster import RedisServer, ServiceProcesses
+from safetensors.torch import save as save_safetensors
 
+from dgq_core import EncodedPrompt, pack_prompt_pair
 from service.config import Settings
-from service.pipelines import EncodedPrompt, load_worker_pipeline, pack_prompt, tensors_to_bytes
 from service.queue import keys, make_queue
 from service.schemas import JobSpec
+from service.served_model import ServedModel
 from service.worker import Worker
 
 pytestmark = pytest.mark.anyio
@@ -52,7 +54,7 @@ def figure(test: str, text: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_sd_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """An AOF-persisted Redis, `dgq serve` and two workers, shared by the process-level fault tests (in order)."""
+    """An AOF-persisted Redis, `dgq-serve` and two workers, shared by the process-level fault tests (in order)."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     redis_server = RedisServer(tmp_path_factory.mktemp("redis-aof"), appendonly=True)
@@ -250,7 +252,7 @@ class UNetMemoryCap:
 @pytest.fixture(scope="module")
 def worker_pipe(tiny_sd_model_dir: Path):
     """The worker pipeline, loaded once, with a switchable UNet memory cap."""
-    pipe = load_worker_pipeline(Settings(model=str(tiny_sd_model_dir), quantized="none"))
+    pipe = ServedModel(Settings(model=str(tiny_sd_model_dir), quantized="none")).load_worker_pipeline()
     pipe.memory_cap = UNetMemoryCap(pipe.unet)
     yield pipe
     pipe.memory_cap.max_rows = None
@@ -317,7 +319,7 @@ async def test_job_failing_every_time_is_dead_lettered_and_its_batch_mates_succe
     wrong_width = EncodedPrompt(torch.zeros(77, 48), None, {})
     poison = JobSpec(id="poison", width=SIZE, height=SIZE, steps=STEPS, guidance_scale=7.5, seed=1, num_images=1,
                      scheduler="model-default")
-    await queue.submit(poison, pack_prompt(wrong_width, wrong_width), {})
+    await queue.submit(poison, pack_prompt_pair(wrong_width, wrong_width), {})
     good = await _submit(client, 2, first_seed=30)
     states = await _wait_ended(client, ["poison", *good])
     await queue.close()
@@ -338,7 +340,7 @@ def _spec_json(job_id: str, **changes: object) -> str:
 
 async def test_malformed_job_entries_in_redis_are_dead_lettered_and_the_worker_keeps_serving(in_process):
     client, client_redis = in_process.client, in_process.client_redis
-    tensors_without_negative = tensors_to_bytes({"prompt_embeds": torch.zeros(77, 32)})
+    tensors_without_negative = save_safetensors({"prompt_embeds": torch.zeros(77, 32)})
     bad_jobs = {  # job id -> hash fields as something other than `submit` might write them
         "wrong-types": {"spec": _spec_json("wrong-types", width="wide", steps=[2]), "payload": b"x"},
         "not-json": {"spec": "{not json", "payload": b"x"},

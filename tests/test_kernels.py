@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from dgq_core.kernels import IntConv2d, IntLinear
-from dgq_core.kernels.cpu import OnednnGemm
-from dgq_core.kernels.cuda import IntMmGemm
+from dgq_core.kernels.int_mm import IntMmGemm
+from dgq_core.kernels.onednn import OnednnGemm
 from dgq_core.layers import QuantizedWeight, StepActParams, fake_quant_activation
 from dgq_core.quantizers import minmax_params
 
@@ -30,7 +30,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def fused_backend():
-    from dgq_core.kernels.fused import FusedGroupGemm
+    from dgq_core.kernels.triton_fused import FusedGroupGemm
 
     return FusedGroupGemm("cpu")
 
@@ -242,7 +242,7 @@ def test_layer_with_shared_channel_groups_keeps_one_weight_copy(w_bits):
 SATURATION_SCRIPT = """
 import json, torch, torch.nn.functional as F
 from dgq_core.kernels import IntLinear
-from dgq_core.kernels.cpu import OnednnGemm, has_vnni
+from dgq_core.kernels.onednn import OnednnGemm, has_vnni
 from dgq_core.layers import QuantizedWeight, StepActParams, fake_quant_activation
 from dgq_core.quantizers import minmax_params
 torch.manual_seed(0)
@@ -329,7 +329,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dgq_core.kernels import fused
+from dgq_core.kernels import triton_fused as fused
 
 pointers = {"x_ptr": "*fp32", "order_ptr": "*i32", "w_ptr": "*i8", "bounds_ptr": "*i32", "group_id_ptr": "*i32",
             "row_label_ptr": "*i32"}

@@ -1,6 +1,6 @@
 """The playground page at `/`, end to end in a real headless browser (Debian's chromium driven by Playwright).
 
-A `dgq serve` process on a free port serves the tiny DGQ-quantized model; the browser types a prompt, follows the
+A `dgq-serve` process on a free port serves the tiny DGQ-quantized model; the browser types a prompt, follows the
 live progress and shows the image. A second one serves what the Docker image serves by default (the bundled model,
 DGQ_QUANTIZED=auto); `DGQ_PLAYGROUND_SCREENSHOT=PATH` saves a screenshot of it there (how docs/playground.png is
 made).

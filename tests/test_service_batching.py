@@ -6,11 +6,12 @@ from dataclasses import replace
 
 import pytest
 
+from dgq_core import pack_prompt_pair, unpack_prompt_pair
 from service.config import Settings
-from service.frontend import PromptFrontend
-from service.pipelines import load_worker_pipeline, pack_prompt, unpack_prompt
+from service.prompts import PromptStage
 from service.queue.base import QueuedJob
 from service.schemas import JobSpec
+from service.served_model import ServedModel
 from service.worker import BatchRunner, compatible_batches
 
 
@@ -26,23 +27,23 @@ def settings(tiny_sd_model_dir) -> Settings:
 
 @pytest.fixture(scope="module")
 def runner(settings) -> BatchRunner:
-    return BatchRunner(load_worker_pipeline(settings))
+    return BatchRunner(ServedModel(settings).load_worker_pipeline())
 
 
 @pytest.fixture(scope="module")
-def frontend(settings) -> PromptFrontend:
-    return PromptFrontend(settings)
+def prompt_stage(settings) -> PromptStage:
+    return PromptStage(ServedModel(settings), settings.prompt_cache_size)
 
 
-def _job(frontend: PromptFrontend, spec: JobSpec, prompt: str, negative: str = "") -> QueuedJob:
-    return QueuedJob(spec=spec, payload=pack_prompt(*frontend._encode_cached([prompt, negative])))
+def _job(prompt_stage: PromptStage, spec: JobSpec, prompt: str, negative: str = "") -> QueuedJob:
+    return QueuedJob(spec=spec, payload=pack_prompt_pair(*prompt_stage._encode_cached([prompt, negative])))
 
 
 @pytest.mark.parametrize(("width", "guidance"), [(16, 7.5), (40, 7.5), (24, 1.0)])
-def test_image_identical_alone_and_batched(runner, frontend, width, guidance):
+def test_image_identical_alone_and_batched(runner, prompt_stage, width, guidance):
     prompts = ["a red square", "blue circle", "green", "yellow star on black"]
     jobs = [
-        _job(frontend, _spec(f"j{i}", width=width, guidance=guidance, seed=10 * i, n=1 + (i == 2)), p, "blurry")
+        _job(prompt_stage, _spec(f"j{i}", width=width, guidance=guidance, seed=10 * i, n=1 + (i == 2)), p, "blurry")
         for i, p in enumerate(prompts)
     ]
     batched = runner.run(jobs, lambda step, seconds: False).pngs
@@ -53,8 +54,8 @@ def test_image_identical_alone_and_batched(runner, frontend, width, guidance):
     assert len({pngs[0] for pngs in batched}) == len(jobs)
 
 
-def test_step_callback_sees_every_step_and_can_stop(runner, frontend):
-    job = _job(frontend, _spec("s", steps=5), "stop early")
+def test_step_callback_sees_every_step_and_can_stop(runner, prompt_stage):
+    job = _job(prompt_stage, _spec("s", steps=5), "stop early")
     seen = []
     runner.run([job], lambda step, seconds: seen.append(step) or step == 2)
     assert seen == [1, 2]
@@ -72,11 +73,12 @@ def test_compatible_batches_group_by_key_and_bound_images():
 def test_dgq_model_batched_equals_alone_and_equals_without_precomputed_params(tiny_sd_model_dir,
                                                                              tiny_dgq_checkpoint_dir):
     dgq_settings = Settings(model=str(tiny_sd_model_dir), quantized=str(tiny_dgq_checkpoint_dir))
-    dgq_frontend = PromptFrontend(dgq_settings)
-    dgq_runner = BatchRunner(load_worker_pipeline(dgq_settings))
-    jobs = [_job(dgq_frontend, _spec(f"q{i}", seed=i), prompt, "blurry")
+    dgq_model = ServedModel(dgq_settings)
+    dgq_prompts = PromptStage(dgq_model, dgq_settings.prompt_cache_size)
+    dgq_runner = BatchRunner(dgq_model.load_worker_pipeline())
+    jobs = [_job(dgq_prompts, _spec(f"q{i}", seed=i), prompt, "blurry")
             for i, prompt in enumerate(["a red square", "blue circle"])]
-    assert all(unpack_prompt(job.payload)[0].params for job in jobs), "the front stage computed DGQ parameters"
+    assert all(unpack_prompt_pair(job.payload)[0].params for job in jobs), "the prompt stage computed DGQ parameters"
     batched = dgq_runner.run(jobs, lambda step, seconds: False).pngs
     for job, pngs in zip(jobs, batched, strict=True):
         assert dgq_runner.run([job], lambda step, seconds: False).pngs[0] == pngs
@@ -88,5 +90,5 @@ def test_dgq_model_batched_equals_alone_and_equals_without_precomputed_params(ti
 
 def _without_prompt_params(job: QueuedJob) -> QueuedJob:
     """The same job with its prompt-specific parameters removed (the UNet then quantizes K/V itself)."""
-    prompt, negative = unpack_prompt(job.payload)
-    return QueuedJob(spec=job.spec, payload=pack_prompt(replace(prompt, params={}), replace(negative, params={})))
+    prompt, negative = unpack_prompt_pair(job.payload)
+    return QueuedJob(spec=job.spec, payload=pack_prompt_pair(replace(prompt, params={}), replace(negative, params={})))

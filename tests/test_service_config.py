@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from service.auth import hash_api_key
 from service.config import Settings
-from service.pipelines import quantized_checkpoint, shipped_quantized_dir
+from service.served_model import quantized_checkpoint, shipped_quantized_dir
 
 
 def test_environment_and_cli(monkeypatch):

@@ -1,4 +1,4 @@
-"""End to end on a real redis-server: an API process and two worker processes (`dgq serve` / `dgq worker`
+"""End to end on a real redis-server: an API process and two worker processes (`dgq-serve` / `dgq-worker`
 entry points), concurrent requests batched across requests, a worker killed with SIGKILL mid-job, and a Redis
 outage answered with 503 and survived without a restart."""
 

@@ -17,9 +17,7 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from tiny_models import build_tiny_sdxl
 
-from dgq_core.calibration import calibrate
-from dgq_core.config import QuantConfig
-from dgq_core.pipeline import load_pipeline, save_quantized_pipeline
+import dgq_core
 from service.config import Settings
 
 pytestmark = pytest.mark.anyio
@@ -33,10 +31,10 @@ def sdxl_dgq(tmp_path_factory) -> tuple:
     model_dir = build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model")
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    config = QuantConfig(method="dgq", groups=4, steps=3, base_model=str(model_dir))
-    calibrate(pipe, config, ["a red square", "a blue circle"], batch_size=2, progress=False)
+    config = dgq_core.DGQConfig(method="dgq", groups=4, steps=3)
+    dgq_core.quantize_(pipe, config, ["a red square", "a blue circle"], batch_size=2, progress=False)
     checkpoint = tmp_path_factory.mktemp("tiny-sdxl-dgq") / "checkpoint"
-    save_quantized_pipeline(pipe, config, checkpoint, self_contained=False)
+    dgq_core.save_pretrained(pipe, checkpoint, self_contained=False, base_model=str(model_dir))
     return model_dir, checkpoint
 
 
@@ -58,7 +56,7 @@ async def test_sdxl_request_matches_the_diffusers_pipeline(sdxl_dgq):
     assert other.content != served.content, "the prompt reaches the UNet"
     assert info["data"], "the SDXL model is listed"
 
-    pipe = load_pipeline(model_dir, quantized=checkpoint)
+    pipe = dgq_core.from_pretrained(model_dir, quantized=checkpoint)
     direct = pipe(
         REQUEST["prompt"], num_inference_steps=REQUEST["steps"], guidance_scale=REQUEST["guidance_scale"],
         generator=torch.Generator().manual_seed(REQUEST["seed"]), output_type="np",

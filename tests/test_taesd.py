@@ -1,7 +1,7 @@
 """DGQ activation groups vs the per-tensor baseline on a real pretrained conv network: the TAESD decoder.
 
 PSNR is measured against the full-precision decode of real photographs (scikit-image's bundled images); the
-weights are the real TAESD ones from ../shared/assets/taesd.
+weights are the real TAESD ones the project ships (service/assets/taesd).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from dgq_core.calibration import collect_module_stats, quantize_from_stats
-from dgq_core.config import QuantConfig
+from dgq_core.config import DGQConfig
 
-TAESD_DIR = Path(__file__).resolve().parents[2] / "shared" / "assets" / "taesd"
+TAESD_DIR = Path(__file__).resolve().parents[1] / "service" / "assets" / "taesd"
 # Fourteen bundled photographs, each also flipped and transposed: group ranges are fitted tightly to the
 # calibration data, so it must cover the variety the evaluation images bring.
 CALIBRATION_IMAGES = (
@@ -26,11 +26,6 @@ CALIBRATION_IMAGES = (
 )
 EVALUATION_IMAGES = ("astronaut", "rocket")
 SIZE = 128
-
-pytestmark = pytest.mark.skipif(
-    not (TAESD_DIR / "taesd_decoder.safetensors").is_file(),
-    reason=f"TAESD weights not found at {TAESD_DIR} (../shared is absent); this test needs the shared assets",
-)
 
 
 def load_taesd():
@@ -72,7 +67,7 @@ def calibrated():
         evaluation = {name: model.encoder(photo(name)) for name in EVALUATION_IMAGES}
         reference = {name: model.decoder(z) for name, z in evaluation.items()}
     decoder = model.decoder
-    config = QuantConfig(excluded_layers=[])
+    config = DGQConfig(excluded_layers=[])
     collector, state = collect_module_stats(
         decoder, config, lambda: [decoder(calibration[i : i + 8]) for i in range(0, len(calibration), 8)], (SIZE // 8, SIZE // 8)
     )
@@ -82,7 +77,7 @@ def calibrated():
 def decoder_psnr(calibrated, method: str, groups: int, a_bits: int) -> float:
     decoder, evaluation, reference, collector, state = calibrated
     decoder = copy.deepcopy(decoder)
-    config = QuantConfig(method=method, w_bits=8, a_bits=a_bits, groups=groups, excluded_layers=[])
+    config = DGQConfig(method=method, w_bits=8, a_bits=a_bits, groups=groups, excluded_layers=[])
     quantize_from_stats(decoder, config, collector, state)
     with torch.no_grad():
         return float(np.mean([psnr(decoder(evaluation[name]), reference[name]) for name in EVALUATION_IMAGES]))

@@ -10,10 +10,10 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
-from dgq_core.zoo import bundled_model_dir, shapes
-from dgq_core.zoo import train as zoo_train
-from dgq_core.zoo.export import export
-from dgq_core.zoo.tokenizer import save_word_tokenizer
+from dgq_zoo import bundled_model_dir, shapes
+from dgq_zoo import train as zoo_train
+from dgq_zoo.export import export
+from dgq_zoo.tokenizer import save_word_tokenizer
 
 
 def test_batches_are_a_function_of_the_seed():
@@ -201,7 +201,7 @@ def test_mirror_couples_put_pairs_beside_their_mirrors(tmp_path):
 def test_bundled_model_alignment_on_heldout_prompts():
     """Full-precision alignment on 8 held-out prompts at the evaluation's settings, against the number measured on
     64 prompts when the weights were exported (eval_heldout.json in the model directory)."""
-    from dgq_core.eval import alignment, harness
+    from dgq_eval import alignment, harness
 
     measured = json.loads((bundled_model_dir() / "eval_heldout.json").read_text())
     prompts = harness.heldout_prompts(8)

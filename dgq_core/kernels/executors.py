@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..layers import StepActParams, conv_output_size, quantize_activation
 from ..quantizers import dequantize_uniform, unpack_int4
-from .gemm import GemmBackend, PackedWeight
+from .protocol import GemmBackend, PackedWeight
 
 # A channel-grouped convolution runs natively when the channels it duplicates add at most this fraction of its weight
 # and it has at least this many output positions per sample at the calibrated size: below that, im2col + GEMM is the
@@ -128,7 +128,7 @@ class IntLinear:
 
     def __init__(self, backend, w_scale, w_zero_point, bits, in_features, bias, nibbles=None) -> None:
         self.backend: GemmBackend = backend
-        self.fused = getattr(backend, "fused_groups", False)
+        self.fused = backend.fused_groups
         self.whole: PackedWeight | None = None
         self.nibbles = nibbles
         self.bits, self.in_features, self.out_features = bits, in_features, w_scale.numel()

@@ -1,4 +1,4 @@
-"""The FastAPI application: lifespan (queue, front stage, embedded worker, rate limiter, metrics port), error
+"""The FastAPI application: lifespan (queue, served model, prompt stage, embedded worker, rate limiter, metrics port), error
 mapping, body-size limit, CORS, request metrics."""
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from service.api.limits import BodySizeLimit
 from service.api.responses import error_response
 from service.config import Settings
 from service.errors import ServiceError
-from service.frontend import PromptFrontend
+from service.prompts import PromptStage
 from service.queue import make_queue
 from service.queue.base import JobQueue
 from service.ratelimit import make_rate_limiter
 from service.schemas import ErrorBody
+from service.served_model import ServedModel
 from service.serving import GenerationService
 from service.worker import Worker
 
@@ -56,9 +57,10 @@ def _log_worker_failure(task: asyncio.Task) -> None:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     queue = make_queue(settings)
-    frontend = await asyncio.to_thread(PromptFrontend, settings)
-    worker = Worker(settings, queue) if settings.worker_in_api else None
-    app.state.service = GenerationService(settings, queue, frontend, worker)
+    model = await asyncio.to_thread(ServedModel, settings)
+    prompts = await asyncio.to_thread(PromptStage, model, settings.prompt_cache_size)
+    worker = Worker(settings, queue, model) if settings.worker_in_api else None
+    app.state.service = GenerationService(settings, queue, prompts, worker)
     app.state.rate_limiter = limiter = make_rate_limiter(settings)
     app.state.metrics_server = None
     if settings.metrics_port is not None:
@@ -103,7 +105,7 @@ def _http_error_response(request: Request, error: HTTPException) -> JSONResponse
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The API application; its lifespan loads the front stage and, in embedded mode, a worker."""
+    """The API application; its lifespan loads the served model's text side and, in embedded mode, a worker."""
     app = FastAPI(
         title="dgq-serve", summary="Text-to-image with DGQ-quantized Stable Diffusion UNets.", lifespan=_lifespan,
         docs_url=None, redoc_url=None,  # `docs` serves Swagger UI from local files

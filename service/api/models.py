@@ -12,4 +12,4 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Authenticated])
 
 @router.get("/models")
 async def list_models(service: ServiceDep) -> OpenAIModelList:
-    return OpenAIModelList(data=[OpenAIModel(id=service.model_name, created=service.started_at)])
+    return OpenAIModelList(data=[OpenAIModel(id=service.model.name, created=service.started_at)])

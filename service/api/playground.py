@@ -3,14 +3,12 @@ and shows the image. `/playground/info` tells the page the model, its quantizati
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from service.api.deps import ServiceDep, SettingsDep
-from service.pipelines import quantization_info
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
@@ -33,17 +31,14 @@ async def playground_style() -> FileResponse:
 
 
 @router.get("/playground/info")
-async def playground_info(request: Request, service: ServiceDep, settings: SettingsDep) -> dict[str, object]:
+async def playground_info(service: ServiceDep, settings: SettingsDep) -> dict[str, object]:
     """Unauthenticated like `/metrics` (which carries the same model info); says whether the API wants a key."""
-    quantization = getattr(request.app.state, "playground_quantization", None)
-    if quantization is None:
-        # Reads the checkpoint's config.json; the front stage has already resolved (or made) the checkpoint.
-        quantization = await asyncio.to_thread(quantization_info, settings)
-        request.app.state.playground_quantization = quantization
-    width, height = service.frontend.native_size
+    width, height = service.model.native_size
     return {
         "model": settings.model,
-        "quantization": {**quantization, "exec_mode": settings.exec_mode, "device": settings.device},
+        "quantization": {
+            **service.model.quantization_info(), "exec_mode": settings.exec_mode, "device": settings.device,
+        },
         "native_width": width, "native_height": height,
         "max_width": settings.max_width, "max_height": settings.max_height, "max_steps": settings.max_steps,
         "auth_required": bool(settings.api_keys),

@@ -59,7 +59,7 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     async def admit(self) -> None:
-        """Raise `QueueFull` if a job submitted now would be refused: a cheap check before the front stage's work,
+        """Raise `QueueFull` if a job submitted now would be refused: a cheap check before the prompt stage's work,
         so that an overloaded API answers 429 without encoding prompts (`submit` checks again)."""
 
     @abc.abstractmethod

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
@@ -32,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service import metrics
 from service.config import Settings
 from service.errors import QueueUnavailable
-from service.queue import keys
+from service.queue import keys, wire
 from service.queue.base import (
     TERMINAL_EVENTS,
     JobQueue,
@@ -160,7 +159,7 @@ class RedisStreamsQueue(JobQueue):
 
     async def _emit(self, job_id: str, event: JobEvent) -> None:
         await self._redis.xadd(
-            keys.job_events(job_id), {"event": event.event, "data": json.dumps(event.data)},
+            keys.job_events(job_id), wire.encode_event(event),
             maxlen=EVENTS_MAXLEN, approximate=True,
         )
 
@@ -218,8 +217,8 @@ class RedisStreamsQueue(JobQueue):
         await self._ensure_group()
         job_key = keys.job(spec.id)
         await self._redis.hset(job_key, mapping={
-            "spec": spec.model_dump_json(), "payload": payload, "status": JobStatus.queued.value,
-            "timings": json.dumps(timings), "deliveries": 0, "completions": 0,
+            "spec": wire.encode_spec(spec), "payload": payload, "status": JobStatus.queued.value,
+            "timings": wire.encode_timings(timings), "deliveries": 0, "completions": 0,
         })
         entry = await self._enqueue_script(
             keys=[keys.JOBS_STREAM, job_key, keys.job_events(spec.id)],
@@ -245,9 +244,9 @@ class RedisStreamsQueue(JobQueue):
             return None
         status = JobStatus(_text(values["status"]))
         return job_state(
-            JobSpec.model_validate_json(values["spec"]), status,
+            wire.decode_spec(values["spec"]), status,
             position=await self._position(values["entry"]) if status == JobStatus.queued else None,
-            timings=json.loads(values["timings"] or "{}"), error=_text(values["error"]),
+            timings=wire.decode_timings(values["timings"]), error=_text(values["error"]),
             worker=_text(values["worker"]), deliveries=int(values["deliveries"] or 0),
             finished_at=float(values["finished_at"]) if values["finished_at"] else None,
             expires_at=float(values["expires_at"]) if values["expires_at"] else None,
@@ -281,7 +280,7 @@ class RedisStreamsQueue(JobQueue):
             for _, entries in reply:
                 for entry_id, fields in entries:
                     last_id = entry_id
-                    event = JobEvent(event=fields[b"event"].decode(), data=json.loads(fields[b"data"]))
+                    event = wire.decode_event(fields)
                     yield event
                     if event.event in TERMINAL_EVENTS:
                         return
@@ -333,7 +332,7 @@ class RedisStreamsQueue(JobQueue):
             try:
                 if payload is None:
                     raise ValueError("it has no payload (prompt tensors)")
-                jobs.append(QueuedJob(spec=JobSpec.model_validate_json(spec or b""), payload=payload,
+                jobs.append(QueuedJob(spec=wire.decode_spec(spec or b""), payload=payload,
                                       receipt=receipt, deliveries=deliveries))
             except ValidationError as error:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in error.errors())
@@ -378,9 +377,9 @@ class RedisStreamsQueue(JobQueue):
     @_unavailable_on_connection_error
     async def succeed(self, job: QueuedJob, images: StoredImages) -> None:
         stored_timings = await self._redis.hget(keys.job(job.spec.id), "timings")
-        timings = json.loads(stored_timings or "{}") | images.timings
+        timings = wire.decode_timings(stored_timings) | images.timings
         await self._finish(job.spec.id, job.receipt, JobStatus.succeeded, [JobStatus.running], images.pngs,
-                           timings=json.dumps(timings))
+                           timings=wire.encode_timings(timings))
 
     @_unavailable_on_connection_error
     async def fail(self, job: QueuedJob, reason: str, timings: dict[str, float]) -> None:

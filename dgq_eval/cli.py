@@ -1,0 +1,98 @@
+"""`dgq-eval`: generate with fixed seeds and write the metrics as JSON and a markdown table.
+
+    python -m dgq_eval.cli --model dgq_zoo/dgq-shapes --num 64 --json out/fp.json
+    python -m dgq_eval.cli --model out/w8a8 --reference dgq_zoo/dgq-shapes --num 64 --json out/w8a8.json
+    python -m dgq_eval.cli --model /models/sd-v1-4 --prompts dgq_eval/data/PartiPrompts.tsv --num 300 \\
+        --clip-model /models/clip-vit-large-patch14 --reference /models/sd-v1-4-fp-images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from dgq_core import EXEC_MODES, load_prompt_file
+from dgq_eval import harness
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dgq-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", required=True, help="full-precision diffusers dir or quantized checkpoint dir"
+    )
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        help="prompt file: .txt one per line, PartiPrompts .tsv, COCO .csv (default: held-out shapes prompts)",
+    )
+    parser.add_argument("--num", type=int, default=64, help="number of images (the first N prompts)")
+    parser.add_argument("--reference", help="full-precision model dir, or a dir of its images, for PSNR/SSIM")
+    parser.add_argument("--steps", type=int, default=harness.DEFAULT_STEPS, help="sampler steps")
+    parser.add_argument("--guidance", type=float, default=harness.DEFAULT_GUIDANCE, help="CFG scale")
+    parser.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--size", type=int, help="image height = width (default: the model's)")
+    parser.add_argument("--clip-model", help="local CLIP model dir for CLIP score (non-shapes prompts)")
+    parser.add_argument("--fid-reference", help="dir of real images for Inception FID (non-shapes prompts)")
+    parser.add_argument("--save-images", help="write the generated images here (00000.png, ...)")
+    parser.add_argument("--save-reference-images", help="write the reference model's images here")
+    parser.add_argument("--json", dest="json_path", help="write the report as JSON here (default: stdout)")
+    parser.add_argument("--markdown", help="write a one-row markdown table here")
+    parser.add_argument("--label", help="row label in the markdown table (default: the model dir)")
+    parser.add_argument(
+        "--exec", dest="exec_mode", choices=EXEC_MODES, default="fake", help="quantized execution (fake: the reference)"
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `dgq-eval` / `python -m dgq_eval.cli`.
+
+    Args:
+        argv: command-line arguments (sys.argv[1:] when None).
+
+    Returns:
+        process exit status.
+    """
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = (
+        load_prompt_file(args.prompts)[: args.num] if args.prompts else harness.heldout_prompts(args.num)
+    )
+    config = harness.EvalConfig(
+        model=args.model,
+        prompts=prompts,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        height=args.size,
+        width=args.size,
+        exec_mode=args.exec_mode,
+    )
+    report = harness.evaluate(
+        config,
+        reference=args.reference,
+        save_images_dir=args.save_images,
+        save_reference_dir=args.save_reference_images,
+        clip_model=args.clip_model,
+        fid_reference_dir=args.fid_reference,
+    )
+    harness.write_report(report, args.json_path, args.markdown, args.label or str(args.model))
+    if not args.json_path:
+        print(json.dumps(asdict(report), indent=1))
+    print(harness.format_markdown([(args.label or str(args.model), report)]), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

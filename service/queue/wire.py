@@ -1,0 +1,36 @@
+"""How a job's parts are written between processes, in Redis: its spec and timings as JSON, each event as its name
+and JSON data. The prompt conditioning a job carries is the library's format (`dgq_core.pack_prompt_pair`:
+safetensors), its images are PNGs; nothing is pickled."""
+
+from __future__ import annotations
+
+import json
+
+from service.schemas import JobEvent, JobSpec
+
+
+def encode_spec(spec: JobSpec) -> str:
+    return spec.model_dump_json()
+
+
+def decode_spec(data: bytes | str) -> JobSpec:
+    """Raises `pydantic.ValidationError` for anything `encode_spec` did not write."""
+    return JobSpec.model_validate_json(data)
+
+
+def encode_timings(timings: dict[str, float]) -> str:
+    return json.dumps(timings)
+
+
+def decode_timings(data: bytes | str | None) -> dict[str, float]:
+    """The stored timings; none stored yet reads as empty."""
+    return json.loads(data or "{}")
+
+
+def encode_event(event: JobEvent) -> dict[str, str]:
+    """The fields of an event's stream entry (the enqueue script of `redis_streams` writes `queued` this way)."""
+    return {"event": event.event, "data": json.dumps(event.data)}
+
+
+def decode_event(fields: dict[bytes, bytes]) -> JobEvent:
+    return JobEvent(event=fields[b"event"].decode(), data=json.loads(fields[b"data"]))

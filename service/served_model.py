@@ -1,0 +1,177 @@
+"""The model a deployment serves: which quantized checkpoint goes with it, and what each process loads of it (the API
+the text side, a worker the UNet and VAE). The one place the service reaches the model library, through its public
+API (`dgq_core`)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+import dgq_core
+from service.config import BUNDLED_MODEL, Settings, check_inside_model_roots
+
+log = logging.getLogger(__name__)
+
+QUANTIZED_UNET_CONFIG = Path("unet") / "config.json"
+
+
+def _is_quantized_model_dir(path: str | Path) -> bool:
+    config_file = Path(path) / QUANTIZED_UNET_CONFIG
+    return config_file.is_file() and "quantization_config" in json.loads(config_file.read_text())
+
+
+def shipped_quantized_dir(model_ref: str | Path) -> Path:
+    """Where a pre-quantized checkpoint shipped with a model directory lies: `<model dir>-dgq` beside it."""
+    model_dir = Path(model_ref)
+    return model_dir.with_name(f"{model_dir.name}-dgq")
+
+
+def auto_quantized_dir(settings: Settings) -> Path:
+    """Where `quantized='auto'` caches the checkpoint it makes for `settings.model`."""
+    model_name = Path(str(settings.model_ref)).name or "model"
+    return Path(settings.quantized_cache_dir).expanduser() / f"{model_name}-dgq"
+
+
+def quantized_checkpoint(settings: Settings) -> str | None:
+    """The quantized checkpoint to put into the model, None when there is none to add.
+
+    'none': none. A path: that one. 'auto', in order: the model directory is itself quantized (None); a checkpoint
+    shipped beside it (`shipped_quantized_dir`); the cache, filled at the first start by `dgq_core.quantize_pretrained`
+    with its defaults (one process quantizes, the others on the same disk wait for it).
+
+    Raises:
+        ValueError: with `model_roots`, a directory this leads to lies outside them (`_check_model_roots`).
+    """
+    checkpoint = _find_quantized_checkpoint(settings)
+    _check_model_roots(settings, checkpoint)
+    return checkpoint
+
+
+def _check_model_roots(settings: Settings, checkpoint: str | None) -> None:
+    """Refuse the directories a configured model leads to outside `model_roots`: the checkpoint quantized='auto'
+    found beside the model, and the base model a quantized model directory names (its `base_model`).
+
+    `Settings` checks the configured paths themselves; the bundled model and the cache quantized='auto' fills are
+    always allowed.
+
+    Raises:
+        ValueError: one of them resolves outside `model_roots`.
+    """
+    if not settings.model_roots or settings.model == BUNDLED_MODEL:
+        return
+    base = dgq_core.resolve_model(settings.model_ref, checkpoint).base
+    check_inside_model_roots(f"the base model of {settings.model},", base, settings.model_roots)
+    if checkpoint is not None and Path(checkpoint) != auto_quantized_dir(settings):
+        check_inside_model_roots("the quantized checkpoint", checkpoint, settings.model_roots)
+
+
+def _find_quantized_checkpoint(settings: Settings) -> str | None:
+    if settings.quantized in (None, "none"):
+        return None
+    if settings.quantized != "auto":
+        return settings.quantized
+    if _is_quantized_model_dir(settings.model_ref):
+        return None
+    shipped = shipped_quantized_dir(settings.model_ref)
+    if _is_quantized_model_dir(shipped):
+        return str(shipped)
+    target = auto_quantized_dir(settings)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / QUANTIZED_UNET_CONFIG).is_file():
+            log.info("quantizing %s into %s (first start; cached afterwards)", settings.model_ref, target)
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            dgq_core.quantize_pretrained(settings.model_ref, partial, dgq_core.DGQConfig())
+            partial.rename(target)
+    return str(target)
+
+
+class ServedModel:
+    """The configured model, resolved once: its checkpoint, quantization (`quant_config`, None for full precision)
+    and native (width, height), and loaders for the parts each process runs.
+
+    Args:
+        settings (`Settings`): the deployment's settings (`model`, `quantized`, `model_roots`, `device`, ...).
+
+    Raises:
+        ValueError: a directory the model leads to lies outside `model_roots`.
+        dgq_core.CheckpointError: the checkpoint is missing or corrupt.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = settings.model
+        self.checkpoint = quantized_checkpoint(settings)
+        self.resolved = dgq_core.resolve_model(settings.model_ref, self.checkpoint)
+        unet_dir = self.resolved.quantized_unet
+        self.quant_config = None if unet_dir is None else dgq_core.read_quant_config(unet_dir)
+        self.native_size = self._native_size()
+
+    def quantization_info(self) -> dict[str, str]:
+        """Method, bits and attention-probability codes of the served UNet, for the model info metric."""
+        config = self.quant_config
+        if config is None:
+            return {"quant_method": "none", "bits": "fp"}
+        prob_quantizer = config.prob_quantizer if config.method == "dgq" else "none"
+        return {"quant_method": config.method, "bits": f"W{config.w_bits}A{config.a_bits}", "prob_quantizer": prob_quantizer}
+
+    def _native_size(self) -> tuple[int, int]:
+        """(width, height) the model was trained at, from its config files; 512x512 when they cannot be read."""
+        settings = self.settings
+        if settings.default_width and settings.default_height:
+            return settings.default_width, settings.default_height
+        model_dir = Path(settings.model_ref)
+        try:
+            unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
+            vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
+        except (OSError, ValueError):
+            return settings.default_width or 512, settings.default_height or 512
+        sample = unet_config["sample_size"]
+        sample_h, sample_w = (sample, sample) if isinstance(sample, int) else sample
+        scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        return settings.default_width or sample_w * scale, settings.default_height or sample_h * scale
+
+    @cached_property
+    def prompt_tokens(self) -> int:
+        """Length of the model's text embeddings: its tokenizer pads every prompt to `model_max_length` (77 for CLIP,
+        20 for the bundled model), and a DGQ UNet calibrated at that length accepts no other."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.resolved.base, subfolder="tokenizer").model_max_length
+
+    def load_conditioner(self) -> dgq_core.PromptConditioner:
+        """The API's part: tokenizer, text encoder and the prompt-specific attention parameters."""
+        return dgq_core.PromptConditioner.from_pretrained(self.settings.model_ref, quantized=self.checkpoint)
+
+    def load_worker_pipeline(self) -> DiffusionPipeline:
+        """A worker's part: the quantized UNet, VAE and scheduler, batch-invariant; no text encoder."""
+        settings = self.settings
+        pipe = dgq_core.from_pretrained(
+            settings.model_ref, quantized=self.checkpoint, device=settings.device, exec_mode=settings.exec_mode,
+            load_text_encoder=False,
+        )
+        dgq_core.make_batch_invariant(pipe.unet)
+        return pipe
+
+
+def component_weight_bytes(pipe: DiffusionPipeline) -> Iterator[tuple[str, str, int]]:
+    """(component, precision, bytes) of the parameters and buffers of each loaded torch component."""
+    for component, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        by_dtype: dict[str, int] = {}
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + tensor.numel() * tensor.element_size()
+        for dtype, size in by_dtype.items():
+            yield component, dtype, size
