@@ -11,6 +11,7 @@ The public API; everything outside the library (`dgq` command, service, evaluati
 Importing this package registers DGQ in diffusers' quantizer registry (`diffusers_quantizer`).
 """
 
+from .attention import set_attention_budget
 from .batch_invariance import make_batch_invariant
 from .calibration import (
     CalibrationReport,
@@ -78,6 +79,7 @@ __all__ = [
     "read_quant_config",
     "resolve_model",
     "sample_prompts",
+    "set_attention_budget",
     "save_pretrained",
     "set_exec_mode",
     "unpack_prompt_pair",

@@ -22,6 +22,7 @@ import threading
 import torch
 from torch import nn
 
+from .batch_invariance import MIN_GEMM_ROWS
 from .layers import ActQuantizer
 from .quantizers import dynamic_rowwise_params, fake_quant_log2_, fake_quant_uniform, qmax
 from .steps import StepState
@@ -43,6 +44,9 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 # up to this size; larger ones (SD at 512 px: 1 GiB per CFG pair) are allocated per call rather than held for good.
 _scratch = threading.local()
 MAX_RETAINED_SCORES_BYTES = 256 << 20
+# The scores one attention call materializes at most (float32, all samples and heads); larger calls run in blocks of
+# query rows. SD v1.5 at 512 px needs 1 GiB for a CFG pair's self-attention, at 1024 px 16 GiB.
+DEFAULT_SCORES_BUDGET_BYTES = 256 << 20
 
 
 def _attention_scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
@@ -82,7 +86,15 @@ def _softmax_(scores: torch.Tensor) -> torch.Tensor:
 LOG_CODE_STEPS_PER_OCTAVE = {"log2": 1, "log-sqrt2": 2}
 
 
-def quantize_probs_per_sample(probs: torch.Tensor, bits: int, keep_start: bool, quantizer: str = "log2") -> torch.Tensor:
+def sample_scale(probs: torch.Tensor, keep_start: bool) -> torch.Tensor:
+    """The dynamic scale of Eq. 8, one per sample: the largest probability of the sample over every head, query and
+    key, the `<start>` column left out when it is kept exact. (B, 1, 1, 1)."""
+    return (probs[..., 1:] if keep_start else probs).amax(dim=(1, 2, 3), keepdim=True)
+
+
+def quantize_probs_per_sample(
+    probs: torch.Tensor, bits: int, keep_start: bool, quantizer: str = "log2", scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """Quantize attention probabilities with one dynamic scale per sample (paper Eq. 8-9), in place.
 
     Args:
@@ -91,8 +103,10 @@ def quantize_probs_per_sample(probs: torch.Tensor, bits: int, keep_start: bool, 
         keep_start (`bool`): keep column 0 (the `<start>` token of cross-attention) exact and leave it out of the scale.
         quantizer (`str`): "log2" (codes `round(-log2(p / s))`, the method), "log-sqrt2" (`round(-2 log2(p / s))`)
             or "uniform" (codes of step `s / (2^b - 1)`).
+        scale (`torch.Tensor | None`): the samples' `sample_scale`, when `probs` holds only some of their query rows;
+            None: from `probs`.
     """
-    scale = (probs[..., 1:] if keep_start else probs).amax(dim=(1, 2, 3), keepdim=True)
+    scale = sample_scale(probs, keep_start) if scale is None else scale
     start = probs[..., :1].clone() if keep_start else None
     if quantizer in LOG_CODE_STEPS_PER_OCTAVE:
         # Every quantized probability is at most the scale; the start column may exceed it, and is put back below.
@@ -105,21 +119,38 @@ def quantize_probs_per_sample(probs: torch.Tensor, bits: int, keep_start: bool, 
     return probs
 
 
+def query_block_rows(batch_heads: int, queries: int, keys: int, budget_bytes: int) -> int:
+    """How many query rows of every (sample, head) one block of float32 scores holds: as many as fit `budget_bytes`,
+    all `queries` at most, and at least `MIN_GEMM_ROWS`, below which CPU GEMMs round differently (the blocks would
+    then flip codes that the whole call does not: see `batch_invariance`)."""
+    return min(queries, max(MIN_GEMM_ROWS, budget_bytes // max(1, 4 * batch_heads * keys)))
+
+
 class ExplicitAttnProcessor(nn.Module):
     """diffusers attention computed with an explicit softmax, with a hook on each of Q, K, V and the probabilities.
 
     Subclasses quantize (`DGQAttnProcessor`) or record statistics (calibration) in the hooks; the attention itself
     is written once, here.
 
+    The scores of a call are materialized whole while they fit `scores_budget_bytes`; beyond that the call runs in
+    blocks of query rows that each fit it (`query_block_rows`). Softmax is row-local, so blocks give the same probabilities; a hook that
+    needs one value over all rows of a sample (DGQ's dynamic scale, `needs_sample_scale`) gets it from a first pass
+    over the blocks, so that the codes are the same as unblocked.
+
     Args:
         keep_start (`bool`): the first key (the `<start>` token of cross-attention) bypasses `on_key`.
+        scores_budget_bytes (`int`): largest float32 score block of one call (`set_attention_budget`).
     """
 
-    def __init__(self, keep_start: bool) -> None:
+    def __init__(self, keep_start: bool, scores_budget_bytes: int = DEFAULT_SCORES_BUDGET_BYTES) -> None:
         super().__init__()
         self.keep_start = keep_start
+        self.scores_budget_bytes = scores_budget_bytes
         # Prompt-specific keys/values of the current batch, set by `use_prompt_params`.
         self.injected_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # Whether `on_probs` takes the samples' `sample_scale` over all their query rows.
+    needs_sample_scale = False
 
     def on_query(self, query: torch.Tensor) -> torch.Tensor:
         return query
@@ -130,7 +161,9 @@ class ExplicitAttnProcessor(nn.Module):
     def on_value(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
-    def on_probs(self, probs: torch.Tensor) -> torch.Tensor:
+    def on_probs(self, probs: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Hook on the probabilities (B, heads, rows, keys) of some or all query rows; `scale` is the samples'
+        `sample_scale` when `needs_sample_scale` and the rows are a block, else None."""
         return probs
 
     def key_value(self, attn: nn.Module, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,12 +209,11 @@ class ExplicitAttnProcessor(nn.Module):
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             key, value = self.key_value(attn, encoder_hidden_states)
 
-        scores = _attention_scores(query, key, attn.scale)
+        mask = None
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch_size)
-            scores = scores + mask.view(batch_size, attn.heads, -1, key.shape[2])
-        probs = self.on_probs(_softmax_(scores)).to(value.dtype)
-        hidden_states = merge_heads(probs @ value)
+            mask = mask.view(batch_size, attn.heads, -1, key.shape[2])
+        hidden_states = merge_heads(self._attend(query, key, value, attn.scale, mask))
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -190,6 +222,52 @@ class ExplicitAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _probs(self, query: torch.Tensor, key: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+        scores = _attention_scores(query, key, scale)
+        if mask is not None:
+            scores = scores + (mask if mask.shape[2] == 1 else mask[:, :, : query.shape[2]])
+        return _softmax_(scores)
+
+    def _attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`on_probs(softmax(scale * q k^T + mask)) @ v`, (B, heads, queries, head_dim), in blocks of query rows
+        whose scores fit the budget."""
+        batch, heads, queries, _ = query.shape
+        rows = query_block_rows(batch * heads, queries, key.shape[2], self.scores_budget_bytes)
+        if rows == queries:
+            return self.on_probs(self._probs(query, key, scale, mask)).to(value.dtype) @ value
+        blocks = [slice(start, min(start + rows, queries)) for start in range(0, queries, rows)]
+
+        def block_mask(block: slice) -> torch.Tensor | None:
+            return None if mask is None or mask.shape[2] == 1 else mask[:, :, block]
+
+        sample_scale_ = None
+        if self.needs_sample_scale:
+            for block in blocks:  # first pass: the samples' scale over all their rows (max is exact in any order)
+                block_scale = sample_scale(self._probs(query[:, :, block], key, scale, block_mask(block)), self.keep_start)
+                sample_scale_ = block_scale if sample_scale_ is None else torch.maximum(sample_scale_, block_scale)
+        out = torch.empty(*query.shape[:3], value.shape[3], dtype=value.dtype, device=value.device)
+        for block in blocks:
+            probs = self._probs(query[:, :, block], key, scale, block_mask(block))
+            out[:, :, block] = self.on_probs(probs, sample_scale_).to(value.dtype) @ value
+        return out
+
+
+def set_attention_budget(model: nn.Module, budget_bytes: int) -> None:
+    """Bound the attention scores one call of any DGQ attention processor of `model` materializes.
+
+    Args:
+        model (`nn.Module`): a quantized UNet.
+        budget_bytes (`int`): largest float32 score block; larger calls run in blocks of query rows.
+    """
+    if budget_bytes < 1:
+        raise ValueError(f"the scores budget must be positive, got {budget_bytes}")
+    for module in model.modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, ExplicitAttnProcessor):
+            processor.scores_budget_bytes = budget_bytes
 
 
 class DGQAttnProcessor(ExplicitAttnProcessor):
@@ -244,9 +322,13 @@ class DGQAttnProcessor(ExplicitAttnProcessor):
     def on_value(self, value: torch.Tensor) -> torch.Tensor:
         return self.v_quant(value)
 
-    def on_probs(self, probs: torch.Tensor) -> torch.Tensor:
+    @property
+    def needs_sample_scale(self) -> bool:
+        return self.method == "dgq"
+
+    def on_probs(self, probs: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         if self.method == "dgq":
-            return quantize_probs_per_sample(probs, self.bits, self.keep_start, self.prob_quantizer)
+            return quantize_probs_per_sample(probs, self.bits, self.keep_start, self.prob_quantizer, scale)
         if self.method == "pertensor":
             step = min(self.state.step, self.prob_scale.shape[0] - 1)
             return fake_quant_uniform(probs, self.prob_scale[step], self.prob_zero_point[step], self.bits)

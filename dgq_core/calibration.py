@@ -161,7 +161,7 @@ class CalibrationAttnProcessor(ExplicitAttnProcessor):
     def on_value(self, value: torch.Tensor) -> torch.Tensor:
         return self._record("v_quant", value)
 
-    def on_probs(self, probs: torch.Tensor) -> torch.Tensor:
+    def on_probs(self, probs: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         self.collector.slot(f"{self.prefix}.probs").update_tensor(probs)
         return probs
 

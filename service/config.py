@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     default_height: int | None = Field(None, description="Image height when a request gives none; None = model native.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads torch may use; None = torch's default.")
     warmup_steps: int = Field(2, ge=0, description="Denoising steps of the warm-up run a worker does before taking jobs.")
+    attention_budget_mb: int = Field(
+        256, ge=1, description="Largest attention-score block (MiB, float32) one call of the quantized UNet's "
+        "attention materializes; larger images run their attention in blocks of query rows (same images).",
+    )
 
     # --- HTTP ---
     host: str = "127.0.0.1"

@@ -154,13 +154,15 @@ class ServedModel:
         return dgq_core.PromptConditioner.from_pretrained(self.settings.model_ref, quantized=self.checkpoint)
 
     def load_worker_pipeline(self) -> DiffusionPipeline:
-        """A worker's part: the quantized UNet, VAE and scheduler, batch-invariant; no text encoder."""
+        """A worker's part: the quantized UNet, VAE and scheduler, batch-invariant, its attention scores within the
+        budget; no text encoder."""
         settings = self.settings
         pipe = dgq_core.from_pretrained(
             settings.model_ref, quantized=self.checkpoint, device=settings.device, exec_mode=settings.exec_mode,
             load_text_encoder=False,
         )
         dgq_core.make_batch_invariant(pipe.unet)
+        dgq_core.set_attention_budget(pipe.unet, settings.attention_budget_mb << 20)
         return pipe
 
 

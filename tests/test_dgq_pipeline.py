@@ -241,3 +241,24 @@ def test_every_method_and_bit_setting_generates(tiny_sd, method, w_bits, a_bits)
     assert np.isfinite(image).all() and image.std() > 0
     codes = pipe.unet.down_blocks[0].resnets[0].conv1.weight_q.codes
     assert codes.shape[1] == (32 * 9 + 1) // 2 if w_bits == 4 else 32 * 9
+
+
+def test_attention_in_blocks_of_query_rows_gives_the_same_images_within_the_budget(quantized):
+    """Blocks of query rows (whose scores fit the budget) give the unblocked images bit for bit: softmax is row-local
+    and the per-sample scale of Eq. 8 comes from a first pass over all blocks."""
+    from dgq_core import attention
+
+    pipe, _, _ = quantized
+    whole = generate(pipe, PROMPTS[:2], [3, 4], height=64, width=64)
+    # Self-attention at 64 px: 4 rows (CFG) x 8 heads x 1024 queries x 1024 keys, 128 MiB of float32 scores; a block
+    # of the smallest height (64 query rows) takes 8 MiB.
+    budget = 8 << 20
+    assert attention.query_block_rows(4 * 8, 1024, 1024, budget) == 64, "the 64 px call runs in 16 blocks"
+    dgq_core.set_attention_budget(pipe.unet, budget)
+    try:
+        attention._scratch.scores = None
+        blocked = generate(pipe, PROMPTS[:2], [3, 4], height=64, width=64)
+        assert attention._scratch.scores.numel() * 4 <= budget, "no scores block beyond the budget"
+    finally:
+        dgq_core.set_attention_budget(pipe.unet, attention.DEFAULT_SCORES_BUDGET_BYTES)
+    assert np.array_equal(whole, blocked)
