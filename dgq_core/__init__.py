@@ -22,7 +22,7 @@ from .calibration import (
     quantize_,
     sample_prompts,
 )
-from .checkpoint import CheckpointError, read_quant_config
+from .checkpoint import CheckpointError, is_quantized_unet_dir, read_quant_config
 from .conditioning import (
     EncodedPrompt,
     PromptConditioner,
@@ -70,6 +70,7 @@ __all__ = [
     "default_calibration_prompts",
     "from_pretrained",
     "int_execution_summary",
+    "is_quantized_unet_dir",
     "load_prompt_file",
     "make_batch_invariant",
     "pack_prompt_pair",

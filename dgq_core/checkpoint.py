@@ -70,8 +70,8 @@ def _read_header(path: Path, handle) -> tuple[int, dict]:
     return header_size, header
 
 
-def check_weights_file(path: Path) -> None:
-    """Refuse a missing, truncated or non-DGQ weights file before anything loads it (the header only).
+def _checked_header(path: Path) -> tuple[int, dict, dict]:
+    """(header size, tensor entries, metadata) of a DGQ weights file, refusing a missing, truncated or non-DGQ one.
 
     Raises:
         CheckpointError: naming the file and what to do.
@@ -80,15 +80,25 @@ def check_weights_file(path: Path) -> None:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, re-run `dgq quantize`")
     try:
         with path.open("rb") as handle:
-            _, header = _read_header(path, handle)
+            header_size, header = _read_header(path, handle)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"cannot read {path} ({error}); the file is corrupt, re-run `dgq quantize`") from error
-    metadata = header.get("__metadata__", {})
+    metadata = header.pop("__metadata__", {})
     if metadata.get(FORMAT_KEY) != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file ({FORMAT_KEY}={metadata.get(FORMAT_KEY)!r}); re-run `dgq quantize`")
     if not metadata.get(DIGEST_KEY):
         # Without the digest an altered tensor would load silently; saving always writes it.
         raise CheckpointError(f"{path} names no {DIGEST_KEY} in its metadata; re-run `dgq quantize`")
+    return header_size, header, metadata
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse a missing, truncated or non-DGQ weights file before anything loads it (reads the header only).
+
+    Raises:
+        CheckpointError: naming the file and what to do.
+    """
+    _checked_header(path)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -103,12 +113,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: the file is missing, corrupt, or its tensors were altered since it was written.
     """
-    check_weights_file(path)
+    header_size, header, metadata = _checked_header(path)
+    tensors = {}
     try:
         with path.open("rb") as handle:
-            header_size, header = _read_header(path, handle)
-            metadata = header.pop("__metadata__", {})
-            tensors = {}
             for name, info in header.items():
                 start, end = info["data_offsets"]
                 tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
@@ -116,7 +124,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
                 if end > start and handle.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
                     raise ValueError(f"tensor {name} is cut short")
                 tensors[name] = tensor
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot read {path} ({error}); the file is corrupt, re-run `dgq quantize`") from error
     if tensors_digest(tensors) != metadata[DIGEST_KEY]:
         raise CheckpointError(

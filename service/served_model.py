@@ -20,12 +20,9 @@ from service.config import BUNDLED_MODEL, Settings, check_inside_model_roots
 
 log = logging.getLogger(__name__)
 
-QUANTIZED_UNET_CONFIG = Path("unet") / "config.json"
-
 
 def _is_quantized_model_dir(path: str | Path) -> bool:
-    config_file = Path(path) / QUANTIZED_UNET_CONFIG
-    return config_file.is_file() and "quantization_config" in json.loads(config_file.read_text())
+    return dgq_core.is_quantized_unet_dir(Path(path) / "unet")
 
 
 def shipped_quantized_dir(model_ref: str | Path) -> Path:
@@ -87,7 +84,7 @@ def _find_quantized_checkpoint(settings: Settings) -> str | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / QUANTIZED_UNET_CONFIG).is_file():
+        if not _is_quantized_model_dir(target):
             log.info("quantizing %s into %s (first start; cached afterwards)", settings.model_ref, target)
             partial = target.with_name(target.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
