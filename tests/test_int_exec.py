@@ -22,6 +22,7 @@ from dgq_core.kernels import (
     disable_int_execution,
     enable_int_execution,
     int_execution_summary,
+    set_exec_mode,
 )
 from dgq_core.kernels.execution import AUTO_MIN_WEIGHTS, step_arrangements
 from dgq_core.layers import QuantConv2d, QuantLinear
@@ -81,21 +82,33 @@ def test_int_images_agree_with_fake_and_repeat(quantized: QuantizedPipe):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: pip install -e '.[dev]'")
-# One configuration end to end (the interpreter takes ~40 s per image batch); tests/test_kernels.py checks the kernel
-# at every width and mode.
+# One configuration end to end (the interpreter takes ~40 s per image batch); tests/test_kernels.py checks the kernels
+# at every width, mode and probability quantizer.
 @pytest.mark.parametrize("quantized", [(8, 8, "dgq", False)], ids=["W8A8-dgq"], indirect=True)
 @torch.no_grad()
-def test_fused_cuda_kernel_images_agree_with_fake(quantized: QuantizedPipe):
-    """The CUDA backend's fused kernel, run in Triton's interpreter on this model's CPU tensors."""
+def test_fused_cuda_kernels_images_agree_with_fake(quantized: QuantizedPipe):
+    """The CUDA path, the fused GEMM and the fused attention, run in Triton's interpreter on this model's CPU
+    tensors: exec mode "int" as `set_exec_mode` gives it on CUDA."""
+    from dgq_core.kernels.triton_attention import dgq_attention
     from dgq_core.kernels.triton_fused import FusedGroupGemm
 
-    quantized_pipe = quantized.pipe
-    fake = generate(quantized_pipe)
-    assert enable_int_execution(quantized_pipe.unet, backend=FusedGroupGemm("cpu")) > 0
+    attention_calls = []
+
+    def counted_attention(*args):
+        attention_calls.append(args[0].shape)
+        return dgq_attention(*args)
+
+    unet = quantized.pipe.unet
+    fake = generate(quantized.pipe)
+    assert set_exec_mode(unet, "int", backend=FusedGroupGemm("cpu"), attention_kernel=counted_attention) > 0
+    assert int_execution_summary(unet)["int_kernels"] == "triton,triton_attention"
     try:
-        fused = generate(quantized_pipe)
+        fused = generate(quantized.pipe)
     finally:
-        disable_int_execution(quantized_pipe.unet)
+        disable_int_execution(unet)
+    assert int_execution_summary(unet)["int_kernels"] == "none"
+    # 4 steps x (self- and cross-attention of 4 transformer blocks), each on the CFG batch of 2 prompts
+    assert len(attention_calls) == 4 * 4 * 2 and all(shape[0] == 4 for shape in attention_calls)
     assert psnr_db(fused, fake) >= 40.0
 
 
