@@ -104,7 +104,7 @@ def _grouped_int8_linear(
                 w = tl.where(w_mask, w, 0).to(tl.int8)
             else:
                 w = tl.load(w_ptr + inputs[:, None] * N + cols[None, :], mask=w_mask, other=0)
-            products = tl.dot((codes - 128).to(tl.int8), w, products)
+            products = tl.dot((codes - 128).to(tl.int8), w, products, out_dtype=tl.int32)
             weight_sums += tl.sum(w.to(tl.int32), axis=0)
             code_sums += tl.sum(codes, axis=1)
         exact = products.to(tl.float32) + (128.0 - zero_point)[:, None] * weight_sums.to(tl.float32)[None, :]
