@@ -6,14 +6,20 @@ calibration runs on it as on a real model, so every layer kind and activation mo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import os
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_sd_pipeline
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dgq_core
 from dgq_core.config import DGQConfig
@@ -110,6 +116,70 @@ def test_fused_cuda_kernels_images_agree_with_fake(quantized: QuantizedPipe):
     # 4 steps x (self- and cross-attention of 4 transformer blocks), each on the CFG batch of 2 prompts
     assert len(attention_calls) == 4 * 4 * 2 and all(shape[0] == 4 for shape in attention_calls)
     assert psnr_db(fused, fake) >= 40.0
+
+
+@contextlib.contextmanager
+def recorded_host_reads() -> Iterator[list[str]]:
+    """Every read of tensor data back to the host (`item`, `int`, `float`, `bool`, `tolist`, `numpy`, `cpu`) made
+    outside Triton's interpreter, as "file:line": on a GPU each would stop the host until the GPU catches up, and
+    CUDA graphs cannot capture it."""
+    reads: list[str] = []
+
+    def record(depth: int) -> None:
+        stack = traceback.extract_stack()[:-depth]
+        if not any(f"{os.sep}triton{os.sep}" in frame.filename for frame in stack):
+            reads.append(f"{Path(stack[-1].filename).name}:{stack[-1].lineno}")
+
+    class ScalarReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                record(3)
+            return func(*args, **(kwargs or {}))
+
+    def recording(original):
+        def method(self, *args, **kwargs):
+            record(2)
+            return original(self, *args, **kwargs)
+
+        return method
+
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu")}
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, recording(original))
+        with ScalarReads():
+            yield reads
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: pip install -e '.[dev]'")
+@pytest.mark.parametrize("quantized", [(8, 8, "dgq", False)], ids=["W8A8-dgq"], indirect=True)
+@torch.no_grad()
+def test_cuda_path_reads_nothing_back_after_its_first_call_per_step(quantized: QuantizedPipe):
+    """The CUDA path (fused GEMM and attention, here in Triton's interpreter) reads no tensor back to the host once
+    each step has run once: the step's axis, labels and plans are cached, so a UNet call can be captured in a CUDA
+    graph (`dgq_core.kernels.graphs`) and never waits for the GPU. (The timestep is a Python number here: the step
+    state reads a tensor's before the call.)"""
+    from dgq_core.kernels.triton_attention import dgq_attention
+    from dgq_core.kernels.triton_fused import FusedGroupGemm
+
+    unet = quantized.pipe.unet
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    set_exec_mode(unet, "int", backend=FusedGroupGemm("cpu"), attention_kernel=dgq_attention)
+    try:
+        timesteps = [int(t) for t in quantized.pipe.scheduler.timesteps[:2]]
+        for timestep in timesteps:
+            unet(sample, timestep, encoder_hidden_states=text)
+        with recorded_host_reads() as reads:
+            for timestep in timesteps:
+                unet(sample, timestep, encoder_hidden_states=text)
+    finally:
+        disable_int_execution(unet)
+    assert reads == []
 
 
 def test_int_execution_summary_names_what_runs_in_integers(quantized: QuantizedPipe):
