@@ -7,7 +7,8 @@
 
 Rooms: `protocol` (the `GemmBackend` protocol every backend follows), one module per backend (`onednn`, `int_mm`,
 `triton_fused`), the fused DGQ attention for CUDA (`triton_attention`), `backends` (which of them runs on a device),
-`executors` (DGQ's groups, im2col and 4-bit codes on any backend), `execution` (exec modes on a whole model).
+`executors` (DGQ's groups, im2col and 4-bit codes on any backend), `execution` (exec modes on a whole model),
+`graphs` (a UNet's calls as CUDA graphs).
 """
 
 from .backends import select_attention_kernel, select_backend
@@ -20,18 +21,22 @@ from .execution import (
     set_exec_mode,
 )
 from .executors import IntConv2d, IntLinear
+from .graphs import CudaGraphRunner, capture_cuda_graphs, release_cuda_graphs
 from .protocol import GemmBackend, PackedWeight
 
 __all__ = [
+    "CudaGraphRunner",
     "GemmBackend",
     "IntConv2d",
     "IntLinear",
     "PackedWeight",
     "auto_min_weights",
+    "capture_cuda_graphs",
     "disable_int_execution",
     "enable_fused_attention",
     "enable_int_execution",
     "int_execution_summary",
+    "release_cuda_graphs",
     "select_attention_kernel",
     "select_backend",
     "set_exec_mode",

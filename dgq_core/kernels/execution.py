@@ -21,6 +21,7 @@ from ..config import EXEC_MODES
 from ..layers import ActQuantizer, QuantizedLayer, QuantLinear, grid_at_level
 from .backends import select_attention_kernel, select_backend
 from .executors import IntConv2d, IntLinear
+from .graphs import release_cuda_graphs
 from .onednn import has_vnni
 from .protocol import GemmBackend
 
@@ -151,6 +152,7 @@ def enable_fused_attention(
     Returns:
         `int`: how many processors now run the kernel.
     """
+    release_cuda_graphs(model)
     count = 0
     for module in model.modules():
         if not isinstance(module, DGQAttnProcessor) or module.method != "dgq":
@@ -184,6 +186,7 @@ def enable_int_execution(
     Returns:
         `int`: how many layers now run in integers.
     """
+    release_cuda_graphs(model)
     backends = {}
     count = 0
     for module in model.modules():
@@ -205,7 +208,9 @@ def enable_int_execution(
 
 def disable_int_execution(model: nn.Module) -> None:
     """Return every layer to the fake-quant reference, restoring 8-bit code buffers from the executors, and every
-    attention processor to the reference attention."""
+    attention processor to the reference attention. CUDA graphs of the model's calls are released: they replay the
+    kernels they captured."""
+    release_cuda_graphs(model)
     for module in model.modules():
         if isinstance(module, QuantizedLayer):
             module.drop_int_executor()
