@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from bench_unet import (  # noqa: E402
 from common import load_average, median, time_interleaved  # noqa: E402
 
 from dgq_core.kernels import capture_cuda_graphs, int_execution_summary, set_exec_mode  # noqa: E402
+from dgq_core.layers import QuantConv2d, QuantLinear  # noqa: E402
 
 # The SD v1.5 UNet: diffusers' default layout with CLIP ViT-L's 768-dim text embeddings.
 SD15_UNET = dict(cross_attention_dim=768, sample_size=64)
@@ -59,12 +61,16 @@ SDXL_UNET = dict(
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )  # fmt: skip
-# A UNet of the SD layout small enough for the interpreter (smoke runs).
+# UNets of the SD and SDXL layouts small enough for smoke runs on CPU.
 TINY_UNET = dict(
     block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
 )  # fmt: skip
-ARCHITECTURES = {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "tiny": TINY_UNET}
+TINY_SDXL_UNET = dict(
+    TINY_UNET, transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+)  # fmt: skip
+ARCHITECTURES = {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "tiny": TINY_UNET, "tiny-sdxl": TINY_SDXL_UNET}
 CALIBRATION_BATCH = 2
 
 
@@ -136,6 +142,55 @@ def quantized_models(
     return models
 
 
+@torch.no_grad()
+def layer_sweep(fake: torch.nn.Module, integer: torch.nn.Module, inputs: dict, device: torch.device, repeats: int):
+    """Each quantized layer's seconds per call, fake and int (eager, as exec mode "auto" runs it), on the input it
+    gets in one UNet call at `inputs`: back-to-back calls, waiting for the GPU once at the end (so each is
+    max(launch time, GPU time), what an eager UNet call pays)."""
+    captured = {}
+    handles = [
+        layer.register_forward_pre_hook(lambda _, args, name=name: captured.setdefault(name, args[0].clone()))
+        for name, layer in fake.named_modules() if isinstance(layer, QuantLinear | QuantConv2d)
+    ]  # fmt: skip
+    try:
+        fake(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def seconds(layer, x) -> float:
+        layer(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            layer(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - started) / repeats
+
+    rows = []
+    for name, x in captured.items():
+        fake_layer, int_layer = fake.get_submodule(name), integer.get_submodule(name)
+        int_s, fake_s = seconds(int_layer, x), seconds(fake_layer, x)
+        weights = fake_layer.weight_q.shape[0] * fake_layer.weight_q.in_features
+        rows.append({"layer": name, "weights": weights, "input": list(x.shape), "fake_s": fake_s, "int_s": int_s})
+    return rows
+
+
+def auto_min_weights_from(sweep: list[dict]) -> int | None:
+    """The size threshold (`kernels.execution.CUDA_AUTO_MIN_WEIGHTS`) under which the sweep's UNet call costs least:
+    integers for the layers with at least that many weights, fake quantization below; None: fake everywhere."""
+    candidates = sorted({row["weights"] for row in sweep}) + [None]
+
+    def cost(threshold: int | None) -> float:
+        return sum(
+            row["int_s"] if threshold is not None and row["weights"] >= threshold else row["fake_s"] for row in sweep
+        )
+
+    return min(candidates, key=cost)
+
+
 def agreement_reference(variant: str) -> str | None:
     """The variant whose output another's is compared with first: integer execution its fake-quant twin's."""
     if variant.startswith("dgq-int"):  # dgq-int-w8a8(-eager) -> dgq-fake-w8a8
@@ -154,8 +209,10 @@ def measure(
     warmup: int,
     groups: int = 8,
     bytes_only: bool = False,
-) -> list[dict]:
-    """The benchmark of one architecture: a row per (batch, variant), as the module docstring says.
+    sweep_batch: int | None = None,
+) -> dict[str, object]:
+    """The benchmark of one architecture: a row per (batch, variant), as the module docstring says, and with
+    `sweep_batch` the per-layer int vs fake times at that batch and the `auto` threshold they give.
 
     Args:
         arch (`str`): "sd15", "sdxl" or "tiny".
@@ -166,6 +223,10 @@ def measure(
         repeats, warmup (`int`): timed and untimed rounds.
         groups (`int`): DGQ activation groups K.
         bytes_only (`bool`): count weight bytes, make no timed call.
+        sweep_batch (`int | None`): the batch of `layer_sweep`; None: no sweep.
+
+    Returns:
+        `dict`: "rows", and with a sweep "sweep_batch", "layer_sweep" and "cuda_auto_min_weights".
     """
     latent = size // 8
     unet = build(arch, device)
@@ -177,8 +238,8 @@ def measure(
     fp16_bytes = resident_weight_bytes(fp16)
     weight_bytes = {name: resident_weight_bytes(model) for name, model in models.items()}
     if bytes_only:
-        return [{"arch": arch, "size": size, "variant": name, "weight_bytes": value,
-                 "weight_bytes_vs_fp16": value / fp16_bytes} for name, value in weight_bytes.items()]  # fmt: skip
+        return {"rows": [{"arch": arch, "size": size, "variant": name, "weight_bytes": value,
+                          "weight_bytes_vs_fp16": value / fp16_bytes} for name, value in weight_bytes.items()]}  # fmt: skip
     compiled = torch.compile(fp16) if compile_batches and device.type == "cuda" else None
     rows = []
     for batch in batches:
@@ -215,7 +276,12 @@ def measure(
         for row in rows:
             if row["batch"] == batch and fp16_peak:
                 row["peak_vs_fp16"] = row["peak_bytes"] / fp16_peak
-    return rows
+    result: dict[str, object] = {"rows": rows}
+    if sweep_batch is not None:
+        inputs = moved_inputs(unet_inputs(fp16, batch=sweep_batch, latent=latent), device)
+        sweep = layer_sweep(models["dgq-fake-w8a8"], models["dgq-int-w8a8-eager"], inputs, device, repeats)
+        result |= {"sweep_batch": sweep_batch, "layer_sweep": sweep, "cuda_auto_min_weights": auto_min_weights_from(sweep)}
+    return result
 
 
 def markdown(rows: list[dict]) -> str:
@@ -264,15 +330,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_unet_cuda.json"), help="results JSON")
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = measure(
+    result = measure(
         "tiny" if args.tiny else args.arch, device, args.size, [int(b) for b in args.batches.split(",")],
         [int(b) for b in args.compile_batches.split(",") if b], args.repeats, args.warmup, args.groups,
         args.bytes_only,
     )  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"environment": environment(device), "rows": rows}, indent=2))
+    args.out.write_text(json.dumps({"environment": environment(device), **result}, indent=2))
     print(json.dumps(environment(device)))
-    print(markdown(rows))
+    print(markdown(result["rows"]))
 
 
 if __name__ == "__main__":
