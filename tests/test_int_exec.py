@@ -27,10 +27,11 @@ from dgq_core.kernels import (
     auto_min_weights,
     disable_int_execution,
     enable_int_execution,
+    execution,
     int_execution_summary,
     set_exec_mode,
 )
-from dgq_core.kernels.execution import AUTO_MIN_WEIGHTS, step_arrangements
+from dgq_core.kernels.execution import AUTO_MIN_WEIGHTS, CUDA_AUTO_MIN_WEIGHTS, step_arrangements
 from dgq_core.layers import QuantConv2d, QuantLinear
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle on white", "yellow stripes"]
@@ -224,13 +225,16 @@ def test_shared_channel_groups_keep_one_labelling_per_layer(quantized: Quantized
 
 def test_auto_runs_integers_only_on_cpus_with_vnni(monkeypatch):
     """Without VNNI exact W8A8 products take two GEMMs and integers run slower than fake quantization: "auto" keeps
-    every layer in fake quantization there, and on CUDA until its kernels are measured."""
+    every layer in fake quantization there; on CUDA it follows the GPU check (bench/gpu_check.py), and until a GPU
+    has measured it, fake quantization too."""
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert auto_min_weights("cpu") is None
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert auto_min_weights("cpu") == (AUTO_MIN_WEIGHTS if torch.cpu._is_vnni_supported() else None)
-    assert auto_min_weights("cuda") is None
+    assert auto_min_weights("cuda") == CUDA_AUTO_MIN_WEIGHTS
+    monkeypatch.setattr(execution, "CUDA_AUTO_MIN_WEIGHTS", 1 << 20)
+    assert auto_min_weights("cuda") == 1 << 20 and auto_min_weights("cpu") != 1 << 20
 
 
 @torch.no_grad()
