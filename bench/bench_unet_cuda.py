@@ -47,7 +47,12 @@ from bench_unet import (  # noqa: E402
 )
 from common import load_average, median, time_interleaved  # noqa: E402
 
-from dgq_core.kernels import capture_cuda_graphs, int_execution_summary, set_exec_mode  # noqa: E402
+from dgq_core.kernels import (  # noqa: E402
+    capture_cuda_graphs,
+    cuda_graph_runner,
+    int_execution_summary,
+    set_exec_mode,
+)
 from dgq_core.layers import QuantConv2d, QuantLinear  # noqa: E402
 
 # The SD v1.5 UNet: diffusers' default layout with CLIP ViT-L's 768-dim text embeddings.
@@ -255,7 +260,7 @@ def measure(
         firsts = {name: first_call(device, call) for name, call in calls.items()}
         outputs, peaks = {name: out for name, (out, _) in firsts.items()}, {name: p for name, (_, p) in firsts.items()}
         graph_bytes = {
-            name: reserved_growth(device, calls[name]) for name, model in models.items() if hasattr(model, "_dgq_cuda_graphs")
+            name: reserved_growth(device, calls[name]) for name, model in models.items() if cuda_graph_runner(model)
         }
         times = time_interleaved(calls, repeats, warmup)
         for name in calls:

@@ -28,7 +28,14 @@ from test_kernels import (
 
 import dgq_core
 from dgq_core.config import DGQConfig
-from dgq_core.kernels import IntConv2d, IntLinear, capture_cuda_graphs, int_execution_summary, set_exec_mode
+from dgq_core.kernels import (
+    IntConv2d,
+    IntLinear,
+    capture_cuda_graphs,
+    cuda_graph_runner,
+    int_execution_summary,
+    set_exec_mode,
+)
 from dgq_core.layers import QuantizedWeight, StepActParams, fake_quant_activation
 
 pytestmark = pytest.mark.cuda
@@ -146,7 +153,7 @@ def test_int_images_agree_with_fake_on_the_gpu_and_replay_as_cuda_graphs(tmp_pat
     # cuDNN may choose other algorithms for the unquantized convolutions while capturing: float rounding at most.
     assert psnr_db(replayed, first) >= 60.0
     set_exec_mode(pipe.unet, "fake")
-    assert not hasattr(pipe.unet, "_dgq_cuda_graphs")
+    assert cuda_graph_runner(pipe.unet) is None
     assert psnr_db(generate(pipe), fake) >= 60.0
 
 

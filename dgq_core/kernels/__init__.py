@@ -21,7 +21,7 @@ from .execution import (
     set_exec_mode,
 )
 from .executors import IntConv2d, IntLinear
-from .graphs import CudaGraphRunner, capture_cuda_graphs, release_cuda_graphs
+from .graphs import CudaGraphRunner, capture_cuda_graphs, cuda_graph_runner, release_cuda_graphs
 from .protocol import GemmBackend, PackedWeight
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "PackedWeight",
     "auto_min_weights",
     "capture_cuda_graphs",
+    "cuda_graph_runner",
     "disable_int_execution",
     "enable_fused_attention",
     "enable_int_execution",

@@ -28,8 +28,6 @@ from torch import nn
 from ..attention import DGQAttnProcessor, cross_attention_processors
 from ..layers import ActQuantizer
 
-_RUNNER_ATTRIBUTE = "_dgq_cuda_graphs"
-
 
 def _flatten(value: Any, tensors: list[torch.Tensor]) -> Any:
     """`value` as a hashable structure with each tensor replaced by its index in `tensors` (appended to it)."""
@@ -127,7 +125,7 @@ class CudaGraphRunner:
 
 
 def capture_cuda_graphs(unet: nn.Module) -> CudaGraphRunner:
-    """Run `unet`'s calls as CUDA graphs from now on (see the module docstring).
+    """Run `unet`'s calls as CUDA graphs from now on (see the module docstring): the runner becomes its forward.
 
     Args:
         unet (`nn.Module`): a UNet on a CUDA device, whose calls read nothing back to the host (a DGQ UNet in exec
@@ -139,16 +137,18 @@ def capture_cuda_graphs(unet: nn.Module) -> CudaGraphRunner:
     if next(unet.parameters()).device.type != "cuda":
         raise ValueError("CUDA graphs need the UNet on a CUDA device")
     release_cuda_graphs(unet)
-    runner = CudaGraphRunner(unet)
-    setattr(unet, _RUNNER_ATTRIBUTE, runner)
-    unet.forward = runner
-    return runner
+    unet.forward = CudaGraphRunner(unet)
+    return unet.forward
+
+
+def cuda_graph_runner(unet: nn.Module) -> CudaGraphRunner | None:
+    """The runner `capture_cuda_graphs` installed on `unet`, or None."""
+    forward = vars(unet).get("forward")
+    return forward if isinstance(forward, CudaGraphRunner) else None
 
 
 def release_cuda_graphs(unet: nn.Module) -> None:
     """Back to plain calls, freeing the graphs (a no-op for a UNet without them). `set_exec_mode` calls it: a graph
     replays the kernels and weights it was captured with."""
-    if getattr(unet, _RUNNER_ATTRIBUTE, None) is None:
-        return
-    delattr(unet, _RUNNER_ATTRIBUTE)
-    del unet.forward
+    if cuda_graph_runner(unet) is not None:
+        del unet.forward
