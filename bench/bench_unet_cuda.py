@@ -17,8 +17,8 @@ Agreement: PSNR of each output against DGQ-fake of the same bits and against FP1
     .venv/bin/python bench/bench_unet_cuda.py --arch sdxl --size 1024 --batches 1,2
     .venv/bin/python bench/bench_unet_cuda.py --device cpu --tiny --size 64 --batches 1 --repeats 1
         # a smoke run of the script on CPU: a small UNet, integers on oneDNN
-    .venv/bin/python bench/bench_unet_cuda.py --device cpu --bytes-only --size 256
-        # weight bytes only
+    TRITON_INTERPRET=1 .venv/bin/python bench/bench_unet_cuda.py --device cpu --bytes-only --size 256 --batches 2
+        # weight bytes only, of the CUDA kernels' layout (they do not depend on the device)
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ from dgq_core.kernels import (  # noqa: E402
     int_execution_summary,
     set_exec_mode,
 )
+from dgq_core.kernels.protocol import GemmBackend  # noqa: E402
+from dgq_core.kernels.triton_fused import FusedGroupGemm  # noqa: E402
 from dgq_core.layers import QuantConv2d, QuantLinear  # noqa: E402
 
 # The SD v1.5 UNet: diffusers' default layout with CLIP ViT-L's 768-dim text embeddings.
@@ -124,11 +126,11 @@ def reserved_growth(device: torch.device, call: Callable) -> int | None:
 
 
 def quantized_models(
-    unet: UNet2DConditionModel, inputs: dict, device: torch.device, groups: int
+    unet: UNet2DConditionModel, inputs: dict, device: torch.device, groups: int, backend: GemmBackend | None = None
 ) -> dict[str, torch.nn.Module]:
     """DGQ-fake and DGQ-int W8A8 and W4A8 of `unet`, calibrated on `inputs`: int as `set_exec_mode` gives it on the
     device (on CUDA the fused Triton GEMM and attention, replayed as CUDA graphs; W8A8 also without graphs,
-    "-eager"; on CPU oneDNN, for smoke runs)."""
+    "-eager"; on CPU oneDNN, for smoke runs), or on `backend`."""
     config, stats = calibrate_one_call(unet, quant_config(8, groups, CALIBRATION_BATCH), inputs)
     fakes = {8: quantized_copy(unet, config, stats)}
     fakes[4] = with_weight_bits(fakes[8], unet, quant_config(4, groups, CALIBRATION_BATCH).with_calibration(config.record))
@@ -136,10 +138,10 @@ def quantized_models(
     for bits, fake in fakes.items():
         models[f"dgq-fake-w{bits}a8"] = fake
         integer = copy.deepcopy(fake)
-        set_exec_mode(integer, "int")
+        set_exec_mode(integer, "int", backend=backend)
         if bits == 8:
             eager = copy.deepcopy(fake)
-            set_exec_mode(eager, "int")
+            set_exec_mode(eager, "int", backend=backend)
             models["dgq-int-w8a8-eager"] = eager
         if device.type == "cuda":
             capture_cuda_graphs(integer)
@@ -196,6 +198,20 @@ def auto_min_weights_from(sweep: list[dict]) -> int | None:
     return min(candidates, key=cost)
 
 
+def profile(device: torch.device, call: Callable, rows: int = 30) -> str:
+    """Where one call's time goes: torch.profiler's kernels (operators on CPU) by total device time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    call()
+    with torch.profiler.profile(activities=activities) as profiler:
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
 def agreement_reference(variant: str) -> str | None:
     """The variant whose output another's is compared with first: integer execution its fake-quant twin's."""
     if variant.startswith("dgq-int"):  # dgq-int-w8a8(-eager) -> dgq-fake-w8a8
@@ -215,6 +231,7 @@ def measure(
     groups: int = 8,
     bytes_only: bool = False,
     sweep_batch: int | None = None,
+    profile_batch: int | None = None,
 ) -> dict[str, object]:
     """The benchmark of one architecture: a row per (batch, variant), as the module docstring says, and with
     `sweep_batch` the per-layer int vs fake times at that batch and the `auto` threshold they give.
@@ -227,18 +244,23 @@ def measure(
         compile_batches (`list[int]`): the batches at which FP16 + torch.compile is timed too (each compiles).
         repeats, warmup (`int`): timed and untimed rounds.
         groups (`int`): DGQ activation groups K.
-        bytes_only (`bool`): count weight bytes, make no timed call.
+        bytes_only (`bool`): count weight bytes (of the fused CUDA kernel's layout, on any device), make no call.
         sweep_batch (`int | None`): the batch of `layer_sweep`; None: no sweep.
+        profile_batch (`int | None`): the batch at which one call of FP16 and of DGQ-int W8A8 (eager) is profiled;
+            None: none.
 
     Returns:
-        `dict`: "rows", and with a sweep "sweep_batch", "layer_sweep" and "cuda_auto_min_weights".
+        `dict`: "rows"; with a sweep "sweep_batch", "layer_sweep" and "cuda_auto_min_weights"; with a profile
+        "profiles" (variant -> torch.profiler's table of the kernels that took the most time).
     """
     latent = size // 8
     unet = build(arch, device)
     calibration_inputs = moved_inputs(unet_inputs(unet, batch=CALIBRATION_BATCH, latent=latent), device)
     half = half_dtype(device)
     fp16 = copy.deepcopy(unet).to(half)
-    models = {"fp16": fp16, **quantized_models(unet, calibration_inputs, device, groups)}
+    # Byte counts on CPU count the CUDA layout: the fused kernel's, in Triton's interpreter.
+    backend = FusedGroupGemm(device) if bytes_only else None
+    models = {"fp16": fp16, **quantized_models(unet, calibration_inputs, device, groups, backend)}
     del unet
     fp16_bytes = resident_weight_bytes(fp16)
     weight_bytes = {name: resident_weight_bytes(model) for name, model in models.items()}
@@ -282,6 +304,12 @@ def measure(
             if row["batch"] == batch and fp16_peak:
                 row["peak_vs_fp16"] = row["peak_bytes"] / fp16_peak
     result: dict[str, object] = {"rows": rows}
+    if profile_batch is not None:
+        inputs = moved_inputs(unet_inputs(fp16, batch=profile_batch, latent=latent), device)
+        result["profiles"] = {
+            "fp16": profile(device, lambda: fp16(**moved_inputs(inputs, device, half))),
+            "dgq-int-w8a8-eager": profile(device, lambda: models["dgq-int-w8a8-eager"](**inputs)),
+        }
     if sweep_batch is not None:
         inputs = moved_inputs(unet_inputs(fp16, batch=sweep_batch, latent=latent), device)
         sweep = layer_sweep(models["dgq-fake-w8a8"], models["dgq-int-w8a8-eager"], inputs, device, repeats)

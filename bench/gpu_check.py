@@ -9,7 +9,8 @@ would not end within `--budget-s` is skipped and named, so that a later call can
     unet-sd15        SD v1.5-architecture UNet (random init) at 512 px, batch 1, 2 and 8: FP16 eager (SDPA), FP16 +
                      torch.compile (batch 8), DGQ-int W8A8 and W4A8 (CUDA graphs; W8A8 also eager), DGQ-fake: time
                      per call (interleaved medians), peak GPU memory, resident weight bytes, PSNR vs fake and vs FP16
-                     (bench/bench_unet_cuda.py); and each layer's int vs fake time, which sets `auto` on CUDA
+                     (bench/bench_unet_cuda.py); each layer's int vs fake time, which sets `auto` on CUDA; and
+                     torch.profiler's kernels of one batch-8 call of FP16 and of DGQ-int, where the time goes
     service-bundled  the service on CUDA with the bundled model: POST /generate latency, the batch-4 speed-up, the
                      worker's GPU memory metrics (bench/bench_service.py)
     attention        the fused attention at SD/SDXL shapes and dot precisions vs the reference and FP16 SDPA
@@ -115,10 +116,12 @@ def unet(check: Check, arch: str) -> dict:
     if check.tiny:
         return bench_unet_cuda.measure(
             "tiny" if arch == "sd15" else "tiny-sdxl", check.device, 64, [1], [], repeats=1, warmup=0,
-            sweep_batch=1 if arch == "sd15" else None,
+            sweep_batch=1 if arch == "sd15" else None, profile_batch=1 if arch == "sd15" else None,
         )  # fmt: skip
     if arch == "sd15":
-        return bench_unet_cuda.measure("sd15", check.device, 512, [1, 2, 8], [8], repeats=10, warmup=2, sweep_batch=2)
+        return bench_unet_cuda.measure(
+            "sd15", check.device, 512, [1, 2, 8], [8], repeats=10, warmup=2, sweep_batch=2, profile_batch=8
+        )
     return bench_unet_cuda.measure("sdxl", check.device, 1024, [1, 2], [], repeats=5, warmup=2)
 
 
@@ -299,6 +302,8 @@ def markdown(results: dict) -> str:
         result = parts.get(name, {}).get("result")
         if result:
             lines += ["", f"## {name}", "", bench_unet_cuda.markdown(result["rows"])]
+            for variant, table in result.get("profiles", {}).items():
+                lines += ["", f"Where one call of {variant} spends its time:", "", "```", table, "```"]
             if "cuda_auto_min_weights" in result:
                 lines += ["", f"Exec mode `auto` on CUDA: `CUDA_AUTO_MIN_WEIGHTS = {result['cuda_auto_min_weights']}` "
                           f"(the layer sweep: {len(result['layer_sweep'])} layers at batch {result['sweep_batch']})."]  # fmt: skip

@@ -43,6 +43,7 @@ def test_gpu_check_rehearses_every_part_on_cpu(tmp_path):
                 assert row["psnr_db_vs_fake"] >= 40, row
     assert results["cuda_auto_min_weights"] == parts["unet-sd15"]["result"]["cuda_auto_min_weights"]
     assert len(parts["unet-sd15"]["result"]["layer_sweep"]) > 10
+    assert set(parts["unet-sd15"]["result"]["profiles"]) == {"fp16", "dgq-int-w8a8-eager"}
 
     assert {row["variant"] for row in parts["attention"]["result"]["rows"]} >= {"fused tf32x3", "sdpa fp16 (unquantized)"}
     assert max(r["max_error_vs_reference"] for r in parts["attention"]["result"]["rows"] if "fused" in r["variant"]) < 1e-5
