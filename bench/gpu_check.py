@@ -105,7 +105,7 @@ def cuda_tests(check: Check) -> dict:
     if check.device.type == "cpu":  # the rehearsal: the CUDA tests are deselected; the interpreter as in the suite
         env["TRITON_INTERPRET"] = "1"
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     (check.out / "pytest.txt").write_text(result.stdout + result.stderr)
     summary = [line for line in result.stdout.splitlines() if re.search(r"\d+ (passed|failed|deselected|error)", line)]
     return {"returncode": result.returncode, "summary": summary[-1] if summary else result.stdout[-500:]}
@@ -215,7 +215,7 @@ def quantize_sd15(check: Check) -> dict:
         "--num-calib", "4", "--steps", "4", "--batch-size", "4", "--device", check.device_name,
     ]  # fmt: skip
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"dgq quantize failed:\n{result.stderr[-3000:]}")
@@ -302,6 +302,8 @@ def markdown(results: dict) -> str:
         result = parts.get(name, {}).get("result")
         if result:
             lines += ["", f"## {name}", "", bench_unet_cuda.markdown(result["rows"])]
+            for variant, error in result.get("errors", {}).items():
+                lines += ["", f"{variant} failed:", "", "```", error, "```"]
             for variant, table in result.get("profiles", {}).items():
                 lines += ["", f"Where one call of {variant} spends its time:", "", "```", table, "```"]
             if "cuda_auto_min_weights" in result:
