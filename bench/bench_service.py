@@ -11,6 +11,10 @@ Both are measured side by side in one run, interleaved round by round, medians r
   `max_batch=1`; the batch sizes the batch-4 server actually formed are read back from the jobs' timings.
 
     .venv/bin/python bench/bench_service.py --model <diffusers dir> [--quantized <checkpoint>] --size 64 --steps 20
+    .venv/bin/python bench/bench_service.py --quantized auto --exec-mode int --device cuda    # on a GPU
+
+The memory metrics the batch-4 server exposes (`/metrics`: CUDA memory allocated, peak and total; process RSS) are
+recorded too.
 """
 
 from __future__ import annotations
@@ -70,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="bundled", help="diffusers model dir (default: the bundled model)")
     parser.add_argument("--quantized", default="none", help="quantized checkpoint dir, 'auto' or 'none'")
     parser.add_argument("--exec-mode", default="fake", choices=("fake", "int"))
+    parser.add_argument("--device", default="cpu", help="torch device of the pipeline and workers, e.g. cuda")
     parser.add_argument("--size", type=int, default=64, help="image width and height")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--batch-window", type=float, default=0.25, help="batch window of the batch-4 server (s)")
     parser.add_argument("--port", type=int, default=8471, help="first of the two ports the servers use")
@@ -81,13 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base = dict(model=args.model, quantized=args.quantized, exec_mode=args.exec_mode, warmup_steps=2,
-                request_timeout_s=3600, default_width=args.size, default_height=args.size)
+    base = dict(model=args.model, quantized=args.quantized, exec_mode=args.exec_mode, device=args.device,
+                warmup_steps=2, request_timeout_s=3600, default_width=args.size, default_height=args.size)
     body = {"width": args.size, "height": args.size, "steps": args.steps, "guidance_scale": 7.5}
 
     reference = Settings(**base)
     pipe = dgq_core.from_pretrained(
-        reference.model_ref, quantized=quantized_checkpoint(reference), exec_mode=args.exec_mode
+        reference.model_ref, quantized=quantized_checkpoint(reference), exec_mode=args.exec_mode, device=args.device
     )
     rounds = iter(range(10**9))
 
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, object] = {
         "model": str(reference.model_ref), "quantized": args.quantized, "exec_mode": args.exec_mode,
-        "size": args.size, "steps": args.steps, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+        "device": args.device, "size": args.size, "steps": args.steps, "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(), "int_execution": dgq_core.int_execution_summary(pipe.unet),
     }
     with ServerThread(Settings(**base, port=args.port, max_batch=4, batch_window_s=args.batch_window)) as batch4, \
             ServerThread(Settings(**base, port=args.port + 1, max_batch=1)) as batch1:
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                "seed": n})
             response.raise_for_status()
 
-        latency = time_interleaved({"direct": direct, "service": service}, repeats=args.repeats)
+        latency = time_interleaved({"direct": direct, "service": service}, repeats=args.repeats, warmup=args.warmup)
         results["latency_s"] = {name: median(times) for name, times in latency.items()}
         results["overhead_s"] = results["latency_s"]["service"] - results["latency_s"]["direct"]
         results["overhead_ratio"] = results["latency_s"]["service"] / results["latency_s"]["direct"]
@@ -128,13 +135,19 @@ def main(argv: list[str] | None = None) -> int:
                     batch4_job_ids.append(response.headers["x-job-id"])
 
         batching = time_interleaved({"batch4": lambda: four_concurrent(batch4),
-                                     "batch1": lambda: four_concurrent(batch1)}, repeats=args.repeats)
+                                     "batch1": lambda: four_concurrent(batch1)}, repeats=args.repeats,
+                                    warmup=args.warmup)
         results["four_requests_s"] = {name: median(times) for name, times in batching.items()}
         results["images_per_s"] = {name: 4 / seconds for name, seconds in results["four_requests_s"].items()}
         results["batch4_speedup"] = results["four_requests_s"]["batch1"] / results["four_requests_s"]["batch4"]
         batch_sizes = [client.get(f"{batch4.base_url}/jobs/{job_id}").json()["timings"]["batch_images"]
                        for job_id in batch4_job_ids]
         results["batch4_mean_images_per_batch"] = sum(batch_sizes) / len(batch_sizes)
+        metrics = client.get(f"{batch4.base_url}/metrics").text
+        results["memory_metrics"] = {
+            line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+            if line.startswith(("dgq_cuda_memory", "dgq_process_resident_memory_bytes"))
+        }  # fmt: skip
     results["load_average"] = load_average()
     print(json.dumps(results, indent=2))
     if args.json:

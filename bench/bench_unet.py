@@ -22,6 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import functools
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
@@ -54,7 +56,7 @@ from dgq_core.diffusers_quantizer import (  # noqa: E402
 )
 from dgq_core.kernels import enable_int_execution  # noqa: E402
 from dgq_core.kernels.onednn import has_vnni  # noqa: E402
-from dgq_core.layers import QuantConv2d, QuantLinear  # noqa: E402
+from dgq_core.layers import QuantConv2d, QuantizedWeight, QuantLinear  # noqa: E402
 from dgq_core.memory import peak_rss_bytes  # noqa: E402
 from dgq_core.steps import StepState  # noqa: E402
 from dgq_core.unet import prompt_only_inputs, quantize_unet  # noqa: E402
@@ -73,26 +75,46 @@ def build_unet(seed: int = 0) -> UNet2DConditionModel:
     return UNet2DConditionModel().eval()
 
 
-def unet_inputs(unet: UNet2DConditionModel, seed: int = 1) -> dict[str, torch.Tensor]:
+def unet_inputs(
+    unet: UNet2DConditionModel, seed: int = 1, batch: int = BATCH, latent: int = LATENT
+) -> dict[str, object]:
+    """Random inputs of one UNet call: latents, a mid-schedule timestep, 77 text-token embeddings, and for SDXL's
+    UNet the pooled text embedding and the size/crop conditioning (`added_cond_kwargs`)."""
     generator = torch.Generator().manual_seed(seed)
-    return {
-        "sample": torch.randn(BATCH, unet.config.in_channels, LATENT, LATENT, generator=generator),
+    inputs = {
+        "sample": torch.randn(batch, unet.config.in_channels, latent, latent, generator=generator),
         "timestep": torch.tensor(TIMESTEP),
-        "encoder_hidden_states": torch.randn(
-            BATCH, TOKENS, unet.config.cross_attention_dim, generator=generator
-        ),
+        "encoder_hidden_states": torch.randn(batch, TOKENS, unet.config.cross_attention_dim, generator=generator),
     }
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        size = float(latent * 8)
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=generator),
+            "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(batch, 1),
+        }
+    return inputs
 
 
-def quant_config(w_bits: int, groups: int) -> DGQConfig:
-    return DGQConfig(method="dgq", w_bits=w_bits, a_bits=8, groups=groups, steps=1, num_calib=BATCH)
+def moved_inputs(inputs: dict, device: torch.device | str, dtype: torch.dtype | None = None) -> dict:
+    """`inputs` (nested dicts of tensors) on `device`, their floating tensors in `dtype` if given."""
+    if isinstance(inputs, dict):
+        return {name: moved_inputs(value, device, dtype) for name, value in inputs.items()}
+    if dtype is not None and inputs.is_floating_point():
+        return inputs.to(device, dtype)
+    return inputs.to(device)
+
+
+def quant_config(w_bits: int, groups: int, num_calib: int = BATCH) -> DGQConfig:
+    return DGQConfig(method="dgq", w_bits=w_bits, a_bits=8, groups=groups, steps=1, num_calib=num_calib)
 
 
 @torch.no_grad()
 def calibrate_one_call(unet: UNet2DConditionModel, config: DGQConfig, inputs: dict) -> tuple[DGQConfig, dict]:
     """DGQ statistics of one UNet call (the calibration of one sampler step), without a pipeline: `config` with the
     call's calibration record, and the statistics."""
-    state = StepState([TIMESTEP], (LATENT, LATENT))
+    batch, _, latent, _ = inputs["sample"].shape
+    state = StepState([TIMESTEP], (latent, latent))
     collector = StatsCollector(state, prompt_only_inputs(unet))
     processors = unet.attn_processors
     handles = [state.install(unet), *attach_collector(unet, collector, config)]
@@ -103,19 +125,39 @@ def calibrate_one_call(unet: UNet2DConditionModel, config: DGQConfig, inputs: di
             handle.remove()
         unet.set_attn_processor(processors)
     record = CalibrationRecord(
-        scheduler="one UNet call", timesteps=[TIMESTEP], height=LATENT * 8, width=LATENT * 8, vae_scale_factor=8,
-        num_prompts=BATCH, vector_inputs=sorted(collector.vector_inputs),
+        scheduler="one UNet call", timesteps=[TIMESTEP], height=latent * 8, width=latent * 8, vae_scale_factor=8,
+        num_prompts=batch, vector_inputs=sorted(collector.vector_inputs),
     )
     return config.with_calibration(record), collector.per_step()
 
 
-def quantized_copy(unet: nn.Module, config: DGQConfig, stats: dict) -> UNet2DConditionModel:
-    model = copy.deepcopy(unet)
-    # Plain per-channel min-max weight ranges instead of the 80-candidate MSE search: the search only moves the range
-    # ends, which changes no speed or size, and on the shared 2-core machine it takes tens of minutes for SD v1.5.
+@contextlib.contextmanager
+def minmax_weight_ranges() -> Iterator[None]:
+    """Plain per-channel min-max weight ranges instead of the 80-candidate MSE search: the search only moves the
+    range ends, which changes no speed or size, and on the shared 2-core machine it takes tens of minutes for SD
+    v1.5."""
     minmax_weights = functools.partial(quantizers.quantize_weight_per_channel, search_steps=1)
     with mock.patch.object(layers, "quantize_weight_per_channel", minmax_weights):
+        yield
+
+
+def quantized_copy(unet: nn.Module, config: DGQConfig, stats: dict) -> UNet2DConditionModel:
+    model = copy.deepcopy(unet)
+    with minmax_weight_ranges():
         quantize_unet(model, config, stats)
+    attach_quantization_config(model, config)
+    return model
+
+
+def with_weight_bits(quantized: nn.Module, source: nn.Module, config: DGQConfig) -> nn.Module:
+    """A copy of a quantized UNet with its weights quantized again from the full-precision `source`, at
+    `config.w_bits`: what `quantized_copy` makes with `config` from the same statistics (the activation groups do
+    not depend on the weight bits), without running K-means again (minutes for SDXL)."""
+    model = copy.deepcopy(quantized)
+    with minmax_weight_ranges(), torch.no_grad():
+        for name, layer in model.named_modules():
+            if isinstance(layer, QuantLinear | QuantConv2d):
+                layer.weight_q = QuantizedWeight.from_float(source.get_submodule(name).weight, config.w_bits)
     attach_quantization_config(model, config)
     return model
 

@@ -41,9 +41,16 @@ from .config import (
     QuantConfigError,
 )
 from .diffusers_quantizer import DGQQuantizer, register_dgq_quantizer
-from .kernels import int_execution_summary, set_exec_mode
+from .kernels import capture_cuda_graphs, int_execution_summary, release_cuda_graphs, set_exec_mode
 from .memory import peak_rss_bytes
-from .pipeline import ResolvedModel, from_pretrained, quantize_pretrained, resolve_model, save_pretrained
+from .pipeline import (
+    ResolvedModel,
+    component_dtype,
+    from_pretrained,
+    quantize_pretrained,
+    resolve_model,
+    save_pretrained,
+)
 
 __version__ = "0.1.0"
 
@@ -65,7 +72,9 @@ __all__ = [
     "QuantConfigError",
     "ResolvedModel",
     "UNetCalibration",
+    "capture_cuda_graphs",
     "collect_unet_stats",
+    "component_dtype",
     "conditioning",
     "default_calibration_prompts",
     "from_pretrained",
@@ -78,6 +87,7 @@ __all__ = [
     "quantize_",
     "quantize_pretrained",
     "read_quant_config",
+    "release_cuda_graphs",
     "resolve_model",
     "sample_prompts",
     "set_attention_budget",

@@ -18,6 +18,7 @@ and sets them as a processor's `injected_kv` for a batch.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -303,6 +304,9 @@ class DGQAttnProcessor(ExplicitAttnProcessor):
         self.state = state
         self.register_buffer("prob_scale", prob_scale if prob_scale is not None else torch.zeros(0))
         self.register_buffer("prob_zero_point", prob_zero_point if prob_zero_point is not None else torch.zeros(0))
+        # In exec mode "int" on CUDA, the fused kernel that computes `_attend` without materializing the
+        # probabilities (`kernels.triton_attention.dgq_attention`, given by `kernels.set_exec_mode`); None: `_attend`.
+        self.fused_attention: Callable | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # The per-step probability range has as many rows as calibrated steps, unknown before loading.
@@ -312,6 +316,18 @@ class DGQAttnProcessor(ExplicitAttnProcessor):
         rest = {k: v for k, v in state_dict.items() if k not in own}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         missing_keys[:] = [k for k in missing_keys if k not in own]
+
+    def _apply(self, fn, recurse=True):
+        # A kernel belongs to the device it was chosen for: after a move `set_exec_mode` chooses again.
+        self.fused_attention = None
+        return super()._apply(fn, recurse)
+
+    def _attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.fused_attention is not None and mask is None:
+            return self.fused_attention(query, key, value, scale, self.bits, self.prob_quantizer, self.keep_start)
+        return super()._attend(query, key, value, scale, mask)
 
     def on_query(self, query: torch.Tensor) -> torch.Tensor:
         return self.q_quant(query)

@@ -251,7 +251,9 @@ class UNetCalibration:
         if not self.collected_like(config):
             raise ValueError(f"statistics collected for {self.config.method} cannot quantize {config.method}")
         calibrated = config.with_calibration(self.record)
+        device = next(unet.parameters()).device
         quantize_unet(unet, calibrated, self.collector.per_step())
+        unet.to(device)  # the quantizers' parameters are made on the CPU (K-means runs there)
         attach_quantization_config(unet, calibrated)
         return calibrated
 

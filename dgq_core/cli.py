@@ -65,6 +65,7 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument("--width", type=int, default=0, help="calibration image width (default: the model's)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per calibration batch (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt subset, latents and K-means (default: 0)")
+    parser.add_argument("--device", default="cpu", help="where calibration runs, e.g. cuda (default: cpu)")
     parser.add_argument(
         "--self-contained", action=argparse.BooleanOptionalAction, default=None,
         help="also copy VAE/text encoder/tokenizer/scheduler into --out (default: yes for local models)",
@@ -107,7 +108,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if args.calib_prompts is not None:
         prompts = sample_prompts(load_prompt_file(args.calib_prompts), args.num_calib, args.seed)
     report = quantize_pretrained(
-        args.model, args.out, config, prompts=prompts, batch_size=args.batch_size, self_contained=args.self_contained
+        args.model, args.out, config, prompts=prompts, batch_size=args.batch_size, self_contained=args.self_contained,
+        device=args.device,
     )
     print(
         f"quantized {args.model} -> {args.out}: {config.method} W{config.w_bits}A{config.a_bits} K={config.groups}, "

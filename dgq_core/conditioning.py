@@ -152,6 +152,8 @@ def compute_prompt_params(
         when there are no DGQ cross-attention modules (a full-precision UNet).
     """
     per_prompt: list[PromptParams] = [{} for _ in range(encoder_hidden_states.shape[0])]
+    # A DGQ UNet computes in FP32 whatever the text encoder's dtype (`pipeline.component_dtype`): so do its keys here.
+    encoder_hidden_states = encoder_hidden_states.float()
     for name, (attn, processor) in cross_attention.items():
         ehs = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
         key = split_heads(attn.to_k(ehs), attn.heads)

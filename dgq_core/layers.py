@@ -65,6 +65,8 @@ class StepActParams:
         labels (`torch.Tensor | None`): group id per index along `axis` (mode "group").
         scale (`torch.Tensor | None`): per-group (K,) for "group", (1,) for "tensor"; None for "token"/"none".
         zero_point (`torch.Tensor | None`): same shape as `scale`.
+        labels_key (`bytes | None`): `labelling_key(labels)`, which kernels key their per-labelling plans by; None:
+            computed from `labels` where needed (which reads them back from a GPU).
     """
 
     mode: str
@@ -73,6 +75,12 @@ class StepActParams:
     labels: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     zero_point: torch.Tensor | None = None
+    labels_key: bytes | None = None
+
+
+def labelling_key(labels: torch.Tensor) -> bytes:
+    """Identity of a labelling (group per channel or pixel), by content."""
+    return labels.to(torch.uint8).cpu().numpy().tobytes()
 
 
 def axis_dim(kind: str, axis: str) -> int:
@@ -151,6 +159,10 @@ class ActQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(0))
         self.register_buffer("pixel_level", torch.tensor(-1))
         self._resized_labels: dict[tuple, torch.Tensor] = {}
+        # What `params` returns for each (step, pixel axis length, latent size), made at the first call: reading a
+        # step's axis and labels back from a GPU at every call would stop the host at every layer (and CUDA graphs
+        # cannot capture that).
+        self._step_params: dict[tuple, StepActParams] = {}
 
     @classmethod
     def from_stats(
@@ -224,7 +236,16 @@ class ActQuantizer(nn.Module):
                 setattr(self, name, state_dict[key].clone())
             elif strict:
                 missing_keys.append(key)
+        self._forget_params()
+
+    def _apply(self, fn, recurse=True):
+        # The cached parameters are views and copies of the buffers on their old device.
+        self._forget_params()
+        return super()._apply(fn, recurse)
+
+    def _forget_params(self) -> None:
         self._resized_labels.clear()
+        self._step_params.clear()
 
     @property
     def step(self) -> int:
@@ -239,11 +260,17 @@ class ActQuantizer(nn.Module):
         step = self.step
         if self.mode == "tensor":
             return StepActParams("tensor", self.bits, scale=self.scale[step], zero_point=self.zero_point[step])
-        axis = "channel" if int(self.axis[step]) == 0 else "pixel"
-        labels = (self.labels_channel if axis == "channel" else self.labels_pixel)[step].long()
-        if axis == "pixel" and x_shape is not None:
-            labels = self._fit_pixel_labels(labels, step, x_shape[axis_dim(self.kind, "pixel")])
-        return StepActParams("group", self.bits, axis, labels, self.scale[step], self.zero_point[step])
+        pixels = None if x_shape is None else x_shape[axis_dim(self.kind, "pixel")]
+        key = (step, pixels, None if self.state is None else self.state.latent_hw)
+        if key not in self._step_params:
+            axis = "channel" if int(self.axis[step]) == 0 else "pixel"
+            labels = (self.labels_channel if axis == "channel" else self.labels_pixel)[step].long()
+            if axis == "pixel" and pixels is not None:
+                labels = self._fit_pixel_labels(labels, step, pixels)
+            self._step_params[key] = StepActParams(
+                "group", self.bits, axis, labels, self.scale[step], self.zero_point[step], labelling_key(labels)
+            )
+        return self._step_params[key]
 
     def _fit_pixel_labels(self, labels: torch.Tensor, step: int, length: int) -> torch.Tensor:
         if labels.numel() == length:

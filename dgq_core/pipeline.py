@@ -85,6 +85,43 @@ def _quantized_unet_dir(path: Path) -> Path:
     raise CheckpointError(f"{path} holds no DGQ-quantized UNet (expected unet/config.json with quantization_config)")
 
 
+def component_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype of a pipeline's full-precision components on `device`: BF16 on CUDA, FP32 elsewhere.
+
+    BF16 rather than FP16: SDXL's VAE overflows in FP16 and diffusers' SD pipelines do not upcast it; on Ampere and
+    Hopper GPUs BF16 runs at FP16's speed. A DGQ UNet stays in FP32 around its integer kernels (its activation
+    scales are FP32), with its inputs and output cast at its boundary (`_unet_at_pipeline_dtype`).
+    """
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: _cast_floats(item, dtype) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cast_floats(item, dtype) for item in value)
+    return value
+
+
+def _unet_at_pipeline_dtype(unet: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Hooks that let an FP32 UNet run in a pipeline whose latents and embeddings are `dtype`: its floating inputs
+    are cast to FP32, its output back to `dtype`."""
+
+    def inputs_to_float32(module, args, kwargs):
+        return _cast_floats(args, torch.float32), _cast_floats(kwargs, torch.float32)
+
+    def output_to_pipeline_dtype(module, args, kwargs, output):
+        if hasattr(output, "to_tuple"):  # diffusers' output class
+            output.sample = output.sample.to(dtype)
+            return output
+        return _cast_floats(output, dtype)
+
+    unet.register_forward_pre_hook(inputs_to_float32, with_kwargs=True)
+    unet.register_forward_hook(output_to_pipeline_dtype, with_kwargs=True)
+
+
 def from_pretrained(
     model_ref: str | Path,
     *,
@@ -92,6 +129,7 @@ def from_pretrained(
     device: str | torch.device = "cpu",
     exec_mode: str = "auto",
     load_text_encoder: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> DiffusionPipeline:
     """A ready-to-run diffusers pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...) with the quantized
     UNet, the inverse of `save_pretrained`.
@@ -104,6 +142,8 @@ def from_pretrained(
             kernels on the devices and for the layer sizes in `kernels.auto_min_weights`, fake elsewhere).
         load_text_encoder (`bool`): load the tokenizer(s) and text encoder(s); workers that receive prompt
             embeddings from the API leave them out.
+        dtype (`torch.dtype | None`): of the full-precision components (text encoders, VAE, a full-precision UNet);
+            None: `component_dtype(device)` (BF16 on CUDA). A DGQ UNet computes in FP32 in any case.
     """
     if exec_mode not in EXEC_MODES:
         raise ValueError(f"exec_mode must be one of {EXEC_MODES}, got {exec_mode!r}")
@@ -114,7 +154,15 @@ def from_pretrained(
     if not load_text_encoder:
         index = _model_index(resolved.base)
         overrides.update({name: None for name in TEXT_COMPONENTS if name in index})
-    pipe = DiffusionPipeline.from_pretrained(resolved.base, **overrides).to(device)
+    pipe = DiffusionPipeline.from_pretrained(resolved.base, **overrides)
+    dtype = component_dtype(device) if dtype is None else dtype
+    if dtype != torch.float32:
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module) and not (name == "unet" and resolved.quantized_unet):
+                component.to(dtype)
+        if resolved.quantized_unet is not None:
+            _unet_at_pipeline_dtype(pipe.unet, dtype)
+    pipe.to(device)
     if resolved.quantized_unet is not None:
         set_exec_mode(pipe.unet, exec_mode)
     pipe.set_progress_bar_config(disable=True)
@@ -170,6 +218,7 @@ def quantize_pretrained(
     batch_size: int = 8,
     self_contained: bool | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> CalibrationReport:
     """Load a full-precision model, quantize it and write the checkpoint: what `dgq quantize` and the service's
     `quantized=auto` run.
@@ -183,10 +232,12 @@ def quantize_pretrained(
         batch_size (`int`): prompts per calibration pipeline call.
         self_contained (`bool | None`): copy the other components into `out_dir`; None: yes for local models.
         progress (`bool`): show a progress bar.
+        device (`str | torch.device`): where calibration runs ("cuda" on a GPU).
     """
     if prompts is None:
         prompts = default_calibration_prompts(model_ref, config.num_calib, config.seed)
-    pipe = from_pretrained(model_ref)
+    # Statistics of the full-precision model as it is, in FP32 (the reference the quantized UNet reproduces).
+    pipe = from_pretrained(model_ref, device=device, dtype=torch.float32)
     report = quantize_(pipe, config, prompts, batch_size=batch_size, progress=progress)
     local = Path(model_ref).is_dir()
     # A local base model is named relative to the checkpoint, so that the pair can move together (in a repository).

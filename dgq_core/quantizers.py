@@ -86,8 +86,8 @@ def fake_quant_log2(p: torch.Tensor, scale: torch.Tensor, bits: int, steps_per_o
 # round(log2 r) = e + [m > sqrt(2)] for r = m * 2^e, 1 <= m < 2: adding 2^23 - (first float32 mantissa above
 # sqrt(2) - 1) to the bits of r carries into the exponent exactly when m > sqrt(2), and masking the mantissa off
 # leaves 2^round(log2 r).
-_LOG2_ROUNDING_CARRY = (1 << 23) - 0x3504F4
-_EXPONENT_BITS = 0x7F800000
+LOG2_ROUNDING_CARRY = (1 << 23) - 0x3504F4
+EXPONENT_BITS = 0x7F800000
 
 
 def fake_quant_log2_(
@@ -111,7 +111,7 @@ def fake_quant_log2_(
     ratio = p.div_(scale)
     if steps_per_octave == 2:
         ratio.square_()
-    ratio.view(torch.int32).add_(_LOG2_ROUNDING_CARRY).bitwise_and_(_EXPONENT_BITS)
+    ratio.view(torch.int32).add_(LOG2_ROUNDING_CARRY).bitwise_and_(EXPONENT_BITS)
     smallest = max(2.0 ** -qmax(bits), torch.finfo(torch.float32).tiny)
     ratio.clamp_(min=smallest, max=None if at_most_scale else 1.0)
     if steps_per_octave == 2:

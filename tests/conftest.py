@@ -19,17 +19,26 @@ import pytest
 import torch
 from local_cluster import RedisServer, free_port  # noqa: F401 (free_port: re-exported to the tests)
 
-# The tests' tensors live on the CPU, where the fused CUDA kernel (dgq_core.kernels.triton_fused) runs in Triton's
-# interpreter, which triton picks when it is first imported. bench/bench_unet_cuda.py runs it compiled on a GPU.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 TINY_VOCAB_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
+def _compiled_triton(config: pytest.Config) -> bool:
+    """Whether this run compiles the Triton kernels for a GPU: `pytest -m cuda` where one is present."""
+    return config.option.markexpr == "cuda" and torch.cuda.is_available()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The tests' tensors live on the CPU, where the Triton kernels (dgq_core.kernels.triton_fused, triton_attention)
+    # run in Triton's interpreter, which triton picks when it is first imported, after this; one process runs them
+    # either interpreted or compiled, never both. `pytest -m cuda` on a GPU (bench/gpu_check.py) compiles them.
+    if not _compiled_triton(config):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `cuda` run only where a CUDA GPU is: elsewhere they are deselected, not skipped, and counted in
-    the summary line, so that a skip always means something is wrong."""
-    if torch.cuda.is_available():
+    """Tests marked `cuda` run only with `pytest -m cuda` where a CUDA GPU is: elsewhere they are deselected, not
+    skipped, and counted in the summary line, so that a skip always means something is wrong."""
+    if _compiled_triton(config):
         return
     cuda_only = [item for item in items if item.get_closest_marker("cuda")]
     if cuda_only:

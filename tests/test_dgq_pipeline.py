@@ -185,6 +185,26 @@ def test_save_load_generate_gives_the_same_image(quantized):
     assert not any(p.dtype.is_floating_point and p.numel() > 10_000 for p in loaded.unet.state_dict().values())
 
 
+def test_half_precision_components_around_the_fp32_dgq_unet(quantized):
+    """What `from_pretrained` gives on CUDA (`component_dtype`), here on the CPU: text encoder and VAE in BF16, the
+    DGQ UNet in FP32 with its inputs and output cast at its boundary; the image stays close to the FP32
+    pipeline's, and the precomputed prompt parameters (from BF16 embeddings) reproduce the UNet's own."""
+    _, _, out = quantized
+    reference = generate(dgq_core.from_pretrained(out), PROMPTS[:1], [3])
+    pipe = dgq_core.from_pretrained(out, dtype=torch.bfloat16)
+    assert pipe.text_encoder.dtype == pipe.vae.dtype == torch.bfloat16
+    assert pipe.unet.dtype == torch.float32
+    image = generate(pipe, PROMPTS[:1], [3])
+    assert image.dtype == np.float32 and np.isfinite(image).all()
+    assert 0 < float(np.abs(image - reference).mean()) < 0.02
+    conditioner = PromptConditioner(pipe, cross_attention_processors(pipe.unet))
+    [prompt], [negative] = conditioner.encode(PROMPTS[:1]), conditioner.encode([""])
+    with conditioning(pipe, [prompt], [negative], 7.5) as text_inputs:
+        injected = generate(pipe, None, [3], **text_inputs)
+    direct = generate(pipe, None, [3], prompt_embeds=prompt.embeds[None], negative_prompt_embeds=negative.embeds[None])
+    assert np.array_equal(injected, direct)
+
+
 def test_diffusers_from_pretrained_loads_a_dgq_checkpoint_like_dgq_core(quantized):
     _, _, out = quantized
     ours = generate(dgq_core.from_pretrained(out, exec_mode="fake"), PROMPTS[:2], [3, 4])

@@ -6,14 +6,20 @@ calibration runs on it as on a real model, so every layer kind and activation mo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import os
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_sd_pipeline
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dgq_core
 from dgq_core.config import DGQConfig
@@ -21,9 +27,11 @@ from dgq_core.kernels import (
     auto_min_weights,
     disable_int_execution,
     enable_int_execution,
+    execution,
     int_execution_summary,
+    set_exec_mode,
 )
-from dgq_core.kernels.execution import AUTO_MIN_WEIGHTS, step_arrangements
+from dgq_core.kernels.execution import AUTO_MIN_WEIGHTS, CUDA_AUTO_MIN_WEIGHTS, step_arrangements
 from dgq_core.layers import QuantConv2d, QuantLinear
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle on white", "yellow stripes"]
@@ -81,22 +89,98 @@ def test_int_images_agree_with_fake_and_repeat(quantized: QuantizedPipe):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: pip install -e '.[dev]'")
-# One configuration end to end (the interpreter takes ~40 s per image batch); tests/test_kernels.py checks the kernel
-# at every width and mode.
+# One configuration end to end (the interpreter takes ~40 s per image batch); tests/test_kernels.py checks the kernels
+# at every width, mode and probability quantizer.
 @pytest.mark.parametrize("quantized", [(8, 8, "dgq", False)], ids=["W8A8-dgq"], indirect=True)
 @torch.no_grad()
-def test_fused_cuda_kernel_images_agree_with_fake(quantized: QuantizedPipe):
-    """The CUDA backend's fused kernel, run in Triton's interpreter on this model's CPU tensors."""
+def test_fused_cuda_kernels_images_agree_with_fake(quantized: QuantizedPipe):
+    """The CUDA path, the fused GEMM and the fused attention, run in Triton's interpreter on this model's CPU
+    tensors: exec mode "int" as `set_exec_mode` gives it on CUDA."""
+    from dgq_core.kernels.triton_attention import dgq_attention
     from dgq_core.kernels.triton_fused import FusedGroupGemm
 
-    quantized_pipe = quantized.pipe
-    fake = generate(quantized_pipe)
-    assert enable_int_execution(quantized_pipe.unet, backend=FusedGroupGemm("cpu")) > 0
+    attention_calls = []
+
+    def counted_attention(*args):
+        attention_calls.append(args[0].shape)
+        return dgq_attention(*args)
+
+    unet = quantized.pipe.unet
+    fake = generate(quantized.pipe)
+    assert set_exec_mode(unet, "int", backend=FusedGroupGemm("cpu"), attention_kernel=counted_attention) > 0
+    assert int_execution_summary(unet)["int_kernels"] == "triton,triton_attention"
     try:
-        fused = generate(quantized_pipe)
+        fused = generate(quantized.pipe)
     finally:
-        disable_int_execution(quantized_pipe.unet)
+        disable_int_execution(unet)
+    assert int_execution_summary(unet)["int_kernels"] == "none"
+    # 4 steps x (self- and cross-attention of 4 transformer blocks), each on the CFG batch of 2 prompts
+    assert len(attention_calls) == 4 * 4 * 2 and all(shape[0] == 4 for shape in attention_calls)
     assert psnr_db(fused, fake) >= 40.0
+
+
+@contextlib.contextmanager
+def recorded_host_reads() -> Iterator[list[str]]:
+    """Every read of tensor data back to the host (`item`, `int`, `float`, `bool`, `tolist`, `numpy`, `cpu`) made
+    outside Triton's interpreter, as "file:line": on a GPU each would stop the host until the GPU catches up, and
+    CUDA graphs cannot capture it."""
+    reads: list[str] = []
+
+    def record(depth: int) -> None:
+        stack = traceback.extract_stack()[:-depth]
+        if not any(f"{os.sep}triton{os.sep}" in frame.filename for frame in stack):
+            reads.append(f"{Path(stack[-1].filename).name}:{stack[-1].lineno}")
+
+    class ScalarReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                record(3)
+            return func(*args, **(kwargs or {}))
+
+    def recording(original):
+        def method(self, *args, **kwargs):
+            record(2)
+            return original(self, *args, **kwargs)
+
+        return method
+
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu")}
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, recording(original))
+        with ScalarReads():
+            yield reads
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: pip install -e '.[dev]'")
+@pytest.mark.parametrize("quantized", [(8, 8, "dgq", False)], ids=["W8A8-dgq"], indirect=True)
+@torch.no_grad()
+def test_cuda_path_reads_nothing_back_after_its_first_call_per_step(quantized: QuantizedPipe):
+    """The CUDA path (fused GEMM and attention, here in Triton's interpreter) reads no tensor back to the host once
+    each step has run once: the step's axis, labels and plans are cached, so a UNet call can be captured in a CUDA
+    graph (`dgq_core.kernels.graphs`) and never waits for the GPU. (The timestep is a Python number here: the step
+    state reads a tensor's before the call.)"""
+    from dgq_core.kernels.triton_attention import dgq_attention
+    from dgq_core.kernels.triton_fused import FusedGroupGemm
+
+    unet = quantized.pipe.unet
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    set_exec_mode(unet, "int", backend=FusedGroupGemm("cpu"), attention_kernel=dgq_attention)
+    try:
+        timesteps = [int(t) for t in quantized.pipe.scheduler.timesteps[:2]]
+        for timestep in timesteps:
+            unet(sample, timestep, encoder_hidden_states=text)
+        with recorded_host_reads() as reads:
+            for timestep in timesteps:
+                unet(sample, timestep, encoder_hidden_states=text)
+    finally:
+        disable_int_execution(unet)
+    assert reads == []
 
 
 def test_int_execution_summary_names_what_runs_in_integers(quantized: QuantizedPipe):
@@ -141,13 +225,16 @@ def test_shared_channel_groups_keep_one_labelling_per_layer(quantized: Quantized
 
 def test_auto_runs_integers_only_on_cpus_with_vnni(monkeypatch):
     """Without VNNI exact W8A8 products take two GEMMs and integers run slower than fake quantization: "auto" keeps
-    every layer in fake quantization there, and on CUDA until its kernels are measured."""
+    every layer in fake quantization there; on CUDA it follows the GPU check (bench/gpu_check.py), and until a GPU
+    has measured it, fake quantization too."""
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert auto_min_weights("cpu") is None
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert auto_min_weights("cpu") == (AUTO_MIN_WEIGHTS if torch.cpu._is_vnni_supported() else None)
-    assert auto_min_weights("cuda") is None
+    assert auto_min_weights("cuda") == CUDA_AUTO_MIN_WEIGHTS
+    monkeypatch.setattr(execution, "CUDA_AUTO_MIN_WEIGHTS", 1 << 20)
+    assert auto_min_weights("cuda") == 1 << 20 and auto_min_weights("cpu") != 1 << 20
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
-"""Integer executors vs the fake-quant reference, per layer type and activation mode, W8/W4, A8/A6.
+"""Integer executors vs the fake-quant reference, per layer type and activation mode, W8/W4, A8/A6; the fused CUDA
+attention vs the reference attention processor.
 
 All three backends are checked on CPU: oneDNN (the CPU kernels), `torch._int_mm` (the CUDA fallback's code, run on
-CPU tensors) and the fused Triton kernel (the CUDA backend, run in Triton's interpreter).
+CPU tensors) and the fused Triton kernel (the CUDA backend, run in Triton's interpreter), and so is the Triton
+attention kernel; both Triton kernels are also compiled for sm_90 and sm_80.
 They must match fake quantization to float rounding for every width: `_int_mm`, the Triton kernel and oneDNN with
 VNNI accumulate in int32, and oneDNN without VNNI splits the codes that could saturate its int16 pair sums (checked
 under `ONEDNN_MAX_CPU_ISA=AVX2`).
@@ -20,11 +22,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dgq_core.attention import LOG_CODE_STEPS_PER_OCTAVE, DGQAttnProcessor, sample_scale
 from dgq_core.kernels import IntConv2d, IntLinear
 from dgq_core.kernels.int_mm import IntMmGemm
 from dgq_core.kernels.onednn import OnednnGemm
-from dgq_core.layers import QuantizedWeight, StepActParams, fake_quant_activation
-from dgq_core.quantizers import minmax_params
+from dgq_core.layers import ActQuantizer, QuantizedWeight, StepActParams, fake_quant_activation
+from dgq_core.quantizers import minmax_params, qmax
+from dgq_core.steps import StepState
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -324,12 +328,118 @@ def test_fused_kernel_keeps_one_unpadded_weight_for_every_labelling(w_bits):
     assert torch.equal(executor.weight_codes(), weight.unpacked_codes())
 
 
+def reference_attention(bits: int, quantizer: str, keep_start: bool) -> DGQAttnProcessor:
+    """The reference processor of DGQ's attention (its `_attend` does not call its Q/K/V quantizers)."""
+
+    def passthrough() -> ActQuantizer:
+        return ActQuantizer("qkv", "none", bits, None)
+
+    return DGQAttnProcessor(
+        "dgq", bits, keep_start, passthrough(), passthrough(), passthrough(), StepState([1], (8, 8)),
+        prob_quantizer=quantizer,
+    )  # fmt: skip
+
+
+def attention_inputs(batch, heads, queries, keys, head_dim, keep_start) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys whose probabilities look like SD's: the queries share a direction that the <start> key
+    (when kept) points along, so that it takes about half of each row, as in cross-attention; sample 0 attends
+    flatly and sample 1 sharply, so that their scales differ; key 3 points against the shared direction, so that
+    its probabilities fall below the smallest code."""
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(head_dim, generator=generator)
+    shared /= shared.norm()
+    spread = torch.tensor([0.3] + [0.8] * (batch - 1)).view(batch, 1, 1, 1)
+    query = torch.randn(batch, heads, queries, head_dim, generator=generator) * spread + 3 * shared
+    key = torch.randn(batch, heads, keys, head_dim, generator=generator) * 0.6
+    key[:, :, 3] = -60 * shared
+    if keep_start:
+        key[:, :, 0] = 6 * shared
+    return query, key
+
+
+def probability_codes(probs: torch.Tensor, keep_start: bool, quantizer: str, bits: int) -> torch.Tensor:
+    """The code of every probability relative to its sample's scale, as a real number (integers for quantized
+    probabilities; code boundaries at half-integers)."""
+    quantized = probs[..., 1:] if keep_start else probs
+    ratio = quantized.double() / sample_scale(probs, keep_start).double()
+    if quantizer == "uniform":
+        return ratio * qmax(bits)
+    return -LOG_CODE_STEPS_PER_OCTAVE[quantizer] * torch.log2(ratio.clamp_min(2.0**-300))
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("bits", [8, 6])
+@pytest.mark.parametrize("quantizer", ["log2", "log-sqrt2", "uniform"])
+@pytest.mark.parametrize("keep_start", [True, False], ids=["cross", "self"])
+def test_fused_attention_gives_the_reference_probability_codes(bits, quantizer, keep_start):
+    """The CUDA attention kernel (Triton's interpreter) quantizes every probability to the reference's code: with
+    the values an identity matrix, its output is the quantized probabilities themselves. Two query blocks and three
+    key tiles; a code may differ only at a tie, where the reference's probability lies within float32 rounding of
+    a code boundary (the kernel sums the softmax in another order and multiplies by reciprocals)."""
+    from dgq_core.kernels.triton_attention import dgq_attention
+
+    keys = 77
+    query, key = attention_inputs(2, 3, 100, keys, keys, keep_start)
+    identity = torch.eye(keys).expand(2, 3, keys, keys)
+    processor = reference_attention(bits, quantizer, keep_start)
+    reference = processor._attend(query, key, identity, 0.3, None)
+    fused = dgq_attention(query, key, identity, 0.3, bits, quantizer, keep_start)
+    assert fused.shape == reference.shape
+    if keep_start:
+        torch.testing.assert_close(fused[..., 0], reference[..., 0], rtol=1e-5, atol=1e-6)
+    fused_codes = probability_codes(fused, keep_start, quantizer, bits)
+    reference_codes = probability_codes(reference, keep_start, quantizer, bits)
+    assert torch.equal(fused_codes.round(), fused_codes.round(decimals=4)), "kernel values are codes"
+    unquantized = probability_codes(processor._probs(query, key, 0.3, None), keep_start, quantizer, bits)
+    differ = fused_codes.round() != reference_codes.round()
+    at_tie = (unquantized - unquantized.floor() - 0.5).abs() < 1e-4
+    assert bool((at_tie | ~differ).all()), "codes differ away from a code boundary"
+    assert int(differ.sum()) <= 1e-4 * differ.numel()
+    assert reference_codes.round().unique().numel() > 10, "the inputs exercise many codes"
+    # Equal codes, equal values: each sample's scale is the reference's (to rounding).
+    quantized = (slice(None),) * 3 + (slice(1, None) if keep_start else slice(None),)
+    same = ~differ
+    torch.testing.assert_close(fused[quantized][same], reference[quantized][same], rtol=1e-5, atol=0)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("head_dim", [40, 80, 160])
+@pytest.mark.parametrize("keep_start", [True, False], ids=["cross", "self"])
+def test_fused_attention_matches_the_reference_processor(head_dim, keep_start):
+    """The kernel's output against the reference processor's at each tiling class (SD's head dims), over several
+    query blocks and key tiles, each sample with its own scale."""
+    from dgq_core.kernels.triton_attention import dgq_attention
+
+    queries, keys = (70, 77) if keep_start else (70, 90)
+    query, key = attention_inputs(2, 2, queries, keys, head_dim, keep_start)
+    value = torch.randn(2, 2, keys, head_dim, generator=torch.Generator().manual_seed(1))
+    for quantizer in ("log2", "log-sqrt2", "uniform"):
+        reference = reference_attention(8, quantizer, keep_start)._attend(query, key, value, head_dim**-0.5, None)
+        fused = dgq_attention(query, key, value, head_dim**-0.5, 8, quantizer, keep_start)
+        # A code that flips at a tie moves its row's output: at most one row in a hundred, the rest to rounding.
+        row_error = (fused - reference).abs().amax(dim=-1) / reference.abs().max()
+        assert float((row_error > 1e-5).float().mean()) <= 0.01
+        alone = dgq_attention(query[1:], key[1:], value[1:], head_dim**-0.5, 8, quantizer, keep_start)
+        assert torch.equal(alone, fused[1:]), "a sample's attention does not depend on its batch"
+
+
 COMPILE_SCRIPT = """
 import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from dgq_core.kernels import triton_attention as attention
 from dgq_core.kernels import triton_fused as fused
+
+target = GPUTarget("cuda", int(sys.argv[1]), 32)
+
+
+def compile_ptx(kernel, types, constants, **options):
+    signature = {name: "constexpr" if name in constants else types(name) for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants), target=target, options=options)
+    assert compiled.asm["cubin"], "ptxas made no cubin"
+    return compiled.asm["ptx"]
+
 
 pointers = {"x_ptr": "*fp32", "order_ptr": "*i32", "w_ptr": "*i8", "bounds_ptr": "*i32", "group_id_ptr": "*i32",
             "row_label_ptr": "*i32"}
@@ -340,36 +450,57 @@ flags = ("QUANTIZE", "GATHER", "ROW_GROUPS", "NIBBLES", "HAS_GAP", "HAS_BIAS", "
 launches = [(True, True, False, False, True, True, False), (True, True, False, True, True, True, False),
             (True, False, True, False, True, True, False), (True, False, False, False, True, False, False),
             (False, False, False, True, False, True, True)]
-ptx = []
+gemm = []
 for values in launches:
     constants = dict(zip(flags, values)) | {"BM": 64, "BN": 64, "BK": 32}
-    signature = {
-        name: "constexpr" if name in constants else pointers.get(name) or scalars.get(name) or "*fp32"
-        for name in fused._kernel.arg_names
-    }
+    types = dict(pointers, **scalars)
     if not constants["QUANTIZE"]:
-        signature["x_ptr"] = "*u8"
+        types["x_ptr"] = "*u8"
     if constants["NIBBLES"]:
-        signature["w_ptr"] = "*u8"
-    kernel = triton.compile(ASTSource(fused._kernel, signature, constexprs=constants),
-                            target=GPUTarget("cuda", int(sys.argv[1]), 32))
-    assert kernel.asm["cubin"], "ptxas made no cubin"
-    ptx.append(kernel.asm["ptx"])
-print(json.dumps(ptx))
+        types["w_ptr"] = "*u8"
+    gemm.append(compile_ptx(fused._kernel, lambda name: types.get(name, "*fp32"), constants))
+
+sizes = {"heads", "n_queries", "n_keys", "head_dim", "quantizer", "keep_start"}
+
+
+def attention_types(name):
+    if name.endswith("_ptr"):
+        return "*fp32"
+    return "i64" if name.startswith("stride") else "i32" if name in sizes else "fp32"
+
+
+# Every launch dgq_attention makes: the tiles of each head-dim class (SD's 40, 80 and 160, SDXL's 64 share the first);
+# the quantizer and the <start> switch are run-time arguments.
+attention_ptx = []
+for head_dim in (40, 80, 160):
+    for kernel, tiles in zip((attention._row_statistics, attention._quantized_attention),
+                             attention.launch_tiles(head_dim)):
+        constants = {"PRECISION": attention.DOT_PRECISION, "BM": tiles.queries, "BN": tiles.keys, "BD": tiles.dims}
+        attention_ptx.append(compile_ptx(kernel, attention_types, constants, num_warps=tiles.warps,
+                                         num_stages=tiles.stages))
+print(json.dumps({"gemm": gemm, "attention": attention_ptx}))
 """
 
 
 @NEEDS_TRITON
-@pytest.mark.parametrize("capability,int8_mma", [(90, "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8"),
-                                                 (80, ".s32.s8.s8.s32")])  # fmt: skip
-def test_fused_kernel_compiles_to_int8_tensor_core_code(capability, int8_mma):
-    """Triton compiles without a GPU (its frontend, LLVM and the bundled ptxas): the kernel the interpreter checks
-    also builds for Hopper (H100/H200) and Ampere, with int8 tensor-core products."""
+@pytest.mark.parametrize(
+    "capability,int8_mma,tf32_mma",
+    [(90, "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8", ".f32.tf32.tf32"),
+     (80, ".s32.s8.s8.s32", "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32")],
+)  # fmt: skip
+def test_fused_kernels_compile_to_tensor_core_code(capability, int8_mma, tf32_mma):
+    """Triton compiles without a GPU (its frontend, LLVM and the bundled ptxas): the kernels the interpreter checks
+    also build for Hopper (H100/H200) and Ampere, every launch variant of them: the GEMM with int8 tensor-core
+    products, the attention with TF32 ones (three per dot, `triton_attention.DOT_PRECISION`)."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run(
         [sys.executable, "-c", COMPILE_SCRIPT, str(capability)], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for ptx in json.loads(result.stdout.strip().splitlines()[-1]):
-        assert int8_mma in ptx
+    ptx = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(ptx["gemm"]) == 5 and len(ptx["attention"]) == 3 * 2
+    for gemm in ptx["gemm"]:
+        assert int8_mma in gemm
+    for attention in ptx["attention"]:
+        assert tf32_mma in attention

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 import torch
 
@@ -32,3 +33,18 @@ def select_backend(device: torch.device | str, exact: bool = True) -> GemmBacken
 
         return IntMmGemm(device)
     raise ValueError(f"no integer backend for device {device.type!r}; use exec mode 'fake' there")
+
+
+def select_attention_kernel(device: torch.device | str) -> Callable | None:
+    """The fused DGQ attention for `device`: on CUDA the Triton kernel (`kernels.triton_attention.dgq_attention`)
+    where Triton is installed; None elsewhere, where the reference attention (`DGQAttnProcessor._attend`, in blocks
+    of query rows within its scores budget) runs.
+
+    Args:
+        device (`torch.device | str`): where the attention runs.
+    """
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from .triton_attention import dgq_attention
+
+        return dgq_attention
+    return None

@@ -1,5 +1,9 @@
 """Exec modes of a whole quantized model: `set_exec_mode(model, "auto" | "int" | "fake")`.
 
+Where a device runs integers, DGQ's attention runs there in the fused kernel of `select_attention_kernel` too (on
+CUDA: `kernels.triton_attention`), which never materializes the probabilities; elsewhere, and in "fake", the
+reference attention runs.
+
 In "int" mode an 8-bit weight lives only in the backend's packed int8 form: the layer's uint8 code buffer is emptied
 so that no second copy stays resident; "fake" (and moving the model to another device) writes the codes back. A
 4-bit weight is shared as-is: the executor reads the layer's packed nibbles.
@@ -7,13 +11,17 @@ so that no second copy stays resident; "fake" (and moving the model to another d
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from ..attention import DGQAttnProcessor
 from ..config import EXEC_MODES
 from ..layers import ActQuantizer, QuantizedLayer, QuantLinear, grid_at_level
-from .backends import select_backend
+from .backends import select_attention_kernel, select_backend
 from .executors import IntConv2d, IntLinear
+from .graphs import release_cuda_graphs
 from .onednn import has_vnni
 from .protocol import GemmBackend
 
@@ -80,6 +88,10 @@ def _calibrated_positions(act: ActQuantizer) -> int | None:
 # have 410k weights and more but for the cross-attention keys and values (246k, 77 text tokens each), 1.6x faster
 # than FP32 on a CPU with VNNI (BENCHMARKS.md, "UNet integer execution").
 AUTO_MIN_WEIGHTS = 1 << 18
+# The same on CUDA, where the fused Triton GEMM and attention run: `bench/gpu_check.py` times every layer of an SD v1.5
+# UNet in both modes and prints the threshold that makes the call fastest ("cuda_auto_min_weights"); set it here.
+# None until a GPU has measured it: on CUDA "auto" keeps every layer in fake quantization.
+CUDA_AUTO_MIN_WEIGHTS: int | None = None
 
 
 def auto_min_weights(device: torch.device | str) -> int | None:
@@ -87,17 +99,22 @@ def auto_min_weights(device: torch.device | str) -> int | None:
 
     Integers pay off on CPUs whose int8 products accumulate in int32 (VNNI, AMX). Without VNNI, exact 8-bit products
     take two GEMMs (`kernels.onednn`) and the integer path is slower than fake quantization, which keeps the same int8
-    codes resident (BENCHMARKS.md). CUDA is not listed until its kernels are measured on a GPU.
+    codes resident (BENCHMARKS.md). On CUDA: `CUDA_AUTO_MIN_WEIGHTS`, from the GPU check.
 
     Args:
         device (`torch.device | str`): where the quantized UNet runs.
     """
-    if torch.device(device).type == "cpu" and has_vnni():
+    device = torch.device(device)
+    if device.type == "cpu" and has_vnni():
         return AUTO_MIN_WEIGHTS
+    if device.type == "cuda":
+        return CUDA_AUTO_MIN_WEIGHTS
     return None
 
 
-def set_exec_mode(model: nn.Module, mode: str, backend: GemmBackend | None = None) -> int:
+def set_exec_mode(
+    model: nn.Module, mode: str, backend: GemmBackend | None = None, attention_kernel: Callable | None = None
+) -> int:
     """Run the quantized layers of `model` in exec mode `mode` on the device they are on.
 
     Call it again after moving the model: a move returns every layer to "fake".
@@ -107,6 +124,8 @@ def set_exec_mode(model: nn.Module, mode: str, backend: GemmBackend | None = Non
         mode (`str`): "fake" (the quantize-dequantize reference), "int" (integer kernels for every layer) or "auto"
             (integer kernels for the layers `auto_min_weights` names on their device, fake for the others).
         backend (`GemmBackend | None`): the integer kernels; None: `select_backend` of each layer's device.
+        attention_kernel (`Callable | None`): the fused DGQ attention where integers run (`enable_fused_attention`);
+            None: `select_attention_kernel` of each device.
 
     Returns:
         `int`: how many layers run in integers.
@@ -122,6 +141,34 @@ def set_exec_mode(model: nn.Module, mode: str, backend: GemmBackend | None = Non
         min_weights = 0 if mode == "int" else auto_min_weights(device)
         if min_weights is not None:
             count += enable_int_execution(model, min_weights=min_weights, backend=backend, device=device)
+            enable_fused_attention(model, attention_kernel, device)
+    return count
+
+
+def enable_fused_attention(
+    model: nn.Module, kernel: Callable | None = None, device: torch.device | None = None
+) -> int:
+    """Give the DGQ attention processors of `model` (method "dgq") the fused attention kernel of their device.
+
+    Args:
+        model (`nn.Module`): a quantized UNet.
+        kernel (`Callable | None`): `triton_attention.dgq_attention` or a function of its signature; None:
+            `select_attention_kernel` of each processor's device (none on CPU).
+        device (`torch.device | None`): only the processors on this device; None: all.
+
+    Returns:
+        `int`: how many processors now run the kernel.
+    """
+    release_cuda_graphs(model)
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, DGQAttnProcessor) or module.method != "dgq":
+            continue
+        processor_device = module.prob_scale.device
+        if device is not None and processor_device != device:
+            continue
+        module.fused_attention = kernel if kernel is not None else select_attention_kernel(processor_device)
+        count += module.fused_attention is not None
     return count
 
 
@@ -146,6 +193,7 @@ def enable_int_execution(
     Returns:
         `int`: how many layers now run in integers.
     """
+    release_cuda_graphs(model)
     backends = {}
     count = 0
     for module in model.modules():
@@ -166,10 +214,15 @@ def enable_int_execution(
 
 
 def disable_int_execution(model: nn.Module) -> None:
-    """Return every layer to the fake-quant reference, restoring 8-bit code buffers from the executors."""
+    """Return every layer to the fake-quant reference, restoring 8-bit code buffers from the executors, and every
+    attention processor to the reference attention. CUDA graphs of the model's calls are released: they replay the
+    kernels they captured."""
+    release_cuda_graphs(model)
     for module in model.modules():
         if isinstance(module, QuantizedLayer):
             module.drop_int_executor()
+        elif isinstance(module, DGQAttnProcessor):
+            module.fused_attention = None
 
 
 def int_execution_summary(model: nn.Module) -> dict[str, str]:
@@ -177,10 +230,13 @@ def int_execution_summary(model: nn.Module) -> dict[str, str]:
 
     Returns:
         `dict[str, str]`: "int_layers", the layers with an integer executor out of all quantized ones ("280/280"),
-        and "int_kernels", their backends' names ("onednn", "triton", "int_mm"; "none" when no layer runs in
-        integers).
+        and "int_kernels", their backends' names ("onednn", "triton", "int_mm"), with "triton_attention" where the
+        fused attention runs ("none" when nothing runs in integers).
     """
     layers = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
     executors = [layer.int_executor for layer in layers if layer.int_executor is not None]
-    kernels = sorted({executor.backend.name for executor in executors}) or ["none"]
+    kernels = {executor.backend.name for executor in executors}
+    if any(isinstance(m, DGQAttnProcessor) and m.fused_attention is not None for m in model.modules()):
+        kernels.add("triton_attention")
+    kernels = sorted(kernels) or ["none"]
     return {"int_layers": f"{len(executors)}/{len(layers)}", "int_kernels": ",".join(kernels)}

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..layers import StepActParams, conv_output_size, quantize_activation
+from ..layers import StepActParams, conv_output_size, labelling_key, quantize_activation
 from ..quantizers import dequantize_uniform, unpack_int4
 from .protocol import GemmBackend, PackedWeight
 
@@ -49,11 +49,6 @@ from .protocol import GemmBackend, PackedWeight
 # 40 ms; 640 at 16x16 6.3 vs 8.0; 1280 at 8x8 9.4 vs 5.1).
 MAX_NATIVE_DUPLICATION = 0.125
 MIN_NATIVE_POSITIONS = 256
-
-
-def labelling_key(labels: torch.Tensor) -> bytes:
-    """Identity of a channel labelling, for the per-labelling weight slices."""
-    return labels.to(torch.uint8).cpu().numpy().tobytes()
 
 
 @dataclass
@@ -216,9 +211,9 @@ class IntLinear:
         """Float weight, only for inputs left unquantized (activation mode "none")."""
         return dequantize_uniform(self.weight_codes(), self.w_scale[:, None], self.w_zero_point[:, None])
 
-    def _plan(self, labels: torch.Tensor, centred: torch.Tensor | None = None) -> _GroupPlan:
+    def _plan(self, labels: torch.Tensor, centred: torch.Tensor | None = None, key: bytes | None = None) -> _GroupPlan:
         # Labels may differ per sampler step; each distinct labelling gets its own weight slices (see BENCHMARKS.md).
-        key = labelling_key(labels)
+        key = labelling_key(labels) if key is None else key
         if key not in self._plans:
             centred = self.centred_weight() if centred is None else centred
             groups = torch.unique(labels).tolist()
@@ -298,7 +293,7 @@ class IntLinear:
                 planes, and only their uint8 codes are transposed. Unused by a `fused_groups` backend, which reads
                 the inputs in place.
         """
-        plan = self._plan(params.labels)
+        plan = self._plan(params.labels, key=params.labels_key)
         if self.fused:
             return self._fused(inputs, plan.kernel_index, params.scale, params.zero_point, params.bits)
         scales, zero_points = params.scale[plan.groups], params.zero_point[plan.groups]
@@ -442,9 +437,11 @@ class IntConv2d:
     def geometry(self) -> tuple:
         return self.stride, self.padding, self.dilation
 
-    def _try_native(self, labels: torch.Tensor, centred: torch.Tensor | None = None) -> _GroupPlan | None:
+    def _try_native(
+        self, labels: torch.Tensor, centred: torch.Tensor | None = None, key: bytes | None = None
+    ) -> _GroupPlan | None:
         """The native plan of a channel labelling, made on first use; None when it duplicates too much weight."""
-        key = labelling_key(labels)
+        key = labelling_key(labels) if key is None else key
         if key not in self.native_plans:
             taps = labels.view(self.in_channels, -1)
             channels_per_group = sum(
@@ -513,7 +510,7 @@ class IntConv2d:
         if params.mode == "tensor":
             plan = self.native_plans.get(b"")
         elif params.mode == "group" and params.axis == "channel" and self.bits == 8 and self.native_plans:
-            plan = self._try_native(params.labels)
+            plan = self._try_native(params.labels, key=params.labels_key)
         if plan is not None:
             return self._native(x, plan, params)
         return self._im2col(x, params)

@@ -104,7 +104,7 @@ def _grouped_int8_linear(
                 w = tl.where(w_mask, w, 0).to(tl.int8)
             else:
                 w = tl.load(w_ptr + inputs[:, None] * N + cols[None, :], mask=w_mask, other=0)
-            products = tl.dot((codes - 128).to(tl.int8), w, products)
+            products = tl.dot((codes - 128).to(tl.int8), w, products, out_dtype=tl.int32)
             weight_sums += tl.sum(w.to(tl.int32), axis=0)
             code_sums += tl.sum(codes, axis=1)
         exact = products.to(tl.float32) + (128.0 - zero_point)[:, None] * weight_sums.to(tl.float32)[None, :]
@@ -133,6 +133,16 @@ def _interpreted() -> bool:
     if knobs is not None:
         return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def check_triton_device(device: torch.device) -> None:
+    """Raise unless this process can run Triton kernels on `device`: compiled on CUDA, or in Triton's interpreter
+    on CPU tensors (the tests)."""
+    interpreted = _interpreted()
+    if device.type == "cpu" and not interpreted:
+        raise RuntimeError("Triton kernels run on CPU tensors in Triton's interpreter: set TRITON_INTERPRET=1")
+    if device.type != "cpu" and interpreted:
+        raise RuntimeError(f"Triton kernels compile for {device.type} only without TRITON_INTERPRET")
 
 
 @dataclass
@@ -181,11 +191,7 @@ class FusedGroupGemm:
 
     def __init__(self, device: torch.device | str = "cuda") -> None:
         self.device = torch.device(device)
-        interpreted = _interpreted()
-        if self.device.type == "cpu" and not interpreted:
-            raise RuntimeError("the fused kernel runs on CPU tensors in Triton's interpreter: set TRITON_INTERPRET=1")
-        if self.device.type != "cpu" and interpreted:
-            raise RuntimeError(f"the fused kernel compiles for {self.device.type} only without TRITON_INTERPRET")
+        check_triton_device(self.device)
         # The one-group labelling of each K (all inputs in order): made once, not copied to the device every call.
         self._one_groups: dict[int, GroupIndex] = {}
 
