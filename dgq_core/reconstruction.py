@@ -337,7 +337,8 @@ class ReconstructionReport:
 
     Args:
         units (`int`): units reconstructed. iters (`int`): steps per unit. rows (`int`): cached rows per unit.
-        seconds (`float`): wall time. loss_nearest (`dict[str, float]`), loss_learned (`dict[str, float]`): each
+        seconds (`float`): wall time. train_seconds (`float`): the part of it spent in training steps (the rest
+            caches inputs and targets). loss_nearest (`dict[str, float]`), loss_learned (`dict[str, float]`): each
             unit's reconstruction loss on its cached rows with nearest and with learned rounding.
     """
 
@@ -347,6 +348,7 @@ class ReconstructionReport:
     seconds: float
     loss_nearest: dict[str, float]
     loss_learned: dict[str, float]
+    train_seconds: float = 0.0
 
 
 def _unit_loss(unit: nn.Module, cached_in: _Cached, target: torch.Tensor, p: float, device) -> float:
@@ -412,7 +414,9 @@ def reconstruct_weights(
             unit = quantized.get_submodule(unit_name)
             cached_in = _capture_inputs(quantized, unit, inputs, calls, rows, device)
             report.loss_nearest[unit_name] = _unit_loss(unit, cached_in, target, recipe.norm, device)
+            training = time.perf_counter()
             _learn_unit(unit, [wrapped[m] for m in members], cached_in, target, recipe, device, generator, bar)
+            report.train_seconds += time.perf_counter() - training
             report.loss_learned[unit_name] = _unit_loss(unit, cached_in, target, recipe.norm, device)
             bar.set_postfix_str(f"{unit_name}: {report.loss_nearest[unit_name]:.3g} -> {report.loss_learned[unit_name]:.3g}")
     finally:

@@ -37,7 +37,9 @@ from dgq_core.reconstruction import (
     _learn_unit,
     _unit_loss,
     initial_alpha,
+    lp_loss,
     rectified_sigmoid,
+    rounding_regularizer,
 )
 from dgq_core.steps import StepState
 
@@ -131,10 +133,11 @@ def test_eq3_log_codes_round_in_the_log_domain():
     for offset, expected in ((0.45, k), (-0.45, k), (0.55, k + 1)):
         p = scale * torch.exp2(-(k + offset))
         assert torch.equal(quantize_log2(p, scale, 8), expected.clamp(0, 255))
+        # The float-bits path that attention runs rounds at the same boundaries.
+        fake = quantize_probs_per_sample(p.view(1, 1, 1, -1).clone(), 8, False, "log2", scale)
+        assert torch.equal(fake.flatten(), scale * torch.exp2(-expected))
     # Above the code range: the smallest level.
     assert float(quantize_log2(torch.tensor([1e-30]), scale, 4)) == 15
-    fake = quantize_probs_per_sample((scale * torch.exp2(-(k + 0.3))).view(1, 1, 1, -1), 8, False, "log2")
-    assert torch.allclose(fake.flatten() / fake.max(), torch.exp2(-k))
 
 
 # --- Eq. 8: the dynamic scale -------------------------------------------------------------------------------------
@@ -254,6 +257,10 @@ def test_adaround_starts_at_the_float_weight_and_anneals_its_regularizer_after_t
     recipe = AdaRoundRecipe(iters=1000)
     assert not recipe.regularized(199) and recipe.regularized(200)
     assert recipe.beta(200) == 20 and recipe.beta(600) == pytest.approx(11) and recipe.beta(1000) == 2
+    h = torch.tensor([0.0, 1.0, 0.5, 0.75])
+    assert float(rounding_regularizer(h, 2.0)) == pytest.approx(0 + 0 + 1 + 0.75)
+    output, target = torch.tensor([[1.0, -2.0], [0.0, 0.5]]), torch.zeros(2, 2)
+    assert float(lp_loss(output, target, 2.4)) == pytest.approx((1 + 2**2.4 + 0 + 0.5**2.4) / 2)
 
 
 def test_adaround_rounds_each_weight_to_floor_or_ceiling_and_reconstructs_better_than_nearest():
@@ -347,6 +354,10 @@ def test_statistics_from_the_quantized_model_include_the_upstream_error_only(cal
     fp = _quantized(*calibrated, w_bits=4)
     quantized = _quantized(*calibrated, w_bits=4, calib_source="quantized")
     resnet_fp, resnet_q = fp.unet.down_blocks[0].resnets[0], quantized.unet.down_blocks[0].resnets[0]
+    # "fp" takes the full-precision run's statistics as they are.
+    fp_conv2 = calibrated[1].collector.per_step()["down_blocks.0.resnets.0.conv2"]
+    from_fp = ActQuantizer.from_stats(fp_conv2, "conv", "group", 8, 1, None, (SIZE // 2, SIZE // 2))
+    assert torch.equal(resnet_fp.conv2.act.scale, from_fp.scale)
     # conv1 sees conv_in's output through a norm: nothing quantized upstream, the same ranges.
     assert torch.equal(resnet_fp.conv1.act.scale, resnet_q.conv1.act.scale)
     # conv2 sees conv1's quantized weights and activations: other ranges.
