@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 import dgq_core  # noqa: E402
-from dgq_zoo import bundled_model_dir  # noqa: E402
 from dgq_core.reconstruction import AdaRoundRecipe, reconstruction_units  # noqa: E402
 from dgq_core.unet import quantizable_layers  # noqa: E402
+from dgq_zoo import bundled_model_dir  # noqa: E402
 
 OFFICIAL_ITERS = AdaRoundRecipe().iters
 # Sustained dense throughputs the SD estimate is given at (FLOP/s): an A100 in FP32 with TF32 convolutions, an H100.

@@ -44,6 +44,13 @@ from .diffusers_quantizer import DGQQuantizer, register_dgq_quantizer
 from .kernels import int_execution_summary, set_exec_mode
 from .memory import peak_rss_bytes
 from .pipeline import ResolvedModel, from_pretrained, quantize_pretrained, resolve_model, save_pretrained
+from .reconstruction import (
+    AdaRoundRecipe,
+    ReconstructionReport,
+    load_reconstructed_weights,
+    reconstruct_weights,
+    save_reconstructed_weights,
+)
 
 __version__ = "0.1.0"
 
@@ -51,6 +58,7 @@ register_dgq_quantizer()
 
 __all__ = [
     "ACTIVATION_BITS",
+    "AdaRoundRecipe",
     "ACTIVATION_METHODS",
     "EXEC_MODES",
     "PROB_QUANTIZERS",
@@ -62,6 +70,7 @@ __all__ = [
     "DGQQuantizer",
     "EncodedPrompt",
     "PromptConditioner",
+    "ReconstructionReport",
     "QuantConfigError",
     "ResolvedModel",
     "UNetCalibration",
@@ -71,16 +80,19 @@ __all__ = [
     "from_pretrained",
     "int_execution_summary",
     "load_prompt_file",
+    "load_reconstructed_weights",
     "make_batch_invariant",
     "pack_prompt_pair",
     "peak_rss_bytes",
     "quantize_",
     "quantize_pretrained",
     "read_quant_config",
+    "reconstruct_weights",
     "resolve_model",
     "sample_prompts",
-    "set_attention_budget",
     "save_pretrained",
+    "save_reconstructed_weights",
+    "set_attention_budget",
     "set_exec_mode",
     "unpack_prompt_pair",
 ]

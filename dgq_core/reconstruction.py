@@ -19,13 +19,16 @@ The result is ordinary codes with the search's scales and zero points: the check
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -454,3 +457,35 @@ def _learn_unit(
     for layer in layers:
         layer.freeze()
 
+
+
+def save_reconstructed_weights(weights: dict[str, QuantizedWeight], path: str | Path) -> None:
+    """Write reconstructed weights (codes, scales, zero points) to one safetensors file, so that one reconstruction
+    serves later runs; shapes and bits go into its metadata.
+
+    Args:
+        weights (`dict[str, QuantizedWeight]`): from `reconstruct_weights`.
+        path (`str | Path`): the file to write.
+    """
+    tensors, layout = {}, {}
+    for name, weight in weights.items():
+        for part in ("codes", "scale", "zero_point"):
+            tensors[f"{name}.{part}"] = getattr(weight, part).contiguous()
+        layout[name] = {"shape": list(weight.shape), "bits": weight.bits}
+    save_file(tensors, str(path), metadata={"dgq_reconstructed_weights": json.dumps(layout)})
+
+
+def load_reconstructed_weights(path: str | Path) -> dict[str, QuantizedWeight]:
+    """Inverse of `save_reconstructed_weights` (safetensors: nothing is unpickled)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        layout = json.loads(handle.metadata()["dgq_reconstructed_weights"])
+    tensors = load_file(str(path))
+    weights = {}
+    for name, info in layout.items():
+        weight = QuantizedWeight(tuple(info["shape"]), info["bits"])
+        weight.codes, weight.scale = tensors[f"{name}.codes"], tensors[f"{name}.scale"]
+        weight.zero_point = tensors[f"{name}.zero_point"]
+        weights[name] = weight
+    return weights

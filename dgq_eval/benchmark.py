@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import dgq_core
-from dgq_core import EXEC_MODES, UNetCalibration
+from dgq_core import EXEC_MODES, UNetCalibration, load_reconstructed_weights, save_reconstructed_weights
 from dgq_eval import harness
 from dgq_zoo import bundled_model_dir
 
@@ -145,7 +145,34 @@ class SharedRuns:
 
     calibrations: dict[tuple[bool, bool], UNetCalibration]
     base: dgq_core.DGQConfig
-    weights: dict[int, tuple[dict, object]] = field(default_factory=dict)
+    weights_dir: Path | None = None
+    weights: dict[int, tuple[dict, dict]] = field(default_factory=dict)
+
+    def reconstructed(self, unet, calibration: UNetCalibration, config: dgq_core.DGQConfig) -> tuple[dict, dict]:
+        """AdaRound weights for `config`'s weight bits: made once per run, or read from `weights_dir` when an
+        earlier run with the same calibration settings left them there."""
+        if config.w_bits in self.weights:
+            return self.weights[config.w_bits]
+        stem = (
+            f"adaround_w{config.w_bits}_i{config.recon_iters}_r{config.recon_samples}_c{config.num_calib}"
+            f"_s{config.steps}_g{config.guidance_scale:g}_seed{config.seed}"
+        )
+        path = self.weights_dir / f"{stem}.safetensors" if self.weights_dir else None
+        if path is not None and path.is_file():
+            weights = load_reconstructed_weights(path)
+            info = json.loads(path.with_suffix(".json").read_text())
+        else:
+            weights, report = calibration.reconstruct(unet, config)
+            info = {
+                "reconstruction_seconds": round(report.seconds, 1), "training_seconds": round(report.train_seconds, 1),
+                "reconstruction": f"{report.units} units x {report.iters} steps, {report.rows} rows",
+            }  # fmt: skip
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_reconstructed_weights(weights, path)
+                path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
+        self.weights[config.w_bits] = weights, info
+        return weights, info
 
     def quantize(self, unet, setting: QuantSetting) -> dict:
         """Quantize `unet` (full precision, of the calibrated model) for `setting`; returns what it cost."""
@@ -154,11 +181,8 @@ class SharedRuns:
         extra = {"calibration_seconds": round(calibration.seconds, 1)}
         weights = None
         if config.weight_rounding == "adaround":
-            if config.w_bits not in self.weights:
-                self.weights[config.w_bits] = calibration.reconstruct(unet, config)
-            weights, report = self.weights[config.w_bits]
-            extra["reconstruction_seconds"] = round(report.seconds, 1)
-            extra["reconstruction"] = f"{report.units} units x {report.iters} steps, {report.rows} rows"
+            weights, info = self.reconstructed(unet, calibration, config)
+            extra.update(info)
         calibration.quantize(unet, config, weights)
         return extra
 
@@ -189,6 +213,7 @@ def run(
     settings: list[QuantSetting],
     exec_mode: str = "fake",
     recon_iters: int = dgq_core.DGQConfig.recon_iters,
+    weights_dir: Path | None = None,
 ) -> list[tuple[str, harness.EvalReport]]:
     """Evaluate full precision, then quantize and evaluate every setting.
 
@@ -202,6 +227,7 @@ def run(
         settings: the quantized rows.
         exec_mode: execution of the quantized UNets (`dgq_core.config.EXEC_MODES`).
         recon_iters: AdaRound steps per unit of the rows that reconstruct.
+        weights_dir: where reconstructed weights are kept for later runs (None: not kept).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = harness.heldout_prompts(num)
@@ -227,7 +253,7 @@ def run(
             dgq_core.from_pretrained(model), stats_config, calibration_prompts,
             record_inputs=any(r.replays_unet_inputs for r in rows),
         )
-    shared = SharedRuns(calibrations, base)
+    shared = SharedRuns(calibrations, base, weights_dir)
     for setting in tqdm(settings, desc="quantized settings"):
         quantized_dir = out_dir / "models" / setting.dirname
         extra = quantized_model(shared, model, setting, quantized_dir)
@@ -282,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--recon-iters", type=int, default=dgq_core.DGQConfig.recon_iters, help="AdaRound steps per unit (-ada rows)"
     )
+    parser.add_argument(
+        "--weights-dir", type=Path,
+        help="keep reconstructed AdaRound weights here, and take them from here when a run with the same "
+        "calibration settings left them",
+    )
     parser.add_argument("--exec", dest="exec_mode", choices=EXEC_MODES, default="fake")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -290,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = [QuantSetting.parse(key, w, a) for w, a in precisions for key in args.methods.split(",")]
     reports = run(
         args.out, args.model, args.num, args.steps, args.guidance, args.num_calib, settings, args.exec_mode,
-        args.recon_iters,
+        args.recon_iters, args.weights_dir,
     )
     print(harness.format_markdown(reports))
     return 0
