@@ -51,6 +51,13 @@ from .pipeline import (
     resolve_model,
     save_pretrained,
 )
+from .reconstruction import (
+    AdaRoundRecipe,
+    ReconstructionReport,
+    load_reconstructed_weights,
+    reconstruct_weights,
+    save_reconstructed_weights,
+)
 
 __version__ = "0.1.0"
 
@@ -58,6 +65,7 @@ register_dgq_quantizer()
 
 __all__ = [
     "ACTIVATION_BITS",
+    "AdaRoundRecipe",
     "ACTIVATION_METHODS",
     "EXEC_MODES",
     "PROB_QUANTIZERS",
@@ -69,6 +77,7 @@ __all__ = [
     "DGQQuantizer",
     "EncodedPrompt",
     "PromptConditioner",
+    "ReconstructionReport",
     "QuantConfigError",
     "ResolvedModel",
     "UNetCalibration",
@@ -81,17 +90,20 @@ __all__ = [
     "int_execution_summary",
     "is_quantized_unet_dir",
     "load_prompt_file",
+    "load_reconstructed_weights",
     "make_batch_invariant",
     "pack_prompt_pair",
     "peak_rss_bytes",
     "quantize_",
     "quantize_pretrained",
     "read_quant_config",
+    "reconstruct_weights",
     "release_cuda_graphs",
     "resolve_model",
     "sample_prompts",
-    "set_attention_budget",
     "save_pretrained",
+    "save_reconstructed_weights",
+    "set_attention_budget",
     "set_exec_mode",
     "unpack_prompt_pair",
 ]

@@ -25,7 +25,7 @@ from torch import nn
 
 from .batch_invariance import MIN_GEMM_ROWS
 from .layers import ActQuantizer
-from .quantizers import dynamic_rowwise_params, fake_quant_log2_, fake_quant_uniform, qmax
+from .quantizers import MIN_SCALE, dynamic_rowwise_params, fake_quant_log2_, fake_quant_uniform, qmax
 from .steps import StepState
 
 
@@ -94,7 +94,12 @@ def sample_scale(probs: torch.Tensor, keep_start: bool) -> torch.Tensor:
 
 
 def quantize_probs_per_sample(
-    probs: torch.Tensor, bits: int, keep_start: bool, quantizer: str = "log2", scale: torch.Tensor | None = None
+    probs: torch.Tensor,
+    bits: int,
+    keep_start: bool,
+    quantizer: str = "log2",
+    scale: torch.Tensor | None = None,
+    scale_is_max: bool = True,
 ) -> torch.Tensor:
     """Quantize attention probabilities with one dynamic scale per sample (paper Eq. 8-9), in place.
 
@@ -104,20 +109,40 @@ def quantize_probs_per_sample(
         keep_start (`bool`): keep column 0 (the `<start>` token of cross-attention) exact and leave it out of the scale.
         quantizer (`str`): "log2" (codes `round(-log2(p / s))`, the method), "log-sqrt2" (`round(-2 log2(p / s))`)
             or "uniform" (codes of step `s / (2^b - 1)`).
-        scale (`torch.Tensor | None`): the samples' `sample_scale`, when `probs` holds only some of their query rows;
-            None: from `probs`.
+        scale (`torch.Tensor | None`): the samples' `sample_scale`, when `probs` holds only some of their query rows,
+            or a static scale; None: from `probs`.
+        scale_is_max (`bool`): no probability exceeds `scale` (the dynamic scale); False (a static scale) clamps
+            the ones above it to it.
     """
     scale = sample_scale(probs, keep_start) if scale is None else scale
     start = probs[..., :1].clone() if keep_start else None
     if quantizer in LOG_CODE_STEPS_PER_OCTAVE:
         # Every quantized probability is at most the scale; the start column may exceed it, and is put back below.
-        fake_quant_log2_(probs, scale, bits, at_most_scale=True, steps_per_octave=LOG_CODE_STEPS_PER_OCTAVE[quantizer])
+        steps_per_octave = LOG_CODE_STEPS_PER_OCTAVE[quantizer]
+        fake_quant_log2_(probs, scale, bits, at_most_scale=scale_is_max, steps_per_octave=steps_per_octave)
     else:
         step = (scale / qmax(bits)).clamp_min(torch.finfo(probs.dtype).tiny)
         probs.copy_(fake_quant_uniform(probs, step, torch.zeros_like(step), bits))
     if keep_start:
         probs[..., :1] = start
     return probs
+
+
+# Candidates of the static probability scale (Table 3's ablation), as the official code's quantile search has them.
+STATIC_SCALE_QUANTILES = (0.999, 0.9999, 0.99999)
+
+
+def static_prob_scale(samples: torch.Tensor, bits: int, quantizer: str = "log2") -> torch.Tensor:
+    """The static scale of the probability codes: the quantile of the calibration probabilities (`samples`, any
+    shape) among `STATIC_SCALE_QUANTILES` whose codes reconstruct them with the least squared error. (1,)."""
+    values = samples.detach().float().reshape(1, 1, 1, -1)
+    candidates = torch.quantile(values.flatten(), torch.tensor(STATIC_SCALE_QUANTILES)).clamp_min(MIN_SCALE)
+
+    def error(scale: torch.Tensor) -> float:
+        quantized = quantize_probs_per_sample(values.clone(), bits, False, quantizer, scale, scale_is_max=False)
+        return float((quantized - values).pow(2).sum())
+
+    return min(candidates, key=error).reshape(1)
 
 
 def query_block_rows(batch_heads: int, queries: int, keys: int, budget_bytes: int) -> int:
@@ -280,8 +305,11 @@ class DGQAttnProcessor(ExplicitAttnProcessor):
         is_cross (`bool`): whether this is cross-attention (keys/values from the text embedding).
         q_quant, k_quant, v_quant (`ActQuantizer`): quantizers of the head-split Q, K, V.
         state (`StepState`): the UNet's step state.
-        prob_scale, prob_zero_point (`torch.Tensor | None`): per-step calibrated range of P ("pertensor" only).
-        prob_quantizer (`str`): "log2", "log-sqrt2" or "uniform" codes for "dgq" (see `QuantConfig.prob_quantizer`).
+        prob_scale, prob_zero_point (`torch.Tensor | None`): per-step calibrated range of P ("pertensor"), or
+            per-step static scale (S, 1) of "dgq" with `static_scale`.
+        prob_quantizer (`str`): "log2", "log-sqrt2" or "uniform" codes for "dgq" (see `DGQConfig.prob_quantizer`).
+        start_split (`bool`): "dgq" keeps the `<start>` column and key of cross-attention exact (the method).
+        static_scale (`bool`): "dgq" takes the calibrated per-step `prob_scale` instead of Eq. 8's dynamic one.
     """
 
     def __init__(
@@ -296,10 +324,12 @@ class DGQAttnProcessor(ExplicitAttnProcessor):
         prob_scale: torch.Tensor | None = None,
         prob_zero_point: torch.Tensor | None = None,
         prob_quantizer: str = "log2",
+        start_split: bool = True,
+        static_scale: bool = False,
     ) -> None:
-        super().__init__(keep_start=is_cross and method == "dgq")
+        super().__init__(keep_start=is_cross and method == "dgq" and start_split)
         self.method, self.bits, self.is_cross = method, bits, is_cross
-        self.prob_quantizer = prob_quantizer
+        self.prob_quantizer, self.static_scale = prob_quantizer, static_scale
         self.q_quant, self.k_quant, self.v_quant = q_quant, k_quant, v_quant
         self.state = state
         self.register_buffer("prob_scale", prob_scale if prob_scale is not None else torch.zeros(0))
@@ -340,13 +370,19 @@ class DGQAttnProcessor(ExplicitAttnProcessor):
 
     @property
     def needs_sample_scale(self) -> bool:
-        return self.method == "dgq"
+        return self.method == "dgq" and not self.static_scale
+
+    def _calibrated_step(self) -> int:
+        return min(self.state.step, self.prob_scale.shape[0] - 1)
 
     def on_probs(self, probs: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if self.method == "dgq" and self.static_scale:
+            static = self.prob_scale[self._calibrated_step()].view(1, 1, 1, 1)
+            return quantize_probs_per_sample(probs, self.bits, self.keep_start, self.prob_quantizer, static, False)
         if self.method == "dgq":
             return quantize_probs_per_sample(probs, self.bits, self.keep_start, self.prob_quantizer, scale)
         if self.method == "pertensor":
-            step = min(self.state.step, self.prob_scale.shape[0] - 1)
+            step = self._calibrated_step()
             return fake_quant_uniform(probs, self.prob_scale[step], self.prob_zero_point[step], self.bits)
         scale, zero_point = dynamic_rowwise_params(probs, self.bits)
         return fake_quant_uniform(probs, scale, zero_point, self.bits)

@@ -11,9 +11,14 @@ from pathlib import Path
 from .config import (
     ACTIVATION_BITS,
     ACTIVATION_METHODS,
+    CALIB_SOURCES,
     EXEC_MODES,
+    GROUP_AXES,
     PROB_QUANTIZERS,
+    PROB_SCALES,
     WEIGHT_BITS,
+    WEIGHT_ROUNDINGS,
+    DGQConfig,
     QuantConfigError,
 )
 
@@ -52,6 +57,37 @@ def _add_quantize(subparsers) -> None:
         "--prob-quantizer", choices=PROB_QUANTIZERS, default="log2",
         help="attention-probability codes of --method dgq: log2 (the method, default), log-sqrt2 (half the log2 step: "
         "32.8 vs 28.1 dB PSNR vs FP on the bundled model) or uniform (ablation)",
+    )
+    parser.add_argument(
+        "--weight-rounding", choices=WEIGHT_ROUNDINGS, default="nearest",
+        help="weight codes rounded to nearest after the range search (default), or learned by AdaRound with "
+        "BRECQ-style block reconstruction (the official SD recipe; same checkpoint format)",
+    )
+    parser.add_argument(
+        "--recon-iters", type=_positive_int, default=DGQConfig.recon_iters,
+        help=f"AdaRound steps per block (default: {DGQConfig.recon_iters}, the official recipe)",
+    )
+    parser.add_argument(
+        "--recon-samples", type=int, default=0,
+        help="calibration rows AdaRound caches block inputs for (default: 0 = all; caps memory on SD-size models)",
+    )
+    parser.add_argument(
+        "--calib-source", choices=CALIB_SOURCES, default=DGQConfig.calib_source,
+        help=f"activation statistics from the full-precision model (fp) or the quantized one (quantized: ranges "
+        f"include the upstream error, as the official code's) (default: {DGQConfig.calib_source})",
+    )
+    parser.add_argument(
+        "--axis", choices=GROUP_AXES, default="auto",
+        help="ablation: group every input along channels or pixels instead of Eq. 1's choice (default: auto)",
+    )
+    parser.add_argument(
+        "--prob-scale", choices=PROB_SCALES, default="dynamic",
+        help="ablation: a static per-step probability scale searched over quantiles, instead of Eq. 8's dynamic "
+        "per-sample one (default: dynamic)",
+    )
+    parser.add_argument(
+        "--no-start-split", dest="start_split", action="store_false",
+        help="ablation: quantize the <start> column and key of cross-attention like the rest",
     )
     parser.add_argument(
         "--calib-prompts", type=Path,
@@ -95,12 +131,13 @@ def _add_generate(subparsers) -> None:
 
 def _run_quantize(args: argparse.Namespace) -> int:
     from .calibration import load_prompt_file, sample_prompts
-    from .config import DGQConfig
     from .pipeline import quantize_pretrained
 
     config = DGQConfig(
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, groups=args.groups,
-        prob_quantizer=args.prob_quantizer, shared_channel_groups=args.shared_channel_groups, steps=args.steps,
+        prob_quantizer=args.prob_quantizer, prob_scale=args.prob_scale, start_split=args.start_split, axis=args.axis,
+        weight_rounding=args.weight_rounding, recon_iters=args.recon_iters, recon_samples=args.recon_samples,
+        calib_source=args.calib_source, shared_channel_groups=args.shared_channel_groups, steps=args.steps,
         num_calib=args.num_calib, seed=args.seed, guidance_scale=args.guidance_scale, height=args.height,
         width=args.width,
     )
@@ -113,8 +150,14 @@ def _run_quantize(args: argparse.Namespace) -> int:
     )
     print(
         f"quantized {args.model} -> {args.out}: {config.method} W{config.w_bits}A{config.a_bits} K={config.groups}, "
+        f"{config.weight_rounding} weights, statistics from {config.calib_source}, "
         f"{report.prompts} prompts x {report.unet_calls} UNet calls, calibration {report.seconds:.1f} s, "
         f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB"
+        + (
+            f", AdaRound {report.reconstruction.units} units x {report.reconstruction.iters} steps on "
+            f"{report.reconstruction.rows} rows in {report.reconstruction.seconds:.1f} s"
+            if report.reconstruction else ""
+        )
         + (f", peak CUDA {report.peak_cuda_bytes / 2**20:.0f} MiB" if report.peak_cuda_bytes else "")
     )
     return 0

@@ -17,6 +17,16 @@ ACTIVATION_METHODS = ("dgq", "pertensor", "dynamic")
 # switched off).
 PROB_QUANTIZERS = ("log2", "log-sqrt2", "uniform")
 WEIGHT_BITS = (4, 8)
+# How weight codes are rounded after the per-channel range search: to nearest, or learned by AdaRound in BRECQ-style
+# block reconstruction (the official SD recipe; `dgq_core.reconstruction`).
+WEIGHT_ROUNDINGS = ("nearest", "adaround")
+# Where activation statistics come from: the full-precision model, or the model whose weights and activations are
+# already quantized (`dgq_core.calibration`; the official code's statistics include the upstream error).
+CALIB_SOURCES = ("fp", "quantized")
+# Table 3's ablation switches of "dgq": the grouping axis ("auto" is Eq. 1's choice), the probability scale
+# ("dynamic": Eq. 8's per-sample maximum; "static": a per-step scale chosen among quantiles by squared error).
+GROUP_AXES = ("auto", "channel", "pixel")
+PROB_SCALES = ("dynamic", "static")
 # How a quantized UNet runs: "fake" quantizes and dequantizes in floating point (the reference), "int" runs integer
 # kernels (`dgq_core.kernels`), "auto" runs integer kernels for the layers large enough to gain from them.
 EXEC_MODES = ("auto", "fake", "int")
@@ -88,6 +98,22 @@ class DGQConfig(QuantizationConfigMixin):
             which keeps each probability to within 2^(1/4) instead of sqrt(2); not the paper's, measured in
             docs/zoo_quality.md) or "uniform" (uniform codes `round(p / s * (2^b - 1))`); all take the per-sample
             dynamic scale `s` and keep the `<start>` column exact.
+        prob_scale (`str`): the scale of "dgq"'s probability codes: "dynamic" (Eq. 8, the method: the per-sample
+            maximum, computed at run time) or "static" (Table 3's ablation: one scale per attention layer and step,
+            the quantile 0.999, 0.9999 or 0.99999 of the calibration probabilities with the least squared error).
+        start_split (`bool`): keep the `<start>` column of cross-attention probabilities and the start key exact
+            and out of the scale (the method); False is Table 3's ablation.
+        axis (`str`): the grouping axis of "dgq": "auto" (Eq. 1 per layer and step, the method), or "channel" /
+            "pixel" for every input (Table 3's ablation).
+        weight_rounding (`str`): "nearest" (round the weight codes to nearest after the range search) or "adaround"
+            (learn each code's rounding by BRECQ-style block reconstruction, the official SD recipe; the codes are
+            stored like nearest ones).
+        recon_iters (`int`): AdaRound iterations per block (the official recipe: 20,000).
+        recon_samples (`int`): calibration rows (UNet inputs of one sample at one call) reconstruction caches block
+            inputs and outputs for; 0: all of them (the official recipe). Caps memory on SD-size models.
+        calib_source (`str`): where activation statistics come from: "fp" (the full-precision model) or
+            "quantized" (the model with its quantized weights and the activation parameters of a first,
+            full-precision pass: ranges that include the upstream quantization error, as the official code's do).
         shared_channel_groups (`bool`): one channel labelling per layer for all steps that group channels, fitted
             to their ranges together (per-step scales stay); the method's default, False, labels every step anew.
             Integer execution keeps one group-sliced weight copy per distinct labelling, so sharing is what keeps
@@ -108,6 +134,13 @@ class DGQConfig(QuantizationConfigMixin):
     a_bits: int = 8
     groups: int = 16
     prob_quantizer: str = "log2"
+    prob_scale: str = "dynamic"
+    start_split: bool = True
+    axis: str = "auto"
+    weight_rounding: str = "nearest"
+    recon_iters: int = 20000
+    recon_samples: int = 0
+    calib_source: str = "fp"
     shared_channel_groups: bool = False
     steps: int = 25
     num_calib: int = 64
@@ -136,12 +169,41 @@ class DGQConfig(QuantizationConfigMixin):
             raise QuantConfigError(
                 f"prob_quantizer must be one of {', '.join(PROB_QUANTIZERS)}, got {self.prob_quantizer!r}"
             )
+        for name, allowed in (
+            ("prob_scale", PROB_SCALES), ("axis", GROUP_AXES), ("weight_rounding", WEIGHT_ROUNDINGS),
+            ("calib_source", CALIB_SOURCES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise QuantConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        ablations = (self.prob_scale != "dynamic", not self.start_split, self.axis != "auto")
+        if self.method != "dgq" and any(ablations):
+            raise QuantConfigError("prob_scale, start_split and axis are settings of method 'dgq'")
+        if self.recon_iters < 1:
+            raise QuantConfigError(f"recon_iters must be at least 1, got {self.recon_iters}")
+        if self.recon_samples < 0:
+            raise QuantConfigError(f"recon_samples must be 0 (all) or positive, got {self.recon_samples}")
         if not 1 <= self.groups <= 64:
             raise QuantConfigError(f"groups must be between 1 and 64, got {self.groups}")
         if self.steps < 1:
             raise QuantConfigError(f"steps must be at least 1, got {self.steps}")
         if self.num_calib < 1:
             raise QuantConfigError(f"num_calib must be at least 1, got {self.num_calib}")
+
+    @property
+    def splits_start(self) -> bool:
+        """Whether cross-attention keeps the `<start>` probability column and key exact ("dgq" with start_split)."""
+        return self.method == "dgq" and self.start_split
+
+    @property
+    def samples_probs(self) -> bool:
+        """Whether calibration keeps a sample of the attention probabilities (for the static scale's search)."""
+        return self.method == "dgq" and self.prob_scale == "static"
+
+    @property
+    def replays_unet_inputs(self) -> bool:
+        """Whether quantizing needs the calibration's recorded UNet inputs: AdaRound's reconstruction, statistics
+        from the quantized model."""
+        return self.weight_rounding == "adaround" or self.calib_source == "quantized"
 
     @property
     def record(self) -> CalibrationRecord:

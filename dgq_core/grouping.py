@@ -42,12 +42,27 @@ class AxisRange:
 
 
 class RangeStats:
-    """Per-axis range statistics of one layer input at one sampler step."""
+    """Per-axis range statistics of one layer input at one sampler step, and a random sample of its values when
+    asked for (`add_sample`: the static probability scale searches its quantiles)."""
 
     def __init__(self) -> None:
         self.axes: dict[str, AxisRange] = {}
         # Spatial shape (h, w) of the pixel axis, when it is a grid; lets parameters follow other image sizes.
         self.pixel_grid: tuple[int, int] | None = None
+        self._samples: list[torch.Tensor] = []
+
+    def add_sample(self, x: torch.Tensor, count: int, generator: torch.Generator) -> None:
+        """Keep `count` values of `x` drawn uniformly with replacement (all of them when it has fewer)."""
+        flat = x.detach().reshape(-1)
+        if flat.numel() > count:
+            flat = flat[torch.randint(flat.numel(), (count,), generator=generator).to(flat.device)]
+        self._samples.append(flat.float().cpu())
+
+    def samples(self) -> torch.Tensor:
+        """Every value `add_sample` kept, as one 1-D tensor."""
+        if not self._samples:
+            raise ValueError("no values were sampled at calibration; collect statistics with prob_scale='static'")
+        return torch.cat(self._samples)
 
     def _merge(self, axis: str, lo: torch.Tensor, hi: torch.Tensor) -> None:
         lo, hi = lo.detach().float().cpu(), hi.detach().float().cpu()

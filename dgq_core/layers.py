@@ -176,8 +176,11 @@ class ActQuantizer(nn.Module):
         calib_latent_hw: tuple[int, int],
         seed: int = 0,
         shared_channel_groups: bool = False,
+        axis: str = "auto",
     ) -> ActQuantizer:
         """Turn per-step range statistics into per-step parameters (D_d axis choice, K-means, per-group ranges).
+
+        `axis` "channel" or "pixel" groups every step along that axis instead of Eq. 1's choice (Table 3's ablation).
 
         With `shared_channel_groups`, the steps that group channels share one K-means labelling, fitted to all of
         their ranges at once; each step keeps its own per-group scale and zero point. Integer execution then keeps
@@ -192,34 +195,34 @@ class ActQuantizer(nn.Module):
             quantizer.scale = torch.stack([s for s, _ in params])
             quantizer.zero_point = torch.stack([z for _, z in params])
             return quantizer
-        sizes = {axis: stats_per_step[0].axes[axis].lo.numel() for axis in ("channel", "pixel")}
+        sizes = {name: stats_per_step[0].axes[name].lo.numel() for name in ("channel", "pixel")}
         axis_ids = torch.zeros(steps, dtype=torch.uint8)
-        labels = {axis: torch.zeros(steps, n, dtype=torch.uint8) for axis, n in sizes.items()}
+        labels = {name: torch.zeros(steps, n, dtype=torch.uint8) for name, n in sizes.items()}
         scale = torch.zeros(steps, num_groups)
         zero_point = torch.zeros(steps, num_groups)
-        axes = [choose_axis(stats) for stats in stats_per_step]
-        channel_steps = [step for step, axis in enumerate(axes) if axis == "channel"]
+        axes = [choose_axis(stats) if axis == "auto" else axis for stats in stats_per_step]
+        channel_steps = [step for step, step_axis in enumerate(axes) if step_axis == "channel"]
         shared_labels = None
         if shared_channel_groups and channel_steps:
             ranges = [stats_per_step[step].axes["channel"] for step in channel_steps]
             shared_labels = kmeans_labels(
                 torch.stack([r.lo for r in ranges]), torch.stack([r.hi for r in ranges]), num_groups, seed=seed
             )
-        for step, (stats, axis) in enumerate(zip(stats_per_step, axes, strict=True)):
-            rng = stats.axes[axis]
-            if axis == "channel" and shared_labels is not None:
+        for step, (stats, step_axis) in enumerate(zip(stats_per_step, axes, strict=True)):
+            rng = stats.axes[step_axis]
+            if step_axis == "channel" and shared_labels is not None:
                 step_labels = shared_labels
             else:
                 step_labels = kmeans_labels(rng.lo, rng.hi, num_groups, seed=seed)
             scale[step], zero_point[step] = group_params(rng.lo, rng.hi, step_labels, num_groups, bits)
-            labels[axis][step] = step_labels.to(torch.uint8)
-            axis_ids[step] = 0 if axis == "channel" else 1
+            labels[step_axis][step] = step_labels.to(torch.uint8)
+            axis_ids[step] = 0 if step_axis == "channel" else 1
         quantizer.axis = axis_ids
         quantizer.scale, quantizer.zero_point = scale, zero_point
         # Only keep label rows of an axis some step uses: the other axis' labels would be dead weight.
-        for axis, buffer in (("channel", "labels_channel"), ("pixel", "labels_pixel")):
-            used = bool((axis_ids == (0 if axis == "channel" else 1)).any())
-            setattr(quantizer, buffer, labels[axis] if used else torch.zeros(0, dtype=torch.uint8))
+        for name, buffer in (("channel", "labels_channel"), ("pixel", "labels_pixel")):
+            used = bool((axis_ids == (0 if name == "channel" else 1)).any())
+            setattr(quantizer, buffer, labels[name] if used else torch.zeros(0, dtype=torch.uint8))
         if stats_per_step[0].pixel_grid is not None:
             grid = stats_per_step[0].pixel_grid
             level = pixel_level(grid[0] * grid[1], calib_latent_hw)
@@ -397,9 +400,12 @@ class QuantLinear(QuantizedLayer):
         self.in_features, self.out_features = in_features, out_features
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, w_bits: int, act: ActQuantizer) -> QuantLinear:
+    def from_float(
+        cls, linear: nn.Linear, w_bits: int, act: ActQuantizer, weight_q: QuantizedWeight | None = None
+    ) -> QuantLinear:
+        """A quantized copy of `linear`; `weight_q`: its weight already quantized (AdaRound), else rounded to nearest."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, w_bits, act)
-        module.weight_q = QuantizedWeight.from_float(linear.weight, w_bits)
+        module.weight_q = weight_q if weight_q is not None else QuantizedWeight.from_float(linear.weight, w_bits)
         module._copy_bias(linear.bias)
         return module
 
@@ -425,9 +431,12 @@ class QuantConv2d(QuantizedLayer):
         self.padding = conv.padding
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, w_bits: int, act: ActQuantizer) -> QuantConv2d:
+    def from_float(
+        cls, conv: nn.Conv2d, w_bits: int, act: ActQuantizer, weight_q: QuantizedWeight | None = None
+    ) -> QuantConv2d:
+        """A quantized copy of `conv`; `weight_q`: its weight already quantized (AdaRound), else rounded to nearest."""
         module = cls(conv, w_bits, act)
-        module.weight_q = QuantizedWeight.from_float(conv.weight, w_bits)
+        module.weight_q = weight_q if weight_q is not None else QuantizedWeight.from_float(conv.weight, w_bits)
         module._copy_bias(conv.bias)
         return module
 

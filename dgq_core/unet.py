@@ -6,16 +6,17 @@ shape that a checkpoint is then loaded into, so the two can never disagree about
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .attention import DGQAttnProcessor
+from .attention import DGQAttnProcessor, static_prob_scale
 from .config import DGQConfig
 from .grouping import RangeStats, tensor_params
-from .layers import ActQuantizer, QuantConv2d, QuantLinear
+from .layers import ActQuantizer, QuantConv2d, QuantizedWeight, QuantLinear
 from .steps import StepState
 
 # Activation mode of a layer input, by method and input kind (see layers.ACT_MODES). Time-embedding inputs
@@ -84,7 +85,8 @@ def input_specs(unet: nn.Module, config: DGQConfig, vector_inputs: set[str]) -> 
     return specs
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `name` of `root` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
@@ -95,6 +97,7 @@ def quantize_modules(
     specs: dict[str, InputSpec],
     state: StepState,
     stats: dict[str, list[RangeStats]] | None = None,
+    weights: dict[str, QuantizedWeight] | None = None,
 ) -> None:
     """Swap a model's Linear/Conv2d modules and attention processors for quantized ones, in place.
 
@@ -107,8 +110,15 @@ def quantize_modules(
         state (`StepState`): the step state the quantizers read.
         stats (`dict[str, list[RangeStats]] | None`): calibration statistics per input, one entry per step (one for
             invariant inputs). None builds empty quantizers and zero weights for a checkpoint to be loaded into.
+        weights (`dict[str, QuantizedWeight] | None`): quantized weights by layer name (`reconstruct_weights`);
+            None: weights rounded to nearest.
     """
     mode_of = _MODES[config.method]
+    weights = weights or {}
+
+    def weight_of(name: str) -> QuantizedWeight | None:
+        # A copy: one reconstruction may serve several models, and integer execution empties a layer's codes.
+        return copy.deepcopy(weights[name]) if name in weights else None
 
     def make_quantizer(name: str) -> ActQuantizer:
         spec = specs[name]
@@ -118,29 +128,39 @@ def quantize_modules(
             return ActQuantizer(spec.kind, mode, config.a_bits, owner_state)
         return ActQuantizer.from_stats(
             stats[name], spec.kind, mode, config.a_bits, config.groups, owner_state, state.calib_latent_hw,
-            seed=config.seed, shared_channel_groups=config.shared_channel_groups,
+            seed=config.seed, shared_channel_groups=config.shared_channel_groups, axis=config.axis,
         )
 
     for name, module in quantizable_layers(model, config.excluded_layers).items():
         act = make_quantizer(name)
         if isinstance(module, nn.Conv2d):
-            quantized = QuantConv2d.from_float(module, config.w_bits, act) if stats else QuantConv2d(module, config.w_bits, act)
+            quantized = (
+                QuantConv2d.from_float(module, config.w_bits, act, weight_of(name))
+                if stats else QuantConv2d(module, config.w_bits, act)
+            )  # fmt: skip
         elif stats:
-            quantized = QuantLinear.from_float(module, config.w_bits, act)
+            quantized = QuantLinear.from_float(module, config.w_bits, act, weight_of(name))
         else:
             quantized = QuantLinear(module.in_features, module.out_features, module.bias is not None, config.w_bits, act)
-        _set_module(model, name, quantized)
+        set_module(model, name, quantized)
 
     for name, attn in attention_modules(model).items():
         quantizers = {q: make_quantizer(f"{name}.processor.{q}") for q in QKV}
         prob_scale = prob_zero_point = None
+        static_scale = config.method == "dgq" and config.prob_scale == "static"
         if config.method == "pertensor" and stats is not None:
             ranges = [tensor_params(*step.tensor_range(), config.a_bits) for step in stats[f"{name}.processor.probs"]]
             prob_scale = torch.stack([s for s, _ in ranges])
             prob_zero_point = torch.stack([z for _, z in ranges])
+        elif static_scale and stats is not None:
+            prob_scale = torch.stack([
+                static_prob_scale(step.samples(), config.a_bits, config.prob_quantizer)
+                for step in stats[f"{name}.processor.probs"]
+            ])  # fmt: skip
         processor = DGQAttnProcessor(
             config.method, config.a_bits, attn.is_cross_attention, state=state,
-            prob_scale=prob_scale, prob_zero_point=prob_zero_point, prob_quantizer=config.prob_quantizer, **quantizers,
+            prob_scale=prob_scale, prob_zero_point=prob_zero_point, prob_quantizer=config.prob_quantizer,
+            start_split=config.start_split, static_scale=static_scale, **quantizers,
         )
         attn.set_processor(processor)
 
@@ -149,6 +169,7 @@ def quantize_unet(
     unet: nn.Module,
     config: DGQConfig,
     stats: dict[str, list[RangeStats]] | None = None,
+    weights: dict[str, QuantizedWeight] | None = None,
 ) -> StepState:
     """`quantize_modules` for a UNet, with a step state that follows the UNet's calls.
 
@@ -157,12 +178,13 @@ def quantize_unet(
         config (`DGQConfig`): the settings with their calibration record.
         stats (`dict[str, list[RangeStats]] | None`): as for `quantize_modules`; None builds the empty quantized UNet
             a checkpoint is loaded into (on the meta device).
+        weights (`dict[str, QuantizedWeight] | None`): as for `quantize_modules`.
 
     Returns:
         `StepState`: the step state, hooked into `unet`.
     """
     record = config.record
     state = StepState(record.timesteps, record.latent_hw)
-    quantize_modules(unet, config, input_specs(unet, config, set(record.vector_inputs)), state, stats)
+    quantize_modules(unet, config, input_specs(unet, config, set(record.vector_inputs)), state, stats, weights)
     state.install(unet)
     return state

@@ -10,7 +10,7 @@ from local_cluster import console_script
 from PIL import Image
 from tiny_models import build_tiny_sd, build_tiny_sdxl
 
-from dgq_core.checkpoint import WEIGHTS_NAME
+from dgq_core.checkpoint import WEIGHTS_NAME, read_quant_config
 
 PROMPTS = "a red circle\nblue square on green\nsmall yellow triangle\n"
 
@@ -25,11 +25,16 @@ def test_quantize_then_generate(builder, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS)
     out = tmp_path / "quantized"
+    # The whole method: AdaRound's reconstruction (a few steps) and statistics from the quantized UNet.
     result = dgq("quantize", "--model", str(model), "--out", str(out), "--w-bits", "4", "--a-bits", "8", "--groups", "4",
-                 "--steps", "3", "--calib-prompts", str(prompts), "--num-calib", "2")
+                 "--steps", "3", "--calib-prompts", str(prompts), "--num-calib", "2", "--weight-rounding", "adaround",
+                 "--recon-iters", "3", "--recon-samples", "6", "--calib-source", "quantized")
     assert result.returncode == 0, result.stderr
     assert "calibration" in result.stdout and "peak RSS" in result.stdout
+    assert re.search(r"AdaRound \d+ units x 3 steps on 6 rows", result.stdout), result.stdout
     assert (out / "unet" / WEIGHTS_NAME).is_file() and (out / "model_index.json").is_file()
+    settings = read_quant_config(out / "unet")
+    assert (settings.weight_rounding, settings.recon_iters, settings.calib_source) == ("adaround", 3, "quantized")
     image_path = tmp_path / "image.png"
     result = dgq("generate", "--model", str(out), "--prompt", "a red circle", "--seed", "1", "--out", str(image_path))
     assert result.returncode == 0, result.stderr
@@ -42,6 +47,8 @@ def test_help_and_bad_arguments():
     assert dgq("quantize", "--help").returncode == 0
     bad_bits = dgq("quantize", "--model", "x", "--out", "y", "--w-bits", "3")
     assert bad_bits.returncode != 0 and "--w-bits" in bad_bits.stderr
+    ablation = dgq("quantize", "--model", "x", "--out", "y", "--method", "pertensor", "--no-start-split")
+    assert ablation.returncode == 1 and "settings of method 'dgq'" in ablation.stderr
     missing = dgq("generate", "--model", "/nonexistent/model", "--prompt", "x")
     assert missing.returncode == 1 and "neither a local directory nor a hub id" in missing.stderr
 

@@ -166,5 +166,15 @@ def test_quality_table_rows_have_distinct_method_names_and_labels():
     settings = benchmark.default_settings([(8, 8)])
     keys, labels = [s.key for s in settings], [s.label for s in settings]
     assert len(set(keys)) == len(keys) and len(set(labels)) == len(labels)
-    assert {"dgq8", "dgq16", "dgq8shared", "dgq8uniform", "dgq8sqrt2", "dgq16sqrt2", "pertensor", "dynamic"} == set(keys)
+    assert {"dgq8", "dgq16", "dgq8-shared", "dgq8-uniform", "dgq8-sqrt2", "dgq16-sqrt2", "pertensor", "dynamic"} == set(keys)
     assert "W8A8 dgq K=8 log-sqrt2 probs" in labels
+    # Keys parse back into their rows; the older one-token spelling (dgq8sqrt2) names the same row.
+    assert all(benchmark.QuantSetting.parse(s.key, 8, 8) == s for s in settings)
+    assert benchmark.QuantSetting.parse("dgq8sqrt2", 8, 8) == benchmark.QuantSetting.parse("dgq8-sqrt2", 8, 8)
+    ablation = benchmark.QuantSetting.parse("dgq8-uniform-static-nosplit-ada", 4, 6)
+    assert (ablation.prob_quantizer, ablation.prob_scale, ablation.start_split, ablation.weight_rounding) == (
+        "uniform", "static", False, "adaround"
+    )
+    assert ablation.label == "W4A6 dgq K=8 uniform probs static scale no start split AdaRound"
+    with pytest.raises(ValueError, match="unknown variant"):
+        benchmark.QuantSetting.parse("dgq8-fast", 8, 8)
