@@ -11,7 +11,7 @@ The public API; everything outside the library (`dgq` command, service, evaluati
 Importing this package registers DGQ in diffusers' quantizer registry (`diffusers_quantizer`).
 """
 
-from .attention import set_attention_budget
+from .attention import ScoresFootprint, scores_footprint, set_attention_budget
 from .batch_invariance import make_batch_invariant
 from .calibration import (
     CalibrationReport,
@@ -42,7 +42,7 @@ from .config import (
 )
 from .diffusers_quantizer import DGQQuantizer, register_dgq_quantizer
 from .kernels import int_execution_summary, set_exec_mode
-from .memory import peak_rss_bytes
+from .memory import peak_rss_bytes, reset_peak_rss, trim_heap
 from .pipeline import ResolvedModel, from_pretrained, quantize_pretrained, resolve_model, save_pretrained
 
 __version__ = "0.1.0"
@@ -64,6 +64,7 @@ __all__ = [
     "PromptConditioner",
     "QuantConfigError",
     "ResolvedModel",
+    "ScoresFootprint",
     "UNetCalibration",
     "collect_unet_stats",
     "conditioning",
@@ -76,11 +77,14 @@ __all__ = [
     "peak_rss_bytes",
     "quantize_",
     "quantize_pretrained",
+    "reset_peak_rss",
     "read_quant_config",
     "resolve_model",
     "sample_prompts",
+    "scores_footprint",
     "set_attention_budget",
     "save_pretrained",
     "set_exec_mode",
+    "trim_heap",
     "unpack_prompt_pair",
 ]
