@@ -81,6 +81,9 @@ JOB_FAILURES: dict[str, type[ServiceError]] = {error.__name__: error for error i
 `GenerationFailed`."""
 
 
-def job_failure(error_type: str | None, message: str, job_id: str) -> ServiceError:
-    """The error a synchronous request answers when its job failed with `error_type`."""
-    return JOB_FAILURES.get(error_type or "", GenerationFailed)(message, job_id=job_id)
+def job_failure(error_type: str | None, reason: str, job_id: str) -> ServiceError:
+    """The error a synchronous request answers when its job failed with `error_type` and `reason`."""
+    error = JOB_FAILURES.get(error_type or "", GenerationFailed)
+    if error is GenerationFailed and not reason.startswith("generation failed"):
+        reason = f"generation failed: {reason}"
+    return error(reason, job_id=job_id)

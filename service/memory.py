@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from scipy.optimize import nnls
 
 import dgq_core
-from service.schemas import SIZE_MULTIPLE
+from service.schemas import SIZE_MULTIPLE, ModelLimits
 
 log = logging.getLogger(__name__)
 
@@ -195,22 +195,22 @@ def available_cpu_memory() -> int:
     return max(0, available)
 
 
-def probe_shapes(native: tuple[int, int], max_size: tuple[int, int, int], most_images: int) -> list[tuple[int, int, int]]:
+def probe_shapes(native: tuple[int, int], limits: ModelLimits, most_images: int) -> list[tuple[int, int, int]]:
     """The (width, height, images) a worker measures at warm-up: one image at the native size, two (when a batch
     may hold two), and one image with `PROBE_SIDE_SCALE` times the native sides, held to the model's size limits.
 
     Args:
         native (`tuple[int, int]`): the model's native (width, height).
-        max_size (`tuple[int, int, int]`): the model's largest width, height and pixels.
+        limits (`ModelLimits`): the model's request limits.
         most_images (`int`): most images one batch may hold.
     """
     width, height = native
-    max_width, max_height, max_pixels = max_size
     shapes = [(width, height, 1)]
     if most_images >= 2:
         shapes.append((width, height, 2))
     large_width, large_height = scaled_to_area(
-        min(PROBE_SIDE_SCALE * width, max_width), min(PROBE_SIDE_SCALE * height, max_height), max_pixels
+        min(PROBE_SIDE_SCALE * width, limits.max_width), min(PROBE_SIDE_SCALE * height, limits.max_height),
+        limits.max_pixels,
     )
     if large_width * large_height > width * height:
         shapes.append((large_width, large_height, 1))

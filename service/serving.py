@@ -89,8 +89,7 @@ class GenerationService:
         submitted = await self.submit(request)
         state = await self.queue.wait(submitted.id, self.settings.request_timeout_s)
         if state is None or state.status == JobStatus.failed:
-            raise job_failure(state and state.error_type, f"generation failed: {state.error if state else 'job lost'}",
-                              submitted.id)
+            raise job_failure(state and state.error_type, state.error if state else "job lost", submitted.id)
         if state.status == JobStatus.cancelled:
             raise JobCancelled("the job was cancelled before it finished", job_id=state.id)
         if state.status != JobStatus.succeeded:

@@ -203,11 +203,10 @@ class Worker:
             log.warning("no warm-up (warmup_steps 0): no memory measurements, so no admission by memory")
             return
         limits, unet = self.model.limits, self._pipe.unet
-        steps = iter([self.settings.warmup_steps])
+        steps = iter([self.settings.warmup_steps])  # then 1 step per probe: every step peaks alike
         self.memory_profile = memory.measure_profile(
             self.worker_id, unet.device,
-            memory.probe_shapes(self.model.native_size, (limits.max_width, limits.max_height, limits.max_pixels),
-                                min(self.settings.max_batch, limits.max_num_images)),
+            memory.probe_shapes(self.model.native_size, limits, min(self.settings.max_batch, limits.max_num_images)),
             lambda width, height, images: self._denoise_zeros(width, height, images, next(steps, 1)),
             self.runner._decode, dgq_core.scores_footprint(unet), self._pipe.vae_scale_factor,
             self.settings.request_memory_mb,

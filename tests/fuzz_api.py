@@ -163,8 +163,8 @@ def fuzz(base_url: str, examples: int, progress=None) -> Counter[str]:
     schema = schemathesis.openapi.from_url(base_url + "/openapi.json")
     openapi = httpx.get(base_url + "/openapi.json").json()
     [model] = httpx.get(base_url + "/v1/models").json()["data"]
-    job = httpx.post(base_url + "/generate", json={"prompt": "a red square", "steps": 1, "num_images": 2, "seed": 1},
-                     timeout=120)
+    job = httpx.post(base_url + "/generate", json={"prompt": "a red square", "width": 8, "height": 8, "steps": 1,
+                                                   "num_images": 2, "seed": 1}, timeout=120)
     assert job.status_code == 200, job.text
     job_ids = [job.headers["x-job-id"]]
     answers: Counter[str] = Counter()
