@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
 import functools
 import json
 import math
@@ -57,7 +56,7 @@ from dgq_core.diffusers_quantizer import (  # noqa: E402
 from dgq_core.kernels import enable_int_execution  # noqa: E402
 from dgq_core.kernels.onednn import has_vnni  # noqa: E402
 from dgq_core.layers import QuantConv2d, QuantizedWeight, QuantLinear  # noqa: E402
-from dgq_core.memory import peak_rss_bytes  # noqa: E402
+from dgq_core.memory import peak_rss_bytes, trim_heap  # noqa: E402
 from dgq_core.steps import StepState  # noqa: E402
 from dgq_core.unet import prompt_only_inputs, quantize_unet  # noqa: E402
 
@@ -224,7 +223,7 @@ def set_saturating(model: nn.Module, saturating: bool) -> None:
 
 def resident_bytes() -> int:
     """This process's resident memory after handing freed heap memory back to the system."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 

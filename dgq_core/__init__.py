@@ -11,7 +11,7 @@ The public API; everything outside the library (`dgq` command, service, evaluati
 Importing this package registers DGQ in diffusers' quantizer registry (`diffusers_quantizer`).
 """
 
-from .attention import set_attention_budget
+from .attention import ScoresFootprint, scores_footprint, set_attention_budget
 from .batch_invariance import make_batch_invariant
 from .calibration import (
     CalibrationReport,
@@ -42,7 +42,7 @@ from .config import (
 )
 from .diffusers_quantizer import DGQQuantizer, register_dgq_quantizer
 from .kernels import capture_cuda_graphs, int_execution_summary, release_cuda_graphs, set_exec_mode
-from .memory import peak_rss_bytes
+from .memory import peak_rss_bytes, reset_peak_rss, trim_heap
 from .pipeline import (
     ResolvedModel,
     component_dtype,
@@ -80,6 +80,7 @@ __all__ = [
     "ReconstructionReport",
     "QuantConfigError",
     "ResolvedModel",
+    "ScoresFootprint",
     "UNetCalibration",
     "capture_cuda_graphs",
     "collect_unet_stats",
@@ -96,14 +97,17 @@ __all__ = [
     "peak_rss_bytes",
     "quantize_",
     "quantize_pretrained",
+    "reset_peak_rss",
     "read_quant_config",
     "reconstruct_weights",
     "release_cuda_graphs",
     "resolve_model",
     "sample_prompts",
+    "scores_footprint",
     "save_pretrained",
     "save_reconstructed_weights",
     "set_attention_budget",
     "set_exec_mode",
+    "trim_heap",
     "unpack_prompt_pair",
 ]

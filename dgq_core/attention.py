@@ -17,8 +17,10 @@ and sets them as a processor's `injected_kv` for a batch.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -294,6 +296,65 @@ def set_attention_budget(model: nn.Module, budget_bytes: int) -> None:
         processor = getattr(module, "processor", None)
         if isinstance(processor, ExplicitAttnProcessor):
             processor.scores_budget_bytes = budget_bytes
+
+
+@dataclass(frozen=True)
+class ScoresFootprint:
+    """The largest float32 attention-score block one UNet call materializes, as a function of its batch and latent
+    size, without the UNet: what a memory estimate needs of the attention, whose scores grow with the square of the
+    image's area until the budget splits them into blocks of query rows.
+
+    It is that of the UNet's largest self-attention (its queries and keys both grow with the image, and it has the
+    most of them); cross-attention has as many keys as prompt tokens, fewer than any image but the tiniest has.
+
+    Attributes:
+        heads (`int`): attention heads of that self-attention.
+        downscale (`int`): the side of its feature map is the latent's side divided by this (2 per UNet level).
+        budget_bytes (`int | None`): its processor's `scores_budget_bytes`; None when it materializes no scores
+            (diffusers' SDPA processor: fused kernels).
+    """
+
+    heads: int
+    downscale: int
+    budget_bytes: int | None
+
+    def bytes(self, batch: int, latent_height: int, latent_width: int) -> int:
+        """Bytes of the largest score block a UNet call on `batch` latents of this size materializes."""
+        if self.budget_bytes is None:
+            return 0
+        tokens = math.ceil(latent_height / self.downscale) * math.ceil(latent_width / self.downscale)
+        rows = query_block_rows(batch * self.heads, tokens, tokens, self.budget_bytes)
+        return 4 * batch * self.heads * rows * tokens
+
+
+def scores_footprint(unet: nn.Module) -> ScoresFootprint:
+    """The `ScoresFootprint` of a diffusers `UNet2DConditionModel` (SD 1.x/2.x, SDXL), quantized or not.
+
+    Levels come from diffusers' module names: down block i runs at level i, the mid block at the lowest level, up
+    block i at the mirrored level; each level halves the feature map's side.
+
+    Raises:
+        ValueError: the UNet has no self-attention where these names put it.
+    """
+    levels = len(unet.down_blocks)
+    largest: tuple[float, ScoresFootprint] | None = None
+    for name, module in unet.named_modules():
+        processor = getattr(module, "processor", None)
+        if processor is None or getattr(module, "is_cross_attention", True):
+            continue
+        block, _, rest = name.partition(".")
+        index = int(rest.partition(".")[0]) if block in ("down_blocks", "up_blocks") else 0
+        level = {"down_blocks": index, "mid_block": levels - 1, "up_blocks": levels - 1 - index}.get(block)
+        if level is None:
+            continue
+        budget = processor.scores_budget_bytes if isinstance(processor, ExplicitAttnProcessor) else None
+        footprint = ScoresFootprint(heads=module.heads, downscale=2**level, budget_bytes=budget)
+        size = module.heads / footprint.downscale**4  # unblocked scores: heads x tokens^2, tokens ~ 1 / downscale^2
+        if largest is None or size > largest[0]:
+            largest = (size, footprint)
+    if largest is None:
+        raise ValueError("no self-attention found in the UNet's down, mid or up blocks")
+    return largest[1]
 
 
 class DGQAttnProcessor(ExplicitAttnProcessor):

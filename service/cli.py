@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import getpass
 import logging
 import signal
@@ -16,6 +17,10 @@ from pydantic import ValidationError
 from service.config import Settings
 
 log = logging.getLogger(__name__)
+
+METRICS_PORT_TRIES = 64
+"""Ports a worker tries for its metrics, from `worker_metrics_port` on, when the first ones are taken (workers of
+one host, one per GPU, each take the next)."""
 
 
 def _process_settings(argv: list[str] | None, prog: str) -> Settings:
@@ -76,17 +81,52 @@ async def run_worker(settings: Settings) -> None:
         await queue.close()
 
 
-def worker_main(argv: list[str] | None = None) -> int:
-    """`dgq-worker`: load the quantized UNet + VAE, warm up, serve jobs from Redis; `/metrics` on its own port."""
+def start_worker_metrics(host: str, port: int) -> int:
+    """Serve the worker's `/metrics` on `host:port`, or on the next free one of `METRICS_PORT_TRIES` ports when it
+    is taken (logged); 0 = any free port.
+
+    Returns:
+        `int`: the port bound.
+
+    Raises:
+        ValueError: no port could be bound; the message names the setting and what to do.
+    """
     from prometheus_client import start_http_server
 
+    for candidate in range(port, min(port + METRICS_PORT_TRIES, 65536)) if port else [0]:
+        try:
+            server, _ = start_http_server(candidate, addr=host)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE and port:
+                continue
+            raise ValueError(
+                f"cannot serve the worker metrics on {host}:{candidate} (worker_metrics_port, host): "
+                f"{error.strerror or error}; set DGQ_WORKER_METRICS_PORT to a free port (0 = any) or DGQ_HOST"
+            ) from None
+        if candidate != port:
+            log.warning("worker metrics port %d is taken (worker_metrics_port): serving them on %d instead",
+                        port, server.server_port)
+        return server.server_port
+    raise ValueError(
+        f"worker_metrics_port {port} and the {METRICS_PORT_TRIES - 1} ports after it are taken: set "
+        "DGQ_WORKER_METRICS_PORT to a free port (0 = any)"
+    )
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """`dgq-worker`: load the quantized UNet + VAE, warm up, serve jobs from Redis; `/metrics` on its own port."""
     settings = _process_settings(argv, "dgq-worker")
     if not settings.redis_url:
         log.error("dgq-worker needs a Redis URL (--redis_url or REDIS_URL): workers share jobs through Redis")
         return 2
     if settings.worker_metrics_port is not None:
-        server, _ = start_http_server(settings.worker_metrics_port, addr=settings.host)
-        log.info("worker metrics on http://%s:%d/metrics", settings.host, server.server_port)
+        try:
+            port = start_worker_metrics(settings.host, settings.worker_metrics_port)
+        except ValueError as error:
+            # one line naming the setting: a traceback would only bury it
+            print(f"dgq-worker: error: {error}", file=sys.stderr)
+            return 2
+        log.info("worker metrics on http://%s:%d/metrics", settings.host, port)
     asyncio.run(run_worker(settings))
     return 0
 

@@ -6,12 +6,34 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.auth import HASH_HELP, is_key_hash
 
 BUNDLED_MODEL = "bundled"
+
+
+class ModelLimitSettings(BaseModel):
+    """The request limits set for one model (`Settings.model_limits`); a limit left out keeps the default the
+    served model derives from its native size (`service.served_model.ServedModel.limits`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_width: int | None = Field(None, ge=8, multiple_of=8, description="Largest width (a multiple of 8).")
+    max_height: int | None = Field(None, ge=8, multiple_of=8, description="Largest height (a multiple of 8).")
+    max_pixels: int | None = Field(None, ge=64, description="Largest width x height.")
+    max_steps: int | None = Field(None, ge=1, description="Most denoising steps.")
+    max_num_images: int | None = Field(None, ge=1, description="Most images per request.")
 
 
 class Settings(BaseSettings):
@@ -54,6 +76,13 @@ class Settings(BaseSettings):
     attention_budget_mb: int = Field(
         256, ge=1, description="Largest attention-score block (MiB, float32) one call of the quantized UNet's "
         "attention materializes; larger images run their attention in blocks of query rows (same images).",
+    )
+
+    request_memory_mb: int | None = Field(
+        None, ge=1, description="Memory (MiB) a worker may use for the requests it runs, on top of what it holds "
+        "once loaded (the model); requests that need more are refused with the figures, batches are kept within "
+        "it. None = what the device has free after the warm-up: a GPU's free memory, on the CPU the memory "
+        "available (the cgroup's limit when lower). Set it when several workers share a host's memory.",
     )
 
     # --- HTTP ---
@@ -110,10 +139,17 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="Deliveries after which a job goes to the dead-letter stream.")
 
     # --- limits ---
-    max_width: int = Field(1024, ge=8, description="Largest width a request may ask for (a multiple of 8).")
-    max_height: int = Field(1024, ge=8, description="Largest height a request may ask for (a multiple of 8).")
-    max_steps: int = Field(100, ge=1)
-    max_num_images: int = Field(4, ge=1)
+    model_limits: dict[str, ModelLimitSettings] = Field(
+        default_factory=dict,
+        description="Request limits per model, by the model's name (the `model` setting), as JSON: "
+        '{"bundled": {"max_width": 128, "max_pixels": 9216, "max_steps": 50, "max_num_images": 2}}. Limits left '
+        "out are derived from the model: sides 3x its native ones, pixels 4x its native area, steps and images the "
+        "caps below. The caps below apply on top.",
+    )
+    max_width: int = Field(1024, ge=8, description="Cap on every model's width limit (a multiple of 8).")
+    max_height: int = Field(1024, ge=8, description="Cap on every model's height limit (a multiple of 8).")
+    max_steps: int = Field(100, ge=1, description="Cap on every model's steps limit.")
+    max_num_images: int = Field(4, ge=1, description="Cap on every model's images-per-request limit.")
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt in characters, "
                                   "checked before tokenizing (the token limit of the text encoder applies too).")
     prompt_cache_size: int = Field(256, ge=0, description="Prompts whose text-encoder output is kept (LRU).")
@@ -154,6 +190,17 @@ class Settings(BaseSettings):
                 f"heartbeat_interval_s {self.heartbeat_interval_s:g} is more than half of worker_ttl_s "
                 f"{self.worker_ttl_s:g}: live workers would lose their running jobs to the reaper; lower "
                 "heartbeat_interval_s or raise worker_ttl_s"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _limits_name_the_served_model(self) -> Settings:
+        # A name that is not the served model is a typo whose limits would silently not apply.
+        unknown = sorted(set(self.model_limits) - {self.model})
+        if unknown:
+            raise ValueError(
+                f"model_limits names {', '.join(map(repr, unknown))}, which this deployment does not serve: key the "
+                f"limits by the model setting ({self.model!r})"
             )
         return self
 

@@ -25,6 +25,13 @@ class InvalidRequest(ServiceError):
     status = 422
 
 
+class InsufficientMemory(ServiceError):
+    """The request needs more memory than a worker has for it, even alone: fewer images or a smaller size would
+    fit (the message says which)."""
+
+    status = 422
+
+
 class Unauthorized(ServiceError):
     status = 401
 
@@ -67,3 +74,16 @@ class RateLimited(ServiceError):
 
 class BodyTooLarge(ServiceError):
     status = 413
+
+
+JOB_FAILURES: dict[str, type[ServiceError]] = {error.__name__: error for error in (InsufficientMemory, GenerationFailed)}
+"""The errors a failed job's `error_type` names, which a synchronous request answers with; others read as
+`GenerationFailed`."""
+
+
+def job_failure(error_type: str | None, reason: str, job_id: str) -> ServiceError:
+    """The error a synchronous request answers when its job failed with `error_type` and `reason`."""
+    error = JOB_FAILURES.get(error_type or "", GenerationFailed)
+    if error is GenerationFailed and not reason.startswith("generation failed"):
+        reason = f"generation failed: {reason}"
+    return error(reason, job_id=job_id)

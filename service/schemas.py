@@ -80,6 +80,16 @@ class OpenAIImageRequest(BaseModel):
         )
 
 
+class ModelLimits(BaseModel):
+    """What one request to a model may ask for (`GET /v1/models`, `/playground/info`); larger requests get 422."""
+
+    max_width: int = Field(description="Largest width (a multiple of 8).")
+    max_height: int = Field(description="Largest height (a multiple of 8).")
+    max_pixels: int = Field(description="Largest width x height.")
+    max_steps: int = Field(description="Most denoising steps.")
+    max_num_images: int = Field(description="Most images per request.")
+
+
 class JobSpec(BaseModel):
     """Everything a worker needs besides the tensors; crosses processes as JSON."""
 
@@ -114,6 +124,10 @@ class JobState(BaseModel):
     images: list[str] = Field(default_factory=list, description="URLs of the images once succeeded.")
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     error: str | None = None
+    error_type: str | None = Field(
+        None, description="What kind of failure: the error type a synchronous request answers with "
+        "(InsufficientMemory: the job did not fit the worker's memory; GenerationFailed otherwise).",
+    )
     worker: str | None = None
     deliveries: int = Field(0, description="How many times a worker took this job (> 1 after a worker died).")
     created_at: float
@@ -165,6 +179,9 @@ class OpenAIModel(BaseModel):
     object: str = "model"
     created: int
     owned_by: str = "dgq-serve"
+    native_width: int = Field(description="Image width when a request gives none.")
+    native_height: int = Field(description="Image height when a request gives none.")
+    limits: ModelLimits
 
 
 class OpenAIModelList(BaseModel):

@@ -17,8 +17,16 @@ from diffusers import DiffusionPipeline
 
 import dgq_core
 from service.config import BUNDLED_MODEL, Settings, check_inside_model_roots
+from service.memory import scaled_to_area
+from service.schemas import SIZE_MULTIPLE, ModelLimits
 
 log = logging.getLogger(__name__)
+
+SIDE_MULTIPLE = 3
+"""A model's default width and height limits are this many times its native ones."""
+AREA_MULTIPLE = 4
+"""A model's default pixel limit is this many times its native area: 2x the native sides at its aspect ratio (a
+model trained at one size draws poorly far beyond it, and its time and memory grow with the area)."""
 
 
 def _is_quantized_model_dir(path: str | Path) -> bool:
@@ -113,6 +121,7 @@ class ServedModel:
         unet_dir = self.resolved.quantized_unet
         self.quant_config = None if unet_dir is None else dgq_core.read_quant_config(unet_dir)
         self.native_size = self._native_size()
+        self.limits = self._limits()
 
     def quantization_info(self) -> dict[str, str]:
         """Method, bits and attention-probability codes of the served UNet, for the model info metric."""
@@ -137,6 +146,57 @@ class ServedModel:
         sample_h, sample_w = (sample, sample) if isinstance(sample, int) else sample
         scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
         return settings.default_width or sample_w * scale, settings.default_height or sample_h * scale
+
+    def _limits(self) -> ModelLimits:
+        """The model's request limits: those set for it in `model_limits`, else derived from its native size
+        (`SIDE_MULTIPLE`, `AREA_MULTIPLE`), each held to the deployment's caps (`max_width`, ...)."""
+        settings = self.settings
+        chosen = settings.model_limits.get(self.name)
+        native_width, native_height = self.native_size
+        derived = {
+            "max_width": SIDE_MULTIPLE * native_width, "max_height": SIDE_MULTIPLE * native_height,
+            "max_pixels": AREA_MULTIPLE * native_width * native_height,
+            "max_steps": settings.max_steps, "max_num_images": settings.max_num_images,
+        }
+        caps = {"max_width": settings.max_width, "max_height": settings.max_height,
+                "max_steps": settings.max_steps, "max_num_images": settings.max_num_images}
+        limits = {}
+        for name, default in derived.items():
+            value = getattr(chosen, name) if chosen is not None and getattr(chosen, name) is not None else default
+            limits[name] = min(value, caps.get(name, value))
+        for side in ("max_width", "max_height"):
+            limits[side] = max(SIZE_MULTIPLE, limits[side] // SIZE_MULTIPLE * SIZE_MULTIPLE)
+        limits["max_pixels"] = min(limits["max_pixels"], limits["max_width"] * limits["max_height"])
+        return ModelLimits(**limits)
+
+    def limit_problems(self, width: int, height: int, steps: int, num_images: int) -> list[str]:
+        """What a request of these values breaks of the model's limits, each saying what to ask for instead.
+
+        Args:
+            width, height (`int`): image size in pixels.
+            steps (`int`): denoising steps.
+            num_images (`int`): images of the request.
+        """
+        limits, model = self.limits, f"of model {self.name}"
+        problems = []
+        if width > limits.max_width:
+            problems.append(f"width {width} is above the limit {limits.max_width} {model}: ask for at most "
+                            f"{limits.max_width}")
+        if height > limits.max_height:
+            problems.append(f"height {height} is above the limit {limits.max_height} {model}: ask for at most "
+                            f"{limits.max_height}")
+        if width * height > limits.max_pixels and not problems:
+            problems.append(
+                f"{width}x{height} is {width * height} pixels, above the limit {limits.max_pixels} {model}: ask for "
+                f"a smaller size, e.g. {'x'.join(map(str, scaled_to_area(width, height, limits.max_pixels)))}"
+            )
+        if steps > limits.max_steps:
+            problems.append(f"steps {steps} is above the limit {limits.max_steps} {model}: ask for at most "
+                            f"{limits.max_steps}")
+        if num_images > limits.max_num_images:
+            problems.append(f"num_images {num_images} is above the limit {limits.max_num_images} {model}: ask for "
+                            f"at most {limits.max_num_images} (or send several requests)")
+        return problems
 
     @cached_property
     def prompt_tokens(self) -> int:

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 from service.config import Settings
 from service.errors import (
-    GenerationFailed,
     GenerationTimeout,
+    InsufficientMemory,
     InvalidRequest,
     JobCancelled,
     JobExpired,
     JobNotFound,
     NotReady,
+    job_failure,
 )
 from service.prompts import PromptStage
 from service.queue.base import JobQueue
@@ -49,30 +50,30 @@ class GenerationService:
     def _check_limits(self, request: GenerateRequest) -> tuple[int, int]:
         native_width, native_height = self.model.native_size
         width, height = request.width or native_width, request.height or native_height
-        s = self.settings
-        problems = []
-        if width > s.max_width:
-            problems.append(f"width {width} is above the limit {s.max_width}: ask for at most {s.max_width}")
-        if height > s.max_height:
-            problems.append(f"height {height} is above the limit {s.max_height}: ask for at most {s.max_height}")
-        if request.steps > s.max_steps:
-            problems.append(f"steps {request.steps} is above the limit {s.max_steps}: ask for at most {s.max_steps}")
-        if request.num_images > s.max_num_images:
-            problems.append(
-                f"num_images {request.num_images} is above the limit {s.max_num_images}: "
-                f"ask for at most {s.max_num_images} (or send several requests)"
-            )
+        problems = self.model.limit_problems(width, height, request.steps, request.num_images)
         for field in ("prompt", "negative_prompt"):
             # Before tokenizing: the tokenizer's work grows with the text, the token limit is checked after it.
-            if (chars := len(getattr(request, field))) > s.max_prompt_chars:
-                problems.append(f"{field} is {chars} characters long, above the limit {s.max_prompt_chars}: shorten it")
+            if (chars := len(getattr(request, field))) > self.settings.max_prompt_chars:
+                problems.append(
+                    f"{field} is {chars} characters long, above the limit {self.settings.max_prompt_chars}: shorten it"
+                )
         if problems:
             raise InvalidRequest("; ".join(problems))
         return width, height
 
+    async def _check_memory(self, width: int, height: int, request: GenerateRequest) -> None:
+        """Refuse a request that does not fit, even alone, the memory of every live worker that published its
+        measurements (`service.memory`): any of them may take it. Without any published yet it is admitted, and
+        the worker that takes it checks it again."""
+        for profile in sorted(await self.queue.memory_profiles(), key=lambda profile: profile.budget_bytes):
+            if refusal := profile.refusal(width, height, request.num_images, request.guidance_scale):
+                raise InsufficientMemory(refusal)
+
     async def submit(self, request: GenerateRequest) -> JobState:
-        """Validate, encode the prompts (which checks their token length), enqueue; the queued job's state."""
+        """Validate against the model's limits and the workers' memory, encode the prompts (which checks their token
+        length), enqueue; the queued job's state."""
         width, height = self._check_limits(request)
+        await self._check_memory(width, height, request)
         await self.queue.admit()  # at the bound, answer 429 before the text encoder's work
         payload, encode_s = await self.prompts.encode(request.prompt, request.negative_prompt)
         spec = JobSpec(
@@ -88,9 +89,7 @@ class GenerationService:
         submitted = await self.submit(request)
         state = await self.queue.wait(submitted.id, self.settings.request_timeout_s)
         if state is None or state.status == JobStatus.failed:
-            raise GenerationFailed(
-                f"generation failed: {state.error if state else 'job lost'}", job_id=submitted.id
-            )
+            raise job_failure(state and state.error_type, state.error if state else "job lost", submitted.id)
         if state.status == JobStatus.cancelled:
             raise JobCancelled("the job was cancelled before it finished", job_id=state.id)
         if state.status != JobStatus.succeeded:

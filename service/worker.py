@@ -3,6 +3,10 @@
 Every image has its own torch.Generator (seed + n) and its own prompt-specific parameters, and the UNet is made
 batch-invariant (`dgq_core.make_batch_invariant`), so an image does not depend on what it was batched with.
 
+At warm-up the worker measures its memory on a few request shapes (`service.memory`) and publishes the fit; it
+forms no batch beyond what that admits, and fails at once, with the figures, a job that would not fit even alone or
+that breaks the model's limits (the API refuses both; a job written straight into Redis is checked here).
+
 A batch that raises (out of memory, or one job that cannot run) is split in halves and each half retried, so a
 job that fails even alone is the only one to fail: it goes to the dead letters with the reason. `stop()` drains:
 no new jobs are taken, the ones held are finished and acknowledged, then `run` returns.
@@ -25,11 +29,11 @@ import torch
 from diffusers import DiffusionPipeline
 
 import dgq_core
-from service import metrics
+from service import memory, metrics
 from service.config import Settings
-from service.errors import QueueUnavailable
-from service.queue.base import JobQueue, QueuedJob, StoredImages
-from service.schemas import JobEvent
+from service.errors import InsufficientMemory, InvalidRequest, QueueUnavailable
+from service.queue.base import GENERATION_FAILED, JobQueue, QueuedJob, StoredImages
+from service.schemas import JobEvent, JobSpec
 from service.served_model import ServedModel, component_weight_bytes
 
 log = logging.getLogger(__name__)
@@ -94,13 +98,17 @@ class BatchRunner:
         return buffer.getvalue()
 
 
-def compatible_batches(jobs: list[QueuedJob], max_images: int) -> list[list[QueuedJob]]:
-    """Split `jobs` (in order) into batches of equal `batch_key` with at most `max_images` images each."""
+def compatible_batches(
+    jobs: list[QueuedJob], max_images: int, images_that_fit: Callable[[JobSpec], int] | None = None
+) -> list[list[QueuedJob]]:
+    """Split `jobs` (in order) into batches of equal `batch_key` with at most `max_images` images each, and at most
+    `images_that_fit(spec)` (the memory's bound for that size; a job above it alone is a batch of its own)."""
     batches: list[list[QueuedJob]] = []
     open_batches: dict[str, list[QueuedJob]] = {}
     for job in jobs:
         batch = open_batches.get(job.spec.batch_key)
-        if batch is None or sum(j.spec.num_images for j in batch) + job.spec.num_images > max_images:
+        most = min(max_images, images_that_fit(job.spec)) if images_that_fit else max_images
+        if batch is None or sum(j.spec.num_images for j in batch) + job.spec.num_images > most:
             batch = []
             batches.append(batch)
             open_batches[job.spec.batch_key] = batch
@@ -108,15 +116,32 @@ def compatible_batches(jobs: list[QueuedJob], max_images: int) -> list[list[Queu
     return batches
 
 
-def failure_reason(job: QueuedJob, error: BaseException, out_of_memory: bool) -> str:
-    """What a user reads when `job` failed on its own with `error`, and what to change."""
+CPU_ALLOCATION_FAILURE = "DefaultCPUAllocator: can't allocate memory"
+"""How torch's CPU allocator words a failed allocation: a plain RuntimeError, where CUDA raises OutOfMemoryError."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation failure (CUDA, the CPU allocator, or Python's own)."""
+    return isinstance(error, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(error, RuntimeError) and CPU_ALLOCATION_FAILURE in str(error)
+    )
+
+
+def failure_reason(job: QueuedJob, error: BaseException, profile: memory.MemoryProfile | None) -> str:
+    """What a user reads when `job` failed on its own with `error`, and what to change. An allocation failure is
+    told in the worker's measured figures, without the allocator's text (it is in the worker's log)."""
     spec = job.spec
-    if out_of_memory:
-        return (
-            f"out of memory running this job alone ({spec.num_images} image(s) of {spec.width}x{spec.height}): "
-            f"ask for fewer images or a smaller size ({type(error).__name__}: {error})"
-        )
-    return f"generation failed: {error!r}"
+    if not is_out_of_memory(error):
+        return f"generation failed: {error!r}"
+    what = f"{spec.num_images} image(s) of {spec.width}x{spec.height}"
+    if profile is None:
+        return f"out of memory running this job alone ({what}): ask for fewer images or a smaller size"
+    need = profile.request_bytes(spec.width, spec.height, spec.num_images, spec.guidance_scale)
+    return (
+        f"out of memory running this job alone ({what}), although by this worker's measurements it needs about "
+        f"{need / memory.MIB:.0f} MiB of the {profile.budget_bytes / memory.MIB:.0f} MiB it has for requests "
+        "(something else holds memory now): ask for fewer images or a smaller size, or retry later"
+    )
 
 
 def default_worker_id() -> str:
@@ -133,6 +158,8 @@ class Worker:
         self.queue = queue
         self.worker_id = settings.worker_id or default_worker_id()
         self.ready = False
+        self.memory_profile: memory.MemoryProfile | None = None
+        """What this worker's memory admits, measured at warm-up; None without a warm-up (`warmup_steps` 0)."""
         self.model = model
         self._pipe = pipe
         self._held: list[QueuedJob] = []
@@ -170,23 +197,50 @@ class Worker:
         self.ready = True
 
     def _warm_up(self) -> None:
+        """Run the memory probes (the first one with `warmup_steps` steps, warming the caches) and fit this
+        worker's `memory_profile`."""
         if self.settings.warmup_steps == 0:
+            log.warning("no warm-up (warmup_steps 0): no memory measurements, so no admission by memory")
             return
-        width, height = self.model.native_size
+        limits, unet = self.model.limits, self._pipe.unet
+        steps = iter([self.settings.warmup_steps])  # then 1 step per probe: every step peaks alike
+        self.memory_profile = memory.measure_profile(
+            self.worker_id, unet.device,
+            memory.probe_shapes(self.model.native_size, limits, min(self.settings.max_batch, limits.max_num_images)),
+            lambda width, height, images: self._denoise_zeros(width, height, images, next(steps, 1)),
+            self.runner._decode, dgq_core.scores_footprint(unet), self._pipe.vae_scale_factor,
+            self.settings.request_memory_mb,
+        )
+
+    def _denoise_zeros(self, width: int, height: int, images: int, steps: int) -> torch.Tensor:
+        """The latents of `images` images of zero prompt embeddings, with guidance (a warm-up or memory probe)."""
         unet_config, device = self._pipe.unet.config, self._pipe.unet.device
-        embeds = torch.zeros(1, self.model.prompt_tokens, unet_config.cross_attention_dim, device=device)
+        embeds = torch.zeros(images, self.model.prompt_tokens, unet_config.cross_attention_dim, device=device)
         text_inputs = {"prompt_embeds": embeds, "negative_prompt_embeds": embeds}
         if unet_config.addition_embed_type == "text_time":
             # SDXL: the pooled text embedding and 6 size/crop ids share the added embedding's input
             pooled_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
-            pooled = torch.zeros(1, pooled_dim, device=device)
+            pooled = torch.zeros(images, pooled_dim, device=device)
             text_inputs |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled}
         with torch.inference_mode():
-            latents = self._pipe(
-                **text_inputs, num_inference_steps=self.settings.warmup_steps, width=width, height=height,
-                output_type="latent",
+            return self._pipe(
+                **text_inputs, num_inference_steps=steps, width=width, height=height, output_type="latent",
             ).images
-        self.runner._decode(latents)
+
+    def _refusal(self, spec: JobSpec) -> tuple[str, str] | None:
+        """(reason, error type) when a job breaks the model's limits or does not fit this worker's memory alone."""
+        if problems := self.model.limit_problems(spec.width, spec.height, spec.steps, spec.num_images):
+            return "; ".join(problems), InvalidRequest.__name__
+        profile = self.memory_profile
+        if profile and (refusal := profile.refusal(spec.width, spec.height, spec.num_images, spec.guidance_scale)):
+            return refusal, InsufficientMemory.__name__
+        return None
+
+    def _images_that_fit(self, spec: JobSpec) -> int:
+        if self.memory_profile is None:
+            return self.settings.max_batch
+        return self.memory_profile.images_that_fit(spec.width, spec.height, spec.guidance_scale,
+                                                   self.settings.max_batch)
 
     async def run(self) -> None:
         """Serve jobs until `stop()` (returns after the drain) or cancellation, with a heartbeat task alongside."""
@@ -208,7 +262,14 @@ class Worker:
                         self.queue.take(self.worker_id, self.settings.max_batch, self.settings.batch_window_s), []
                     )
                 self._held = list(jobs)  # heartbeats keep every taken job ours until its batch has run
-                for batch in compatible_batches(jobs, self.settings.max_batch):
+                runnable = []
+                for job in jobs:
+                    if refusal := self._refusal(job.spec):
+                        await self._guarded(self.queue.dead_letter(job, *refusal), None)
+                        self._held.remove(job)
+                    else:
+                        runnable.append(job)
+                for batch in compatible_batches(runnable, self.settings.max_batch, self._images_that_fit):
                     # on a Redis outage mid-batch the jobs stay pending and are reclaimed once it is back
                     await self._guarded(self._run_batch(batch), None)
                     ran = {job.spec.id for job in batch}
@@ -229,6 +290,8 @@ class Worker:
         while True:
             held = list(self._held)
             await self._guarded(self.queue.heartbeat(self.worker_id, held), None)
+            if self.memory_profile is not None:
+                await self._guarded(self.queue.publish_memory_profile(self.memory_profile), None)
             if held:
                 self._cancel_requested = await self._guarded(
                     self.queue.cancel_requested([job.spec.id for job in held]), set()
@@ -261,7 +324,7 @@ class Worker:
         try:
             output = await asyncio.to_thread(self.runner.run, started, on_step)
         except Exception as error:  # never drops a job: its batch is retried in halves, or it fails with a reason
-            out_of_memory = isinstance(error, torch.OutOfMemoryError | MemoryError)
+            out_of_memory = is_out_of_memory(error)
             if out_of_memory and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the halves the cached blocks of the failed attempt
             if len(started) > 1:
@@ -273,7 +336,8 @@ class Worker:
                 return
             [job] = started
             log.exception("job %s failed on its own", job.spec.id)
-            await self.queue.dead_letter(job, failure_reason(job, error, out_of_memory))
+            error_type = InsufficientMemory.__name__ if out_of_memory else GENERATION_FAILED
+            await self.queue.dead_letter(job, failure_reason(job, error, self.memory_profile), error_type)
             return
         metrics.DENOISE.observe(output.denoise_s)
         metrics.DECODE.observe(output.decode_s)

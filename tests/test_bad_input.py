@@ -7,24 +7,17 @@ import json
 import os
 import shutil
 import subprocess
-import threading
-import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import schemathesis
-import uvicorn
 from conftest import free_port, running_api
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis.errors import Unsatisfiable
+from fuzz_api import MAX_BODY_BYTES, fuzz, fuzz_settings, serve_in_thread, tight_memory
 from local_cluster import console_script
 from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
-from schemathesis.checks import not_a_server_error
 
 from dgq_core import CheckpointError
 from dgq_core.checkpoint import DIGEST_KEY, WEIGHTS_NAME
@@ -32,74 +25,27 @@ from service.api.app import create_app
 from service.config import Settings
 from service.served_model import quantized_checkpoint
 
-MAX_BODY_BYTES = 4096
-FUZZ_EXAMPLES = 40
-"""Examples per operation and generation mode (valid and invalid data): 8 operations x 2 modes x 40 = 640 at most."""
+FUZZ_EXAMPLES = 30
+"""Examples per operation and mode (valid, invalid, valid-but-extreme): 8 operations x 3 modes x 30 = 720 at most,
+plus the corners of the generation routes; bench/bench_fuzz.py runs more."""
 
 
 @pytest.fixture(scope="module")
 def served(tiny_sd_model_dir: Path) -> Iterator[str]:
-    """The API (embedded queue and worker, tiny model) on a real uvicorn server in a thread; limits small enough
-    that every image a fuzzed request may ask for takes milliseconds."""
-    app = create_app(Settings(
-        model=str(tiny_sd_model_dir), quantized="none", warmup_steps=1, batch_window_s=0.01, max_width=32,
-        max_height=32, max_steps=2, max_num_images=2, max_prompt_chars=300, max_body_bytes=MAX_BODY_BYTES,
-        queue_max=256, result_ttl_s=60, _env_file=None,
-    ))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert thread.is_alive() and time.monotonic() < deadline, "the API did not become ready"
-        try:
-            if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    yield base_url
-    server.should_exit = True
-    thread.join(timeout=30)
-
-
-def _clear_error_body(ctx, response, case) -> None:
-    """Every 4xx is JSON saying what is wrong: `detail`, `type`, and the OpenAI-shaped `error` with the status."""
-    if 400 <= response.status_code < 500:
-        body = json.loads(response.content)
-        assert body["detail"] and body["type"], body
-        assert body["error"]["code"] == response.status_code and body["error"]["message"] == body["detail"], body
-    if response.status_code in (429, 503):
-        assert int(response.headers["retry-after"]) >= 1
+    """The API (embedded queue and worker, tiny model) on a real uvicorn server in a thread."""
+    app = create_app(fuzz_settings(tiny_sd_model_dir))  # caps small enough that every image takes milliseconds
+    with serve_in_thread(app, free_port()) as base_url:
+        tight_memory(app)
+        yield base_url
 
 
 def test_fuzzed_requests_from_the_openapi_schema_get_no_5xx(served):
-    schema = schemathesis.openapi.from_url(served + "/openapi.json")
-    statuses: Counter[int] = Counter()
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 8
-    for operation in operations:
-        for mode in schemathesis.GenerationMode:
-
-            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
-                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def fuzz(case) -> None:
-                response = case.call(base_url=served, timeout=60)
-                statuses[response.status_code] += 1
-                case.validate_response(response, checks=[not_a_server_error, _clear_error_body])
-
-            try:
-                fuzz()
-            except Unsatisfiable:
-                assert mode == schemathesis.GenerationMode.NEGATIVE, operation.label
-                # an operation without parameters or body has no invalid input to generate
-    total = sum(statuses.values())
-    print(f"\nschemathesis: {total} requests, statuses {dict(sorted(statuses.items()))}")
-    assert total >= 200 and not any(status >= 500 for status in statuses)
-    assert statuses[422] > 0 and statuses[200] > 0, "both refused and served requests were generated"
+    answers = fuzz(served, FUZZ_EXAMPLES)
+    total = sum(answers.values())
+    print(f"\nschemathesis: {total} requests, answers {dict(sorted(answers.items()))}")
+    assert total >= 600 and not any(answer.startswith("5") for answer in answers)
+    assert answers["200"] and answers["422 InvalidRequest"], "both refused and served requests were generated"
+    assert answers["422 InsufficientMemory"], "extreme requests met the memory refusal"
 
 
 # --- oversize bodies and prompts ---

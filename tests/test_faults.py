@@ -4,9 +4,10 @@ RELIABILITY.md quotes them).
 Real parts throughout: a redis-server with the append-only file on, `dgq-serve` and two `dgq-worker` child
 processes on the tiny random model (kill -9 a worker mid-batch, kill -9 Redis, kill -9 the API, SIGTERM a worker);
 and an in-process `Worker` on another real Redis for the failures inside a batch (out of memory, a job that fails
-every time, malformed entries written straight into the stream). The out-of-memory error is raised by a forward
-pre-hook on the UNet, i.e. from inside the pipeline call, whenever the UNet is given more rows than a cap: the
-worker's handling of it is the product code's, only the allocator's refusal is simulated.
+every time, malformed entries written straight into the stream). The out-of-memory error comes from a forward
+pre-hook on the UNet, i.e. from inside the pipeline call, whenever the UNet is given more rows than a cap: the hook
+asks torch's CPU allocator for 1 EiB, more than any address space holds, and the allocator's own refusal is what
+the worker handles; only when it happens is chosen by the test.
 """
 
 from __future__ import annotations
@@ -235,7 +236,9 @@ async def test_sigterm_worker_finishes_what_it_holds_takes_nothing_new_and_exits
 
 
 class UNetMemoryCap:
-    """Raises `torch.OutOfMemoryError` from the UNet's forward when it is given more than `max_rows` rows."""
+    """Fails an allocation inside the UNet's forward when it is given more than `max_rows` rows: torch's CPU
+    allocator refuses 1 EiB (a RuntimeError "DefaultCPUAllocator: can't allocate memory: you tried to allocate
+    ..."), as it refuses any allocation the system cannot back."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         self.max_rows: int | None = None
@@ -246,7 +249,7 @@ class UNetMemoryCap:
         rows = args[0].shape[0]
         if self.max_rows is not None and rows > self.max_rows:
             self.refused.append(rows)
-            raise torch.OutOfMemoryError(f"simulated: {rows} UNet rows above the cap of {self.max_rows}")
+            torch.empty(1 << 60, dtype=torch.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -301,14 +304,19 @@ async def test_out_of_memory_batch_is_split_and_retried_and_a_job_too_big_alone_
     assert [state["status"] for state in states[:3]] == ["succeeded"] * 3
     assert all(state["timings"]["batch_images"] == 1 for state in states[:3]), "retried alone after the split"
     assert states[3]["status"] == "failed" and states[3]["error"].startswith("out of memory running this job alone")
-    assert "fewer images or a smaller size" in states[3]["error"]
+    assert "fewer images or a smaller size" in states[3]["error"] and states[3]["error_type"] == "InsufficientMemory"
+    assert "allocate" not in states[3]["error"], "the allocator's text stays in the worker's log"
     assert _dead_letters(client_redis) == {pair: states[3]["error"]}
+    synchronous = await client.post("/generate", json=REQUEST | {"seed": 9, "num_images": 2, "async": False})
+    assert synchronous.status_code == 422 and synchronous.json()["type"] == "InsufficientMemory"
+    assert "out of memory running this job alone" in synchronous.json()["detail"]
     memory_cap.max_rows = None
     [after] = await _submit(client, 1, first_seed=20)
     assert (await _wait_ended(client, [after]))[0]["status"] == "succeeded" and not in_process.worker_task.done()
     figure("out of memory", f"UNet calls refused at {sorted(set(memory_cap.refused))} rows; 3/3 single-image jobs "
-           "succeeded after splitting (batch 3 -> 1 + 2 -> 1 + 1), the 2-image job failed alone with an "
-           "out-of-memory reason and went to the dead letters; the worker kept serving")
+           "succeeded after splitting (batch 3 -> 1 + 2 -> 1 + 1), the 2-image job failed alone with "
+           f"\"{states[3]['error']}\" and went to the dead letters, the same request made synchronously got "
+           f"{synchronous.status_code} {synchronous.json()['type']}; the worker kept serving")
 
 
 async def test_job_failing_every_time_is_dead_lettered_and_its_batch_mates_succeed(in_process, redis_url):
@@ -347,6 +355,9 @@ async def test_malformed_job_entries_in_redis_are_dead_lettered_and_the_worker_k
         "no-payload": {"spec": _spec_json("no-payload")},
         "bad-safetensors": {"spec": _spec_json("bad-safetensors"), "payload": b"\x00\x01 not safetensors"},
         "missing-tensor": {"spec": _spec_json("missing-tensor"), "payload": tensors_without_negative},
+        # well formed, but beyond the model's limits, which only the API checked before
+        "beyond-limits": {"spec": _spec_json("beyond-limits", width=4096, height=4096, steps=10_000),
+                          "payload": pack_prompt_pair(*[EncodedPrompt(torch.zeros(77, 32), None, {})] * 2)},
     }
     for job_id, fields in bad_jobs.items():
         client_redis.hset(keys.job(job_id), mapping=fields | {"status": "queued"})
@@ -369,7 +380,11 @@ async def test_malformed_job_entries_in_redis_are_dead_lettered_and_the_worker_k
     assert "malformed job" in reasons["wrong-types"] and "malformed job" in reasons["not-json"]
     assert "no payload" in reasons["no-payload"]
     assert "SafetensorError" in reasons["bad-safetensors"] and "negative_prompt_embeds" in reasons["missing-tensor"]
+    assert reasons["beyond-limits"].startswith("width 4096 is above the limit 48 of model")
+    assert "steps 10000 is above the limit 100" in reasons["beyond-limits"]
+    assert client_redis.hget(keys.job("beyond-limits"), "error_type") == b"InvalidRequest"
     assert client_redis.xlen(keys.JOBS_STREAM) == 0 and not in_process.worker_task.done()
     figure("malformed entries", f"{len(bad_jobs) + 2} malformed entries written straight into the stream "
-           "(wrong types, not JSON, no payload, bad safetensors, a missing tensor, no job id, a non-UTF-8 id): all "
+           "(wrong types, not JSON, no payload, bad safetensors, a missing tensor, a job beyond the model's limits, no "
+           "job id, a non-UTF-8 id): all "
            "dead-lettered with a reason, the jobs among them failed with it; the worker kept serving")

@@ -8,8 +8,10 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
+from dgq_core import ScoresFootprint
 from service.config import Settings
 from service.errors import QueueFull, QueueUnavailable
+from service.memory import MemoryProfile
 from service.queue import keys, make_queue
 from service.queue.base import QueuedJob, StoredImages
 from service.schemas import JobEvent, JobSpec, JobStatus
@@ -58,9 +60,10 @@ async def test_job_lifecycle_and_positions(queue):
     assert [event.event async for event in queue.events("a")] == ["queued", "started", "step", "succeeded"]
 
     assert await queue.start(taken[1], "w1")
-    await queue.fail(taken[1], "generation failed: boom", {})
+    await queue.fail(taken[1], "out of memory", {}, error_type="InsufficientMemory")
     state = await queue.get("b")
-    assert state.status == JobStatus.failed and state.error == "generation failed: boom"
+    assert state.status == JobStatus.failed and state.error == "out of memory"
+    assert state.error_type == "InsufficientMemory", "a synchronous request answers with this type"
     assert (await queue.stats()).depth == 1
 
 
@@ -117,6 +120,31 @@ async def test_heartbeat_keeps_jobs_and_reaper_takes_dead_workers_jobs(redis_set
     await queue.succeed(reclaimed[0], StoredImages(pngs=[b"a", b"b"]))
     state = await queue.get("orphan")
     assert state.status == JobStatus.succeeded and state.worker == "rescuer" and state.deliveries == 2
+    await queue.close()
+
+
+def _memory_profile(worker_id: str) -> MemoryProfile:
+    return MemoryProfile(
+        worker_id=worker_id, device="cpu", held_bytes=1 << 29, budget_bytes=1 << 30, budget_source="test",
+        vae_scale_factor=8, scores=ScoresFootprint(heads=8, downscale=1, budget_bytes=1 << 28),
+        denoise=(1e7, 3000.0, 1.0), decode=(1e7, 2000.0),
+    )
+
+
+async def test_memory_profiles_of_live_workers_only_and_the_reaper_removes_the_dead(redis_settings, redis_url):
+    queue = make_queue(redis_settings)
+    for worker_id in ("alive", "dead"):
+        await queue.publish_memory_profile(_memory_profile(worker_id))
+    assert sorted(profile.worker_id for profile in await queue.memory_profiles()) == ["alive", "dead"]
+    assert (await queue.memory_profiles())[0] == _memory_profile((await queue.memory_profiles())[0].worker_id)
+    for _ in range(3):  # 'alive' publishes with its heartbeats past the worker TTL, 'dead' never again
+        await queue.publish_memory_profile(_memory_profile("alive"))
+        await asyncio.sleep(0.25)
+    assert [profile.worker_id for profile in await queue.memory_profiles()] == ["alive"]
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.hexists(keys.WORKER_MEMORY, "dead"), "ignored, not yet removed"
+        await queue.reap("alive")
+        assert client.hkeys(keys.WORKER_MEMORY) == [b"alive"]
     await queue.close()
 
 

@@ -1,11 +1,12 @@
 """End to end on a real redis-server: an API process and two worker processes (`dgq-serve` / `dgq-worker`
-entry points), concurrent requests batched across requests, a worker killed with SIGKILL mid-job, and a Redis
-outage answered with 503 and survived without a restart."""
+entry points), concurrent requests batched across requests, a worker killed with SIGKILL mid-job, a Redis
+outage answered with 503 and survived without a restart, and two workers with default settings on one host."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import signal
 import time
 
@@ -71,7 +72,7 @@ async def test_two_workers_serve_concurrent_requests_with_batching(cluster):
 
 async def test_worker_killed_mid_job_job_completes_once_on_the_other(cluster):
     async with httpx.AsyncClient(base_url=cluster.base_url, timeout=300) as client:
-        job_id = (await client.post("/generate", json=REQUEST | {"steps": 60, "width": 48, "height": 48,
+        job_id = (await client.post("/generate", json=REQUEST | {"steps": 100, "width": 32, "height": 32,
                                                                  "async": True})).json()["id"]
         with redis.Redis.from_url(cluster.redis_url) as client_redis:
             last, victim = "0-0", None
@@ -117,3 +118,40 @@ async def test_redis_outage_is_503_and_service_recovers_without_restart(tiny_sd_
             assert time.monotonic() < deadline, response.text
             await asyncio.sleep(0.5)
         assert response.headers["content-type"] == "image/png"
+
+
+def _metrics_port(log: str) -> int:
+    [port] = re.findall(r"worker metrics on http://127\.0\.0\.1:(\d+)/metrics", log)
+    return int(port)
+
+
+def test_two_default_workers_on_one_host_serve_their_metrics_on_distinct_ports(tiny_sd_model_dir, redis_url,
+                                                                               tmp_path):
+    """Both with the default `worker_metrics_port` (9100): the second takes the next free port and says so; a port
+    that cannot be bound for another reason stops the worker with one line naming the setting."""
+    default_port = Settings.model_fields["worker_metrics_port"].default
+    workers = ServiceProcesses(tiny_sd_model_dir, redis_url, tmp_path, {"worker_metrics_port": default_port})
+    try:
+        for name in ("first", "second"):
+            workers.start_worker(name)
+        elsewhere = workers.start_worker("elsewhere", {"host": "192.0.2.1"})  # TEST-NET-1: no address of this host
+        deadline = time.monotonic() + 120
+        while not all("worker metrics on" in workers.log_tail(name) for name in ("first", "second")):
+            for name in ("first", "second"):
+                assert workers.workers[name].poll() is None and time.monotonic() < deadline, workers.log_tail(name)
+            time.sleep(0.1)
+        ports = {name: _metrics_port(workers.log_tail(name)) for name in ("first", "second")}
+        low, high = sorted(ports, key=ports.get)
+        assert default_port <= ports[low] < ports[high], ports
+        assert f"worker metrics port {default_port} is taken (worker_metrics_port): serving them on " \
+               f"{ports[high]} instead" in workers.log_tail(high)
+        for port in ports.values():
+            assert "process_resident_memory_bytes" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert elsewhere.wait(timeout=60) == 2
+        [line] = workers.log_tail("elsewhere").strip().splitlines()[-1:]
+        assert line.startswith("dgq-worker: error: cannot serve the worker metrics on 192.0.2.1:9100 "
+                               "(worker_metrics_port, host)") and "DGQ_WORKER_METRICS_PORT" in line
+        assert "Traceback" not in workers.log_tail("elsewhere")
+    finally:
+        workers.stop(timeout_s=1)  # they may still be loading the model, which a drain would wait for
+    print(f"\nFIGURE two default workers: metrics ports {ports}")

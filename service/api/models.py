@@ -1,4 +1,5 @@
-"""OpenAI-compatible `GET /v1/models`: the one model this deployment serves."""
+"""OpenAI-compatible `GET /v1/models`: the one model this deployment serves, with its native size and request
+limits (fields beyond OpenAI's, which its clients keep)."""
 
 from __future__ import annotations
 
@@ -12,4 +13,8 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Authenticated])
 
 @router.get("/models")
 async def list_models(service: ServiceDep) -> OpenAIModelList:
-    return OpenAIModelList(data=[OpenAIModel(id=service.model.name, created=service.started_at)])
+    model = service.model
+    width, height = model.native_size
+    return OpenAIModelList(data=[OpenAIModel(
+        id=model.name, created=service.started_at, native_width=width, native_height=height, limits=model.limits,
+    )])

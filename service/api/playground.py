@@ -32,14 +32,16 @@ async def playground_style() -> FileResponse:
 
 @router.get("/playground/info")
 async def playground_info(service: ServiceDep, settings: SettingsDep) -> dict[str, object]:
-    """Unauthenticated like `/metrics` (which carries the same model info); says whether the API wants a key."""
+    """Unauthenticated like `/metrics` (which carries the same model info); says whether the API wants a key. The
+    limits are the served model's (`/v1/models` reports them too)."""
     width, height = service.model.native_size
+    limits = service.model.limits
     return {
         "model": settings.model,
         "quantization": {
             **service.model.quantization_info(), "exec_mode": settings.exec_mode, "device": settings.device,
         },
         "native_width": width, "native_height": height,
-        "max_width": settings.max_width, "max_height": settings.max_height, "max_steps": settings.max_steps,
+        **limits.model_dump(),
         "auth_required": bool(settings.api_keys),
     }

@@ -13,10 +13,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from service.errors import QueueFull
+from service.errors import GenerationFailed, QueueFull
+from service.memory import MemoryProfile
 from service.schemas import JobEvent, JobSpec, JobState, JobStatus
 
 TERMINAL_EVENTS = {status.value for status in JobStatus if status.terminal}
+GENERATION_FAILED = GenerationFailed.__name__
+"""The `error_type` of a job that failed for any reason but memory."""
 
 
 def state_ttl_s(result_ttl_s: float) -> float:
@@ -89,6 +92,10 @@ class JobQueue(abc.ABC):
     async def ping(self) -> None:
         """Raise `QueueUnavailable` if the backend cannot be reached."""
 
+    @abc.abstractmethod
+    async def memory_profiles(self) -> list[MemoryProfile]:
+        """The memory profiles the live workers published (`publish_memory_profile`)."""
+
     async def wait(self, job_id: str, timeout_s: float) -> JobState | None:
         """Wait until the job ends or `timeout_s` passes; the state then."""
         try:
@@ -122,11 +129,18 @@ class JobQueue(abc.ABC):
         """Store the images (with TTL), mark the job succeeded, then acknowledge it - once, whoever calls."""
 
     @abc.abstractmethod
-    async def fail(self, job: QueuedJob, reason: str, timings: dict[str, float]) -> None: ...
+    async def fail(
+        self, job: QueuedJob, reason: str, timings: dict[str, float], error_type: str = GENERATION_FAILED
+    ) -> None:
+        """Fail the job with `reason`; `error_type` names the `service.errors` type a synchronous request answers."""
 
     @abc.abstractmethod
-    async def dead_letter(self, job: QueuedJob, reason: str) -> None:
+    async def dead_letter(self, job: QueuedJob, reason: str, error_type: str = GENERATION_FAILED) -> None:
         """Give the job up: keep it among the dead letters (for inspection) and fail it with `reason`."""
+
+    @abc.abstractmethod
+    async def publish_memory_profile(self, profile: MemoryProfile) -> None:
+        """Tell the API what this worker's memory admits (renewed with the heartbeats; gone when it dies)."""
 
     @abc.abstractmethod
     async def finish_cancelled(self, job: QueuedJob) -> None: ...
@@ -146,14 +160,15 @@ class JobQueue(abc.ABC):
 
 def job_state(
     spec: JobSpec, status: JobStatus, *, position: int | None = None, timings: dict[str, float] | None = None,
-    error: str | None = None, worker: str | None = None, deliveries: int = 0, finished_at: float | None = None,
-    expires_at: float | None = None,
+    error: str | None = None, error_type: str | None = None, worker: str | None = None, deliveries: int = 0,
+    finished_at: float | None = None, expires_at: float | None = None,
 ) -> JobState:
     """A `JobState` with image URLs filled in once succeeded."""
     images = [f"/jobs/{spec.id}/images/{n}" for n in range(spec.num_images)] if status == JobStatus.succeeded else []
     return JobState(
         id=spec.id, status=status, position=position if status == JobStatus.queued else None,
-        num_images=spec.num_images, seeds=spec.seeds, images=images, timings=timings or {}, error=error, worker=worker,
+        num_images=spec.num_images, seeds=spec.seeds, images=images, timings=timings or {}, error=error,
+        error_type=error_type, worker=worker,
         deliveries=deliveries, created_at=spec.created_at, finished_at=finished_at, expires_at=expires_at,
     )
 

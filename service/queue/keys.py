@@ -9,6 +9,9 @@ WORKER_GROUP = "dgq-workers"
 DEAD_LETTER_STREAM = "dgq:jobs:dead"
 """Jobs given up after too many deliveries (fields: job, deliveries, reason)."""
 WORKER_PATTERN = "dgq:worker:*"
+WORKER_MEMORY = "dgq:worker-memory"
+"""Hash: worker id -> its memory profile (JSON, `wire.encode_memory_profile`), rewritten with each heartbeat; the
+profiles of workers without a live heartbeat key are ignored, and removed by the reaper."""
 
 
 def job(job_id: str) -> str:

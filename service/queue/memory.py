@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from service import metrics
+from service.memory import MemoryProfile
 from service.queue.base import (
+    GENERATION_FAILED,
     TERMINAL_EVENTS,
     JobQueue,
     QueuedJob,
@@ -30,6 +32,7 @@ class _Record:
     events: list[JobEvent] = field(default_factory=list)
     pngs: list[bytes] = field(default_factory=list)
     error: str | None = None
+    error_type: str | None = None
     worker: str | None = None
     cancel_requested: bool = False
     finished_at: float | None = None
@@ -47,6 +50,7 @@ class MemoryQueue(JobQueue):
         self._waiting: deque[str] = deque()
         self._changed = asyncio.Condition()
         self._live_workers: set[str] = set()
+        self._memory_profiles: dict[str, MemoryProfile] = {}
         self.dead_letters: deque[tuple[str, str]] = deque(maxlen=1000)
         """(job id, reason) of the jobs given up, newest last."""
 
@@ -59,7 +63,7 @@ class MemoryQueue(JobQueue):
         position = self._waiting.index(record.job.spec.id) if record.status == JobStatus.queued else None
         return job_state(
             record.job.spec, record.status, position=position, timings=record.timings, error=record.error,
-            worker=record.worker, deliveries=record.job.deliveries if record.worker else 0,
+            error_type=record.error_type, worker=record.worker, deliveries=record.job.deliveries if record.worker else 0,
             finished_at=record.finished_at, expires_at=record.expires_at,
         )
 
@@ -140,6 +144,9 @@ class MemoryQueue(JobQueue):
     async def ping(self) -> None:
         return None
 
+    async def memory_profiles(self) -> list[MemoryProfile]:
+        return list(self._memory_profiles.values())
+
     # --- worker side ---
 
     async def take(self, worker_id: str, max_jobs: int, window_s: float) -> list[QueuedJob]:
@@ -175,17 +182,24 @@ class MemoryQueue(JobQueue):
         record.timings |= images.timings
         await self._finish(record, JobStatus.succeeded)
 
-    async def fail(self, job: QueuedJob, reason: str, timings: dict[str, float]) -> None:
+    async def fail(
+        self, job: QueuedJob, reason: str, timings: dict[str, float], error_type: str = GENERATION_FAILED
+    ) -> None:
         record = self._records[job.spec.id]
-        record.error = reason
+        if record.status.terminal:
+            return
+        record.error, record.error_type = reason, error_type
         record.timings |= timings
         await self._finish(record, JobStatus.failed, reason=reason)
 
-    async def dead_letter(self, job: QueuedJob, reason: str) -> None:
+    async def dead_letter(self, job: QueuedJob, reason: str, error_type: str = GENERATION_FAILED) -> None:
         self.dead_letters.append((job.spec.id, reason))
-        await self.fail(job, reason, {})
+        await self.fail(job, reason, {}, error_type)
         metrics.JOBS_DEAD_LETTERED.inc()
         metrics.JOBS.labels(outcome="failed").inc()
+
+    async def publish_memory_profile(self, profile: MemoryProfile) -> None:
+        self._memory_profiles[profile.worker_id] = profile
 
     async def finish_cancelled(self, job: QueuedJob) -> None:
         await self._finish(self._records[job.spec.id], JobStatus.cancelled, reason="cancelled while running")

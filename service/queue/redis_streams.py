@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
@@ -31,8 +32,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service import metrics
 from service.config import Settings
 from service.errors import QueueUnavailable
+from service.memory import MemoryProfile
 from service.queue import keys, wire
 from service.queue.base import (
+    GENERATION_FAILED,
     TERMINAL_EVENTS,
     JobQueue,
     QueuedJob,
@@ -44,6 +47,8 @@ from service.queue.base import (
     state_ttl_s,
 )
 from service.schemas import JobEvent, JobSpec, JobState, JobStatus
+
+log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 1000
 """Longest a worker's read blocks, so it reaps and notices shutdown at least this often."""
@@ -193,14 +198,17 @@ class RedisStreamsQueue(JobQueue):
             await self._ack(receipt)
         return moved == 1
 
-    async def _dead_letter(self, job_id: str, receipt: str, reason: str, deliveries: int) -> None:
+    async def _dead_letter(
+        self, job_id: str, receipt: str, reason: str, deliveries: int, error_type: str = GENERATION_FAILED
+    ) -> None:
         """Record the job in the dead-letter stream, fail it with `reason` (if it exists) and acknowledge its
         entry. The record comes first: a crash in between leaves the entry pending, to be dead-lettered again."""
         await self._redis.xadd(
             keys.DEAD_LETTER_STREAM, {"job": job_id, "entry": receipt, "deliveries": deliveries, "reason": reason},
             maxlen=DEAD_LETTERS_MAXLEN, approximate=True,
         )
-        await self._finish(job_id, receipt, JobStatus.failed, [JobStatus.queued, JobStatus.running], error=reason)
+        await self._finish(job_id, receipt, JobStatus.failed, [JobStatus.queued, JobStatus.running], error=reason,
+                           error_type=error_type)
         metrics.JOBS_DEAD_LETTERED.inc()
         metrics.JOBS.labels(outcome="failed").inc()
 
@@ -238,7 +246,8 @@ class RedisStreamsQueue(JobQueue):
 
     @_unavailable_on_connection_error
     async def get(self, job_id: str) -> JobState | None:
-        fields = ("spec", "status", "timings", "error", "worker", "deliveries", "finished_at", "expires_at", "entry")
+        fields = ("spec", "status", "timings", "error", "error_type", "worker", "deliveries", "finished_at",
+                  "expires_at", "entry")
         values = dict(zip(fields, await self._redis.hmget(keys.job(job_id), fields), strict=True))
         if values["spec"] is None:
             return None
@@ -247,7 +256,7 @@ class RedisStreamsQueue(JobQueue):
             wire.decode_spec(values["spec"]), status,
             position=await self._position(values["entry"]) if status == JobStatus.queued else None,
             timings=wire.decode_timings(values["timings"]), error=_text(values["error"]),
-            worker=_text(values["worker"]), deliveries=int(values["deliveries"] or 0),
+            error_type=_text(values["error_type"]), worker=_text(values["worker"]), deliveries=int(values["deliveries"] or 0),
             finished_at=float(values["finished_at"]) if values["finished_at"] else None,
             expires_at=float(values["expires_at"]) if values["expires_at"] else None,
         )
@@ -297,6 +306,37 @@ class RedisStreamsQueue(JobQueue):
     @_unavailable_on_connection_error
     async def ping(self) -> None:
         await self._redis.ping()
+
+    async def _live_profiles(self) -> tuple[list[MemoryProfile], list[bytes]]:
+        """The published memory profiles of live workers, and the ids of the workers without a heartbeat."""
+        published = await self._redis.hgetall(keys.WORKER_MEMORY)
+        ids = list(published)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for worker_id in ids:
+                pipe.exists(keys.worker(worker_id.decode()))
+            alive = await pipe.execute()
+        profiles, dead = [], []
+        for worker_id, live in zip(ids, alive, strict=True):
+            if not live:
+                dead.append(worker_id)
+                continue
+            try:
+                profiles.append(wire.decode_memory_profile(published[worker_id]))
+            except ValidationError:
+                log.warning("ignoring the unreadable memory profile of worker %s", worker_id.decode(errors="replace"))
+        return profiles, dead
+
+    @_unavailable_on_connection_error
+    async def memory_profiles(self) -> list[MemoryProfile]:
+        return (await self._live_profiles())[0]
+
+    @_unavailable_on_connection_error
+    async def publish_memory_profile(self, profile: MemoryProfile) -> None:
+        # with a heartbeat in the same step: the reaper removes profiles without one
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.worker(profile.worker_id), now(), px=int(self._settings.worker_ttl_s * 1000))
+            pipe.hset(keys.WORKER_MEMORY, profile.worker_id, wire.encode_memory_profile(profile))
+            await pipe.execute()
 
     # --- worker side ---
 
@@ -382,13 +422,15 @@ class RedisStreamsQueue(JobQueue):
                            timings=wire.encode_timings(timings))
 
     @_unavailable_on_connection_error
-    async def fail(self, job: QueuedJob, reason: str, timings: dict[str, float]) -> None:
+    async def fail(
+        self, job: QueuedJob, reason: str, timings: dict[str, float], error_type: str = GENERATION_FAILED
+    ) -> None:
         await self._finish(job.spec.id, job.receipt, JobStatus.failed, [JobStatus.queued, JobStatus.running],
-                           error=reason)
+                           error=reason, error_type=error_type)
 
     @_unavailable_on_connection_error
-    async def dead_letter(self, job: QueuedJob, reason: str) -> None:
-        await self._dead_letter(job.spec.id, job.receipt, reason, job.deliveries)
+    async def dead_letter(self, job: QueuedJob, reason: str, error_type: str = GENERATION_FAILED) -> None:
+        await self._dead_letter(job.spec.id, job.receipt, reason, job.deliveries, error_type)
 
     @_unavailable_on_connection_error
     async def finish_cancelled(self, job: QueuedJob) -> None:
@@ -407,6 +449,9 @@ class RedisStreamsQueue(JobQueue):
     @_unavailable_on_connection_error
     async def reap(self, worker_id: str) -> list[QueuedJob]:
         await self._ensure_group()
+        _, dead = await self._live_profiles()
+        if dead:
+            await self._redis.hdel(keys.WORKER_MEMORY, *dead)
         min_idle_ms = int(self._settings.worker_ttl_s * 1000)
         _, entries, _ = await self._redis.xautoclaim(
             keys.JOBS_STREAM, keys.WORKER_GROUP, worker_id, min_idle_time=min_idle_ms, start_id="0-0",

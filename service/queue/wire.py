@@ -1,11 +1,12 @@
 """How a job's parts are written between processes, in Redis: its spec and timings as JSON, each event as its name
-and JSON data. The prompt conditioning a job carries is the library's format (`dgq_core.pack_prompt_pair`:
+and JSON data, a worker's memory profile as JSON. The prompt conditioning a job carries is the library's format (`dgq_core.pack_prompt_pair`:
 safetensors), its images are PNGs; nothing is pickled."""
 
 from __future__ import annotations
 
 import json
 
+from service.memory import MemoryProfile
 from service.schemas import JobEvent, JobSpec
 
 
@@ -34,3 +35,12 @@ def encode_event(event: JobEvent) -> dict[str, str]:
 
 def decode_event(fields: dict[bytes, bytes]) -> JobEvent:
     return JobEvent(event=fields[b"event"].decode(), data=json.loads(fields[b"data"]))
+
+
+def encode_memory_profile(profile: MemoryProfile) -> str:
+    return profile.model_dump_json()
+
+
+def decode_memory_profile(data: bytes | str) -> MemoryProfile:
+    """Raises `pydantic.ValidationError` for anything `encode_memory_profile` did not write."""
+    return MemoryProfile.model_validate_json(data)

@@ -43,6 +43,7 @@ async function loadInfo() {
                                    ["height", info.native_height, info.max_height]]) {
     $(id).value = native;
     $(id).max = max;
+    $(id).title = `at most ${max}, and width × height at most ${info.max_pixels} pixels`;
   }
   $("steps").max = info.max_steps;
   $("api-key-label").hidden = !info.auth_required;
