@@ -44,6 +44,7 @@ from .diffusers_quantizer import DGQQuantizer, register_dgq_quantizer
 from .kernels import int_execution_summary, set_exec_mode
 from .memory import peak_rss_bytes
 from .pipeline import ResolvedModel, from_pretrained, quantize_pretrained, resolve_model, save_pretrained
+from .schedulers import SAMPLERS, available_samplers, make_scheduler, sampler_name
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "ACTIVATION_METHODS",
     "EXEC_MODES",
     "PROB_QUANTIZERS",
+    "SAMPLERS",
     "WEIGHT_BITS",
     "CalibrationRecord",
     "CalibrationReport",
@@ -65,12 +67,14 @@ __all__ = [
     "QuantConfigError",
     "ResolvedModel",
     "UNetCalibration",
+    "available_samplers",
     "collect_unet_stats",
     "conditioning",
     "default_calibration_prompts",
     "from_pretrained",
     "int_execution_summary",
     "load_prompt_file",
+    "make_scheduler",
     "make_batch_invariant",
     "pack_prompt_pair",
     "peak_rss_bytes",
@@ -78,6 +82,7 @@ __all__ = [
     "quantize_pretrained",
     "read_quant_config",
     "resolve_model",
+    "sampler_name",
     "sample_prompts",
     "set_attention_budget",
     "save_pretrained",

@@ -67,3 +67,7 @@ class RateLimited(ServiceError):
 
 class BodyTooLarge(ServiceError):
     status = 413
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415

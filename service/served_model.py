@@ -17,6 +17,7 @@ from diffusers import DiffusionPipeline
 
 import dgq_core
 from service.config import BUNDLED_MODEL, Settings, check_inside_model_roots
+from service.schemas import MODEL_SCHEDULER
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,25 @@ class ServedModel:
         sample_h, sample_w = (sample, sample) if isinstance(sample, int) else sample
         scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
         return settings.default_width or sample_w * scale, settings.default_height or sample_h * scale
+
+    @cached_property
+    def scheduler_config(self) -> dict[str, object]:
+        """The model's own scheduler config (with `_class_name`)."""
+        from diffusers import DDIMScheduler
+
+        # load_config reads any scheduler's config file; the class only names the file (scheduler_config.json)
+        return dict(DDIMScheduler.load_config(self.resolved.base, subfolder="scheduler"))
+
+    @cached_property
+    def samplers(self) -> list[str]:
+        """The samplers a request may name for this model (`dgq_core.available_samplers`)."""
+        return dgq_core.available_samplers(self.scheduler_config)
+
+    @cached_property
+    def default_sampler(self) -> str:
+        """What a request without `scheduler` runs: the name of the model's own scheduler among the samplers, or
+        `MODEL_SCHEDULER` when it is none of them."""
+        return dgq_core.sampler_name(self.scheduler_config) or MODEL_SCHEDULER
 
     @cached_property
     def prompt_tokens(self) -> int:

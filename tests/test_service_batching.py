@@ -46,9 +46,9 @@ def test_image_identical_alone_and_batched(runner, prompt_stage, width, guidance
         _job(prompt_stage, _spec(f"j{i}", width=width, guidance=guidance, seed=10 * i, n=1 + (i == 2)), p, "blurry")
         for i, p in enumerate(prompts)
     ]
-    batched = runner.run(jobs, lambda step, seconds: False).pngs
+    batched = runner.run(jobs, lambda progress: False).pngs
     for job, batched_pngs in zip(jobs, batched, strict=True):
-        alone = runner.run([job], lambda step, seconds: False).pngs[0]
+        alone = runner.run([job], lambda progress: False).pngs[0]
         assert alone == batched_pngs, f"{job.spec.id} differs when batched"
     assert batched[2][0] != batched[2][1], "each image of a job has its own seed"
     assert len({pngs[0] for pngs in batched}) == len(jobs)
@@ -57,7 +57,7 @@ def test_image_identical_alone_and_batched(runner, prompt_stage, width, guidance
 def test_step_callback_sees_every_step_and_can_stop(runner, prompt_stage):
     job = _job(prompt_stage, _spec("s", steps=5), "stop early")
     seen = []
-    runner.run([job], lambda step, seconds: seen.append(step) or step == 2)
+    runner.run([job], lambda progress: seen.append(progress.step) or progress.step == 2)
     assert seen == [1, 2]
 
 
@@ -79,11 +79,11 @@ def test_dgq_model_batched_equals_alone_and_equals_without_precomputed_params(ti
     jobs = [_job(dgq_prompts, _spec(f"q{i}", seed=i), prompt, "blurry")
             for i, prompt in enumerate(["a red square", "blue circle"])]
     assert all(unpack_prompt_pair(job.payload)[0].params for job in jobs), "the prompt stage computed DGQ parameters"
-    batched = dgq_runner.run(jobs, lambda step, seconds: False).pngs
+    batched = dgq_runner.run(jobs, lambda progress: False).pngs
     for job, pngs in zip(jobs, batched, strict=True):
-        assert dgq_runner.run([job], lambda step, seconds: False).pngs[0] == pngs
+        assert dgq_runner.run([job], lambda progress: False).pngs[0] == pngs
         without_params = _without_prompt_params(job)
-        assert dgq_runner.run([without_params], lambda step, seconds: False).pngs[0] == pngs, (
+        assert dgq_runner.run([without_params], lambda progress: False).pngs[0] == pngs, (
             "precomputed prompt parameters must give the image the UNet computes by itself"
         )
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ import torch
 
 from dgq_core.calibration import collect_module_stats, quantize_from_stats
 from dgq_core.config import DGQConfig
+from service.previews import load_taesd
 
-TAESD_DIR = Path(__file__).resolve().parents[1] / "service" / "assets" / "taesd"
 # Fourteen bundled photographs, each also flipped and transposed: group ranges are fitted tightly to the
 # calibration data, so it must cover the variety the evaluation images bring.
 CALIBRATION_IMAGES = (
@@ -26,21 +25,6 @@ CALIBRATION_IMAGES = (
 )
 EVALUATION_IMAGES = ("astronaut", "rocket")
 SIZE = 128
-
-
-def load_taesd():
-    from diffusers import AutoencoderTiny
-    from safetensors.torch import load_file
-
-    model = AutoencoderTiny()
-    encoder = {f"encoder.layers.{k}": v for k, v in load_file(TAESD_DIR / "taesd_encoder.safetensors").items()}
-    decoder = {}
-    for key, value in load_file(TAESD_DIR / "taesd_decoder.safetensors").items():
-        index, rest = key.split(".", 1)
-        decoder[f"decoder.layers.{int(index) - 1}.{rest}"] = value
-    missing, unexpected = model.load_state_dict({**encoder, **decoder}, strict=False)
-    assert not missing and not unexpected
-    return model.float().eval()
 
 
 def photo(name: str) -> torch.Tensor:

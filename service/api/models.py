@@ -1,4 +1,4 @@
-"""OpenAI-compatible `GET /v1/models`: the one model this deployment serves."""
+"""OpenAI-compatible `GET /v1/models`: the one model this deployment serves, with the samplers it runs."""
 
 from __future__ import annotations
 
@@ -12,4 +12,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Authenticated])
 
 @router.get("/models")
 async def list_models(service: ServiceDep) -> OpenAIModelList:
-    return OpenAIModelList(data=[OpenAIModel(id=service.model.name, created=service.started_at)])
+    model = service.model
+    return OpenAIModelList(data=[OpenAIModel(
+        id=model.name, created=service.started_at, samplers=model.samplers, default_sampler=model.default_sampler,
+    )])

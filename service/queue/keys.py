@@ -12,8 +12,9 @@ WORKER_PATTERN = "dgq:worker:*"
 
 
 def job(job_id: str) -> str:
-    """Hash: status, spec (JSON), payload (safetensors, deleted when done), timings, error, worker, entry,
-    cancel, deliveries, completions, finished_at, expires_at."""
+    """Hash: status, spec (JSON), payload (safetensors, deleted when done), edit_images (safetensors, an edit's
+    image and mask, deleted when done), timings, error, worker, entry, cancel, deliveries, completions,
+    finished_at, expires_at."""
     return f"dgq:job:{job_id}"
 
 
