@@ -59,8 +59,8 @@ def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
     """
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.DecompressionBombError as error:
-        raise _too_many_pixels(field, str(error), max_pixels) from error
+    except Image.DecompressionBombError as error:  # Pillow's own bound, far above ours: refused from the header too
+        raise _too_many_pixels(field, f"more than {2 * Image.MAX_IMAGE_PIXELS}", max_pixels) from error
     except Exception as error:  # any failure to read a header is a bad file, whatever the plugin raised
         raise InvalidRequest(f"{field} is not a PNG, JPEG or WebP image ({type(error).__name__}): send one of "
                              "those") from error

@@ -162,6 +162,14 @@ class ServedModel:
         return dgq_core.sampler_name(self.scheduler_config) or MODEL_SCHEDULER
 
     @cached_property
+    def inpainting_only(self) -> bool:
+        """Whether the UNet is an inpainting one (9 input channels: latents, mask, masked image), which runs
+        inpainting jobs only."""
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.load_config(self.resolved.base, subfolder="unet")["in_channels"] == 9
+
+    @cached_property
     def prompt_tokens(self) -> int:
         """Length of the model's text embeddings: its tokenizer pads every prompt to `model_max_length` (77 for CLIP,
         20 for the bundled model), and a DGQ UNet calibrated at that length accepts no other."""

@@ -67,6 +67,9 @@ class GenerationService:
                             f"{', '.join(self.model.samplers)}")
         if has_mask and not has_image:
             problems.append("mask needs init_image: send the image to inpaint as well")
+        if self.model.inpainting_only and not (has_image and has_mask):
+            problems.append("this model is an inpainting model (its UNet takes the image and the mask): send "
+                            "init_image and mask")
         if request.strength is not None and not has_image:
             problems.append("strength applies to init_image: send one, or leave strength out")
         if has_image:

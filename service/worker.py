@@ -263,6 +263,8 @@ class Worker:
             pooled_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
             pooled = torch.zeros(1, pooled_dim, device=device)
             text_inputs |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled}
+        if unet_config.in_channels == 9:  # an inpainting UNet runs only with an image and a mask
+            text_inputs |= {"image": Image.new("RGB", (width, height)), "mask_image": Image.new("L", (width, height), 255)}
         with torch.inference_mode():
             latents = self._pipe(
                 **text_inputs, num_inference_steps=self.settings.warmup_steps, width=width, height=height,
