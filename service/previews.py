@@ -13,6 +13,7 @@ The final image always comes from the model's VAE (`decode_latent`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -122,6 +123,8 @@ def denoised_estimates(scheduler: object) -> Iterator[Callable[[], torch.Tensor 
     step = scheduler.step
     latest: list[torch.Tensor | None] = [None]
 
+    # wraps: pipelines pass `generator` (and `eta`) only to a step whose signature names them
+    @functools.wraps(step)
     def step_keeping_estimate(*args, **kwargs):
         output = step(*args, **kwargs)
         latest[0] = _estimate(scheduler, output)

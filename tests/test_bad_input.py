@@ -3,6 +3,8 @@ bodies and prompts, routing errors, corrupt or tampered checkpoints, and model p
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -19,8 +21,10 @@ import schemathesis
 import uvicorn
 from conftest import free_port, running_api
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from local_cluster import console_script
+from PIL import Image
 from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -33,8 +37,10 @@ from service.config import Settings
 from service.served_model import quantized_checkpoint
 
 MAX_BODY_BYTES = 4096
+MAX_UPLOAD_BYTES = 65536
 FUZZ_EXAMPLES = 40
-"""Examples per operation and generation mode (valid and invalid data): 8 operations x 2 modes x 40 = 640 at most."""
+"""Examples per operation and generation mode (valid and invalid data): 9 operations x 2 modes x 40 = 720 at most."""
+IMAGE_FUZZ_EXAMPLES = 60
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +50,7 @@ def served(tiny_sd_model_dir: Path) -> Iterator[str]:
     app = create_app(Settings(
         model=str(tiny_sd_model_dir), quantized="none", warmup_steps=1, batch_window_s=0.01, max_width=32,
         max_height=32, max_steps=2, max_num_images=2, max_prompt_chars=300, max_body_bytes=MAX_BODY_BYTES,
-        queue_max=256, result_ttl_s=60, _env_file=None,
+        max_upload_bytes=MAX_UPLOAD_BYTES, max_input_pixels=64 * 64, queue_max=256, result_ttl_s=60, _env_file=None,
     ))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -79,7 +85,7 @@ def test_fuzzed_requests_from_the_openapi_schema_get_no_5xx(served):
     schema = schemathesis.openapi.from_url(served + "/openapi.json")
     statuses: Counter[int] = Counter()
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 8
+    assert len(operations) >= 9
     for operation in operations:
         for mode in schemathesis.GenerationMode:
 
@@ -102,15 +108,83 @@ def test_fuzzed_requests_from_the_openapi_schema_get_no_5xx(served):
     assert statuses[422] > 0 and statuses[200] > 0, "both refused and served requests were generated"
 
 
+# --- images: every malformed, truncated or oversized file or mask is a 4xx ---
+
+
+def _image_file(kind: str, size: tuple[int, int]) -> bytes:
+    image = Image.new("RGBA" if kind == "PNG" else "RGB", size, (200, 40, 40, 255))
+    if kind == "PNG":
+        image.paste((0, 0, 0, 0), (0, 0, size[0] // 2, size[1]))  # a transparent half: a usable mask too
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+@st.composite
+def _damaged_image(draw: st.DrawFn) -> bytes:
+    """A PNG, JPEG or WebP of a random size (some above max_input_pixels), then cut short, bit-flipped, spliced
+    with random bytes, or left whole."""
+    kind = draw(st.sampled_from(["PNG", "JPEG", "WEBP"]))
+    data = bytearray(_image_file(kind, (draw(st.integers(1, 80)), draw(st.integers(1, 80)))))
+    damage = draw(st.sampled_from(["none", "truncate", "flip", "splice"]))
+    if damage == "truncate":
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    elif damage == "flip":
+        for _ in range(draw(st.integers(1, 8))):
+            data[draw(st.integers(0, len(data) - 1))] ^= 1 << draw(st.integers(0, 7))
+    elif damage == "splice":
+        at = draw(st.integers(0, len(data)))
+        data[at:at] = draw(st.binary(min_size=1, max_size=64))
+    return bytes(data)
+
+
+def test_fuzzed_images_and_masks_get_4xx_never_5xx(served):
+    statuses: Counter[int] = Counter()
+    good_mask = _image_file("PNG", (16, 16))
+
+    @settings(max_examples=IMAGE_FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(image=_damaged_image(), mask=st.none() | st.just(good_mask) | _damaged_image(),
+           route=st.sampled_from(["json", "multipart", "openai"]))
+    def fuzz(image: bytes, mask: bytes | None, route: str) -> None:
+        fields = {"prompt": "a red square", "steps": "2", "width": "16", "height": "16"}
+        files = {"init_image": image} | ({"mask": mask} if mask is not None else {})
+        if route == "json":
+            body = fields | {name: base64.b64encode(data).decode() for name, data in files.items()}
+            response = httpx.post(served + "/generate", json=body, timeout=60)
+        elif route == "multipart":
+            response = httpx.post(served + "/generate", data=fields, timeout=60,
+                                  files={name: (name, data) for name, data in files.items()})
+        else:
+            response = httpx.post(served + "/v1/images/edits", data={"prompt": "a red square", "steps": "2"},
+                                  files={("image" if name == "init_image" else name): (name, data)
+                                         for name, data in files.items()}, timeout=60)
+        statuses[response.status_code] += 1
+        assert response.status_code < 500, response.text
+        if response.status_code >= 400:
+            body = response.json()
+            assert body["detail"] and body["error"]["code"] == response.status_code
+
+    fuzz()
+    print(f"\nimage fuzz: {sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}")
+    assert statuses[200] > 0 and statuses[422] > 0, "both usable and broken images were sent"
+
+
 # --- oversize bodies and prompts ---
 
 
 def test_oversize_body_is_413_before_it_is_read(served):
     too_big = json.dumps({"prompt": "a" * MAX_BODY_BYTES})
-    declared = httpx.post(served + "/generate", content=too_big, headers={"Content-Type": "application/json"})
+    declared = httpx.post(served + "/v1/images/generations", content=too_big,
+                          headers={"Content-Type": "application/json"})
     assert declared.status_code == 413
     assert declared.json()["detail"].startswith(f"the request body is {len(too_big)} bytes, above the limit of "
                                                 f"{MAX_BODY_BYTES} bytes (max_body_bytes)")
+    # the routes that take images have their own, larger limit
+    image_too_big = json.dumps({"prompt": "a", "init_image": "A" * MAX_UPLOAD_BYTES})
+    for path in ("/generate", "/v1/images/edits"):
+        refused = httpx.post(served + path, content=image_too_big, headers={"Content-Type": "application/json"})
+        assert refused.status_code == 413 and f"{MAX_UPLOAD_BYTES} bytes (max_upload_bytes)" in refused.text
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
         for _ in range(64):
