@@ -105,7 +105,7 @@ async def _answer(
     else:
         data = [OpenAIImage(b64_json=base64.b64encode(png).decode()) for png in generated.pngs]
     answer = OpenAIImagesResponse(created=int(generated.state.created_at), data=data)
-    return JSONResponse(answer.model_dump(mode="json"))
+    return JSONResponse(answer.model_dump(mode="json"), headers={"X-Job-Id": generated.state.id})
 
 
 @router.post("/images/generations", response_model=OpenAIImagesResponse, responses=_RESPONSES)
