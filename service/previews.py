@@ -7,7 +7,7 @@ Decoders (`Settings.preview_decoder`):
 - "taesd": the tiny TAESD decoder (MIT, shipped in `assets/taesd`, ~1 M parameters) for Stable Diffusion 1.x/2.x
   latents, a fraction of the SD VAE's cost.
 
-The final image always comes from the model's VAE (`decode_latent`).
+The final image always comes from the model's VAE (`decode_latents`).
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ def load_taesd(device: str | torch.device = "cpu") -> AutoencoderTiny:
     return model.float().eval().to(device)
 
 
-def decode_latent(pipe: DiffusionPipeline, latent: torch.Tensor) -> Image.Image:
-    """One latent (1, C, h, w) through the model's VAE into a PIL image."""
+def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents (B, C, h, w) through the model's VAE into PIL images (one call for the batch)."""
     vae = pipe.vae
-    pixels = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor).sample
-    return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -90,15 +90,16 @@ class PreviewDecoder:
         self.taesd = load_taesd(pipe.vae.device) if self.decoder == "taesd" else None
 
     @torch.inference_mode()
-    def png(self, latent: torch.Tensor) -> bytes:
-        """A preview of one latent (1, C, h, w) in the UNet's latent space."""
+    def pngs(self, latents: torch.Tensor) -> list[bytes]:
+        """Previews of latents (B, C, h, w) in the UNet's latent space, decoded as one batch (a preview need not
+        be bit-exact, unlike the final images, which are decoded one at a time)."""
         if self.taesd is None:
-            image = decode_latent(self.pipe, latent)
+            images = decode_latents(self.pipe, latents)
         else:
-            pixels = self.taesd.decode(latent.float()).sample
-            image = self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
-        image.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
-        return png_bytes(image)
+            images = self.pipe.image_processor.postprocess(self.taesd.decode(latents.float()).sample, output_type="pil")
+        for image in images:
+            image.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
+        return [png_bytes(image) for image in images]
 
 
 def _estimate(scheduler: object, output: object) -> torch.Tensor | None:

@@ -36,7 +36,7 @@ from service import metrics
 from service.config import Settings
 from service.errors import QueueUnavailable
 from service.images import EditImages
-from service.previews import PreviewDecoder, decode_latent, denoised_estimates, png_bytes
+from service.previews import PreviewDecoder, decode_latents, denoised_estimates, png_bytes
 from service.queue import wire
 from service.queue.base import JobQueue, QueuedJob, StoredImages
 from service.schemas import MODEL_SCHEDULER, JobEvent, JobMode
@@ -137,7 +137,8 @@ class BatchRunner:
                 started = time.perf_counter()
                 estimate = denoised()
                 latents = estimate if estimate is not None else tensors["latents"]
-                progress.previews = {job_id: self.previews.png(latents[row : row + 1]) for job_id, row in due}
+                pngs = self.previews.pngs(latents[[row for _, row in due]])
+                progress.previews = {job_id: png for (job_id, _), png in zip(due, pngs, strict=True)}
                 progress.preview_s = time.perf_counter() - started
             if on_step(progress):
                 pipe._interrupt = True
@@ -167,7 +168,7 @@ class BatchRunner:
     def _png(self, latent: torch.Tensor, edit: EditImages | None) -> bytes:
         """One latent -> PNG bytes (one at a time: VAE convolutions round differently at batch 1 vs > 1); an
         inpainted image keeps the original's pixels outside its mask."""
-        image = decode_latent(self.pipe, latent)
+        [image] = decode_latents(self.pipe, latent)
         if edit is not None and edit.mask is not None:
             pixels = np.asarray(image).copy()
             keep = edit.mask == 0
@@ -270,9 +271,9 @@ class Worker:
                 **text_inputs, num_inference_steps=self.settings.warmup_steps, width=width, height=height,
                 output_type="latent",
             ).images
-            decode_latent(self._pipe, latents)
+            decode_latents(self._pipe, latents)
             if self.settings.preview_every_steps:
-                self.runner.previews.png(latents)
+                self.runner.previews.pngs(latents)
 
     async def run(self) -> None:
         """Serve jobs until `stop()` (returns after the drain) or cancellation, with a heartbeat task alongside."""
