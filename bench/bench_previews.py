@@ -8,7 +8,8 @@
    decoded by TAESD (the shipped weights) and by the SD VAE's decoder, against one call of an SD 1.5-architecture
    UNet on a classifier-free-guidance batch of 2, the cost of one denoising step.
 
-    flock /tmp/dgq-bench.lock .venv/bin/python bench/bench_previews.py --repeats 5 --threads 2 --json previews.json
+    flock /tmp/dgq-bench.lock .venv/bin/python bench/bench_previews.py --repeats 7 --threads 1 --parts service
+    flock /tmp/dgq-bench.lock .venv/bin/python bench/bench_previews.py --repeats 7 --sd-repeats 3 --threads 2
 """
 
 from __future__ import annotations
@@ -110,11 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sd-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", default="service,sd", help="which parts to run: service, sd (comma-separated)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = {"service_batch": service_batch(args.repeats), "sd_sized": sd_sized(args.sd_repeats),
-               "machine": machine()}
+    parts = set(args.parts.split(","))
+    results = {}
+    if "service" in parts:
+        results["service_batch"] = service_batch(args.repeats)
+    if "sd" in parts:
+        results["sd_sized"] = sd_sized(args.sd_repeats)
+    results["machine"] = machine()
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
