@@ -33,8 +33,8 @@ PARTIAL_IMAGES_MAX = 3
 """OpenAI's bound on `partial_images`."""
 
 _IMAGE_HELP = (
-    "PNG, JPEG or WebP, base64 (a data URL too); at most `max_input_pixels` pixels (`/playground/info`), the body "
-    "at most `max_upload_bytes`. It is resized to the output size."
+    "PNG, JPEG or WebP of at most `max_input_pixels` pixels (`/playground/info`; the body at most "
+    "`max_upload_bytes`), resized to the output size."
 )
 _MASK_HELP = (
     "Inpainting mask of `init_image`'s size (PNG): where it is transparent (OpenAI's convention) or, for a mask "
@@ -72,7 +72,9 @@ class GenerateRequest(BaseModel):
     scheduler: SamplerName | None = Field(
         None, description="The sampler; None = the model's own. Which ones a model runs: `/v1/models`."
     )
-    init_image: str | None = Field(None, description="Image to start from (image-to-image). " + _IMAGE_HELP)
+    init_image: str | None = Field(
+        None, description="Image to start from (image-to-image), base64 (a data URL too). " + _IMAGE_HELP
+    )
     mask: str | None = Field(None, description=_MASK_HELP + " Base64; needs `init_image`.")
     strength: float | None = Field(
         None, gt=0.0, le=1.0, description="How much of `init_image` is redrawn (the share of the steps run); "

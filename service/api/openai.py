@@ -115,7 +115,8 @@ async def images_generations(body: OpenAIImageRequest, service: ServiceDep, requ
 
 @router.post("/images/edits", response_model=OpenAIImagesResponse, responses=_RESPONSES)
 async def images_edits(
-    body: Annotated[OpenAIImageEditRequest, Form()], service: ServiceDep, request: Request
+    body: Annotated[OpenAIImageEditRequest, Form(media_type="multipart/form-data")], service: ServiceDep,
+    request: Request,
 ) -> Response:
     """Image-to-image (no mask) or inpainting (the mask's transparent pixels are redrawn) of one image."""
     files = {"init_image": await body.image.read()}
