@@ -61,6 +61,7 @@ def test_page_shows_the_model_and_its_quantization(page):
     options = page.eval_on_selector_all("#scheduler option", "options => options.map(o => o.value)")
     assert options == ["ddim", "euler", "euler_ancestral", "dpmpp_2m_karras", "unipc"]
     assert page.input_value("#scheduler") == "ddim"
+    assert page.get_attribute("#preview-every", "placeholder") == "4 steps", "the deployment's spacing"
 
 
 def test_generate_shows_live_progress_and_the_image_of_the_requested_seed(page, served):
@@ -122,6 +123,14 @@ def test_editing_an_uploaded_image_shows_the_picture_forming(page, served, tmp_p
     shown = page.evaluate("window.shownImages")
     previews = [src for src in shown if src.startswith("data:image/png;base64,")]
     assert len(previews) == 2 and shown[-1].startswith("blob:"), shown  # steps 4 and 8 of 9, then the image
+    # fewer previews asked for: one, at step 5 (the image itself is the same)
+    page.evaluate("window.shownImages = []")
+    page.fill("#preview-every", "5")
+    page.click("#generate")
+    playwright_api.expect(page.locator("#status")).to_have_text("Done.", timeout=120_000)
+    shown_again = page.evaluate("window.shownImages")
+    assert sum(src.startswith("data:") for src in shown_again) == 1, shown_again
+    page.fill("#preview-every", "")
     job_id = page.text_content("#details").split()[1]
     with httpx.Client(base_url=served, timeout=120) as client:
         shown_png = client.get(f"/jobs/{job_id}/images/0").content

@@ -50,6 +50,9 @@ async function loadInfo() {
   if (!info.samplers.includes(info.default_sampler)) sampler.add(new Option("model's own", ""));
   for (const name of info.samplers) sampler.add(new Option(name, name));
   sampler.value = info.samplers.includes(info.default_sampler) ? info.default_sampler : "";
+  // fewer previews than the deployment's may be asked for (a larger spacing, or 0 for none), not more
+  $("preview-every").placeholder = info.preview_every_steps ? `${info.preview_every_steps} steps` : "off";
+  $("preview-every").disabled = !info.preview_every_steps;
   $("api-key-label").hidden = !info.auth_required;
   $("api-key").value = sessionStorage.getItem("dgq-api-key") || "";
 }
@@ -86,8 +89,9 @@ function request() {
     guidance_scale: Number($("guidance").value),
     async: true,
   };
-  for (const field of ["width", "height", "seed", "strength"]) {
-    if ($(field).value !== "") fields[field] = Number($(field).value);
+  for (const [id, field] of [["width", "width"], ["height", "height"], ["seed", "seed"], ["strength", "strength"],
+                             ["preview-every", "preview_every"]]) {
+    if ($(id).value !== "") fields[field] = Number($(id).value);
   }
   if ($("scheduler").value !== "") fields.scheduler = $("scheduler").value;
   const image = $("init-image").files[0];
