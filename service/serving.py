@@ -25,7 +25,15 @@ from service.images import EditImages, decode_base64, prepare_edit
 from service.prompts import PromptStage
 from service.queue import wire
 from service.queue.base import JobQueue
-from service.schemas import GenerateRequest, JobEvent, JobMode, JobSpec, JobState, JobStatus
+from service.schemas import (
+    MAX_PREVIEW_EVERY,
+    GenerateRequest,
+    JobEvent,
+    JobMode,
+    JobSpec,
+    JobState,
+    JobStatus,
+)
 from service.worker import Worker
 
 IMAGE_TO_IMAGE_STRENGTH = 0.8
@@ -116,7 +124,8 @@ class GenerationService:
         if partial_images == 0 or self.settings.preview_every_steps == 0:
             return 0
         steps_run = max(int(steps * strength), 1)
-        return max(self.settings.preview_every_steps, math.ceil(steps_run / (partial_images + 1)))
+        spacing = max(self.settings.preview_every_steps, math.ceil(steps_run / (partial_images + 1)))
+        return min(spacing, MAX_PREVIEW_EVERY)
 
     async def submit(self, request: GenerateRequest, files: Mapping[str, bytes] | None = None) -> JobState:
         """Validate, decode and check the images, encode the prompts (which checks their token length), enqueue;
