@@ -105,7 +105,7 @@ def test_edit_image_identical_alone_and_batched_with_previews(runner, prompt_sta
         for i, prompt in enumerate(["a red square", "blue circle", "green"])
     ]
     progress = []
-    batched = runner.run(jobs, lambda p: progress.append(p) and False).pngs
+    batched = runner.run(jobs, progress.append).pngs  # append answers None: never stop
     assert [p.step for p in progress] == list(range(1, 7)) and {p.steps for p in progress} == {6}, "0.75 x 8 steps"
     assert [sorted(p.previews) for p in progress if p.previews] == [[f"{mode}0", f"{mode}1"]], "at step 4 of 6"
     for job, batched_pngs in zip(jobs, batched, strict=True):
