@@ -1,8 +1,12 @@
 """Load: `dgq-serve` and two `dgq-worker` processes on a real redis-server, driven at twice the queue bound.
 
-A bounded load generator on loopback (asyncio + httpx): `2 * queue_max` clients (by default) each send
-`POST /generate` back to back - a share of them synchronous (wait for the PNG), the rest asynchronous (202) - and
-after a 429 pause `--backoff-s` (shorter than Retry-After, so the overload holds) before the next one. It stops at
+A bounded load generator on loopback (asyncio + httpx): `2 * queue_max` clients (by default) each send requests
+back to back, and after a 429 pause `--backoff-s` (shorter than Retry-After, so the overload holds) before the next
+one. The mix: `POST /generate` text-to-image, a share synchronous (wait for the PNG) and the rest asynchronous (202);
+`--edit-share` edits of a small uploaded image, half as `POST /generate` multipart (async) and half through OpenAI's
+`POST /v1/images/edits` (sync), every other one with a mask; `--stream-share` OpenAI streaming
+`POST /v1/images/generations` (`stream=true, partial_images=1`, read to the end). Each request picks a sampler of
+the model (or none) at random; previews are on (every 2 steps). It stops at
 `--max-requests` or `--duration-s`, whichever comes first, then polls `GET /jobs/{id}` of every accepted job until
 all ended (or `--drain-timeout-s`). Meanwhile it samples the resident memory of the API and worker processes,
 Redis' `used_memory` and the length of the jobs stream.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import random
 import statistics
@@ -36,6 +41,7 @@ from pathlib import Path
 import httpx
 import psutil
 import redis
+from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,6 +54,8 @@ from service.queue import keys  # noqa: E402
 
 ENDED = {"succeeded", "failed", "cancelled"}
 WORKER_NAMES = ("worker-a", "worker-b")
+SAMPLERS = (None, "ddim", "euler", "euler_ancestral", "dpmpp_2m_karras", "unipc")
+"""What a request names as `scheduler` (None: the model's own)."""
 
 
 @dataclass
@@ -60,7 +68,11 @@ class LoadConfig:
     duration_s: float = 60.0
     max_requests: int = 3000
     sync_share: float = 0.25
-    """Share of requests that wait for their image (200); the rest are asynchronous (202)."""
+    """Share of the text-to-image requests that wait for their image (200); the rest are asynchronous (202)."""
+    edit_share: float = 0.25
+    """Share of requests that edit an uploaded image (image-to-image or inpainting)."""
+    stream_share: float = 0.1
+    """Share of requests that stream OpenAI's partial images."""
     backoff_s: float = 0.1
     """Pause of a client after a 429 before its next request."""
     size: int = 16
@@ -79,7 +91,7 @@ class Answer:
     status: int
     latency_s: float
     kind: str
-    """"sync" or "async"."""
+    """"sync", "async", "edit" (multipart /generate, async), "openai-edit" (/v1/images/edits) or "stream"."""
     job_id: str | None = None
     retry_after: str | None = None
 
@@ -138,13 +150,49 @@ class MemorySampler:
         self._thread.join()
 
 
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _request(kind: str, seed: int, sampler: str | None, config: LoadConfig) -> tuple[str, dict]:
+    """(path, httpx keyword arguments) of one request of `kind`."""
+    size = config.size
+    fields = {"prompt": "a red square", "steps": config.steps, "seed": seed} | ({"scheduler": sampler} if sampler else {})
+    if kind in ("sync", "async"):
+        return "/generate", {"json": fields | {"width": size, "height": size, "async": kind == "async"}}
+    if kind == "stream":
+        return "/v1/images/generations", {"json": fields | {"size": f"{size}x{size}", "stream": True,
+                                                            "partial_images": 1}}
+    photo = Image.new("RGB", (size, size), (40 + seed % 200, 120, 200))
+    mask = Image.new("RGBA", (size, size), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (size // 2, 0, size, size))  # redraw the transparent half
+    files = {"image" if kind == "openai-edit" else "init_image": ("photo.png", _png(photo), "image/png")}
+    if seed % 2:
+        files["mask"] = ("mask.png", _png(mask), "image/png")
+    if kind == "openai-edit":
+        return "/v1/images/edits", {"data": {k: str(v) for k, v in fields.items()} | {"size": f"{size}x{size}"},
+                                    "files": files}
+    data = {k: str(v) for k, v in fields.items()} | {"width": str(size), "height": str(size), "async": "true"}
+    return "/generate", {"data": data, "files": files}
+
+
+def _kind(chooser: random.Random, config: LoadConfig) -> str:
+    draw = chooser.random()
+    if draw < config.stream_share:
+        return "stream"
+    if draw < config.stream_share + config.edit_share:
+        return chooser.choice(["edit", "openai-edit"])
+    return "sync" if chooser.random() < config.sync_share else "async"
+
+
 async def drive(base_url: str, config: LoadConfig) -> tuple[list[Answer], float]:
     """Send requests from `config.concurrency` clients until the count or time limit; the answers and the seconds
     the load lasted."""
     answers: list[Answer] = []
     deadline = time.monotonic() + config.duration_s
     sent = 0
-    body = {"prompt": "a red square", "steps": config.steps, "width": config.size, "height": config.size}
     limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
     started = time.monotonic()
     with tqdm(total=config.max_requests, desc="load", unit="req") as bar:
@@ -155,16 +203,18 @@ async def drive(base_url: str, config: LoadConfig) -> tuple[list[Answer], float]
                 chooser = random.Random(index)
                 while sent < config.max_requests and time.monotonic() < deadline:
                     sent += 1
-                    kind = "sync" if chooser.random() < config.sync_share else "async"
-                    request = body | {"seed": sent, "async": kind == "async"}
+                    kind = _kind(chooser, config)
+                    path, request = _request(kind, sent, chooser.choice(SAMPLERS), config)
                     request_started = time.perf_counter()
-                    response = await client.post("/generate", json=request)
+                    response = await client.post(path, **request)  # a stream is read to its end
                     answer = Answer(status=response.status_code, latency_s=time.perf_counter() - request_started,
                                     kind=kind, retry_after=response.headers.get("retry-after"))
                     if response.status_code == 202:
                         answer.job_id = response.json()["id"]
                     elif response.status_code == 200:
                         answer.job_id = response.headers.get("x-job-id")
+                        if kind == "stream" and '"image_generation.completed"' not in response.text:
+                            answer.status = -1  # a stream that did not end with its image: a bad answer
                     answers.append(answer)
                     bar.update(1)
                     if response.status_code == 429:
@@ -211,6 +261,8 @@ def summarize(answers: list[Answer], seconds: float, states: dict[str, str], mem
     return {
         "requests": len(answers), "seconds": seconds, "requests_per_s": len(answers) / seconds,
         "answers": dict(Counter(str(a.status) for a in answers)),
+        "answers_by_kind": {kind: dict(Counter(str(a.status) for a in answers if a.kind == kind))
+                            for kind in sorted({a.kind for a in answers})},
         "share_429": sum(a.status == 429 for a in answers) / max(len(answers), 1),
         "bad_answers": len(bad), "bad_examples": [asdict(a) for a in bad[:5]],
         "latency_s": percentiles([a.latency_s for a in answers]),
@@ -238,7 +290,7 @@ def run_load(model_dir: Path, work_dir: Path, config: LoadConfig) -> dict:
     redis_server.start()
     processes = ServiceProcesses(model_dir, redis_server.url, work_dir / "logs", {
         "queue_max": config.queue_max, "max_batch": config.max_batch, "batch_window_s": 0.05,
-        "request_timeout_s": config.drain_timeout_s, "max_num_images": 1,
+        "request_timeout_s": config.drain_timeout_s, "max_num_images": 1, "preview_every_steps": 2,
     })
     try:
         processes.start_api()

@@ -58,6 +58,7 @@ from .reconstruction import (
     reconstruct_weights,
     save_reconstructed_weights,
 )
+from .schedulers import SAMPLERS, available_samplers, make_scheduler, sampler_name
 
 __version__ = "0.1.0"
 
@@ -69,6 +70,7 @@ __all__ = [
     "ACTIVATION_METHODS",
     "EXEC_MODES",
     "PROB_QUANTIZERS",
+    "SAMPLERS",
     "WEIGHT_BITS",
     "CalibrationRecord",
     "CalibrationReport",
@@ -82,6 +84,7 @@ __all__ = [
     "ResolvedModel",
     "ScoresFootprint",
     "UNetCalibration",
+    "available_samplers",
     "capture_cuda_graphs",
     "collect_unet_stats",
     "component_dtype",
@@ -92,6 +95,7 @@ __all__ = [
     "is_quantized_unet_dir",
     "load_prompt_file",
     "load_reconstructed_weights",
+    "make_scheduler",
     "make_batch_invariant",
     "pack_prompt_pair",
     "peak_rss_bytes",
@@ -102,6 +106,7 @@ __all__ = [
     "reconstruct_weights",
     "release_cuda_graphs",
     "resolve_model",
+    "sampler_name",
     "sample_prompts",
     "scores_footprint",
     "save_pretrained",

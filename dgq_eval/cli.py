@@ -2,6 +2,7 @@
 
     python -m dgq_eval.cli --model dgq_zoo/dgq-shapes --num 64 --json out/fp.json
     python -m dgq_eval.cli --model out/w8a8 --reference dgq_zoo/dgq-shapes --num 64 --json out/w8a8.json
+    python -m dgq_eval.cli --model dgq_zoo/dgq-shapes-dgq --reference dgq_zoo/dgq-shapes --scheduler euler --num 64
     python -m dgq_eval.cli --model /models/sd-v1-4 --prompts dgq_eval/data/PartiPrompts.tsv --num 300 \\
         --clip-model /models/clip-vit-large-patch14 --reference /models/sd-v1-4-fp-images
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dgq_core import EXEC_MODES, load_prompt_file
+from dgq_core import EXEC_MODES, SAMPLERS, load_prompt_file
 from dgq_eval import harness
 
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num", type=int, default=64, help="number of images (the first N prompts)")
     parser.add_argument("--reference", help="full-precision model dir, or a dir of its images, for PSNR/SSIM")
     parser.add_argument("--steps", type=int, default=harness.DEFAULT_STEPS, help="sampler steps")
+    parser.add_argument("--scheduler", choices=list(SAMPLERS), help="the sampler (default: the model's own)")
     parser.add_argument("--guidance", type=float, default=harness.DEFAULT_GUIDANCE, help="CFG scale")
     parser.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         height=args.size,
         width=args.size,
         exec_mode=args.exec_mode,
+        scheduler=args.scheduler,
     )
     report = harness.evaluate(
         config,

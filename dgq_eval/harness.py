@@ -52,6 +52,7 @@ class EvalConfig:
         height: image height (None: the model's default).
         width: image width (None: the model's default).
         exec_mode: execution of a quantized UNet, "fake" or "int".
+        scheduler: a sampler of `dgq_core.SAMPLERS` to run instead of the model's own scheduler (None: its own).
     """
 
     model: str
@@ -63,6 +64,7 @@ class EvalConfig:
     height: int | None = None
     width: int | None = None
     exec_mode: str = "fake"
+    scheduler: str | None = None
 
 
 @dataclass
@@ -74,6 +76,7 @@ class EvalReport:
         num_images: images generated.
         num_inference_steps: sampler steps.
         guidance_scale: CFG scale.
+        scheduler: the sampler (None: the model's own scheduler).
         seconds_per_image: generation wall time / images (pipeline call only: text encoding, UNet, VAE).
         alignment: AlignmentSummary as a dict (shapes prompts only).
         fid: Fréchet distance in the shapes feature space vs real dataset images (shapes prompts), or Inception FID.
@@ -89,6 +92,7 @@ class EvalReport:
     num_inference_steps: int
     guidance_scale: float
     seconds_per_image: float
+    scheduler: str | None = None
     alignment: dict | None = None
     fid: float | None = None
     fid_features: str | None = None
@@ -104,14 +108,17 @@ def heldout_prompts(num: int) -> list[str]:
     return [scene.prompt for scene in shapes.sample_scenes(num, HELDOUT_PROMPT_SEED, split="heldout")]
 
 
-def load_model(model_dir: str | Path, exec_mode: str = "fake") -> DiffusionPipeline:
+def load_model(model_dir: str | Path, exec_mode: str = "fake", scheduler: str | None = None) -> DiffusionPipeline:
     """A ready pipeline for a full-precision diffusers directory or a quantized pipeline directory.
 
     Args:
         model_dir: the model directory.
         exec_mode: "fake" (quantize-dequantize reference) or "int" (integer kernels) for quantized models.
+        scheduler: a sampler of `dgq_core.SAMPLERS` instead of the model's own scheduler (None: its own).
     """
     pipeline = dgq_core.from_pretrained(str(model_dir), exec_mode=exec_mode)
+    if scheduler is not None:
+        pipeline.scheduler = dgq_core.make_scheduler(scheduler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -209,7 +216,7 @@ def _reference_images(reference: str | Path, config: EvalConfig, save_dir: Path 
     reference = Path(reference)
     if (reference / "model_index.json").is_file() or (reference / "config.json").is_file():
         ref_config = EvalConfig(**{**asdict(config), "model": str(reference)})
-        images, _ = generate(load_model(reference, config.exec_mode), ref_config, desc="reference")
+        images, _ = generate(load_model(reference, config.exec_mode, config.scheduler), ref_config, desc="reference")
         if save_dir is not None:
             save_images(images, save_dir)
         return images
@@ -236,7 +243,7 @@ def evaluate(
         fid_reference_dir: real images for Inception FID on non-shapes prompts; without it, FID is computed
             against the reference's images.
     """
-    pipeline = load_model(config.model, config.exec_mode)
+    pipeline = load_model(config.model, config.exec_mode, config.scheduler)
     images, seconds_per_image = generate(pipeline, config)
     if save_images_dir is not None:
         save_images(images, save_images_dir)
@@ -246,6 +253,7 @@ def evaluate(
         num_inference_steps=config.num_inference_steps,
         guidance_scale=config.guidance_scale,
         seconds_per_image=seconds_per_image,
+        scheduler=config.scheduler,
         reference=str(reference) if reference else None,
     )
     reference_images = None

@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     default_height: int | None = Field(None, description="Image height when a request gives none; None = model native.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads torch may use; None = torch's default.")
     warmup_steps: int = Field(2, ge=0, description="Denoising steps of the warm-up run a worker does before taking jobs.")
+    preview_every_steps: int = Field(
+        4, ge=0, description="A worker decodes a small preview of a job's image every this many denoising steps "
+        "(a request may ask for fewer, `preview_every`); 0 = no previews.",
+    )
+    preview_decoder: Literal["auto", "vae", "taesd"] = Field(
+        "auto", description="How previews are decoded: 'vae' (the model's own VAE), 'taesd' (the tiny TAESD decoder "
+        "shipped in service/assets, for SD 1.x/2.x latents) or 'auto' (the VAE when it is small, as the bundled "
+        "model's, else TAESD for SD 1.x/2.x latents, else the VAE).",
+    )
     attention_budget_mb: int = Field(
         256, ge=1, description="Largest attention-score block (MiB, float32) one call of the quantized UNet's "
         "attention materializes; larger images run their attention in blocks of query rows (same images).",
@@ -113,6 +122,10 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(65536, ge=1024, description="Largest request body; larger ones get 413 before "
                                 "they are read.")
+    max_upload_bytes: int = Field(
+        16 << 20, ge=1024, description="Largest request body of the routes that take images (`/generate`, "
+        "`/v1/images/edits`); larger ones get 413 before they are read.",
+    )
 
     # --- queue ---
     redis_url: str | None = Field(
@@ -152,6 +165,10 @@ class Settings(BaseSettings):
     max_num_images: int = Field(4, ge=1, description="Cap on every model's images-per-request limit.")
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt in characters, "
                                   "checked before tokenizing (the token limit of the text encoder applies too).")
+    max_input_pixels: int = Field(
+        16 << 20, ge=64, description="Most pixels (width x height) an uploaded image or mask may have, read from its "
+        "header before it is decoded (decompression bombs get 422).",
+    )
     prompt_cache_size: int = Field(256, ge=0, description="Prompts whose text-encoder output is kept (LRU).")
 
     @field_validator("api_keys", "metrics_api_keys", "cors_allow_origins", "model_roots", mode="before")

@@ -76,6 +76,10 @@ class BodyTooLarge(ServiceError):
     status = 413
 
 
+class UnsupportedMediaType(ServiceError):
+    status = 415
+
+
 JOB_FAILURES: dict[str, type[ServiceError]] = {error.__name__: error for error in (InsufficientMemory, GenerationFailed)}
 """The errors a failed job's `error_type` names, which a synchronous request answers with; others read as
 `GenerationFailed`."""

@@ -22,6 +22,11 @@ DENOISE_STEP = Histogram("dgq_denoise_step_seconds", "One denoising step of one 
 DECODE = Histogram("dgq_decode_seconds", "VAE decode + PNG encoding of one batch.", buckets=_LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("dgq_batch_size_images", "Images per denoising loop.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
 PROMPT_CACHE = Counter("dgq_prompt_cache_total", "Prompt-encoding cache lookups.", ["result"])
+JOBS_SUBMITTED = Counter(
+    "dgq_jobs_submitted_total", "Jobs accepted, by mode (text, image, inpaint) and sampler.", ["mode", "scheduler"]
+)
+PREVIEW_DECODE = Histogram("dgq_preview_decode_seconds", "Decoding and PNG-encoding one preview image.",
+                           buckets=_STEP_BUCKETS)
 
 QUEUE_DEPTH = Gauge("dgq_queue_depth_jobs", "Jobs queued or running (not yet acknowledged).")
 CONSUMER_LAG = Gauge("dgq_queue_consumer_lag_jobs", "Jobs not yet delivered to any worker.")

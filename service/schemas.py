@@ -9,11 +9,37 @@ from __future__ import annotations
 import enum
 import re
 import time
+from typing import Literal
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+import dgq_core
 
 SIZE_MULTIPLE = 8
 """Image sides must be multiples of this (the VAE downsamples by 8)."""
+
+MODEL_SCHEDULER = "model-default"
+"""The scheduler a job runs when the request names none and the model's own is none of `dgq_core.SAMPLERS`."""
+
+SamplerName = Literal[tuple(dgq_core.SAMPLERS)]
+"""A sampler a request may name; which of them a model runs is its `samplers` list (`/v1/models`)."""
+
+JobMode = Literal["text", "image", "inpaint"]
+"""text-to-image, image-to-image (`init_image`), inpainting (`init_image` + `mask`)."""
+
+MAX_PREVIEW_EVERY = 1000
+PARTIAL_IMAGES_MAX = 3
+"""OpenAI's bound on `partial_images`."""
+
+_IMAGE_HELP = (
+    "PNG, JPEG or WebP of at most `max_input_pixels` pixels (`/playground/info`; the body at most "
+    "`max_upload_bytes`), resized to the output size."
+)
+_MASK_HELP = (
+    "Inpainting mask of `init_image`'s size (PNG): where it is transparent (OpenAI's convention) or, for a mask "
+    "without transparency, white, the image is redrawn; elsewhere it is kept."
+)
 
 
 class JobStatus(enum.StrEnum):
@@ -43,9 +69,32 @@ class GenerateRequest(BaseModel):
     guidance_scale: float = Field(7.5, ge=1.0, le=30.0, description="Classifier-free guidance; 1 = none.")
     seed: int | None = Field(None, ge=0, lt=2**63, description="Image n uses seed + n; None = random.")
     num_images: int = Field(1, ge=1, description="Images for this prompt, each with its own seed.")
+    scheduler: SamplerName | None = Field(
+        None, description="The sampler; None = the model's own. Which ones a model runs: `/v1/models`."
+    )
+    init_image: str | None = Field(
+        None, description="Image to start from (image-to-image), base64 (a data URL too). " + _IMAGE_HELP
+    )
+    mask: str | None = Field(None, description=_MASK_HELP + " Base64; needs `init_image`.")
+    strength: float | None = Field(
+        None, gt=0.0, le=1.0, description="How much of `init_image` is redrawn (the share of the steps run); "
+        "None = 0.8, or 1.0 with a mask.",
+    )
+    preview_every: int | None = Field(
+        None, ge=0, le=MAX_PREVIEW_EVERY, description="A `preview` event with a small image on the job's event "
+        "stream every this many steps; at least the deployment's `preview_every_steps` (fewer previews), 0 = none, "
+        "None = the deployment's.",
+    )
     respond_async: bool = Field(
         False, alias="async", description="Answer 202 with a job id at once instead of waiting for the images."
     )
+
+
+class GenerateForm(GenerateRequest):
+    """`POST /generate` as multipart/form-data: the fields of the JSON body, with the images as file uploads."""
+
+    init_image: UploadFile | None = Field(None, description="Image to start from (image-to-image). " + _IMAGE_HELP)
+    mask: UploadFile | None = Field(None, description=_MASK_HELP)
 
 
 class OpenAIImageRequest(BaseModel):
@@ -56,28 +105,54 @@ class OpenAIImageRequest(BaseModel):
     prompt: str = Field(min_length=1)
     model: str | None = None
     n: int = Field(1, ge=1)
-    size: str | None = Field(None, description='"WIDTHxHEIGHT", e.g. "512x512"; None = model native.')
-    response_format: str = Field("b64_json", pattern="^(b64_json|url)$")
+    size: str | None = Field(None, description='"WIDTHxHEIGHT", e.g. "512x512"; None or "auto" = model native.')
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    stream: bool = Field(False, description="Answer with server-sent events: `partial_images` previews, then the "
+                         "images (OpenAI's streaming images API).")
+    partial_images: int = Field(0, ge=0, le=PARTIAL_IMAGES_MAX, description="Previews to stream before the image.")
     seed: int | None = Field(None, ge=0, lt=2**63)
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(7.5, ge=1.0, le=30.0)
+    scheduler: SamplerName | None = Field(None, description="The sampler; None = the model's own.")
 
     @field_validator("size")
     @classmethod
     def _size_is_width_x_height(cls, size: str | None) -> str | None:
-        if size is None:
+        if size is None or size == "auto":
             return None
         match = re.fullmatch(r"(\d+)x(\d+)", size)
         if not match or any(int(side) % SIZE_MULTIPLE or int(side) < SIZE_MULTIPLE for side in match.groups()):
             raise ValueError(f'size must be "WIDTHxHEIGHT" with both sides multiples of {SIZE_MULTIPLE}, e.g. "512x512"')
         return size
 
-    def to_generate_request(self) -> GenerateRequest:
+    def to_generate_request(self, preview_every: int = 0) -> GenerateRequest:
+        """The same job as a `POST /generate` body.
+
+        Args:
+            preview_every (`int`): steps between previews (0 = none), from `partial_images`.
+        """
         width, height = (int(side) for side in self.size.split("x")) if self.size else (None, None)
         return GenerateRequest(
             prompt=self.prompt, width=width, height=height, steps=self.steps, guidance_scale=self.guidance_scale,
-            seed=self.seed, num_images=self.n,
+            seed=self.seed, num_images=self.n, scheduler=self.scheduler, preview_every=preview_every,
+            **self._edit_fields(),
         )
+
+    def _edit_fields(self) -> dict[str, object]:
+        return {}
+
+
+class OpenAIImageEditRequest(OpenAIImageRequest):
+    """Body of the OpenAI-compatible `POST /v1/images/edits` (multipart/form-data): one image, an optional mask."""
+
+    image: UploadFile = Field(description="The image to edit (PNG, JPEG or WebP).")
+    mask: UploadFile | None = Field(None, description="PNG of the image's size whose transparent pixels mark where "
+                                    "to edit; without it the whole image is redrawn (image-to-image).")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="How much is redrawn; None = 0.8, or 1.0 with "
+                                   "a mask.")
+
+    def _edit_fields(self) -> dict[str, object]:
+        return {"strength": self.strength}
 
 
 class ModelLimits(BaseModel):
@@ -101,12 +176,17 @@ class JobSpec(BaseModel):
     seed: int
     num_images: int
     scheduler: str
+    mode: JobMode = "text"
+    strength: float = Field(1.0, gt=0.0, le=1.0, description="Share of the steps run (image modes).")
+    preview_every: int = Field(0, ge=0, description="Steps between previews of image 0; 0 = none.")
     created_at: float = Field(default_factory=time.time)
 
     @property
     def batch_key(self) -> str:
-        """Jobs with equal keys can share one denoising loop."""
-        return f"{self.width}x{self.height}/{self.steps}/{self.guidance_scale}/{self.scheduler}"
+        """Jobs with equal keys can share one denoising loop: every UNet call of the loop takes all their rows, so
+        they need the same size, timesteps (steps, sampler, strength) and pipeline (mode); previews do not matter."""
+        key = f"{self.width}x{self.height}/{self.steps}/{self.guidance_scale}/{self.scheduler}/{self.mode}"
+        return key if self.mode == "text" else f"{key}/{self.strength}"
 
     @property
     def seeds(self) -> list[int]:
@@ -159,7 +239,8 @@ class GeneratedImages(BaseModel):
 class JobEvent(BaseModel):
     """One server-sent event of `GET /jobs/{id}/events`."""
 
-    event: str = Field(description="queued | started | step | succeeded | failed | cancelled")
+    event: str = Field(description="queued | started | step | preview | succeeded | failed | cancelled; a preview's "
+                       "data: step, steps, image (base64 PNG of image 0, at most 256 px a side)")
     data: dict[str, object] = Field(default_factory=dict)
 
 
@@ -182,6 +263,8 @@ class OpenAIModel(BaseModel):
     native_width: int = Field(description="Image width when a request gives none.")
     native_height: int = Field(description="Image height when a request gives none.")
     limits: ModelLimits
+    samplers: list[str] = Field(default_factory=list, description="What `scheduler` may name for this model.")
+    default_sampler: str = Field(MODEL_SCHEDULER, description="The sampler a request without `scheduler` runs.")
 
 
 class OpenAIModelList(BaseModel):

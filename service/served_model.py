@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline
 import dgq_core
 from service.config import BUNDLED_MODEL, Settings, check_inside_model_roots
 from service.memory import scaled_to_area
-from service.schemas import SIZE_MULTIPLE, ModelLimits
+from service.schemas import MODEL_SCHEDULER, SIZE_MULTIPLE, ModelLimits
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,33 @@ class ServedModel:
             problems.append(f"num_images {num_images} is above the limit {limits.max_num_images} {model}: ask for "
                             f"at most {limits.max_num_images} (or send several requests)")
         return problems
+
+    @cached_property
+    def scheduler_config(self) -> dict[str, object]:
+        """The model's own scheduler config (with `_class_name`)."""
+        from diffusers import DDIMScheduler
+
+        # load_config reads any scheduler's config file; the class only names the file (scheduler_config.json)
+        return dict(DDIMScheduler.load_config(self.resolved.base, subfolder="scheduler"))
+
+    @cached_property
+    def samplers(self) -> list[str]:
+        """The samplers a request may name for this model (`dgq_core.available_samplers`)."""
+        return dgq_core.available_samplers(self.scheduler_config)
+
+    @cached_property
+    def default_sampler(self) -> str:
+        """What a request without `scheduler` runs: the name of the model's own scheduler among the samplers, or
+        `MODEL_SCHEDULER` when it is none of them."""
+        return dgq_core.sampler_name(self.scheduler_config) or MODEL_SCHEDULER
+
+    @cached_property
+    def inpainting_only(self) -> bool:
+        """Whether the UNet is an inpainting one (9 input channels: latents, mask, masked image), which runs
+        inpainting jobs only."""
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.load_config(self.resolved.base, subfolder="unet")["in_channels"] == 9
 
     @cached_property
     def prompt_tokens(self) -> int:

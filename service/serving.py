@@ -3,11 +3,14 @@ stage, waiting, and the lifecycle checks (404 unknown, 410 expired). Raises `ser
 
 from __future__ import annotations
 
+import asyncio
+import math
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
+from service import metrics
 from service.config import Settings
 from service.errors import (
     GenerationTimeout,
@@ -19,13 +22,29 @@ from service.errors import (
     NotReady,
     job_failure,
 )
+from service.images import EditImages, decode_base64, prepare_edit
 from service.prompts import PromptStage
+from service.queue import wire
 from service.queue.base import JobQueue
-from service.schemas import GenerateRequest, JobEvent, JobSpec, JobState, JobStatus
+from service.schemas import (
+    MAX_PREVIEW_EVERY,
+    GenerateRequest,
+    JobEvent,
+    JobMode,
+    JobSpec,
+    JobState,
+    JobStatus,
+)
 from service.worker import Worker
 
-MODEL_SCHEDULER = "model-default"
-"""Requests cannot choose the scheduler: every job uses the model's own (part of the batch key all the same)."""
+IMAGE_TO_IMAGE_STRENGTH = 0.8
+INPAINT_STRENGTH = 1.0
+"""`strength` of a request that gives none: image-to-image keeps the composition, inpainting redraws the masked
+area from noise (the pixels outside the mask are kept either way)."""
+
+
+def default_strength(has_mask: bool) -> float:
+    return INPAINT_STRENGTH if has_mask else IMAGE_TO_IMAGE_STRENGTH
 
 
 @dataclass
@@ -47,16 +66,38 @@ class GenerationService:
         self.worker = worker
         self.started_at = int(time.time())
 
-    def _check_limits(self, request: GenerateRequest) -> tuple[int, int]:
+    def _check_limits(self, request: GenerateRequest, has_image: bool, has_mask: bool) -> tuple[int, int]:
         native_width, native_height = self.model.native_size
         width, height = request.width or native_width, request.height or native_height
         problems = self.model.limit_problems(width, height, request.steps, request.num_images)
+        s = self.settings
+        if request.scheduler is not None and request.scheduler not in self.model.samplers:
+            problems.append(f"scheduler {request.scheduler!r} is not available for this model: choose one of "
+                            f"{', '.join(self.model.samplers)}")
+        if has_mask and not has_image:
+            problems.append("mask needs init_image: send the image to inpaint as well")
+        if self.model.inpainting_only and not (has_image and has_mask):
+            problems.append("this model is an inpainting model (its UNet takes the image and the mask): send "
+                            "init_image and mask")
+        if request.strength is not None and not has_image:
+            problems.append("strength applies to init_image: send one, or leave strength out")
+        if has_image:
+            strength = request.strength or default_strength(has_mask)
+            if int(request.steps * strength) < 1:
+                problems.append(f"strength {strength:g} of {request.steps} steps runs no step: raise strength or "
+                                f"steps (strength x steps >= 1)")
+        if request.preview_every:
+            if s.preview_every_steps == 0:
+                problems.append("this deployment sends no previews (preview_every_steps 0): leave preview_every out "
+                                "or set it to 0")
+            elif request.preview_every < s.preview_every_steps:
+                problems.append(f"preview_every {request.preview_every} is below the deployment's "
+                                f"preview_every_steps {s.preview_every_steps}: ask for {s.preview_every_steps} or "
+                                "more (fewer previews), or 0 for none")
         for field in ("prompt", "negative_prompt"):
             # Before tokenizing: the tokenizer's work grows with the text, the token limit is checked after it.
-            if (chars := len(getattr(request, field))) > self.settings.max_prompt_chars:
-                problems.append(
-                    f"{field} is {chars} characters long, above the limit {self.settings.max_prompt_chars}: shorten it"
-                )
+            if (chars := len(getattr(request, field))) > s.max_prompt_chars:
+                problems.append(f"{field} is {chars} characters long, above the limit {s.max_prompt_chars}: shorten it")
         if problems:
             raise InvalidRequest("; ".join(problems))
         return width, height
@@ -69,24 +110,63 @@ class GenerationService:
             if refusal := profile.refusal(width, height, request.num_images, request.guidance_scale):
                 raise InsufficientMemory(refusal)
 
-    async def submit(self, request: GenerateRequest) -> JobState:
-        """Validate against the model's limits and the workers' memory, encode the prompts (which checks their token
-        length), enqueue; the queued job's state."""
-        width, height = self._check_limits(request)
+    def preview_spacing(self, steps: int, strength: float, partial_images: int) -> int:
+        """Steps between previews that give at most `partial_images` of them before a job's image (OpenAI's
+        streaming), never closer than the deployment's `preview_every_steps`; 0 = none.
+
+        Args:
+            steps (`int`): the request's steps.
+            strength (`float`): the share of them that runs (1 without an image to start from).
+            partial_images (`int`): previews wanted.
+        """
+        if partial_images == 0 or self.settings.preview_every_steps == 0:
+            return 0
+        steps_run = max(int(steps * strength), 1)
+        spacing = max(self.settings.preview_every_steps, math.ceil(steps_run / (partial_images + 1)))
+        return min(spacing, MAX_PREVIEW_EVERY)
+
+    async def submit(self, request: GenerateRequest, files: Mapping[str, bytes] | None = None) -> JobState:
+        """Validate against the model's limits and the workers' memory, decode and check the images, encode the
+        prompts (which checks their token length), enqueue; the queued job's state.
+
+        Args:
+            request (`GenerateRequest`): the job.
+            files (`Mapping[str, bytes] | None`): uploaded `init_image` and `mask` files (multipart), which take the
+                place of the request's base64 fields.
+        """
+        files = dict(files or {})
+        for field in ("init_image", "mask"):
+            if field not in files and (value := getattr(request, field)) is not None:
+                files[field] = decode_base64(value, field)
+        has_image, has_mask = "init_image" in files, "mask" in files
+        width, height = self._check_limits(request, has_image, has_mask)
         await self._check_memory(width, height, request)
+        timings: dict[str, float] = {}
+        edit: EditImages | None = None
+        if has_image:
+            started = time.perf_counter()
+            edit = await asyncio.to_thread(
+                prepare_edit, files["init_image"], files.get("mask"), (width, height), self.settings.max_input_pixels
+            )
+            timings["image_decode_s"] = time.perf_counter() - started
         await self.queue.admit()  # at the bound, answer 429 before the text encoder's work
-        payload, encode_s = await self.prompts.encode(request.prompt, request.negative_prompt)
+        payload, timings["text_encode_s"] = await self.prompts.encode(request.prompt, request.negative_prompt)
+        mode: JobMode = "inpaint" if has_mask else "image" if has_image else "text"
         spec = JobSpec(
             id=secrets.token_hex(12), width=width, height=height, steps=request.steps,
             guidance_scale=request.guidance_scale,
             seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
-            num_images=request.num_images, scheduler=MODEL_SCHEDULER,
+            num_images=request.num_images, scheduler=request.scheduler or self.model.default_sampler, mode=mode,
+            strength=(request.strength or default_strength(has_mask)) if has_image else 1.0,
+            preview_every=self.settings.preview_every_steps if request.preview_every is None else request.preview_every,
         )
-        return await self.queue.submit(spec, payload, {"text_encode_s": encode_s})
+        metrics.JOBS_SUBMITTED.labels(mode=mode, scheduler=spec.scheduler).inc()
+        edit_images = wire.encode_edit_images(edit) if edit is not None else b""
+        return await self.queue.submit(spec, payload, timings, edit_images)
 
-    async def generate(self, request: GenerateRequest) -> Generated:
+    async def generate(self, request: GenerateRequest, files: Mapping[str, bytes] | None = None) -> Generated:
         """Submit and wait up to the request timeout for the images."""
-        submitted = await self.submit(request)
+        submitted = await self.submit(request, files)
         state = await self.queue.wait(submitted.id, self.settings.request_timeout_s)
         if state is None or state.status == JobStatus.failed:
             raise job_failure(state and state.error_type, state.error if state else "job lost", submitted.id)

@@ -1,7 +1,9 @@
 """The worker: takes compatible jobs, runs them as one batched denoising loop, stores PNGs, acknowledges.
 
 Every image has its own torch.Generator (seed + n) and its own prompt-specific parameters, and the UNet is made
-batch-invariant (`dgq_core.make_batch_invariant`), so an image does not depend on what it was batched with.
+batch-invariant (`dgq_core.make_batch_invariant`), so an image does not depend on what it was batched with. A batch
+runs one mode (text-to-image, image-to-image, inpainting) with one sampler; jobs that asked for previews get one every
+`preview_every` steps on their event stream (`service.previews`).
 
 At warm-up the worker measures its memory on a few request shapes (`service.memory`) and publishes the fit; it
 forms no batch beyond what that admits, and fails at once, with the figures, a job that would not fit even alone or
@@ -15,25 +17,33 @@ no new jobs are taken, the ones held are finished and acknowledged, then `run` r
 from __future__ import annotations
 
 import asyncio
-import io
+import base64
+import contextlib
+import itertools
 import logging
 import os
 import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from PIL import Image
 
 import dgq_core
 from service import memory, metrics
 from service.config import Settings
 from service.errors import InsufficientMemory, InvalidRequest, QueueUnavailable
+from service.images import EditImages
+from service.previews import PreviewDecoder, decode_latents, denoised_estimates, png_bytes
+from service.queue import wire
 from service.queue.base import GENERATION_FAILED, JobQueue, QueuedJob, StoredImages
-from service.schemas import JobEvent, JobSpec
+from service.schemas import MODEL_SCHEDULER, JobEvent, JobMode, JobSpec
 from service.served_model import ServedModel, component_weight_bytes
 
 log = logging.getLogger(__name__)
@@ -48,38 +58,109 @@ class BatchOutput:
     decode_s: float
 
 
+@dataclass
+class StepProgress:
+    """What a batch's denoising loop reports after each step."""
+
+    step: int
+    """Steps done."""
+    steps: int
+    """Steps the loop runs: the request's steps, times `strength` for an edit."""
+    seconds: float
+    """The step's time (UNet calls and scheduler; not the previews)."""
+    previews: dict[str, bytes] = field(default_factory=dict)
+    """Job id -> PNG preview of its image 0, for the jobs due one at this step."""
+    preview_s: float = 0.0
+    """Time spent on those previews."""
+
+
 class BatchRunner:
-    """Runs a list of compatible jobs as one pipeline call (blocking; call it from a thread)."""
+    """Runs a list of compatible jobs as one pipeline call (blocking; call it from a thread).
 
-    def __init__(self, pipe: DiffusionPipeline) -> None:
+    Args:
+        pipe (`DiffusionPipeline`): the worker's text-to-image pipeline (UNet, VAE, scheduler; no text encoder).
+            Image-to-image and inpainting pipelines share its components.
+        preview_decoder (`str`): how previews are decoded (`service.previews.choose_decoder`).
+    """
+
+    def __init__(self, pipe: DiffusionPipeline, preview_decoder: str = "auto") -> None:
         self.pipe = pipe
+        self.previews = PreviewDecoder(pipe, preview_decoder)
+        self._pipelines: dict[str, DiffusionPipeline] = {"text": pipe}
+        self._schedulers = {MODEL_SCHEDULER: pipe.scheduler}
+        self._model_scheduler_config = dict(pipe.scheduler.config)
 
-    def run(self, jobs: list[QueuedJob], on_step: Callable[[int, float], bool]) -> BatchOutput:
-        """`on_step(step, seconds)` is called after each step; it returns True to stop the loop (all cancelled)."""
+    def pipeline(self, mode: JobMode) -> DiffusionPipeline:
+        """The pipeline of a job mode, made on first use from the text-to-image one (shared components)."""
+        if mode not in self._pipelines:
+            auto = AutoPipelineForImage2Image if mode == "image" else AutoPipelineForInpainting
+            pipeline = auto.from_pipe(self.pipe)
+            pipeline.set_progress_bar_config(disable=True)
+            self._pipelines[mode] = pipeline
+        return self._pipelines[mode]
+
+    def scheduler(self, name: str) -> SchedulerMixin:
+        """The scheduler of a sampler name (`dgq_core.SAMPLERS`, or `MODEL_SCHEDULER`), made once: a worker runs
+        one batch at a time, so one instance per sampler serves every batch."""
+        if name not in self._schedulers:
+            self._schedulers[name] = dgq_core.make_scheduler(name, self._model_scheduler_config)
+        return self._schedulers[name]
+
+    def run(self, jobs: list[QueuedJob], on_step: Callable[[StepProgress], bool]) -> BatchOutput:
+        """`on_step(progress)` is called after each step; it returns True to stop the loop (all cancelled)."""
         spec = jobs[0].spec
+        pipe = self.pipeline(spec.mode)
+        pipe.scheduler = self.scheduler(spec.scheduler)
         rows = [(dgq_core.unpack_prompt_pair(job.payload), seed) for job in jobs for seed in job.spec.seeds]
         prompts = [prompt for (prompt, _), _ in rows]
         negatives = [negative for (_, negative), _ in rows]
         generators = [torch.Generator(self.pipe.unet.device).manual_seed(seed) for _, seed in rows]
+        edits = [wire.decode_edit_images(job.edit_images) for job in jobs for _ in job.spec.seeds] \
+            if spec.mode != "text" else []
+        first_rows = list(itertools.accumulate(job.spec.num_images for job in jobs[:-1]))
+        preview_rows = {  # job id -> (row of its image 0, steps between previews)
+            job.spec.id: (row, job.spec.preview_every)
+            for job, row in zip(jobs, [0, *first_rows], strict=True) if job.spec.preview_every
+        }
+        kwargs = {"width": spec.width, "height": spec.height}  # edits take the size of their (resized) image
+        if spec.mode != "text":
+            kwargs = {"image": [Image.fromarray(edit.image) for edit in edits], "strength": spec.strength}
+        if spec.mode == "inpaint":
+            kwargs["mask_image"] = [Image.fromarray(edit.mask) for edit in edits]
 
+        # the sampler's x0 predictions, when some job wants previews
+        estimates = denoised_estimates(pipe.scheduler) if preview_rows else contextlib.nullcontext(lambda: None)
         last_step = time.perf_counter()
 
         def step_end(pipe: DiffusionPipeline, step: int, timestep: object, tensors: dict) -> dict:
             nonlocal last_step
-            step_s, last_step = time.perf_counter() - last_step, time.perf_counter()
-            if on_step(step + 1, step_s):
+            progress = StepProgress(step + 1, pipe.num_timesteps, time.perf_counter() - last_step)
+            due = [(job_id, row) for job_id, (row, every) in preview_rows.items()
+                   if progress.step % every == 0 and progress.step < progress.steps]
+            if due:
+                started = time.perf_counter()
+                estimate = denoised()
+                latents = estimate if estimate is not None else tensors["latents"]
+                pngs = self.previews.pngs(latents[[row for _, row in due]])
+                progress.previews = {job_id: png for (job_id, _), png in zip(due, pngs, strict=True)}
+                progress.preview_s = time.perf_counter() - started
+            if on_step(progress):
                 pipe._interrupt = True
+            last_step = time.perf_counter()
             return {}
 
         started = time.perf_counter()
-        with torch.inference_mode(), dgq_core.conditioning(self.pipe, prompts, negatives, spec.guidance_scale) as text:
-            latents = self.pipe(
-                **text, generator=generators,
-                num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale, width=spec.width,
-                height=spec.height, output_type="latent", callback_on_step_end=step_end,
+        with (
+            torch.inference_mode(),
+            dgq_core.conditioning(pipe, prompts, negatives, spec.guidance_scale) as text,
+            estimates as denoised,
+        ):
+            latents = pipe(
+                **text, **kwargs, generator=generators, num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale, output_type="latent", callback_on_step_end=step_end,
             ).images
         decode_started = time.perf_counter()
-        pngs = [self._decode(latents[row : row + 1]) for row in range(len(rows))]
+        pngs = [self._png(latents[row : row + 1], edits[row] if edits else None) for row in range(len(rows))]
         done = time.perf_counter()
         per_job, start = [], 0
         for job in jobs:
@@ -88,14 +169,16 @@ class BatchRunner:
         return BatchOutput(pngs=per_job, denoise_s=decode_started - started, decode_s=done - decode_started)
 
     @torch.inference_mode()
-    def _decode(self, latent: torch.Tensor) -> bytes:
-        """One latent -> PNG bytes (one at a time: VAE convolutions round differently at batch 1 vs > 1)."""
-        vae = self.pipe.vae
-        pixels = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor).sample
-        image = self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
+    def _png(self, latent: torch.Tensor, edit: EditImages | None) -> bytes:
+        """One latent -> PNG bytes (one at a time: VAE convolutions round differently at batch 1 vs > 1); an
+        inpainted image keeps the original's pixels outside its mask."""
+        [image] = decode_latents(self.pipe, latent)
+        if edit is not None and edit.mask is not None:
+            pixels = np.asarray(image).copy()
+            keep = edit.mask == 0
+            pixels[keep] = edit.image[keep]
+            image = Image.fromarray(pixels)
+        return png_bytes(image)
 
 
 def compatible_batches(
@@ -190,15 +273,15 @@ class Worker:
             "quantized": str(self.settings.quantized), "exec_mode": self.settings.exec_mode,
             **dgq_core.int_execution_summary(self._pipe.unet), "device": self.settings.device,
         })
-        self.runner = BatchRunner(self._pipe)
+        self.runner = BatchRunner(self._pipe, self.settings.preview_decoder)
         started = time.perf_counter()
         await asyncio.to_thread(self._warm_up)
         metrics.MODEL_LOAD.labels(stage="warmup").set(time.perf_counter() - started)
         self.ready = True
 
     def _warm_up(self) -> None:
-        """Run the memory probes (the first one with `warmup_steps` steps, warming the caches) and fit this
-        worker's `memory_profile`."""
+        """Run the memory probes (the first one with `warmup_steps` steps, warming the caches), fit this worker's
+        `memory_profile`, and warm the preview decoder."""
         if self.settings.warmup_steps == 0:
             log.warning("no warm-up (warmup_steps 0): no memory measurements, so no admission by memory")
             return
@@ -208,9 +291,13 @@ class Worker:
             self.worker_id, unet.device,
             memory.probe_shapes(self.model.native_size, limits, min(self.settings.max_batch, limits.max_num_images)),
             lambda width, height, images: self._denoise_zeros(width, height, images, next(steps, 1)),
-            self.runner._decode, dgq_core.scores_footprint(unet), self._pipe.vae_scale_factor,
-            self.settings.request_memory_mb,
+            lambda latent: decode_latents(self._pipe, latent), dgq_core.scores_footprint(unet),
+            self._pipe.vae_scale_factor, self.settings.request_memory_mb,
         )
+        if self.settings.preview_every_steps:
+            width, height = self.model.native_size
+            scale, channels = self._pipe.vae_scale_factor, self._pipe.vae.config.latent_channels
+            self.runner.previews.pngs(torch.zeros(1, channels, height // scale, width // scale, device=unet.device))
 
     def _denoise_zeros(self, width: int, height: int, images: int, steps: int) -> torch.Tensor:
         """The latents of `images` images of zero prompt embeddings, with guidance (a warm-up or memory probe)."""
@@ -222,6 +309,8 @@ class Worker:
             pooled_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
             pooled = torch.zeros(images, pooled_dim, device=device)
             text_inputs |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled}
+        if unet_config.in_channels == 9:  # an inpainting UNet runs only with an image and a mask
+            text_inputs |= {"image": Image.new("RGB", (width, height)), "mask_image": Image.new("L", (width, height), 255)}
         with torch.inference_mode():
             return self._pipe(
                 **text_inputs, num_inference_steps=steps, width=width, height=height, output_type="latent",
@@ -312,11 +401,17 @@ class Worker:
         loop = asyncio.get_running_loop()
         ids = {job.spec.id for job in started}
 
-        def on_step(step: int, step_s: float) -> bool:
-            metrics.DENOISE_STEP.observe(step_s)
-            event = JobEvent(event="step", data={"step": step, "steps": started[0].spec.steps})
+        def on_step(progress: StepProgress) -> bool:
+            metrics.DENOISE_STEP.observe(progress.seconds)
+            event = JobEvent(event="step", data={"step": progress.step, "steps": progress.steps})
             for job in started:
                 asyncio.run_coroutine_threadsafe(self.queue.publish(job.spec.id, event), loop)
+            for job_id, png in progress.previews.items():
+                metrics.PREVIEW_DECODE.observe(progress.preview_s / len(progress.previews))
+                preview = JobEvent(event="preview", data={
+                    "step": progress.step, "steps": progress.steps, "image": base64.b64encode(png).decode(),
+                })
+                asyncio.run_coroutine_threadsafe(self.queue.publish(job_id, preview), loop)
             return ids <= self._cancel_requested
 
         images_in_batch = sum(job.spec.num_images for job in started)

@@ -154,14 +154,14 @@ def embedded_settings(tiny_sd_model_dir: Path):
 
 @pytest.fixture(scope="session")
 def tiny_dgq_checkpoint_dir(tiny_sd_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`tiny_sd_model_dir` quantized with DGQ (W8A8, 4 groups; calibrated on 2 prompts x 2 steps)."""
+    """`tiny_sd_model_dir` quantized with DGQ (W8A8, 4 groups; calibrated on 2 prompts x 4 steps)."""
     from diffusers import StableDiffusionPipeline
 
     import dgq_core
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_model_dir)
     pipe.set_progress_bar_config(disable=True)
-    config = dgq_core.DGQConfig(method="dgq", w_bits=8, a_bits=8, groups=4, steps=2, num_calib=2)
+    config = dgq_core.DGQConfig(method="dgq", w_bits=8, a_bits=8, groups=4, steps=4, num_calib=2)
     dgq_core.quantize_(pipe, config, ["a red square", "a blue circle"], batch_size=2, progress=False)
     out_dir = tmp_path_factory.mktemp("tiny-dgq") / "checkpoint"
     dgq_core.save_pretrained(pipe, out_dir, self_contained=False, base_model=str(tiny_sd_model_dir))

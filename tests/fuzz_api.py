@@ -28,6 +28,7 @@ from service.config import Settings
 
 SEED_MAX = 2**63 - 1
 MAX_BODY_BYTES = 4096
+MAX_UPLOAD_BYTES = 65536
 AT_THE_LIMITS = "at the limits"
 """The third kind of generated request, beside schemathesis' positive and negative modes."""
 
@@ -37,8 +38,8 @@ def fuzz_settings(model_dir: Path) -> Settings:
     fuzzed request may ask for takes milliseconds."""
     return Settings(
         model=str(model_dir), quantized="none", warmup_steps=1, batch_window_s=0.01, max_width=32, max_height=32,
-        max_steps=2, max_num_images=2, max_prompt_chars=300, max_body_bytes=MAX_BODY_BYTES, queue_max=256,
-        result_ttl_s=60, _env_file=None,
+        max_steps=2, max_num_images=2, max_prompt_chars=300, max_body_bytes=MAX_BODY_BYTES,
+        max_upload_bytes=MAX_UPLOAD_BYTES, max_input_pixels=64 * 64, queue_max=256, result_ttl_s=60, _env_file=None,
     )
 
 

@@ -3,18 +3,24 @@ bodies and prompts, routing errors, corrupt or tampered checkpoints, and model p
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import free_port, running_api
-from fuzz_api import MAX_BODY_BYTES, fuzz, fuzz_settings, serve_in_thread, tight_memory
+from fuzz_api import MAX_BODY_BYTES, MAX_UPLOAD_BYTES, fuzz, fuzz_settings, serve_in_thread, tight_memory
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from local_cluster import console_script
+from PIL import Image
 from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -26,8 +32,9 @@ from service.config import Settings
 from service.served_model import quantized_checkpoint
 
 FUZZ_EXAMPLES = 30
-"""Examples per operation and mode (valid, invalid, valid-but-extreme): 8 operations x 3 modes x 30 = 720 at most,
+"""Examples per operation and mode (valid, invalid, valid-but-extreme): 9 operations x 3 modes x 30 = 810 at most,
 plus the corners of the generation routes; bench/bench_fuzz.py runs more."""
+IMAGE_FUZZ_EXAMPLES = 60
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +55,83 @@ def test_fuzzed_requests_from_the_openapi_schema_get_no_5xx(served):
     assert answers["422 InsufficientMemory"], "extreme requests met the memory refusal"
 
 
+# --- images: every malformed, truncated or oversized file or mask is a 4xx ---
+
+
+def _image_file(kind: str, size: tuple[int, int]) -> bytes:
+    image = Image.new("RGBA" if kind == "PNG" else "RGB", size, (200, 40, 40, 255))
+    if kind == "PNG":
+        image.paste((0, 0, 0, 0), (0, 0, size[0] // 2, size[1]))  # a transparent half: a usable mask too
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+@st.composite
+def _damaged_image(draw: st.DrawFn) -> bytes:
+    """A PNG, JPEG or WebP of a random size (some above max_input_pixels), then cut short, bit-flipped, spliced
+    with random bytes, or left whole."""
+    kind = draw(st.sampled_from(["PNG", "JPEG", "WEBP"]))
+    data = bytearray(_image_file(kind, (draw(st.integers(1, 80)), draw(st.integers(1, 80)))))
+    damage = draw(st.sampled_from(["none", "truncate", "flip", "splice"]))
+    if damage == "truncate":
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    elif damage == "flip":
+        for _ in range(draw(st.integers(1, 8))):
+            data[draw(st.integers(0, len(data) - 1))] ^= 1 << draw(st.integers(0, 7))
+    elif damage == "splice":
+        at = draw(st.integers(0, len(data)))
+        data[at:at] = draw(st.binary(min_size=1, max_size=64))
+    return bytes(data)
+
+
+def test_fuzzed_images_and_masks_get_4xx_never_5xx(served):
+    statuses: Counter[int] = Counter()
+    good_mask = _image_file("PNG", (16, 16))
+
+    @settings(max_examples=IMAGE_FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(image=_damaged_image(), mask=st.none() | st.just(good_mask) | _damaged_image(),
+           route=st.sampled_from(["json", "multipart", "openai"]))
+    def fuzz(image: bytes, mask: bytes | None, route: str) -> None:
+        fields = {"prompt": "a red square", "steps": "2", "width": "16", "height": "16"}
+        files = {"init_image": image} | ({"mask": mask} if mask is not None else {})
+        if route == "json":
+            body = fields | {name: base64.b64encode(data).decode() for name, data in files.items()}
+            response = httpx.post(served + "/generate", json=body, timeout=60)
+        elif route == "multipart":
+            response = httpx.post(served + "/generate", data=fields, timeout=60,
+                                  files={name: (name, data) for name, data in files.items()})
+        else:
+            response = httpx.post(served + "/v1/images/edits", data={"prompt": "a red square", "steps": "2"},
+                                  files={("image" if name == "init_image" else name): (name, data)
+                                         for name, data in files.items()}, timeout=60)
+        statuses[response.status_code] += 1
+        assert response.status_code < 500, response.text
+        if response.status_code >= 400:
+            body = response.json()
+            assert body["detail"] and body["error"]["code"] == response.status_code
+
+    fuzz()
+    print(f"\nimage fuzz: {sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}")
+    assert statuses[200] > 0 and statuses[422] > 0, "both usable and broken images were sent"
+
+
 # --- oversize bodies and prompts ---
 
 
 def test_oversize_body_is_413_before_it_is_read(served):
     too_big = json.dumps({"prompt": "a" * MAX_BODY_BYTES})
-    declared = httpx.post(served + "/generate", content=too_big, headers={"Content-Type": "application/json"})
+    declared = httpx.post(served + "/v1/images/generations", content=too_big,
+                          headers={"Content-Type": "application/json"})
     assert declared.status_code == 413
     assert declared.json()["detail"].startswith(f"the request body is {len(too_big)} bytes, above the limit of "
                                                 f"{MAX_BODY_BYTES} bytes (max_body_bytes)")
+    # the routes that take images have their own, larger limit
+    image_too_big = json.dumps({"prompt": "a", "init_image": "A" * MAX_UPLOAD_BYTES})
+    for path in ("/generate", "/v1/images/edits"):
+        refused = httpx.post(served + path, content=image_too_big, headers={"Content-Type": "application/json"})
+        assert refused.status_code == 413 and f"{MAX_UPLOAD_BYTES} bytes (max_upload_bytes)" in refused.text
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
         for _ in range(64):

@@ -354,6 +354,8 @@ DASHBOARD_VIEWS = {
     "weight bytes by precision": r"by \([^)]*\bprecision\b[^)]*\) \(dgq_model_weight_bytes",
     "RSS per process": r"^dgq_process_resident_memory_bytes$",
     "GPU memory per worker": r'^dgq_cuda_memory_(allocated|peak)_bytes\{job="dgq-worker"\}$',
+    "jobs by mode and sampler": r"sum by \(mode, scheduler\) \(rate\(dgq_jobs_submitted_total",
+    "preview decode time": r"histogram_quantile\(.*dgq_preview_decode_seconds_bucket",
 }
 
 # The alerts the issue asks for: each needs a rule whose expression matches.

@@ -23,13 +23,17 @@ from service.schemas import JobSpec  # noqa: E402
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 def test_load_at_twice_the_queue_bound_loses_nothing(tiny_sd_model_dir, tmp_path):
-    config = LoadConfig(queue_max=4, duration_s=15, max_requests=200, steps=2, drain_timeout_s=60)
+    config = LoadConfig(queue_max=4, duration_s=15, max_requests=200, steps=2, drain_timeout_s=60, edit_share=0.3,
+                        stream_share=0.2)
     results = run_load(tiny_sd_model_dir, tmp_path, config)
     print(f"\nFIGURE load: {results}")
     assert results["bad_answers"] == 0, results["bad_examples"]
     assert results["jobs_lost"] == 0 and results["jobs_accepted"] > 0, results["job_outcomes"]
     assert set(results["job_outcomes"]) == {"succeeded"}
     assert results["answers"].get("429", 0) > 0, "the load did not reach the queue bound"
+    # every kind of request (text, edits through both routes, OpenAI streams) was served as well as refused
+    assert all(answers.get("200", 0) + answers.get("202", 0) > 0 for answers in results["answers_by_kind"].values())
+    assert set(results["answers_by_kind"]) == {"sync", "async", "edit", "openai-edit", "stream"}
     assert results["queue_depth_peak"] <= config.queue_max
     for name, memory in results["memory"].items():  # a short run: growth well below what a leak per request makes
         limit_mib = 64 if name == "redis_used_memory" else 200

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from test_deploy import running_serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -56,6 +57,11 @@ def test_page_shows_the_model_and_its_quantization(page):
     # Size fields start at the model's native size (the tiny model draws 16x16); no key field without API keys.
     assert page.input_value("#width") == "16" and page.input_value("#height") == "16"
     assert page.locator("#api-key-label").is_hidden()
+    # the model's samplers, its own (DDIM) chosen
+    options = page.eval_on_selector_all("#scheduler option", "options => options.map(o => o.value)")
+    assert options == ["ddim", "euler", "euler_ancestral", "dpmpp_2m_karras", "unipc"]
+    assert page.input_value("#scheduler") == "ddim"
+    assert page.get_attribute("#preview-every", "placeholder") == "4 steps", "the deployment's spacing"
 
 
 def test_generate_shows_live_progress_and_the_image_of_the_requested_seed(page, served):
@@ -84,9 +90,58 @@ def test_generate_shows_live_progress_and_the_image_of_the_requested_seed(page, 
     with httpx.Client(base_url=served, timeout=120) as client:
         shown = client.get(f"/jobs/{job_id}/images/0")
         direct = client.post("/generate", json={"prompt": "a red square", "negative_prompt": "blue", "steps": 3,
-                                                "seed": 7, "width": 16, "height": 16, "guidance_scale": 7.5})
+                                                "seed": 7, "width": 16, "height": 16, "guidance_scale": 7.5,
+                                                "scheduler": "ddim"})
     assert shown.status_code == direct.status_code == 200
     assert shown.content == direct.content
+
+
+def test_editing_an_uploaded_image_shows_the_picture_forming(page, served, tmp_path):
+    """An image and a mask uploaded (multipart), another sampler: the previews replace one another in the image
+    element while the job runs, then the final image, which is what the same request made directly gives."""
+    photo, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    Image.new("RGB", (16, 16), (40, 160, 220)).save(photo)
+    mask_image = Image.new("L", (16, 16), 0)
+    mask_image.paste(255, (8, 0, 16, 16))
+    mask_image.save(mask)
+    page.evaluate("""() => {
+        window.shownImages = [];
+        new MutationObserver(() => window.shownImages.push(document.getElementById('image').src))
+            .observe(document.getElementById('image'), {attributes: true, attributeFilter: ['src']});
+    }""")
+    page.fill("#prompt", "a green circle")
+    page.fill("#negative-prompt", "")
+    page.fill("#steps", "9")
+    page.fill("#seed", "3")
+    page.select_option("#scheduler", "euler_ancestral")
+    page.set_input_files("#init-image", str(photo))
+    page.set_input_files("#mask", str(mask))
+    page.fill("#strength", "1")
+    page.click("#generate")
+    playwright_api.expect(page.locator("#status")).to_have_text("Done.", timeout=120_000)
+
+    shown = page.evaluate("window.shownImages")
+    previews = [src for src in shown if src.startswith("data:image/png;base64,")]
+    assert len(previews) == 2 and shown[-1].startswith("blob:"), shown  # steps 4 and 8 of 9, then the image
+    # fewer previews asked for: one, at step 5 (the image itself is the same)
+    page.evaluate("window.shownImages = []")
+    page.fill("#preview-every", "5")
+    page.click("#generate")
+    playwright_api.expect(page.locator("#status")).to_have_text("Done.", timeout=120_000)
+    shown_again = page.evaluate("window.shownImages")
+    assert sum(src.startswith("data:") for src in shown_again) == 1, shown_again
+    page.fill("#preview-every", "")
+    job_id = page.text_content("#details").split()[1]
+    with httpx.Client(base_url=served, timeout=120) as client:
+        shown_png = client.get(f"/jobs/{job_id}/images/0").content
+        direct = client.post("/generate", data={"prompt": "a green circle", "negative_prompt": "", "steps": "9",
+                                                "seed": "3", "width": "16", "height": "16", "guidance_scale": "7.5",
+                                                "scheduler": "euler_ancestral", "strength": "1"},
+                             files={"init_image": photo.read_bytes(), "mask": mask.read_bytes()})
+    assert direct.status_code == 200 and shown_png == direct.content
+    page.set_input_files("#init-image", [])
+    page.set_input_files("#mask", [])
+    page.fill("#strength", "")
 
 
 def test_a_refused_request_shows_the_reason(page):

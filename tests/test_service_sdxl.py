@@ -51,6 +51,15 @@ async def test_sdxl_request_matches_the_diffusers_pipeline(sdxl_dgq):
         assert served.status_code == 200, served.text
         other = await client.post("/generate", json=REQUEST | {"prompt": "a blue circle"})
         info = (await client.get("/v1/models")).json()
+        # image-to-image and inpainting take SDXL's image pipelines (the pooled embeddings, the size ids)
+        photo = io.BytesIO()
+        Image.new("RGB", (32, 32), (30, 200, 40)).save(photo, format="PNG")
+        mask = io.BytesIO()
+        Image.new("L", (32, 32), 255).save(mask, format="PNG")
+        for files in ({"init_image": photo.getvalue()}, {"init_image": photo.getvalue(), "mask": mask.getvalue()}):
+            edited = await client.post("/generate", data={k: str(v) for k, v in REQUEST.items()}, files=files)
+            assert edited.status_code == 200, edited.text
+            assert Image.open(io.BytesIO(edited.content)).size == (32, 32)
     served_image = np.asarray(Image.open(io.BytesIO(served.content)).convert("RGB"))
     assert served_image.shape == (32, 32, 3)
     assert other.content != served.content, "the prompt reaches the UNet"

@@ -7,17 +7,18 @@ weights are the real TAESD ones the project ships (service/assets/taesd).
 from __future__ import annotations
 
 import copy
+import io
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dgq_core.calibration import collect_module_stats, quantize_from_stats
 from dgq_core.config import DGQConfig
+from service.previews import load_taesd
 
-TAESD_DIR = Path(__file__).resolve().parents[1] / "service" / "assets" / "taesd"
 # Fourteen bundled photographs, each also flipped and transposed: group ranges are fitted tightly to the
 # calibration data, so it must cover the variety the evaluation images bring.
 CALIBRATION_IMAGES = (
@@ -26,21 +27,6 @@ CALIBRATION_IMAGES = (
 )
 EVALUATION_IMAGES = ("astronaut", "rocket")
 SIZE = 128
-
-
-def load_taesd():
-    from diffusers import AutoencoderTiny
-    from safetensors.torch import load_file
-
-    model = AutoencoderTiny()
-    encoder = {f"encoder.layers.{k}": v for k, v in load_file(TAESD_DIR / "taesd_encoder.safetensors").items()}
-    decoder = {}
-    for key, value in load_file(TAESD_DIR / "taesd_decoder.safetensors").items():
-        index, rest = key.split(".", 1)
-        decoder[f"decoder.layers.{int(index) - 1}.{rest}"] = value
-    missing, unexpected = model.load_state_dict({**encoder, **decoder}, strict=False)
-    assert not missing and not unexpected
-    return model.float().eval()
 
 
 def photo(name: str) -> torch.Tensor:
@@ -90,3 +76,39 @@ def test_dgq_groups_beat_per_tensor_on_real_activations(calibrated, a_bits):
     print(f"TAESD decoder W8A{a_bits}: DGQ K=8 {dgq:.2f} dB, per-tensor {per_tensor:.2f} dB")
     assert dgq > per_tensor
     assert dgq > 30
+
+
+def test_the_shipped_weights_load_as_a_working_autoencoder():
+    """What previews use (`service.previews.load_taesd`): encoder and decoder round-trip real photos; a wrong key
+    mapping (the decoder's layers shifted by one) gives noise."""
+    model = load_taesd()
+    with torch.no_grad():
+        round_trip = [psnr(model.decode(model.encoder(photo(name))).sample, photo(name)) for name in EVALUATION_IMAGES]
+    assert min(round_trip) > 17, round_trip
+
+
+def test_taesd_previews_on_the_worker(tiny_sd_model_dir):
+    """A worker told to decode previews with TAESD sends them (8x the latent side), and the final image does not
+    change: it always comes from the model's VAE."""
+    import dgq_core
+    from service.config import Settings
+    from service.prompts import PromptStage
+    from service.queue.base import QueuedJob
+    from service.schemas import JobSpec
+    from service.served_model import ServedModel
+    from service.worker import BatchRunner
+
+    settings = Settings(model=str(tiny_sd_model_dir), quantized="none", _env_file=None)
+    model = ServedModel(settings)
+    payload = dgq_core.pack_prompt_pair(*PromptStage(model, 4)._encode_cached(["a red square", ""]))
+    job = QueuedJob(spec=JobSpec(id="t", width=16, height=16, steps=5, guidance_scale=7.5, seed=1, num_images=1,
+                                 scheduler="euler", preview_every=4), payload=payload)
+    pipe = model.load_worker_pipeline()
+    outputs = {}
+    for decoder in ("taesd", "vae"):
+        progress = []
+        outputs[decoder] = BatchRunner(pipe, decoder).run([job], progress.append).pngs
+        [preview] = [png for p in progress for png in p.previews.values()]
+        size = Image.open(io.BytesIO(preview)).size
+        assert size == ((64, 64) if decoder == "taesd" else (16, 16)), (decoder, size)
+    assert outputs["taesd"] == outputs["vae"]

@@ -107,7 +107,7 @@ def _http_error_response(request: Request, error: HTTPException) -> JSONResponse
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API application; its lifespan loads the served model's text side and, in embedded mode, a worker."""
     app = FastAPI(
-        title="dgq-serve", summary="Text-to-image with DGQ-quantized Stable Diffusion UNets.", lifespan=_lifespan,
+        title="dgq-serve", summary="Text-to-image, image-to-image and inpainting with DGQ-quantized Stable Diffusion UNets.", lifespan=_lifespan,
         docs_url=None, redoc_url=None,  # `docs` serves Swagger UI from local files
     )
     app.state.settings = settings = settings or Settings()
@@ -131,7 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Added first, so it runs inside the latency middleware (413s are counted) and inside CORS (413s carry the CORS
     # headers a browser needs to read them).
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, upload_max_bytes=settings.max_upload_bytes)
 
     @app.middleware("http")
     async def _observe_latency(request: Request, call_next):

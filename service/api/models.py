@@ -1,5 +1,5 @@
-"""OpenAI-compatible `GET /v1/models`: the one model this deployment serves, with its native size and request
-limits (fields beyond OpenAI's, which its clients keep)."""
+"""OpenAI-compatible `GET /v1/models`: the one model this deployment serves, with its native size, request
+limits and samplers (fields beyond OpenAI's, which its clients keep)."""
 
 from __future__ import annotations
 
@@ -17,4 +17,5 @@ async def list_models(service: ServiceDep) -> OpenAIModelList:
     width, height = model.native_size
     return OpenAIModelList(data=[OpenAIModel(
         id=model.name, created=service.started_at, native_width=width, native_height=height, limits=model.limits,
+        samplers=model.samplers, default_sampler=model.default_sampler,
     )])

@@ -1,5 +1,6 @@
-"""The playground at `/`: a plain HTML/JS page (no build step) that submits a job, follows its server-sent events
-and shows the image. `/playground/info` tells the page the model, its quantization, native size and limits."""
+"""The playground at `/`: a plain HTML/JS page (no build step) that submits a job (text-to-image, or an edit of an
+uploaded image), follows its server-sent events, shows the previews as the picture forms and then the image.
+`/playground/info` tells the page the model, its quantization, native size, samplers and limits."""
 
 from __future__ import annotations
 
@@ -43,5 +44,8 @@ async def playground_info(service: ServiceDep, settings: SettingsDep) -> dict[st
         },
         "native_width": width, "native_height": height,
         **limits.model_dump(),
+        "samplers": service.model.samplers, "default_sampler": service.model.default_sampler,
+        "preview_every_steps": settings.preview_every_steps, "max_input_pixels": settings.max_input_pixels,
+        "max_upload_bytes": settings.max_upload_bytes,
         "auth_required": bool(settings.api_keys),
     }

@@ -1,6 +1,7 @@
 """The one job-queue interface; `memory.MemoryQueue` (embedded) and `redis_streams.RedisStreamsQueue` implement it.
 
-A job is a `JobSpec` (JSON) plus one safetensors blob (prompt embeddings and prompt-specific parameters).
+A job is a `JobSpec` (JSON) plus one safetensors blob (prompt embeddings and prompt-specific parameters) and, for
+an edit, a second one with its image and mask (`wire.encode_edit_images`).
 Its state moves queued -> running -> succeeded | failed | cancelled (or queued -> cancelled); images are stored
 for `result_ttl_s` after it ends, its state for longer so that late readers get 410 instead of 404.
 """
@@ -33,6 +34,8 @@ class QueuedJob:
 
     spec: JobSpec
     payload: bytes
+    edit_images: bytes = b""
+    """An edit job's image and mask (`wire.encode_edit_images`); empty for text-to-image."""
     deliveries: int = 1
     receipt: str = ""
     """Backend handle to acknowledge it with (the stream entry id)."""
@@ -66,7 +69,9 @@ class JobQueue(abc.ABC):
         so that an overloaded API answers 429 without encoding prompts (`submit` checks again)."""
 
     @abc.abstractmethod
-    async def submit(self, spec: JobSpec, payload: bytes, timings: dict[str, float]) -> JobState:
+    async def submit(
+        self, spec: JobSpec, payload: bytes, timings: dict[str, float], edit_images: bytes = b""
+    ) -> JobState:
         """Enqueue a job; raises `QueueFull` at the bound and `QueueUnavailable` when the backend is down."""
 
     @abc.abstractmethod

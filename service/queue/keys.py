@@ -15,8 +15,9 @@ profiles of workers without a live heartbeat key are ignored, and removed by the
 
 
 def job(job_id: str) -> str:
-    """Hash: status, spec (JSON), payload (safetensors, deleted when done), timings, error, worker, entry,
-    cancel, deliveries, completions, finished_at, expires_at."""
+    """Hash: status, spec (JSON), payload (safetensors, deleted when done), edit_images (safetensors, an edit's
+    image and mask, deleted when done), timings, error, worker, entry, cancel, deliveries, completions,
+    finished_at, expires_at."""
     return f"dgq:job:{job_id}"
 
 

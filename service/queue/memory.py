@@ -77,7 +77,7 @@ class MemoryQueue(JobQueue):
             return
         record.status, record.finished_at = status, now()
         record.expires_at = record.finished_at + self._result_ttl_s
-        record.job.payload = b""
+        record.job.payload = record.job.edit_images = b""
         await self._emit(record, JobEvent(event=status.value, data=data))
 
     # --- API side ---
@@ -88,9 +88,12 @@ class MemoryQueue(JobQueue):
         if active >= self._max_jobs:
             raise queue_full(active, self._retry_after_s)
 
-    async def submit(self, spec: JobSpec, payload: bytes, timings: dict[str, float]) -> JobState:
+    async def submit(
+        self, spec: JobSpec, payload: bytes, timings: dict[str, float], edit_images: bytes = b""
+    ) -> JobState:
         await self.admit()
-        record = _Record(job=QueuedJob(spec=spec, payload=payload, receipt=spec.id), timings=dict(timings))
+        job = QueuedJob(spec=spec, payload=payload, edit_images=edit_images, receipt=spec.id)
+        record = _Record(job=job, timings=dict(timings))
         self._records[spec.id] = record
         self._waiting.append(spec.id)
         await self._emit(record, JobEvent(event="queued", data={"position": len(self._waiting) - 1}))

@@ -1,6 +1,6 @@
 """Redis Streams backend: one consumer group of workers, heartbeats, a reaper for dead workers, dead letters.
 
-- Submit: job hash (spec + safetensors payload), then `XADD dgq:jobs {job: id}` in a script that checks the bound
+- Submit: job hash (spec + safetensors payload, and an edit's images), then `XADD dgq:jobs {job: id}` in a script that checks the bound
   `queue_max` in the same step, so concurrent submits cannot overshoot it.
 - Workers: `XREADGROUP COUNT max_batch` (+ a short window for more), run, store PNGs under keys with a TTL,
   mark succeeded, then `XACK` + `XDEL` - acknowledged only after the result is stored.
@@ -187,7 +187,7 @@ class RedisStreamsQueue(JobQueue):
         )
         if moved == 1:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hdel(keys.job(job_id), "payload")
+                pipe.hdel(keys.job(job_id), "payload", "edit_images")
                 pipe.expire(keys.job(job_id), int(state_ttl_s(self._settings.result_ttl_s)))
                 # the events (a few per denoising step) go with the images: once those expired, readers get 410
                 pipe.expire(keys.job_events(job_id), max(int(self._settings.result_ttl_s), 1))
@@ -221,13 +221,18 @@ class RedisStreamsQueue(JobQueue):
             raise queue_full(depth, self._retry_after_s)
 
     @_unavailable_on_connection_error
-    async def submit(self, spec: JobSpec, payload: bytes, timings: dict[str, float]) -> JobState:
+    async def submit(
+        self, spec: JobSpec, payload: bytes, timings: dict[str, float], edit_images: bytes = b""
+    ) -> JobState:
         await self._ensure_group()
         job_key = keys.job(spec.id)
-        await self._redis.hset(job_key, mapping={
+        fields = {
             "spec": wire.encode_spec(spec), "payload": payload, "status": JobStatus.queued.value,
             "timings": wire.encode_timings(timings), "deliveries": 0, "completions": 0,
-        })
+        }
+        if edit_images:
+            fields["edit_images"] = edit_images
+        await self._redis.hset(job_key, mapping=fields)
         entry = await self._enqueue_script(
             keys=[keys.JOBS_STREAM, job_key, keys.job_events(spec.id)],
             args=[self._settings.queue_max, spec.id, EVENTS_MAXLEN],
@@ -365,14 +370,19 @@ class RedisStreamsQueue(JobQueue):
                 reason = f"malformed stream entry {receipt}: no job id (fields: {sorted(fields)})"
                 await self._dead_letter("", receipt, reason, deliveries)
                 continue
-            spec, payload, status = await self._redis.hmget(keys.job(job_id), ["spec", "payload", "status"])
+            spec, payload, edit_images, status = await self._redis.hmget(
+                keys.job(job_id), ["spec", "payload", "edit_images", "status"]
+            )
             if status is None or status.decode(errors="replace") in TERMINAL_EVENTS:  # ended, or state expired
                 await self._ack(receipt)
                 continue
             try:
                 if payload is None:
                     raise ValueError("it has no payload (prompt tensors)")
-                jobs.append(QueuedJob(spec=wire.decode_spec(spec or b""), payload=payload,
+                job_spec = wire.decode_spec(spec or b"")
+                if job_spec.mode != "text" and edit_images is None:
+                    raise ValueError(f"it is an edit ({job_spec.mode}) without its images")
+                jobs.append(QueuedJob(spec=job_spec, payload=payload, edit_images=edit_images or b"",
                                       receipt=receipt, deliveries=deliveries))
             except ValidationError as error:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in error.errors())

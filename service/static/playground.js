@@ -1,4 +1,5 @@
-// The playground: submit an async job, follow GET /jobs/{id}/events, show the image.
+// The playground: submit an async job (JSON, or multipart/form-data with an image to edit), follow
+// GET /jobs/{id}/events, show each preview as the picture forms, then the image.
 // Plain JS, no build step. Server-sent events are read with fetch() rather than EventSource so that the
 // Authorization header can be sent when the deployment has API keys.
 "use strict";
@@ -46,6 +47,13 @@ async function loadInfo() {
     $(id).title = `at most ${max}, and width × height at most ${info.max_pixels} pixels`;
   }
   $("steps").max = info.max_steps;
+  const sampler = $("scheduler");
+  if (!info.samplers.includes(info.default_sampler)) sampler.add(new Option("model's own", ""));
+  for (const name of info.samplers) sampler.add(new Option(name, name));
+  sampler.value = info.samplers.includes(info.default_sampler) ? info.default_sampler : "";
+  // fewer previews than the deployment's may be asked for (a larger spacing, or 0 for none), not more
+  $("preview-every").placeholder = info.preview_every_steps ? `${info.preview_every_steps} steps` : "off";
+  $("preview-every").disabled = !info.preview_every_steps;
   $("api-key-label").hidden = !info.auth_required;
   $("api-key").value = sessionStorage.getItem("dgq-api-key") || "";
 }
@@ -73,18 +81,37 @@ async function* serverSentEvents(response) {
   }
 }
 
-function requestBody() {
-  const body = {
+// The request: JSON for text-to-image, multipart/form-data (the same fields, the images as files) for an edit.
+function request() {
+  const fields = {
     prompt: $("prompt").value,
     negative_prompt: $("negative-prompt").value,
     steps: Number($("steps").value),
     guidance_scale: Number($("guidance").value),
     async: true,
   };
-  for (const field of ["width", "height", "seed"]) {
-    if ($(field).value !== "") body[field] = Number($(field).value);
+  for (const [id, field] of [["width", "width"], ["height", "height"], ["seed", "seed"], ["strength", "strength"],
+                             ["preview-every", "preview_every"]]) {
+    if ($(id).value !== "") fields[field] = Number($(id).value);
   }
-  return body;
+  if ($("scheduler").value !== "") fields.scheduler = $("scheduler").value;
+  const image = $("init-image").files[0];
+  if (!image) {
+    return { headers: authHeaders({ "Content-Type": "application/json" }), body: JSON.stringify(fields) };
+  }
+  const form = new FormData();
+  for (const [name, value] of Object.entries(fields)) form.append(name, String(value));
+  form.append("init_image", image);
+  if ($("mask").files[0]) form.append("mask", $("mask").files[0]);
+  return { headers: authHeaders(), body: form };  // the browser sets the multipart boundary
+}
+
+function showPreview(data) {
+  const image = $("image");
+  image.src = `data:image/png;base64,${data.image}`;
+  image.classList.add("preview");
+  image.hidden = false;
+  $("preview-note").hidden = false;
 }
 
 async function followJob(jobId) {
@@ -98,7 +125,8 @@ async function followJob(jobId) {
       progress.max = data.steps;
       progress.value = data.step;
       setStatus(`Denoising: step ${data.step} of ${data.steps}`);
-    } else if (TERMINAL.includes(event)) return;
+    } else if (event === "preview") showPreview(data);
+    else if (TERMINAL.includes(event)) return;
   }
 }
 
@@ -107,15 +135,12 @@ async function generate(event) {
   sessionStorage.setItem("dgq-api-key", $("api-key").value.trim());
   $("generate").disabled = true;
   $("image").hidden = true;
+  $("preview-note").hidden = true;
   $("details").textContent = "";
   $("progress").value = 0;
   try {
     setStatus("Submitting…");
-    const submitted = await fetch("/generate", {
-      method: "POST",
-      headers: authHeaders({ "Content-Type": "application/json" }),
-      body: JSON.stringify(requestBody()),
-    });
+    const submitted = await fetch("/generate", { method: "POST", ...request() });
     if (submitted.status !== 202) throw new Error(await errorMessage(submitted));
     currentJob = (await submitted.json()).id;
     $("cancel").disabled = false;
@@ -131,7 +156,9 @@ async function generate(event) {
     const image = $("image");
     image.src = URL.createObjectURL(await png.blob());
     await image.decode();
+    image.classList.remove("preview");
     image.hidden = false;
+    $("preview-note").hidden = true;
     $("progress").value = $("progress").max;
     const timings = Object.entries(state.timings)
       .filter(([name]) => name.endsWith("_s"))
