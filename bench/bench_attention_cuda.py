@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, time_interleaved  # noqa: E402
+from common import median, synchronized, time_interleaved  # noqa: E402
 
 from dgq_core.attention import DGQAttnProcessor  # noqa: E402
 from dgq_core.kernels.triton_attention import dgq_attention  # noqa: E402
@@ -50,15 +50,6 @@ def reference_processor(keep_start: bool) -> DGQAttnProcessor:
 
     return DGQAttnProcessor("dgq", 8, keep_start, passthrough(), passthrough(), passthrough(), StepState([1], (8, 8)))
 
-
-def synchronized(device: torch.device, call):
-    def run():
-        out = call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return out
-
-    return run
 
 
 def peak_bytes(device: torch.device, call) -> int | None:

@@ -46,7 +46,7 @@ from bench_unet import (  # noqa: E402
     unet_inputs,
     with_weight_bits,
 )
-from common import load_average, median, time_interleaved  # noqa: E402
+from common import load_average, median, synchronized, time_interleaved  # noqa: E402
 
 from dgq_core.kernels import (  # noqa: E402
     capture_cuda_graphs,
@@ -94,15 +94,6 @@ def half_dtype(device: torch.device) -> torch.dtype:
     """The baseline's half precision: FP16 on the GPU (the usual baseline), BF16 on the CPU (smoke runs)."""
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
-
-def synchronized(device: torch.device, call: Callable) -> Callable:
-    def run():
-        out = call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return out
-
-    return run
 
 
 def first_call(device: torch.device, call: Callable) -> tuple[torch.Tensor, int | None]:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 
@@ -41,6 +42,18 @@ def time_interleaved(
     return times
 
 
+def synchronized(device, call: Callable) -> Callable:
+    """`call`, waiting for the device's queued work before it returns (a CUDA call returns before its kernels end)."""
+
+    def run():
+        out = call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -52,8 +65,6 @@ CPU_FLAGS = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "amx_int8")
 
 def machine() -> dict:
     """What the figures were measured on: CPU model and int8 features, torch threads and version, load average."""
-    import torch
-
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     fields = {}
     for line in cpuinfo.splitlines():

@@ -44,6 +44,7 @@ def load_taesd(device: str | torch.device = "cpu") -> AutoencoderTiny:
     return model.float().eval().to(device)
 
 
+@torch.inference_mode()
 def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
     """Latents (B, C, h, w) through the model's VAE into PIL images (one call for the batch)."""
     vae = pipe.vae

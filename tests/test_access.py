@@ -214,7 +214,8 @@ def test_no_secrets_in_the_logs_of_startup_and_requests(tiny_sd_model_dir, tmp_p
     redis_process, port = _redis_with_password(tmp_path, password)
     env = {"DGQ_MODEL": str(tiny_sd_model_dir), "DGQ_QUANTIZED": "none", "DGQ_EMBEDDED_WORKER": "true",
            "REDIS_URL": f"redis://:{password}@127.0.0.1:{port}/0", "DGQ_API_KEYS": hash_api_key(KEY_A),
-           "DGQ_RATE_LIMIT_PER_MINUTE": "60", "DGQ_RATE_LIMIT_BURST": "3", "DGQ_MAX_BODY_BYTES": "2048"}
+           "DGQ_RATE_LIMIT_PER_MINUTE": "60", "DGQ_RATE_LIMIT_BURST": "3", "DGQ_MAX_BODY_BYTES": "2048",
+           "DGQ_MAX_UPLOAD_BYTES": "2048"}
     log_file = tmp_path / "serve.log"
     try:
         with running_serve(env, log_file) as base_url, httpx.Client(base_url=base_url, timeout=120) as client:
