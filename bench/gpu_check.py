@@ -100,10 +100,9 @@ class Check:
 
 
 def cuda_tests(check: Check) -> dict:
-    """`pytest -m cuda tests/test_cuda.py` in a process of its own, with Triton compiling (not interpreting)."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    if check.device.type == "cpu":  # the rehearsal: the CUDA tests are deselected; the interpreter as in the suite
-        env["TRITON_INTERPRET"] = "1"
+    """`TRITON_INTERPRET=0 pytest -m cuda tests/test_cuda.py` in a process of its own: Triton compiles, not interprets."""
+    # On CPU (the rehearsal) the CUDA tests are deselected and the interpreter runs as in the suite.
+    env = dict(os.environ, TRITON_INTERPRET="1" if check.device.type == "cpu" else "0")
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     (check.out / "pytest.txt").write_text(result.stdout + result.stderr)

@@ -5,10 +5,17 @@ Nothing here downloads anything. Fixtures are general so any test module can use
 
 from __future__ import annotations
 
+import os
+
+# Triton chooses between its interpreter and its compiler when it is first imported, and importing diffusers (through
+# dgq_core) imports it, so this comes before every other import. The tests' tensors live on the CPU, where the Triton
+# kernels (dgq_core.kernels.triton_fused, triton_attention) run in the interpreter; `TRITON_INTERPRET=0 pytest -m cuda`
+# on a GPU (bench/gpu_check.py) compiles them. One process runs them either interpreted or compiled, never both.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,21 +30,16 @@ TINY_VOCAB_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def _compiled_triton(config: pytest.Config) -> bool:
-    """Whether this run compiles the Triton kernels for a GPU: `pytest -m cuda` where one is present."""
-    return config.option.markexpr == "cuda" and torch.cuda.is_available()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # The tests' tensors live on the CPU, where the Triton kernels (dgq_core.kernels.triton_fused, triton_attention)
-    # run in Triton's interpreter, which triton picks when it is first imported, after this; one process runs them
-    # either interpreted or compiled, never both. `pytest -m cuda` on a GPU (bench/gpu_check.py) compiles them.
-    if not _compiled_triton(config):
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    """Whether this run compiles the Triton kernels for a GPU: `TRITON_INTERPRET=0 pytest -m cuda` where one is."""
+    compiled = os.environ["TRITON_INTERPRET"].lower() in ("0", "false", "off", "no")
+    if compiled and config.option.markexpr != "cuda":
+        raise pytest.UsageError("TRITON_INTERPRET=0 compiles the Triton kernels for a GPU: run only `-m cuda` with it")
+    return compiled and torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `cuda` run only with `pytest -m cuda` where a CUDA GPU is: elsewhere they are deselected, not
-    skipped, and counted in the summary line, so that a skip always means something is wrong."""
+    """Tests marked `cuda` run only with `TRITON_INTERPRET=0 pytest -m cuda` where a CUDA GPU is: elsewhere they are
+    deselected, not skipped, and counted in the summary line, so that a skip always means something is wrong."""
     if _compiled_triton(config):
         return
     cuda_only = [item for item in items if item.get_closest_marker("cuda")]

@@ -2,8 +2,8 @@
 exec mode "int" against "fake" (PSNR, same seed same image), CUDA graphs, half-precision components.
 
 Every test here is marked `cuda`: `tests/conftest.py` deselects them where no GPU is present (and counts them), and
-`bench/gpu_check.py` runs them on a lent GPU with `pytest -m cuda tests/test_cuda.py`, where Triton compiles the
-kernels instead of interpreting them. They have not yet run on a GPU.
+`bench/gpu_check.py` runs them on a lent GPU with `TRITON_INTERPRET=0 pytest -m cuda tests/test_cuda.py`, where Triton
+compiles the kernels instead of interpreting them. They have not yet run on a GPU.
 """
 
 from __future__ import annotations
