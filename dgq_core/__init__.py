@@ -42,6 +42,18 @@ from .config import (
 )
 from .diffusers_quantizer import DGQQuantizer, register_dgq_quantizer
 from .kernels import capture_cuda_graphs, int_execution_summary, release_cuda_graphs, set_exec_mode
+from .lora import (
+    AdapterSet,
+    LoRA,
+    LoRAError,
+    LoRAInfo,
+    LoRALibrary,
+    UnknownLoRA,
+    load_lora,
+    lora_info,
+    merge_lora,
+    use_loras,
+)
 from .memory import peak_rss_bytes, reset_peak_rss, trim_heap
 from .pipeline import (
     ResolvedModel,
@@ -67,6 +79,16 @@ register_dgq_quantizer()
 __all__ = [
     "ACTIVATION_BITS",
     "AdaRoundRecipe",
+    "AdapterSet",
+    "LoRA",
+    "LoRAError",
+    "LoRAInfo",
+    "LoRALibrary",
+    "UnknownLoRA",
+    "load_lora",
+    "lora_info",
+    "merge_lora",
+    "use_loras",
     "ACTIVATION_METHODS",
     "EXEC_MODES",
     "PROB_QUANTIZERS",
