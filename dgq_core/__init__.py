@@ -43,6 +43,7 @@ from .config import (
 from .diffusers_quantizer import DGQQuantizer, register_dgq_quantizer
 from .kernels import capture_cuda_graphs, int_execution_summary, release_cuda_graphs, set_exec_mode
 from .lora import (
+    LORA_NAME_PATTERN,
     AdapterSet,
     LoRA,
     LoRAError,
@@ -80,6 +81,7 @@ __all__ = [
     "ACTIVATION_BITS",
     "AdaRoundRecipe",
     "AdapterSet",
+    "LORA_NAME_PATTERN",
     "LoRA",
     "LoRAError",
     "LoRAInfo",

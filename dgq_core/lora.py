@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .batch_invariance import batch_stable_conv2d, row_stable_linear
+from .kernels.graphs import cuda_graph_runner
 from .layers import QuantConv2d, QuantizedLayer
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -52,7 +53,7 @@ _DOWN_UP = (
 _UNET_PREFIXES = ("unet.", "base_model.model.", "lora_unet_")
 _TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_", "te.")
 _ATTN_PROCESSOR_LAYER = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+LORA_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """What an adapter's name (its file name without the suffix) may be."""
 
 
@@ -376,11 +377,15 @@ def use_loras(model: nn.Module | dict[str, nn.Module], rows: list[AdapterSet], s
 
     Raises:
         LoRAError: an adapter does not fit the model.
-        ValueError (at a call): a targeted layer runs another number of rows than `rows` has.
+        ValueError: the UNet runs CUDA graphs (`capture_cuda_graphs`); at a call, a targeted layer runs another
+            number of rows than `rows` has.
     """
     if not any(rows):
         yield
         return
+    if isinstance(model, nn.Module) and cuda_graph_runner(model) is not None:
+        raise ValueError("this UNet replays CUDA graphs, which would skip the LoRA side branches: "
+                         "release_cuda_graphs(unet) first")
     modules = dict(model.named_modules()) if isinstance(model, nn.Module) else model
     # module name -> adapter layer -> (layer, scale of each row that uses it)
     plan: dict[str, dict[int, tuple[LoRALayer, dict[int, float]]]] = {}
@@ -491,7 +496,7 @@ class LoRALibrary:
             return {}
         return {
             path.stem: path for path in sorted(self.directory.glob(f"*{LORA_SUFFIX}"))
-            if NAME_PATTERN.match(path.stem)
+            if LORA_NAME_PATTERN.match(path.stem)
         }
 
     def names(self) -> list[str]:
