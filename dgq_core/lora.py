@@ -263,6 +263,15 @@ def load_lora(path: str | Path, name: str | None = None, device: str | torch.dev
     return lora
 
 
+def lora_argument(text: str) -> tuple[Path, float]:
+    """An adapter file and its scale from a command line's `PATH[:SCALE]` (scale 1 when left out)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
+
+
 def resolve_targets(
     lora: LoRA, modules: dict[str, nn.Module], strict: bool = True
 ) -> dict[str, tuple[nn.Module, LoRALayer]]:

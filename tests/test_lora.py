@@ -3,6 +3,8 @@ batch, the precomputed cross-attention keys and values, merging, and the library
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from diffusers import StableDiffusionPipeline
 from lora_files import ATTENTION_PROJECTIONS, random_lora_weights, write_lora
 
 import dgq_core
+from dgq_core import cli as dgq_cli
 from dgq_core.attention import cross_attention_processors
 from dgq_core.conditioning import PromptConditioner, conditioning, pack_prompt_pair, unpack_prompt_pair
 from dgq_core.layers import QuantConv2d, QuantLinear
@@ -23,6 +26,9 @@ from dgq_core.lora import (
     resolve_targets,
     use_loras,
 )
+from dgq_eval import cli as eval_cli
+from dgq_eval import harness
+from dgq_eval.harness import EvalConfig
 
 STEPS = 4
 PROMPTS = ["a red square", "a blue circle on green", "small yellow triangle"]
@@ -202,3 +208,34 @@ def test_library_lists_loads_once_and_keeps_a_byte_budget(tmp_path, fp_pipe):
     with pytest.raises(UnknownLoRA) as refused:
         library.get("gamma")
     assert "alpha, beta" in str(refused.value) and refused.value.available == ["alpha", "beta"]
+
+
+def test_quantize_with_a_merged_adapter_quantizes_the_adapted_weights(tiny_sd_model_dir, lora, tmp_path):
+    path = write_lora(tmp_path / "style.safetensors", {name: (layer.down, layer.up) for name, layer in lora.layers.items()})
+    out = tmp_path / "merged-dgq"
+    status = dgq_cli.main(["quantize", "--model", str(tiny_sd_model_dir), "--out", str(out), "--groups", "2",
+                           "--steps", "2", "--num-calib", "2", "--batch-size", "2", "--lora", f"{path}:0.5"])
+    assert status == 0
+    quantized = dgq_core.from_pretrained(out).unet
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd_model_dir).unet
+    name = next(name for name in lora.layers if name.endswith("attn1.to_q"))
+    weight = base.get_submodule(name).weight.detach()
+    merged = weight + 0.5 * lora.layers[name].delta_weight(weight.shape)
+    codes = quantized.get_submodule(name).weight_q.dequantize()
+    assert float((codes - merged).abs().max()) < 0.5 * float((codes - weight).abs().max())
+
+
+def test_eval_side_branch_and_merge_agree_on_a_full_precision_model(tiny_sd_model_dir, lora_weights, tmp_path):
+    path = write_lora(tmp_path / "style.safetensors", lora_weights)
+    (tmp_path / "style.json").write_text('{"trigger": "ink"}')
+    args = eval_cli.build_parser().parse_args(["--model", "m", "--lora", f"{path}:0.7", "--lora-merge"])
+    assert args.loras == [(path, 0.7)] and args.lora_merge
+    prompts = ["a red square", "a blue circle"]
+    config = EvalConfig(model=str(tiny_sd_model_dir), prompts=prompts, num_inference_steps=2, batch_size=2,
+                        loras=[(str(path), 0.7)], prompt_suffix=" ink")
+    merged_config = replace(config, merge_loras=True)
+    branch, _ = harness.generate(harness.load_model(tiny_sd_model_dir), config)
+    merged, _ = harness.generate(harness.load_model(tiny_sd_model_dir, merged_loras=merged_config.loras), merged_config)
+    plain, _ = harness.generate(harness.load_model(tiny_sd_model_dir), replace(config, loras=[]))
+    assert np.abs(branch.astype(int) - merged.astype(int)).max() <= 1
+    assert np.abs(branch.astype(int) - plain.astype(int)).mean() > 1
