@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -241,6 +241,15 @@ def parse_lora(name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     return LoRA(name, layers, key_format, text_encoder_layers=len(text_encoder))
 
 
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """Turn a file that is no safetensors (truncated, another format, unreadable) into a `LoRAError` naming it."""
+    try:
+        yield
+    except (SafetensorError, OSError) as error:
+        raise LoRAError(f"{path.name} cannot be read as safetensors: {error}") from error
+
+
 def load_lora(path: str | Path, name: str | None = None, device: str | torch.device = "cpu") -> LoRA:
     """Read an adapter from a safetensors file (and its `.json` description beside it, if any).
 
@@ -254,9 +263,11 @@ def load_lora(path: str | Path, name: str | None = None, device: str | torch.dev
     """
     path = Path(path)
     _check_suffix(path)
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    lora = parse_lora(name or path.stem, load_file(path, device=str(device)), metadata)
+    with _readable(path):
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(path, device=str(device))
+    lora = parse_lora(name or path.stem, tensors, metadata)
     description = path.with_suffix(METADATA_SUFFIX)
     if description.is_file():
         lora.description = json.loads(description.read_text())
@@ -462,7 +473,7 @@ def lora_info(path: str | Path) -> LoRAInfo:
     path = Path(path)
     _check_suffix(path)
     ranks, targets, size = [], set(), 0
-    with safe_open(path, framework="pt") as handle:
+    with _readable(path), safe_open(path, framework="pt") as handle:
         for key in handle.keys():
             tensor = handle.get_slice(key)
             shape = tensor.get_shape()
@@ -512,7 +523,15 @@ class LoRALibrary:
         return list(self.paths())
 
     def describe(self) -> list[LoRAInfo]:
-        return [lora_info(path) for path in self.paths().values()]
+        """`lora_info` of every adapter whose file header reads (a broken one is left out; naming it in a request
+        tells what is wrong with it)."""
+        described = []
+        for path in self.paths().values():
+            try:
+                described.append(lora_info(path))
+            except LoRAError:
+                continue
+        return described
 
     def check(self, names: list[str]) -> None:
         """Raise `UnknownLoRA` for the first of `names` the directory does not have."""

@@ -239,3 +239,14 @@ def test_eval_side_branch_and_merge_agree_on_a_full_precision_model(tiny_sd_mode
     plain, _ = harness.generate(harness.load_model(tiny_sd_model_dir), replace(config, loras=[]))
     assert np.abs(branch.astype(int) - merged.astype(int)).max() <= 1
     assert np.abs(branch.astype(int) - plain.astype(int)).mean() > 1
+
+
+def test_a_truncated_adapter_is_a_lora_error_and_left_out_of_the_listing(tmp_path, lora_weights):
+    good = write_lora(tmp_path / "good.safetensors", lora_weights)
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:100])
+    with pytest.raises(LoRAError, match="cut.safetensors cannot be read"):
+        load_lora(tmp_path / "cut.safetensors")
+    library = LoRALibrary(tmp_path, cache_bytes=1 << 20)
+    assert library.names() == ["cut", "good"] and [info.name for info in library.describe()] == ["good"]
+    with pytest.raises(LoRAError):
+        library.get("cut")
