@@ -149,10 +149,6 @@ class LoRA:
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers.values())
 
-    @property
-    def targets(self) -> list[str]:
-        return sorted(self.layers)
-
 
 def flat_name(name: str) -> str:
     """A module name as kohya writes it: dots as underscores (unambiguous for diffusers' UNets)."""
