@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 
 import dgq_core
-from dgq_zoo import bundled_model_dir, lora_train, shapes
+from dgq_eval import harness, style
+from dgq_zoo import bundled_lora_dir, bundled_model_dir, lora_train, shapes
 
 
 def test_outlined_rendering_rings_each_shape_in_a_colour_of_neither_shape_nor_background():
@@ -32,3 +34,18 @@ def test_lora_training_writes_a_peft_adapter_the_library_reads(tmp_path):
     description = json.loads(path.with_suffix(".json").read_text())
     assert description["trigger"] == lora_train.TRIGGER and description["training"]["steps"] == 2
     assert lora.description == description
+
+
+def test_the_shipped_example_lora_outlines_shapes_as_a_side_branch_on_the_dgq_checkpoint():
+    """The example adapter (dgq_zoo/loras/outlined) on the shipped DGQ checkpoint, as the service runs it: with the
+    trigger, the outline colour covers several times more of the images than without the adapter."""
+    lora_path = bundled_lora_dir() / f"{lora_train.LORA_NAME}.safetensors"
+    prompts = harness.heldout_prompts(8)
+    config = harness.EvalConfig(model=str(bundled_model_dir().with_name("dgq-shapes-dgq")), prompts=prompts,
+                                batch_size=8, loras=[(str(lora_path), 1.0)], prompt_suffix=f" {lora_train.TRIGGER}")
+    pipeline = harness.load_model(config.model)
+    outlined, _ = harness.generate(pipeline, config)
+    plain, _ = harness.generate(pipeline, replace(config, loras=[]))
+    scenes = [shapes.parse_prompt(prompt) for prompt in prompts]
+    with_adapter, without = style.mean_outline_fraction(outlined, scenes), style.mean_outline_fraction(plain, scenes)
+    assert with_adapter > 3 * without and with_adapter > 0.005, (with_adapter, without)
