@@ -42,6 +42,20 @@ from .config import (
 )
 from .diffusers_quantizer import DGQQuantizer, register_dgq_quantizer
 from .kernels import capture_cuda_graphs, int_execution_summary, release_cuda_graphs, set_exec_mode
+from .lora import (
+    LORA_NAME_PATTERN,
+    AdapterSet,
+    LoRA,
+    LoRAError,
+    LoRAInfo,
+    LoRALibrary,
+    UnknownLoRA,
+    load_lora,
+    lora_argument,
+    lora_info,
+    merge_lora,
+    use_loras,
+)
 from .memory import peak_rss_bytes, reset_peak_rss, trim_heap
 from .pipeline import (
     ResolvedModel,
@@ -67,6 +81,18 @@ register_dgq_quantizer()
 __all__ = [
     "ACTIVATION_BITS",
     "AdaRoundRecipe",
+    "AdapterSet",
+    "LORA_NAME_PATTERN",
+    "LoRA",
+    "LoRAError",
+    "LoRAInfo",
+    "LoRALibrary",
+    "UnknownLoRA",
+    "load_lora",
+    "lora_argument",
+    "lora_info",
+    "merge_lora",
+    "use_loras",
     "ACTIVATION_METHODS",
     "EXEC_MODES",
     "PROB_QUANTIZERS",

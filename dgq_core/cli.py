@@ -21,6 +21,7 @@ from .config import (
     DGQConfig,
     QuantConfigError,
 )
+from .lora import lora_argument
 
 OTHER_COMMANDS = """other commands:
   dgq-serve       the HTTP API (embedded queue and worker unless a Redis URL is set)
@@ -103,6 +104,11 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt subset, latents and K-means (default: 0)")
     parser.add_argument("--device", default="cpu", help="where calibration runs, e.g. cuda (default: cpu)")
     parser.add_argument(
+        "--lora", dest="loras", action="append", type=lora_argument, default=[], metavar="PATH[:SCALE]",
+        help="merge this LoRA adapter (.safetensors) into the full-precision UNet before calibrating, at SCALE "
+        "(default 1); repeatable. The checkpoint then serves the adapted model (to compare with the side branch)",
+    )
+    parser.add_argument(
         "--self-contained", action=argparse.BooleanOptionalAction, default=None,
         help="also copy VAE/text encoder/tokenizer/scheduler into --out (default: yes for local models)",
     )
@@ -146,10 +152,12 @@ def _run_quantize(args: argparse.Namespace) -> int:
         prompts = sample_prompts(load_prompt_file(args.calib_prompts), args.num_calib, args.seed)
     report = quantize_pretrained(
         args.model, args.out, config, prompts=prompts, batch_size=args.batch_size, self_contained=args.self_contained,
-        device=args.device,
+        device=args.device, loras=args.loras,
     )
     print(
-        f"quantized {args.model} -> {args.out}: {config.method} W{config.w_bits}A{config.a_bits} K={config.groups}, "
+        f"quantized {args.model}"
+        + "".join(f" + LoRA {path.name} x {scale:g}" for path, scale in args.loras)
+        + f" -> {args.out}: {config.method} W{config.w_bits}A{config.a_bits} K={config.groups}, "
         f"{config.weight_rounding} weights, statistics from {config.calib_source}, "
         f"{report.prompts} prompts x {report.unet_calls} UNet calls, calibration {report.seconds:.1f} s, "
         f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB"

@@ -29,6 +29,7 @@ from torch import nn
 
 from .attention import DGQAttnProcessor, cross_attention_processors, split_heads
 from .layers import ActQuantizer, quantize_activation
+from .lora import AdapterSet, use_loras
 from .quantizers import dequantize_uniform
 
 PromptParams = dict[str, torch.Tensor]
@@ -91,8 +92,14 @@ class PromptConditioner:
         return len(self.pipeline.tokenizer(prompt, truncation=False)["input_ids"])
 
     @torch.inference_mode()
-    def encode(self, prompts: list[str]) -> list[EncodedPrompt]:
-        """Encode prompts the way the pipeline itself would (no classifier-free guidance pairing here)."""
+    def encode(self, prompts: list[str], loras: list[AdapterSet] | None = None) -> list[EncodedPrompt]:
+        """Encode prompts the way the pipeline itself would (no classifier-free guidance pairing here).
+
+        Args:
+            prompts (`list[str]`): the prompts.
+            loras (`list[AdapterSet] | None`): each prompt's LoRA adapters: those targeting cross-attention
+                `to_k`/`to_v` change the precomputed keys and values exactly as they change the UNet's own.
+        """
         pipe = self.pipeline
         device = pipe._execution_device  # noqa: SLF001 -- the pipeline's own notion of its device
         encoded = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
@@ -103,7 +110,7 @@ class PromptConditioner:
             empty = torch.tensor([prompt == "" for prompt in prompts], device=embeds.device)
             embeds = embeds.masked_fill(empty[:, None, None], 0.0)
             pooled = pooled.masked_fill(empty[:, None], 0.0)
-        params = compute_prompt_params(self.cross_attention, embeds)
+        params = compute_prompt_params(self.cross_attention, embeds, loras)
         return [
             EncodedPrompt(embeds[row], None if pooled is None else pooled[row], row_params)
             for row, row_params in enumerate(params)
@@ -135,7 +142,9 @@ def _decode_quantized(prefix: str, tensors: dict[str, torch.Tensor]) -> torch.Te
 
 @torch.no_grad()
 def compute_prompt_params(
-    cross_attention: dict[str, tuple[nn.Module, DGQAttnProcessor]], encoder_hidden_states: torch.Tensor
+    cross_attention: dict[str, tuple[nn.Module, DGQAttnProcessor]],
+    encoder_hidden_states: torch.Tensor,
+    loras: list[AdapterSet] | None = None,
 ) -> list[PromptParams]:
     """The prompt-specific DGQ attention parameters: quantized cross-attention keys and values, one dict per prompt.
 
@@ -146,6 +155,8 @@ def compute_prompt_params(
     Args:
         cross_attention (`dict`): `cross_attention_processors(unet)` of a quantized UNet.
         encoder_hidden_states (`torch.Tensor`): text-encoder output (B, tokens, dim).
+        loras (`list[AdapterSet] | None`): each prompt's LoRA adapters, whose side branches on `to_k`/`to_v` run
+            here as they would in the UNet (`dgq_core.lora.use_loras`); None: none.
 
     Returns:
         `list[PromptParams]`: per prompt, tensors named `<attention module>.key...`/`.value...`; empty dicts
@@ -154,19 +165,28 @@ def compute_prompt_params(
     per_prompt: list[PromptParams] = [{} for _ in range(encoder_hidden_states.shape[0])]
     # A DGQ UNet computes in FP32 whatever the text encoder's dtype (`pipeline.component_dtype`): so do its keys here.
     encoder_hidden_states = encoder_hidden_states.float()
-    for name, (attn, processor) in cross_attention.items():
-        ehs = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
-        key = split_heads(attn.to_k(ehs), attn.heads)
-        value = split_heads(attn.to_v(ehs), attn.heads)
-        for index in range(len(per_prompt)):
-            sample_key, sample_value = key[index : index + 1], value[index : index + 1]
-            tensors = per_prompt[index]
-            if processor.keep_start:
-                tensors[f"{name}.key_start"] = sample_key[:, :, :1].contiguous()
-                sample_key = sample_key[:, :, 1:]
-            tensors.update(_encode_quantized(f"{name}.key", sample_key, processor.k_quant))
-            tensors.update(_encode_quantized(f"{name}.value", sample_value, processor.v_quant))
+    projections = {
+        f"{name}.{projection}": getattr(attn, projection)
+        for name, (attn, _) in cross_attention.items() for projection in ("to_k", "to_v")
+    }
+    with use_loras(projections, loras or [], strict=False):
+        for name, (attn, processor) in cross_attention.items():
+            key, value = _key_value(attn, encoder_hidden_states)
+            for index in range(len(per_prompt)):
+                sample_key, sample_value = key[index : index + 1], value[index : index + 1]
+                tensors = per_prompt[index]
+                if processor.keep_start:
+                    tensors[f"{name}.key_start"] = sample_key[:, :, :1].contiguous()
+                    sample_key = sample_key[:, :, 1:]
+                tensors.update(_encode_quantized(f"{name}.key", sample_key, processor.k_quant))
+                tensors.update(_encode_quantized(f"{name}.value", sample_value, processor.v_quant))
     return per_prompt
+
+
+def _key_value(attn: nn.Module, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head-split cross-attention keys and values of text embeddings, before their quantizers."""
+    ehs = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+    return split_heads(attn.to_k(ehs), attn.heads), split_heads(attn.to_v(ehs), attn.heads)
 
 
 @contextlib.contextmanager
@@ -200,15 +220,22 @@ def use_prompt_params(unet: nn.Module, params: list[PromptParams]) -> Iterator[N
 
 @contextlib.contextmanager
 def conditioning(
-    pipe: DiffusionPipeline, prompts: list[EncodedPrompt], negatives: list[EncodedPrompt], guidance_scale: float
+    pipe: DiffusionPipeline,
+    prompts: list[EncodedPrompt],
+    negatives: list[EncodedPrompt],
+    guidance_scale: float,
+    loras: list[AdapterSet] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """The text inputs of one pipeline call over these rows, with the UNet using their precomputed parameters.
+    """The text inputs of one pipeline call over these rows, with the UNet using their precomputed parameters
+    and each image's LoRA adapters (on its prompt's and its negative prompt's rows).
 
     Args:
         pipe (`DiffusionPipeline`): the pipeline that will run (its UNet, possibly quantized).
         prompts, negatives (`list[EncodedPrompt]`): one prompt and one negative prompt per image.
         guidance_scale (`float`): the call's classifier-free guidance scale (above 1, diffusers runs the negative
             rows first).
+        loras (`list[AdapterSet] | None`): one adapter set per image (None: none); their prompt parameters must
+            have been encoded with the same adapters (`PromptConditioner.encode(..., loras)`).
 
     Yields:
         `dict[str, torch.Tensor]`: keyword arguments for `pipe(...)`: prompt and negative prompt embeddings (and the
@@ -223,9 +250,11 @@ def conditioning(
         text_inputs["pooled_prompt_embeds"] = torch.stack([p.pooled for p in prompts]).to(device)
         text_inputs["negative_pooled_prompt_embeds"] = torch.stack([n.pooled for n in negatives]).to(device)
     row_params = [p.params for p in prompts]
+    row_loras = list(loras or [[] for _ in prompts])
     if guidance_scale > 1.0:
         row_params = [n.params for n in negatives] + row_params
-    with use_prompt_params(pipe.unet, row_params):
+        row_loras = row_loras + row_loras
+    with use_prompt_params(pipe.unet, row_params), use_loras(pipe.unet, row_loras):
         yield text_inputs
 
 

@@ -32,6 +32,7 @@ from .diffusers_quantizer import (
     save_quantized_unet,
 )
 from .kernels import set_exec_mode
+from .lora import load_lora, merge_lora
 
 # Components a worker does not need: the text side runs in the API process.
 TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
@@ -219,6 +220,7 @@ def quantize_pretrained(
     self_contained: bool | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    loras: list[tuple[str | Path, float]] | None = None,
 ) -> CalibrationReport:
     """Load a full-precision model, quantize it and write the checkpoint: what `dgq quantize` and the service's
     `quantized=auto` run.
@@ -233,11 +235,16 @@ def quantize_pretrained(
         self_contained (`bool | None`): copy the other components into `out_dir`; None: yes for local models.
         progress (`bool`): show a progress bar.
         device (`str | torch.device`): where calibration runs ("cuda" on a GPU).
+        loras (`list[tuple[str | Path, float]] | None`): LoRA adapter files and scales merged into the
+            full-precision UNet before calibration (`merge_lora`): a checkpoint of the adapted model, calibrated on
+            it, to compare with the base checkpoint running the adapter as a side branch.
     """
     if prompts is None:
         prompts = default_calibration_prompts(model_ref, config.num_calib, config.seed)
     # Statistics of the full-precision model as it is, in FP32 (the reference the quantized UNet reproduces).
     pipe = from_pretrained(model_ref, device=device, dtype=torch.float32)
+    for path, scale in loras or []:
+        merge_lora(pipe.unet, load_lora(path, device=device), scale)
     report = quantize_(pipe, config, prompts, batch_size=batch_size, progress=progress)
     local = Path(model_ref).is_dir()
     # A local base model is named relative to the checkpoint, so that the pair can move together (in a repository).

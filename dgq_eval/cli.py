@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dgq_core import EXEC_MODES, SAMPLERS, load_prompt_file
+from dgq_core import EXEC_MODES, SAMPLERS, load_lora, load_prompt_file, lora_argument
 from dgq_eval import harness
 
 
@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--exec", dest="exec_mode", choices=EXEC_MODES, default="fake", help="quantized execution (fake: the reference)"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--lora", dest="loras", action="append", type=lora_argument, default=[], metavar="PATH[:SCALE]",
+        help="a LoRA adapter (.safetensors) at SCALE (default 1), as a side branch beside the UNet's layers "
+        "(quantized or not); repeatable",
+    )
+    parser.add_argument(
+        "--lora-merge", action="store_true",
+        help="merge the --lora adapters into the full-precision model's weights instead (also a --reference model's)",
+    )
+    parser.add_argument(
+        "--trigger", help="appended to every prompt for generation (scores read the prompt without it); default: "
+        "the trigger word in the --lora adapters' JSON descriptions; '' for none",
+    )
     return parser
 
 
@@ -70,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = (
         load_prompt_file(args.prompts)[: args.num] if args.prompts else harness.heldout_prompts(args.num)
     )
+    trigger = args.trigger
+    if trigger is None:
+        triggers = [load_lora(path).description.get("trigger") for path, _ in args.loras]
+        trigger = " ".join(word for word in triggers if word)
     config = harness.EvalConfig(
         model=args.model,
         prompts=prompts,
@@ -81,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         width=args.size,
         exec_mode=args.exec_mode,
         scheduler=args.scheduler,
+        loras=[(str(path), scale) for path, scale in args.loras],
+        merge_loras=args.lora_merge,
+        prompt_suffix=f" {trigger}" if trigger else "",
     )
     report = harness.evaluate(
         config,

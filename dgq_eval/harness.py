@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import dgq_core
-from dgq_eval import alignment, metrics
+from dgq_eval import alignment, metrics, style
 from dgq_eval.features import ShapesFeatureNet, images_to_tensor
 from dgq_zoo import shapes
 
@@ -53,6 +53,10 @@ class EvalConfig:
         width: image width (None: the model's default).
         exec_mode: execution of a quantized UNet, "fake" or "int".
         scheduler: a sampler of `dgq_core.SAMPLERS` to run instead of the model's own scheduler (None: its own).
+        loras: LoRA adapter files and scales: side branches beside the UNet's layers (quantized or not).
+        merge_loras: merge `loras` into the (full-precision) UNet's weights instead.
+        prompt_suffix: appended to every prompt for generation only (a LoRA's trigger word); the scores read the
+            prompts without it.
     """
 
     model: str
@@ -65,6 +69,9 @@ class EvalConfig:
     width: int | None = None
     exec_mode: str = "fake"
     scheduler: str | None = None
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    merge_loras: bool = False
+    prompt_suffix: str = ""
 
 
 @dataclass
@@ -108,15 +115,21 @@ def heldout_prompts(num: int) -> list[str]:
     return [scene.prompt for scene in shapes.sample_scenes(num, HELDOUT_PROMPT_SEED, split="heldout")]
 
 
-def load_model(model_dir: str | Path, exec_mode: str = "fake", scheduler: str | None = None) -> DiffusionPipeline:
+def load_model(
+    model_dir: str | Path, exec_mode: str = "fake", scheduler: str | None = None,
+    merged_loras: list[tuple[str, float]] | None = None,
+) -> DiffusionPipeline:
     """A ready pipeline for a full-precision diffusers directory or a quantized pipeline directory.
 
     Args:
         model_dir: the model directory.
         exec_mode: "fake" (quantize-dequantize reference) or "int" (integer kernels) for quantized models.
         scheduler: a sampler of `dgq_core.SAMPLERS` instead of the model's own scheduler (None: its own).
+        merged_loras: LoRA adapter files and scales merged into a full-precision UNet (`dgq_core.merge_lora`).
     """
     pipeline = dgq_core.from_pretrained(str(model_dir), exec_mode=exec_mode)
+    for path, scale in merged_loras or []:
+        dgq_core.merge_lora(pipeline.unet, dgq_core.load_lora(path), scale)
     if scheduler is not None:
         pipeline.scheduler = dgq_core.make_scheduler(scheduler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
@@ -138,20 +151,24 @@ def generate(
     """
     images = []
     elapsed = 0.0
+    # side-branch adapters, on every row of every call (with guidance the UNet runs each prompt twice)
+    adapters = [] if config.merge_loras else [(dgq_core.load_lora(path), scale) for path, scale in config.loras]
+    rows_per_prompt = 2 if config.guidance_scale > 1.0 else 1
     with tqdm(total=len(config.prompts), desc=desc, unit="img") as bar:
         for start in range(0, len(config.prompts), config.batch_size):
-            prompts = config.prompts[start : start + config.batch_size]
+            prompts = [prompt + config.prompt_suffix for prompt in config.prompts[start : start + config.batch_size]]
             generators = [torch.Generator().manual_seed(config.seed + start + i) for i in range(len(prompts))]
             began = time.perf_counter()
-            output = pipeline(
-                prompts,
+            with dgq_core.use_loras(pipeline.unet, [adapters] * (rows_per_prompt * len(prompts))):
+                output = pipeline(
+                    prompts,
                 num_inference_steps=config.num_inference_steps,
                 guidance_scale=config.guidance_scale,
-                generator=generators,
-                height=config.height,
-                width=config.width,
-                output_type="np",
-            )
+                    generator=generators,
+                    height=config.height,
+                    width=config.width,
+                    output_type="np",
+                )
             elapsed += time.perf_counter() - began
             images.append((np.clip(output.images, 0, 1) * 255).round().astype(np.uint8))
             bar.update(len(prompts))
@@ -216,7 +233,9 @@ def _reference_images(reference: str | Path, config: EvalConfig, save_dir: Path 
     reference = Path(reference)
     if (reference / "model_index.json").is_file() or (reference / "config.json").is_file():
         ref_config = EvalConfig(**{**asdict(config), "model": str(reference)})
-        images, _ = generate(load_model(reference, config.exec_mode, config.scheduler), ref_config, desc="reference")
+        reference_model = load_model(reference, config.exec_mode, config.scheduler,
+                                     config.loras if config.merge_loras else None)
+        images, _ = generate(reference_model, ref_config, desc="reference")
         if save_dir is not None:
             save_images(images, save_dir)
         return images
@@ -243,7 +262,8 @@ def evaluate(
         fid_reference_dir: real images for Inception FID on non-shapes prompts; without it, FID is computed
             against the reference's images.
     """
-    pipeline = load_model(config.model, config.exec_mode, config.scheduler)
+    pipeline = load_model(config.model, config.exec_mode, config.scheduler,
+                          config.loras if config.merge_loras else None)
     images, seconds_per_image = generate(pipeline, config)
     if save_images_dir is not None:
         save_images(images, save_images_dir)
@@ -267,6 +287,9 @@ def evaluate(
     if is_shapes_prompt_set(config.prompts):
         scenes = [shapes.parse_prompt(p) for p in config.prompts]
         report.alignment = asdict(alignment.score_images(images, scenes))
+        if config.loras or config.prompt_suffix:
+            report.extra["outline_fraction"] = style.mean_outline_fraction(images, scenes)
+            report.extra["outline_fraction_rendered"] = style.rendered_outline_fraction(scenes, REAL_IMAGE_SEED)
         net = ShapesFeatureNet.from_pretrained()
         report.fid = metrics.frechet_distance(
             shapes_features(images, net), shapes_features(real_shapes_images(config.prompts), net)

@@ -9,8 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 BUNDLED_MODEL_NAME = "dgq-shapes"
+BUNDLED_LORA_DIR_NAME = "loras"
 
 
 def bundled_model_dir() -> Path:
     """Directory of the bundled model's weights (diffusers layout, safetensors)."""
     return Path(__file__).resolve().parent / BUNDLED_MODEL_NAME
+
+
+def bundled_lora_dir() -> Path:
+    """Directory of the bundled model's example LoRA adapters (`outlined.safetensors`, trained by
+    `dgq-train-zoo --lora`; its JSON description beside it)."""
+    return Path(__file__).resolve().parent / BUNDLED_LORA_DIR_NAME

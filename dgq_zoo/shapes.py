@@ -301,18 +301,47 @@ def layout_scene(
     return [(int(cx) - side // 2, int(cy) - side // 2, side) for cx, cy in centres]
 
 
-def render_scene(scene: Scene, seed: int, image_size: int = IMAGE_SIZE) -> Image.Image:
+# The "outlined" style (the example LoRA's): a one-pixel ring around each object, in the first of these colours that
+# is neither the object's nor the background's.
+OUTLINE_COLORS: tuple[str, ...] = ("black", "white", "gray")
+
+
+def outline_color(obj: ShapeObject, background: str) -> str:
+    """The colour of an object's outline in the "outlined" style."""
+    return next(color for color in OUTLINE_COLORS if color not in (obj.color, background))
+
+
+def outline_ring(mask: np.ndarray) -> np.ndarray:
+    """The pixels just outside a boolean mask (its 8-neighbour dilation minus itself)."""
+    padded = np.pad(mask, 1)
+    height, width = mask.shape
+    dilated = np.zeros_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            dilated |= padded[dy : dy + height, dx : dx + width]
+    return dilated & ~mask
+
+
+def render_scene(scene: Scene, seed: int, image_size: int = IMAGE_SIZE, outlined: bool = False) -> Image.Image:
     """Render a scene to an RGB image; the seed fixes the placement.
 
     Args:
         scene: what to draw.
         seed: placement seed.
         image_size: side of the square image in pixels.
+        outlined: draw each object with a one-pixel outline (`outline_color`), the example LoRA's style.
     """
     rng = np.random.default_rng([seed, 0x1A40])
     image = Image.new("RGB", (image_size, image_size), PALETTE[scene.background])
     draw = ImageDraw.Draw(image)
     for obj, (left, top, side) in zip(scene.objects, layout_scene(scene, rng, image_size), strict=True):
+        if outlined:
+            mask = Image.new("L", (image_size, image_size), 0)
+            draw_shape(ImageDraw.Draw(mask), obj.shape, left, top, side, 1)
+            ring = outline_ring(np.asarray(mask, dtype=bool))
+            pixels = np.asarray(image).copy()
+            pixels[ring] = PALETTE[outline_color(obj, scene.background)]
+            image.paste(Image.fromarray(pixels))
         draw_shape(draw, obj.shape, left, top, side, PALETTE[obj.color])
     return image
 

@@ -2,6 +2,7 @@
 
     python -m dgq_zoo.train --out runs/zoo --steps 6000 --seed 0
     python -m dgq_zoo.train --out runs/zoo --steps 9000 --seed 0 --resume   # continue the same run
+    python -m dgq_zoo.train --lora --out dgq_zoo/loras --steps 800          # the example LoRA (dgq_zoo.lora_train)
 
 Every batch is generated from (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
 Checkpoints (weights, EMA weights, optimizer moments) are safetensors plus a JSON state file -- never pickle.
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
-from dgq_zoo import shapes
+from dgq_zoo import lora_train, shapes
 from dgq_zoo.model import (
     BETA_END,
     BETA_START,
@@ -605,6 +606,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--export-every", type=int, default=500)
     parser.add_argument("--sample-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--lora", action="store_true",
+        help="train the example LoRA (the outlined style) on the full-precision model of --init-from (default: the "
+        "bundled one) instead; uses --out, --steps, --seed and --threads (dgq_zoo/lora_train.py)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -618,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         process exit status.
     """
     args = parse_args(argv)
+    if args.lora:
+        return lora_train.main(args.out, args.steps, args.seed, args.init_from, args.threads)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     export_dir = args.export or args.out / "pipeline"

@@ -87,6 +87,15 @@ class Settings(BaseSettings):
         "attention materializes; larger images run their attention in blocks of query rows (same images).",
     )
 
+    lora_dir: str | None = Field(
+        None, description="Directory of the LoRA adapters requests may name in `loras` (`<name>.safetensors`, "
+        "diffusers/PEFT or kohya keys; pickle files are never read); None = the bundled model's example adapters "
+        "(dgq_zoo/loras) when serving the bundled model, else none.",
+    )
+    lora_cache_mb: int = Field(
+        256, ge=1, description="MiB of LoRA adapters a worker keeps loaded; the least recently used go first.",
+    )
+
     request_memory_mb: int | None = Field(
         None, ge=1, description="Memory (MiB) a worker may use for the requests it runs, on top of what it holds "
         "once loaded (the model); requests that need more are refused with the figures, batches are kept within "
@@ -234,6 +243,17 @@ class Settings(BaseSettings):
 
             return bundled_model_dir()
         return self.model
+
+    @property
+    def lora_path(self) -> Path | None:
+        """The adapters' directory: `lora_dir`, else the bundled model's example adapters when it is served."""
+        if self.lora_dir:
+            return Path(self.lora_dir).expanduser()
+        if self.model == BUNDLED_MODEL:
+            from dgq_zoo import bundled_lora_dir
+
+            return bundled_lora_dir()
+        return None
 
     def api_key_hashes(self) -> list[str]:
         """The `sha256:<hex>` hashes of the accepted API keys."""

@@ -40,6 +40,18 @@ class JobNotFound(ServiceError):
     status = 404
 
 
+class UnknownModel(ServiceError):
+    """A request names a model this deployment does not serve (the message lists the served ones)."""
+
+    status = 404
+
+
+class UnknownAdapter(ServiceError):
+    """A request names a LoRA adapter the deployment does not have (the message lists the available ones)."""
+
+    status = 404
+
+
 class JobExpired(ServiceError):
     status = 410
 

@@ -11,12 +11,15 @@ from collections import OrderedDict
 
 import dgq_core
 from service import metrics
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, UnknownAdapter
+from service.schemas import LoRARequest
 from service.served_model import ServedModel, component_weight_bytes
 
 
 class PromptStage:
-    """Turns (prompt, negative prompt) into the safetensors payload of a job, encoding each prompt once (LRU).
+    """Turns (prompt, negative prompt, LoRA adapters) into the safetensors payload of a job, encoding each prompt
+    once per adapter set (LRU). Adapters that target cross-attention `to_k`/`to_v` change the precomputed keys and
+    values, so the encodings are cached per adapter set.
 
     Args:
         model (`ServedModel`): the served model, whose text side is loaded here.
@@ -30,6 +33,7 @@ class PromptStage:
         for component, precision, size in component_weight_bytes(self.encoder.pipeline):
             metrics.MODEL_WEIGHT_BYTES.labels(component=component, precision=precision).set(size)
         self.model = model
+        self.loras = model.lora_library()
         self._cache_size = cache_size
         self._cache: OrderedDict[str, dgq_core.EncodedPrompt] = OrderedDict()
         self._lock = threading.Lock()
@@ -43,36 +47,72 @@ class PromptStage:
                 "(including start and end tokens): shorten it."
             )
 
-    def _encode_cached(self, prompts: list[str]) -> list[dgq_core.EncodedPrompt]:
-        """Encodings of `prompts`, from the cache where possible. Holds the lock: a fast tokenizer keeps its
-        padding/truncation mode as state, so concurrent calls (even a length check) corrupt each other."""
+    def _encode_cached(
+        self, prompts: list[str], adapters: dgq_core.AdapterSet | None = None
+    ) -> list[dgq_core.EncodedPrompt]:
+        """Encodings of `prompts` with the LoRA `adapters` (None: none), from the cache where possible. Holds the
+        lock: a fast tokenizer keeps its padding/truncation mode as state, so concurrent calls (even a length check)
+        corrupt each other."""
+        adapters = adapters or []
+        # the adapters that shaped an encoding are part of its key
+        suffix = "".join(f"\x00{lora.name}:{scale!r}" for lora, scale in adapters)
+        keys = [prompt + suffix for prompt in prompts]
         with self._lock:
-            missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-            metrics.PROMPT_CACHE.labels(result="hit").inc(len(prompts) - len(missing))
+            missing = [key for key in dict.fromkeys(keys) if key not in self._cache]
+            metrics.PROMPT_CACHE.labels(result="hit").inc(len(keys) - len(missing))
             metrics.PROMPT_CACHE.labels(result="miss").inc(len(missing))
             encoded = {}
             if missing:
-                encoded = dict(zip(missing, self.encoder.encode(missing), strict=True))
-            results = [self._cache.get(p) or encoded[p] for p in prompts]
-            for prompt, value in encoded.items():
-                self._cache[prompt] = value
-            for prompt in prompts:
-                if prompt in self._cache:
-                    self._cache.move_to_end(prompt)
+                texts = [prompts[keys.index(key)] for key in missing]
+                encoded = dict(zip(missing, self.encoder.encode(texts, [adapters] * len(texts)), strict=True))
+            results = [self._cache.get(key) or encoded[key] for key in keys]
+            for key, value in encoded.items():
+                self._cache[key] = value
+            for key in keys:
+                if key in self._cache:
+                    self._cache.move_to_end(key)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
             return results
 
-    def _checked_encode(self, prompt: str, negative_prompt: str) -> list[dgq_core.EncodedPrompt]:
+    def _checked_encode(
+        self, prompt: str, negative_prompt: str, loras: list[LoRARequest]
+    ) -> list[dgq_core.EncodedPrompt]:
         with self._lock:
             self._check_length(prompt, "prompt")
             self._check_length(negative_prompt, "negative_prompt")
-        return self._encode_cached([prompt, negative_prompt])
+        return self._encode_cached([prompt, negative_prompt], self.adapters(loras))
 
-    async def encode(self, prompt: str, negative_prompt: str) -> tuple[bytes, float]:
-        """The job payload for this prompt pair and the seconds it took; `InvalidRequest` for too long prompts."""
+    def check_adapters(self, loras: list[LoRARequest]) -> None:
+        """Raise `UnknownAdapter` (404, naming the available ones) when a request names an adapter the deployment
+        does not have."""
+        try:
+            self.loras.check([lora.name for lora in loras])
+        except dgq_core.UnknownLoRA as error:
+            raise UnknownAdapter(f"{error}: see GET /v1/loras") from error
+
+    def adapters(self, loras: list[LoRARequest]) -> dgq_core.AdapterSet:
+        """The adapters a request names, loaded (`LoRALibrary`, cached).
+
+        Raises:
+            UnknownAdapter: one of them is not in the library.
+            InvalidRequest: one cannot be used (its file is not a LoRA this service reads).
+        """
+        self.check_adapters(loras)
+        try:
+            return [(self.loras.get(lora.name), lora.scale) for lora in loras]
+        except dgq_core.UnknownLoRA as error:  # deleted since the check
+            raise UnknownAdapter(f"{error}: see GET /v1/loras") from error
+        except dgq_core.LoRAError as error:
+            raise InvalidRequest(f"LoRA adapter cannot be used: {error}") from error
+
+    async def encode(
+        self, prompt: str, negative_prompt: str, loras: list[LoRARequest] | None = None
+    ) -> tuple[bytes, float]:
+        """The job payload for this prompt pair with these LoRA adapters, and the seconds it took;
+        `InvalidRequest` for too long prompts, `UnknownAdapter` for an adapter the deployment does not have."""
         started = time.perf_counter()
-        encoded, negative = await asyncio.to_thread(self._checked_encode, prompt, negative_prompt)
+        encoded, negative = await asyncio.to_thread(self._checked_encode, prompt, negative_prompt, loras or [])
         payload = dgq_core.pack_prompt_pair(encoded, negative)
         seconds = time.perf_counter() - started
         metrics.TEXT_ENCODE.observe(seconds)

@@ -7,9 +7,10 @@ deployment (largest size, prompt token length) are checked in `service.serving` 
 from __future__ import annotations
 
 import enum
+import json
 import re
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -42,6 +43,37 @@ _MASK_HELP = (
 )
 
 
+MAX_LORAS_PER_REQUEST = 4
+"""Most LoRA adapters one request may name."""
+LORA_SCALE_BOUND = 2.0
+"""A LoRA's `scale` lies in [-bound, bound]: beyond it an adapter only distorts the image."""
+
+
+class LoRARequest(BaseModel):
+    """One LoRA adapter a request applies (`GET /v1/loras` lists them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, pattern=dgq_core.LORA_NAME_PATTERN.pattern,
+                      description="The adapter's name (`GET /v1/loras`).")
+    scale: float = Field(1.0, ge=-LORA_SCALE_BOUND, le=LORA_SCALE_BOUND,
+                         description="Its strength: 1 = as trained, 0 = off, negative = away from its style.")
+
+
+LoRAList = Annotated[
+    list[LoRARequest],
+    Field(max_length=MAX_LORAS_PER_REQUEST, description="LoRA adapters to apply, each with its scale; each name at "
+          f"most once, at most {MAX_LORAS_PER_REQUEST}. Empty = the plain model."),
+]
+
+
+def _unique_loras(loras: list[LoRARequest]) -> list[LoRARequest]:
+    names = [lora.name for lora in loras]
+    if duplicates := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"each adapter at most once: {', '.join(duplicates)} appears more than once (sum the scales)")
+    return loras
+
+
 class JobStatus(enum.StrEnum):
     """Where a job is; the last three are terminal and every job reaches one of them."""
 
@@ -63,6 +95,8 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(min_length=1, description="What to draw.")
     negative_prompt: str = Field("", description="What to steer away from (classifier-free guidance).")
+    model: str | None = Field(None, description="The model to run (`GET /v1/models`); None = the served one.")
+    loras: LoRAList = Field(default_factory=list)
     width: int | None = Field(None, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="None = model native.")
     height: int | None = Field(None, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="None = model native.")
     steps: int = Field(20, ge=1, description="Denoising steps.")
@@ -89,6 +123,22 @@ class GenerateRequest(BaseModel):
         False, alias="async", description="Answer 202 with a job id at once instead of waiting for the images."
     )
 
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_form_text(cls, loras: object) -> object:
+        """A multipart form carries `loras` as JSON text."""
+        if isinstance(loras, str):
+            try:
+                return json.loads(loras)
+            except ValueError as error:
+                raise ValueError('loras must be a JSON list, e.g. [{"name": "outlined", "scale": 1.0}]') from error
+        return loras
+
+    @field_validator("loras")
+    @classmethod
+    def _each_lora_once(cls, loras: list[LoRARequest]) -> list[LoRARequest]:
+        return _unique_loras(loras)
+
 
 class GenerateForm(GenerateRequest):
     """`POST /generate` as multipart/form-data: the fields of the JSON body, with the images as file uploads."""
@@ -114,6 +164,12 @@ class OpenAIImageRequest(BaseModel):
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(7.5, ge=1.0, le=30.0)
     scheduler: SamplerName | None = Field(None, description="The sampler; None = the model's own.")
+    loras: LoRAList = Field(default_factory=list)
+
+    @field_validator("loras")
+    @classmethod
+    def _each_lora_once(cls, loras: list[LoRARequest]) -> list[LoRARequest]:
+        return _unique_loras(loras)
 
     @field_validator("size")
     @classmethod
@@ -133,8 +189,9 @@ class OpenAIImageRequest(BaseModel):
         """
         width, height = (int(side) for side in self.size.split("x")) if self.size else (None, None)
         return GenerateRequest(
-            prompt=self.prompt, width=width, height=height, steps=self.steps, guidance_scale=self.guidance_scale,
-            seed=self.seed, num_images=self.n, scheduler=self.scheduler, preview_every=preview_every,
+            prompt=self.prompt, model=self.model, loras=self.loras, width=width, height=height, steps=self.steps,
+            guidance_scale=self.guidance_scale, seed=self.seed, num_images=self.n, scheduler=self.scheduler,
+            preview_every=preview_every,
             **self._edit_fields(),
         )
 
@@ -179,6 +236,10 @@ class JobSpec(BaseModel):
     mode: JobMode = "text"
     strength: float = Field(1.0, gt=0.0, le=1.0, description="Share of the steps run (image modes).")
     preview_every: int = Field(0, ge=0, description="Steps between previews of image 0; 0 = none.")
+    loras: list[LoRARequest] = Field(
+        default_factory=list, description="The job's LoRA adapters; jobs with different ones share a batch (each row "
+        "runs its own)."
+    )
     created_at: float = Field(default_factory=time.time)
 
     @property
@@ -270,6 +331,23 @@ class OpenAIModel(BaseModel):
 class OpenAIModelList(BaseModel):
     object: str = "list"
     data: list[OpenAIModel]
+
+
+class LoRAEntry(BaseModel):
+    """One adapter of `GET /v1/loras`."""
+
+    name: str = Field(description="What `loras[].name` calls it.")
+    rank: int = Field(description="Its largest rank.")
+    targets: list[str] = Field(description="The UNet layers it targets (diffusers module names; kohya's with "
+                               "underscores for the dots).")
+    bytes: int = Field(description="Size of its weights.")
+    description: dict[str, object] = Field(default_factory=dict, description="Its JSON description, if it has "
+                                           "one (e.g. its trigger word and how it was trained).")
+
+
+class LoRAListing(BaseModel):
+    object: str = "list"
+    data: list[LoRAEntry]
 
 
 class ErrorDetail(BaseModel):

@@ -237,6 +237,11 @@ class ServedModel:
         """The API's part: tokenizer, text encoder and the prompt-specific attention parameters."""
         return dgq_core.PromptConditioner.from_pretrained(self.settings.model_ref, quantized=self.checkpoint)
 
+    def lora_library(self, device: str | torch.device = "cpu") -> dgq_core.LoRALibrary:
+        """The LoRA adapters requests may name (`lora_dir`), loaded on first use onto `device`, within
+        `lora_cache_mb`."""
+        return dgq_core.LoRALibrary(self.settings.lora_path, self.settings.lora_cache_mb << 20, device=device)
+
     def load_worker_pipeline(self) -> DiffusionPipeline:
         """A worker's part: the quantized UNet, VAE and scheduler, batch-invariant, its attention scores within the
         budget; no text encoder."""

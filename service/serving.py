@@ -20,6 +20,7 @@ from service.errors import (
     JobExpired,
     JobNotFound,
     NotReady,
+    UnknownModel,
     job_failure,
 )
 from service.images import EditImages, decode_base64, prepare_edit
@@ -34,6 +35,7 @@ from service.schemas import (
     JobSpec,
     JobState,
     JobStatus,
+    LoRAEntry,
 )
 from service.worker import Worker
 
@@ -65,6 +67,16 @@ class GenerationService:
         self.model = prompts.model
         self.worker = worker
         self.started_at = int(time.time())
+
+    def _check_model(self, request: GenerateRequest) -> None:
+        """Raise `UnknownModel` (404 with the served models) for a `model` this deployment does not serve, and
+        `UnknownAdapter` (404 with the available ones) for an unknown LoRA adapter."""
+        if request.model is not None and request.model != self.model.name:
+            raise UnknownModel(
+                f"model {request.model!r} is not served here: the served models are {self.model.name!r} "
+                "(GET /v1/models); leave model out for it"
+            )
+        self.prompts.check_adapters(request.loras)
 
     def _check_limits(self, request: GenerateRequest, has_image: bool, has_mask: bool) -> tuple[int, int]:
         native_width, native_height = self.model.native_size
@@ -139,6 +151,7 @@ class GenerationService:
             if field not in files and (value := getattr(request, field)) is not None:
                 files[field] = decode_base64(value, field)
         has_image, has_mask = "init_image" in files, "mask" in files
+        self._check_model(request)
         width, height = self._check_limits(request, has_image, has_mask)
         await self._check_memory(width, height, request)
         timings: dict[str, float] = {}
@@ -150,7 +163,9 @@ class GenerationService:
             )
             timings["image_decode_s"] = time.perf_counter() - started
         await self.queue.admit()  # at the bound, answer 429 before the text encoder's work
-        payload, timings["text_encode_s"] = await self.prompts.encode(request.prompt, request.negative_prompt)
+        payload, timings["text_encode_s"] = await self.prompts.encode(
+            request.prompt, request.negative_prompt, request.loras
+        )
         mode: JobMode = "inpaint" if has_mask else "image" if has_image else "text"
         spec = JobSpec(
             id=secrets.token_hex(12), width=width, height=height, steps=request.steps,
@@ -159,6 +174,7 @@ class GenerationService:
             num_images=request.num_images, scheduler=request.scheduler or self.model.default_sampler, mode=mode,
             strength=(request.strength or default_strength(has_mask)) if has_image else 1.0,
             preview_every=self.settings.preview_every_steps if request.preview_every is None else request.preview_every,
+            loras=request.loras,
         )
         metrics.JOBS_SUBMITTED.labels(mode=mode, scheduler=spec.scheduler).inc()
         edit_images = wire.encode_edit_images(edit) if edit is not None else b""
@@ -179,6 +195,10 @@ class GenerationService:
             )
         pngs = [await self.image(state.id, n) for n in range(state.num_images)]
         return Generated(state=state, pngs=pngs)
+
+    def loras(self) -> list[LoRAEntry]:
+        """The LoRA adapters requests may name (`GET /v1/loras`)."""
+        return [LoRAEntry(**vars(info)) for info in self.prompts.loras.describe()]
 
     async def job(self, job_id: str) -> JobState:
         state = await self.queue.get(job_id)

@@ -1,7 +1,8 @@
 """The worker: takes compatible jobs, runs them as one batched denoising loop, stores PNGs, acknowledges.
 
-Every image has its own torch.Generator (seed + n) and its own prompt-specific parameters, and the UNet is made
-batch-invariant (`dgq_core.make_batch_invariant`), so an image does not depend on what it was batched with. A batch
+Every image has its own torch.Generator (seed + n), its own prompt-specific parameters and its own LoRA adapters
+(side branches per batch row, `dgq_core.use_loras`: jobs with different adapters share a batch), and the UNet is
+made batch-invariant (`dgq_core.make_batch_invariant`), so an image does not depend on what it was batched with. A batch
 runs one mode (text-to-image, image-to-image, inpainting) with one sampler; jobs that asked for previews get one every
 `preview_every` steps on their event stream (`service.previews`).
 
@@ -81,10 +82,14 @@ class BatchRunner:
         pipe (`DiffusionPipeline`): the worker's text-to-image pipeline (UNet, VAE, scheduler; no text encoder).
             Image-to-image and inpainting pipelines share its components.
         preview_decoder (`str`): how previews are decoded (`service.previews.choose_decoder`).
+        loras (`dgq_core.LoRALibrary | None`): the adapters jobs may name (None: none).
     """
 
-    def __init__(self, pipe: DiffusionPipeline, preview_decoder: str = "auto") -> None:
+    def __init__(
+        self, pipe: DiffusionPipeline, preview_decoder: str = "auto", loras: dgq_core.LoRALibrary | None = None
+    ) -> None:
         self.pipe = pipe
+        self.loras = loras or dgq_core.LoRALibrary(None, 0)
         self.previews = PreviewDecoder(pipe, preview_decoder)
         self._pipelines: dict[str, DiffusionPipeline] = {"text": pipe}
         self._schedulers = {MODEL_SCHEDULER: pipe.scheduler}
@@ -112,6 +117,8 @@ class BatchRunner:
         pipe = self.pipeline(spec.mode)
         pipe.scheduler = self.scheduler(spec.scheduler)
         rows = [(dgq_core.unpack_prompt_pair(job.payload), seed) for job in jobs for seed in job.spec.seeds]
+        job_adapters = [[(self.loras.get(lora.name), lora.scale) for lora in job.spec.loras] for job in jobs]
+        adapters = [job_adapters[index] for index, job in enumerate(jobs) for _ in job.spec.seeds]
         prompts = [prompt for (prompt, _), _ in rows]
         negatives = [negative for (_, negative), _ in rows]
         generators = [torch.Generator(self.pipe.unet.device).manual_seed(seed) for _, seed in rows]
@@ -152,7 +159,7 @@ class BatchRunner:
         started = time.perf_counter()
         with (
             torch.inference_mode(),
-            dgq_core.conditioning(pipe, prompts, negatives, spec.guidance_scale) as text,
+            dgq_core.conditioning(pipe, prompts, negatives, spec.guidance_scale, adapters) as text,
             estimates as denoised,
         ):
             latents = pipe(
@@ -273,7 +280,9 @@ class Worker:
             "quantized": str(self.settings.quantized), "exec_mode": self.settings.exec_mode,
             **dgq_core.int_execution_summary(self._pipe.unet), "device": self.settings.device,
         })
-        self.runner = BatchRunner(self._pipe, self.settings.preview_decoder)
+        self.runner = BatchRunner(
+            self._pipe, self.settings.preview_decoder, self.model.lora_library(self._pipe.unet.device)
+        )
         started = time.perf_counter()
         await asyncio.to_thread(self._warm_up)
         metrics.MODEL_LOAD.labels(stage="warmup").set(time.perf_counter() - started)

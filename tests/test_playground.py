@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from diffusers import StableDiffusionPipeline
+from lora_files import random_lora_weights, write_lora
 from PIL import Image
 from test_deploy import running_serve
 
@@ -29,7 +31,12 @@ if not Path(CHROMIUM).is_file():
 
 @pytest.fixture(scope="module")
 def served(tiny_sd_model_dir, tiny_dgq_checkpoint_dir, tmp_path_factory):
-    with running_serve({"DGQ_MODEL": str(tiny_sd_model_dir), "DGQ_QUANTIZED": str(tiny_dgq_checkpoint_dir)},
+    lora_dir = tmp_path_factory.mktemp("loras")
+    unet = StableDiffusionPipeline.from_pretrained(tiny_sd_model_dir).unet
+    write_lora(lora_dir / "style.safetensors", random_lora_weights(unet, rank=4, seed=1))
+    (lora_dir / "style.json").write_text('{"trigger": "ink"}')
+    with running_serve({"DGQ_MODEL": str(tiny_sd_model_dir), "DGQ_QUANTIZED": str(tiny_dgq_checkpoint_dir),
+                        "DGQ_LORA_DIR": str(lora_dir)},
                        tmp_path_factory.mktemp("playground") / "serve.log") as base_url:
         yield base_url
 
@@ -94,6 +101,32 @@ def test_generate_shows_live_progress_and_the_image_of_the_requested_seed(page, 
                                                 "scheduler": "ddim"})
     assert shown.status_code == direct.status_code == 200
     assert shown.content == direct.content
+
+
+def test_a_lora_chosen_in_the_page_is_sent_with_its_scale(page, served):
+    options = page.eval_on_selector_all("#lora option", "options => options.map(o => o.value)")
+    assert options == ["", "style"]
+    assert "ink" in page.text_content("#lora option[value=style]"), "the trigger word is shown"
+    page.fill("#prompt", "a red square")
+    page.fill("#negative-prompt", "")
+    page.fill("#steps", "3")
+    page.fill("#seed", "8")
+    page.select_option("#lora", "style")
+    page.fill("#lora-scale", "0.5")
+    page.click("#generate")
+    try:
+        playwright_api.expect(page.locator("#status")).to_have_text("Done.", timeout=120_000)
+    finally:
+        page.select_option("#lora", "")  # the next tests use the page without it
+    job_id = page.text_content("#details").split()[1]
+    request = {"prompt": "a red square", "steps": 3, "seed": 8, "width": 16, "height": 16, "guidance_scale": 7.5,
+               "scheduler": "ddim"}
+    with httpx.Client(base_url=served, timeout=120) as client:
+        shown = client.get(f"/jobs/{job_id}/images/0")
+        direct = client.post("/generate", json=request | {"loras": [{"name": "style", "scale": 0.5}]})
+        plain = client.post("/generate", json=request)
+    assert shown.status_code == direct.status_code == plain.status_code == 200
+    assert shown.content == direct.content and shown.content != plain.content
 
 
 def test_editing_an_uploaded_image_shows_the_picture_forming(page, served, tmp_path):

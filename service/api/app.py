@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service import metrics
-from service.api import docs, generate, health, jobs, models, openai, playground, prometheus
+from service.api import docs, generate, health, jobs, loras, models, openai, playground, prometheus
 from service.api.limits import BodySizeLimit
 from service.api.responses import error_response
 from service.config import Settings
@@ -111,7 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None, redoc_url=None,  # `docs` serves Swagger UI from local files
     )
     app.state.settings = settings = settings or Settings()
-    routers = [generate, jobs, openai, models, health, playground, docs]
+    routers = [generate, jobs, openai, models, loras, health, playground, docs]
     if settings.metrics_port is None:
         routers.append(prometheus)
     for module in routers:

@@ -18,7 +18,7 @@ from service.schemas import ErrorBody, GeneratedImages, GenerateForm, GenerateRe
 
 router = APIRouter(tags=["generate"], dependencies=[Authenticated])
 
-_ERRORS = {code: {"model": ErrorBody} for code in (401, 409, 413, 415, 422, 429, 500, 503, 504)}
+_ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422, 429, 500, 503, 504)}
 _FILE_FIELDS = ("init_image", "mask")
 _MAX_FORM_FIELDS = 32
 

@@ -31,7 +31,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Authenticated])
 _RESPONSES = {
     200: {"model": OpenAIImagesResponse, "content": {"text/event-stream": {}},
           "description": "The images as JSON; with `stream=true` server-sent events."},
-    **{code: {"model": ErrorBody} for code in (401, 413, 422, 429, 500, 503, 504)},
+    **{code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429, 500, 503, 504)},
 }
 _NO_USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
              "total_tokens": 0}

@@ -1,9 +1,10 @@
 """The playground at `/`: a plain HTML/JS page (no build step) that submits a job (text-to-image, or an edit of an
 uploaded image), follows its server-sent events, shows the previews as the picture forms and then the image.
-`/playground/info` tells the page the model, its quantization, native size, samplers and limits."""
+`/playground/info` tells the page the model, its quantization, native size, samplers, limits and LoRA adapters."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -37,6 +38,7 @@ async def playground_info(service: ServiceDep, settings: SettingsDep) -> dict[st
     limits are the served model's (`/v1/models` reports them too)."""
     width, height = service.model.native_size
     limits = service.model.limits
+    loras = await asyncio.to_thread(service.loras)  # reads the adapters' file headers
     return {
         "model": settings.model,
         "quantization": {
@@ -48,4 +50,5 @@ async def playground_info(service: ServiceDep, settings: SettingsDep) -> dict[st
         "preview_every_steps": settings.preview_every_steps, "max_input_pixels": settings.max_input_pixels,
         "max_upload_bytes": settings.max_upload_bytes,
         "auth_required": bool(settings.api_keys),
+        "loras": [{"name": lora.name, "trigger": lora.description.get("trigger")} for lora in loras],
     }

@@ -54,6 +54,12 @@ async function loadInfo() {
   // fewer previews than the deployment's may be asked for (a larger spacing, or 0 for none), not more
   $("preview-every").placeholder = info.preview_every_steps ? `${info.preview_every_steps} steps` : "off";
   $("preview-every").disabled = !info.preview_every_steps;
+  // the deployment's LoRA adapters; a trigger word, if the adapter has one, is shown as its option's hint
+  for (const lora of info.loras) {
+    const option = new Option(lora.trigger ? `${lora.name} (add "${lora.trigger}" to the prompt)` : lora.name, lora.name);
+    $("lora").add(option);
+  }
+  $("lora").disabled = $("lora-scale").disabled = info.loras.length === 0;
   $("api-key-label").hidden = !info.auth_required;
   $("api-key").value = sessionStorage.getItem("dgq-api-key") || "";
 }
@@ -95,12 +101,16 @@ function request() {
     if ($(id).value !== "") fields[field] = Number($(id).value);
   }
   if ($("scheduler").value !== "") fields.scheduler = $("scheduler").value;
+  if ($("lora").value !== "") fields.loras = [{ name: $("lora").value, scale: Number($("lora-scale").value) }];
   const image = $("init-image").files[0];
   if (!image) {
     return { headers: authHeaders({ "Content-Type": "application/json" }), body: JSON.stringify(fields) };
   }
   const form = new FormData();
-  for (const [name, value] of Object.entries(fields)) form.append(name, String(value));
+  // a multipart form carries loras as JSON text
+  for (const [name, value] of Object.entries(fields)) {
+    form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));
+  }
   form.append("init_image", image);
   if ($("mask").files[0]) form.append("mask", $("mask").files[0]);
   return { headers: authHeaders(), body: form };  // the browser sets the multipart boundary
