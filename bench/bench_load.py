@@ -119,6 +119,7 @@ class MemorySampler:
 
     def __init__(self, processes: ServiceProcesses, redis_url: str, interval_s: float) -> None:
         self.pids = {name: process.pid for name, process in processes.processes().items()}
+        self.stream = keys.jobs_stream(processes.model)
         self.redis_url = redis_url
         self.interval_s = interval_s
         self.series = MemorySeries(rss={name: [] for name in self.pids})
@@ -132,7 +133,7 @@ class MemorySampler:
             except psutil.NoSuchProcess:
                 pass
         self.series.redis_used.append(int(client.info("memory")["used_memory"]))
-        self.series.queue_depth.append(client.xlen(keys.JOBS_STREAM))
+        self.series.queue_depth.append(client.xlen(self.stream))
 
     def _run(self) -> None:
         with redis.Redis.from_url(self.redis_url) as client:

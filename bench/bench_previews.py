@@ -52,9 +52,10 @@ def service_batch(repeats: int) -> dict:
     counted: dict[str, list[StepProgress]] = {}  # variant -> the step reports of its last run
 
     def batch(every: int, name: str):
-        jobs = [QueuedJob(spec=JobSpec(id=f"{every}-{n}", width=width, height=height, steps=STEPS, guidance_scale=7.5,
-                                       seed=n, num_images=1, scheduler=model.default_sampler, preview_every=every),
-                          payload=payload) for n, payload in enumerate(payloads)]
+        jobs = [QueuedJob(spec=JobSpec(id=f"{every}-{n}", model=model.name, width=width, height=height, steps=STEPS,
+                                       guidance_scale=7.5, seed=n, num_images=1, scheduler=model.default_sampler,
+                                       preview_every=every),
+                          payload=payload, model=model.name) for n, payload in enumerate(payloads)]
 
         def run() -> None:
             progress: list[StepProgress] = []

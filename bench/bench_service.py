@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     body = {"width": args.size, "height": args.size, "steps": args.steps, "guidance_scale": 7.5}
 
     reference = Settings(**base)
+    model_ref = reference.served_models[reference.default_model].model_ref
     pipe = dgq_core.from_pretrained(
-        reference.model_ref, quantized=quantized_checkpoint(reference), exec_mode=args.exec_mode, device=args.device
+        model_ref, quantized=quantized_checkpoint(reference), exec_mode=args.exec_mode, device=args.device
     )
     rounds = iter(range(10**9))
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
              num_inference_steps=args.steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(n))
 
     results: dict[str, object] = {
-        "model": str(reference.model_ref), "quantized": args.quantized, "exec_mode": args.exec_mode,
+        "model": str(model_ref), "quantized": args.quantized, "exec_mode": args.exec_mode,
         "device": args.device, "size": args.size, "steps": args.steps, "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(), "int_execution": dgq_core.int_execution_summary(pipe.unet),
     }

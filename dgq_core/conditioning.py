@@ -66,17 +66,30 @@ class PromptConditioner:
 
     @classmethod
     def from_pretrained(
-        cls, model_ref: str | Path, quantized: str | Path | None = None, device: str | torch.device = "cpu"
+        cls, model_ref: str | Path, quantized: str | Path | None = None, device: str | torch.device = "cpu",
+        text_side_of: PromptConditioner | None = None,
     ) -> PromptConditioner:
         """Load the text side of a model; of the UNet only the cross-attention modules are kept.
 
         Args:
             model_ref, quantized: as for `dgq_core.from_pretrained`.
             device (`str | torch.device`): where the text encoder runs.
-        """
-        from .pipeline import from_pretrained
+            text_side_of (`PromptConditioner | None`): a conditioner of another model on the same base (e.g. the
+                same model quantized otherwise, or not at all) whose tokenizer(s) and text encoder(s) this one
+                shares instead of loading its own.
 
-        pipe = from_pretrained(model_ref, quantized=quantized, device=device)
+        Raises:
+            ValueError: `text_side_of` was loaded from another base model.
+        """
+        from .pipeline import TEXT_COMPONENTS, from_pretrained, resolve_model
+
+        if text_side_of is not None and text_side_of.pipeline.name_or_path != resolve_model(model_ref, quantized).base:
+            raise ValueError(f"the text side of {text_side_of.pipeline.name_or_path} cannot serve {model_ref}: "
+                             "another base model")
+        pipe = from_pretrained(model_ref, quantized=quantized, device=device, load_text_encoder=text_side_of is None)
+        if text_side_of is not None:
+            shared = text_side_of.pipeline.components
+            pipe.register_modules(**{name: shared[name] for name in TEXT_COMPONENTS if name in shared})
         cross_attention = cross_attention_processors(pipe.unet)
         pipe.unet = None
         pipe.vae = None

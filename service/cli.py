@@ -114,11 +114,18 @@ def start_worker_metrics(host: str, port: int) -> int:
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    """`dgq-worker`: load the quantized UNet + VAE, warm up, serve jobs from Redis; `/metrics` on its own port."""
+    """`dgq-worker`: load one served model's quantized UNet + VAE (`worker_model`), warm up, serve its jobs from Redis;
+    `/metrics` on its own port."""
     settings = _process_settings(argv, "dgq-worker")
     if not settings.redis_url:
         log.error("dgq-worker needs a Redis URL (--redis_url or REDIS_URL): workers share jobs through Redis")
         return 2
+    try:
+        model = settings.worker_model_name
+    except ValueError as error:
+        print(f"dgq-worker: error: {error}", file=sys.stderr)
+        return 2
+    log.info("serving model %s", model)
     if settings.worker_metrics_port is not None:
         try:
             port = start_worker_metrics(settings.host, settings.worker_metrics_port)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import cached_property
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,6 +21,45 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service.auth import HASH_HELP, is_key_hash
 
 BUNDLED_MODEL = "bundled"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""What a name in `Settings.models` may be: it becomes part of Redis keys, metric labels and URLs."""
+
+
+class ModelSource(BaseModel):
+    """Where one served model comes from (an entry of `Settings.models`, or the single model that `model`,
+    `quantized` and `lora_dir` name)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(BUNDLED_MODEL, description="Diffusers model dir or hub id; 'bundled' = the model in dgq_zoo.")
+    quantized: str | None = Field(
+        "auto", description="Quantized checkpoint dir to put into `model`; 'auto' = the model dir's own if it is "
+        "quantized, else quantize at the first start and cache; 'none' = serve `model` as it is.",
+    )
+    lora_dir: str | None = Field(
+        None, description="Directory of the LoRA adapters requests to this model may name; None = the bundled "
+        "model's example adapters when `model` is the bundled model, else none.",
+    )
+
+    @property
+    def model_ref(self) -> str | Path:
+        """The model to load: a path for the bundled model, else what was configured."""
+        if self.model == BUNDLED_MODEL:
+            from dgq_zoo import bundled_model_dir
+
+            return bundled_model_dir()
+        return self.model
+
+    @property
+    def lora_path(self) -> Path | None:
+        """The adapters' directory: `lora_dir`, else the bundled model's example adapters when it is served."""
+        if self.lora_dir:
+            return Path(self.lora_dir).expanduser()
+        if self.model == BUNDLED_MODEL:
+            from dgq_zoo import bundled_lora_dir
+
+            return bundled_lora_dir()
+        return None
 
 
 class ModelLimitSettings(BaseModel):
@@ -48,18 +87,30 @@ class Settings(BaseSettings):
         env_prefix="DGQ_", env_file=".env", extra="ignore", validate_assignment=True, hide_input_in_errors=True
     )
 
-    # --- model ---
+    # --- model(s) ---
+    models: dict[str, ModelSource] = Field(
+        default_factory=dict,
+        description="Several models behind one API, as JSON: name -> {model, quantized, lora_dir}, e.g. "
+        '{"shapes": {"model": "bundled"}, "shapes-fp": {"model": "bundled", "quantized": "none"}}. A request picks '
+        "one by `model`; one without `model` gets the first. Each model has its own job stream and workers "
+        "(`worker_model`). Empty = the one model that `model`, `quantized` and `lora_dir` name, called by `model`.",
+    )
+    worker_model: str | None = Field(
+        None, description="The model (a name of `models`) a dgq-worker serves; None = the only one. Each model's "
+        "workers are scaled on their own.",
+    )
     model_roots: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Directories local models and quantized checkpoints must lie in (comma-separated); a `model` or "
         "`quantized` path elsewhere is refused at startup. Empty = any directory. Hub ids, the bundled model and "
         "the checkpoints quantized='auto' makes are always allowed.",
     )
-    model: str = Field(BUNDLED_MODEL, description="Diffusers model dir or hub id; 'bundled' = the model in dgq_zoo.")
+    model: str = Field(BUNDLED_MODEL, description="Diffusers model dir or hub id; 'bundled' = the model in dgq_zoo "
+                       "(without `models`).")
     quantized: str | None = Field(
         "auto",
         description="Quantized checkpoint dir to put into `model`; 'auto' = the model dir's own if it is quantized, "
-        "else quantize at the first start and cache; 'none' = serve `model` as it is.",
+        "else quantize at the first start and cache; 'none' = serve `model` as it is (without `models`).",
     )
     quantized_cache_dir: str = Field("~/.cache/dgq-serve", description="Where quantized='auto' keeps checkpoints.")
     exec_mode: Literal["auto", "fake", "int"] = Field(
@@ -90,7 +141,7 @@ class Settings(BaseSettings):
     lora_dir: str | None = Field(
         None, description="Directory of the LoRA adapters requests may name in `loras` (`<name>.safetensors`, "
         "diffusers/PEFT or kohya keys; pickle files are never read); None = the bundled model's example adapters "
-        "(dgq_zoo/loras) when serving the bundled model, else none.",
+        "(dgq_zoo/loras) when serving the bundled model, else none (without `models`; with it, each entry's own).",
     )
     lora_cache_mb: int = Field(
         256, ge=1, description="MiB of LoRA adapters a worker keeps loaded; the least recently used go first.",
@@ -163,7 +214,7 @@ class Settings(BaseSettings):
     # --- limits ---
     model_limits: dict[str, ModelLimitSettings] = Field(
         default_factory=dict,
-        description="Request limits per model, by the model's name (the `model` setting), as JSON: "
+        description="Request limits per model, by the model's name (a name of `models`, else the `model` setting), as JSON: "
         '{"bundled": {"max_width": 128, "max_pixels": 9216, "max_steps": 50, "max_num_images": 2}}. Limits left '
         "out are derived from the model: sides 3x its native ones, pixels 4x its native area, steps and images the "
         "caps below. The caps below apply on top.",
@@ -219,14 +270,45 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("worker_model", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # compose passes an unset variable as "" (`${SECOND_WORKER_MODEL:-}`)
+        return None if value == "" else value
+
+    @field_validator("models")
+    @classmethod
+    def _model_entries(cls, models: dict[str, ModelSource], info: ValidationInfo) -> dict[str, ModelSource]:
+        roots = info.data.get("model_roots") or []
+        for name, source in models.items():
+            if not re.fullmatch(MODEL_NAME_PATTERN, name):
+                raise ValueError(f"model name {name!r} is not allowed: use letters, digits, '.', '_' and '-' (at most "
+                                 "64, starting with a letter or digit)")
+            check_inside_model_roots(f"models[{name!r}].model", source.model, roots)
+            if source.quantized is not None:
+                check_inside_model_roots(f"models[{name!r}].quantized", source.quantized, roots)
+        return models
+
+    @model_validator(mode="after")
+    def _models_or_one_model(self) -> Settings:
+        # Both at once would leave it unclear which one `model` without a name means.
+        single = sorted({"model", "quantized", "lora_dir"} & self.model_fields_set)
+        if self.models and single:
+            raise ValueError(f"{', '.join(single)} and models are both set: with models, give each model's "
+                             "model, quantized and lora_dir in its entry")
+        if self.worker_model is not None and self.worker_model not in self.served_models:
+            raise ValueError(f"worker_model {self.worker_model!r} is not one of the served models "
+                             f"({', '.join(map(repr, self.served_models))})")
+        return self
+
     @model_validator(mode="after")
     def _limits_name_the_served_model(self) -> Settings:
-        # A name that is not the served model is a typo whose limits would silently not apply.
-        unknown = sorted(set(self.model_limits) - {self.model})
+        # A name that is not served is a typo whose limits would silently not apply.
+        unknown = sorted(set(self.model_limits) - set(self.served_models))
         if unknown:
             raise ValueError(
                 f"model_limits names {', '.join(map(repr, unknown))}, which this deployment does not serve: key the "
-                f"limits by the model setting ({self.model!r})"
+                f"limits by a served model's name ({', '.join(map(repr, self.served_models))})"
             )
         return self
 
@@ -235,25 +317,31 @@ class Settings(BaseSettings):
         """Whether the API process runs a worker itself."""
         return self.embedded_worker if self.embedded_worker is not None else self.redis_url is None
 
-    @cached_property
-    def model_ref(self) -> str | Path:
-        """The model to load: a path for the bundled model, else what was configured."""
-        if self.model == BUNDLED_MODEL:
-            from dgq_zoo import bundled_model_dir
-
-            return bundled_model_dir()
-        return self.model
+    @property
+    def served_models(self) -> dict[str, ModelSource]:
+        """Name -> source of every model the deployment serves, the default one (a request without `model`) first."""
+        if self.models:
+            return self.models
+        return {self.model: ModelSource(model=self.model, quantized=self.quantized, lora_dir=self.lora_dir)}
 
     @property
-    def lora_path(self) -> Path | None:
-        """The adapters' directory: `lora_dir`, else the bundled model's example adapters when it is served."""
-        if self.lora_dir:
-            return Path(self.lora_dir).expanduser()
-        if self.model == BUNDLED_MODEL:
-            from dgq_zoo import bundled_lora_dir
+    def default_model(self) -> str:
+        """The name of the model a request without `model` runs."""
+        return next(iter(self.served_models))
 
-            return bundled_lora_dir()
-        return None
+    @property
+    def worker_model_name(self) -> str:
+        """The model a dgq-worker process serves: `worker_model`, else the only one.
+
+        Raises:
+            ValueError: several models are served and `worker_model` names none of them.
+        """
+        if self.worker_model is not None:
+            return self.worker_model
+        if len(self.served_models) > 1:
+            raise ValueError(f"this deployment serves several models ({', '.join(self.served_models)}): tell each "
+                             "worker which one with DGQ_WORKER_MODEL (--worker_model)")
+        return self.default_model
 
     def api_key_hashes(self) -> list[str]:
         """The `sha256:<hex>` hashes of the accepted API keys."""

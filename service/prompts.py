@@ -22,21 +22,26 @@ class PromptStage:
     values, so the encodings are cached per adapter set.
 
     Args:
-        model (`ServedModel`): the served model, whose text side is loaded here.
+        model (`ServedModel`): a served model, whose text side is loaded here.
         cache_size (`int`): prompts whose encodings are kept.
+        text_side_of (`PromptStage | None`): the stage of another served model on the same base model, whose text
+            encoder this one shares instead of loading its own.
     """
 
-    def __init__(self, model: ServedModel, cache_size: int) -> None:
+    def __init__(self, model: ServedModel, cache_size: int, text_side_of: PromptStage | None = None) -> None:
+        metrics.register_model(model.name)
         started = time.perf_counter()
-        self.encoder = model.load_conditioner()
-        metrics.MODEL_LOAD.labels(stage="text_encoder_load").set(time.perf_counter() - started)
-        for component, precision, size in component_weight_bytes(self.encoder.pipeline):
-            metrics.MODEL_WEIGHT_BYTES.labels(component=component, precision=precision).set(size)
+        self.encoder = model.load_conditioner(text_side_of.encoder if text_side_of is not None else None)
+        metrics.MODEL_LOAD.labels(model=model.name, stage="text_encoder_load").set(time.perf_counter() - started)
+        if text_side_of is None:
+            for component, precision, size in component_weight_bytes(self.encoder.pipeline):
+                metrics.MODEL_WEIGHT_BYTES.labels(model=model.name, component=component, precision=precision).set(size)
         self.model = model
         self.loras = model.lora_library()
         self._cache_size = cache_size
         self._cache: OrderedDict[str, dgq_core.EncodedPrompt] = OrderedDict()
-        self._lock = threading.Lock()
+        # shared with the stage whose tokenizer this one shares: the lock guards the tokenizer's state
+        self._lock = text_side_of._lock if text_side_of is not None else threading.Lock()
 
     def _check_length(self, prompt: str, field: str) -> None:
         """Raise `InvalidRequest` when `prompt` has more tokens than the text encoder reads."""
@@ -59,8 +64,8 @@ class PromptStage:
         keys = [prompt + suffix for prompt in prompts]
         with self._lock:
             missing = [key for key in dict.fromkeys(keys) if key not in self._cache]
-            metrics.PROMPT_CACHE.labels(result="hit").inc(len(keys) - len(missing))
-            metrics.PROMPT_CACHE.labels(result="miss").inc(len(missing))
+            metrics.PROMPT_CACHE.labels(model=self.model.name, result="hit").inc(len(keys) - len(missing))
+            metrics.PROMPT_CACHE.labels(model=self.model.name, result="miss").inc(len(missing))
             encoded = {}
             if missing:
                 texts = [prompts[keys.index(key)] for key in missing]
@@ -115,5 +120,5 @@ class PromptStage:
         encoded, negative = await asyncio.to_thread(self._checked_encode, prompt, negative_prompt, loras or [])
         payload = dgq_core.pack_prompt_pair(encoded, negative)
         seconds = time.perf_counter() - started
-        metrics.TEXT_ENCODE.observe(seconds)
+        metrics.TEXT_ENCODE.labels(model=self.model.name).observe(seconds)
         return payload, seconds

@@ -226,6 +226,7 @@ class JobSpec(BaseModel):
     """Everything a worker needs besides the tensors; crosses processes as JSON."""
 
     id: str
+    model: str = Field(description="The served model that runs it (its name); the job goes to that model's queue.")
     width: int
     height: int
     steps: int
@@ -258,6 +259,7 @@ class JobState(BaseModel):
     """What the API knows about a job (`GET /jobs/{id}`)."""
 
     id: str
+    model: str = Field(description="The model that runs it.")
     status: JobStatus
     position: int | None = Field(None, description="Jobs ahead of this one; 0 = next; None once it runs.")
     num_images: int
@@ -316,11 +318,23 @@ class OpenAIImagesResponse(BaseModel):
     data: list[OpenAIImage]
 
 
+class ModelQuantization(BaseModel):
+    """How a served model's UNet is quantized and run."""
+
+    quant_method: str = Field(description="'dgq', another method, or 'none' (full precision).")
+    bits: str = Field(description="Weight and activation bits, e.g. 'W8A8'; 'fp' for full precision.")
+    prob_quantizer: str = Field(description="Codes of the attention probabilities (e.g. 'log2', 'log_sqrt2'); "
+                                "'none' when they are not quantized.")
+    exec_mode: str = Field(description="'auto', 'int' or 'fake' (`DGQ_EXEC_MODE`); 'none' for full precision.")
+
+
 class OpenAIModel(BaseModel):
     id: str
     object: str = "model"
     created: int
     owned_by: str = "dgq-serve"
+    default: bool = Field(False, description="Whether a request without `model` runs this one.")
+    quantization: ModelQuantization
     native_width: int = Field(description="Image width when a request gives none.")
     native_height: int = Field(description="Image height when a request gives none.")
     limits: ModelLimits

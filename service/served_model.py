@@ -1,5 +1,5 @@
-"""The model a deployment serves: which quantized checkpoint goes with it, and what each process loads of it (the API
-the text side, a worker the UNet and VAE). The one place the service reaches the model library, through its public
+"""The models a deployment serves: which quantized checkpoint goes with each, and what each process loads of it (the
+API the text side, a worker the UNet and VAE). The one place the service reaches the model library, through its public
 API (`dgq_core`)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 import dgq_core
-from service.config import BUNDLED_MODEL, Settings, check_inside_model_roots
+from service.config import BUNDLED_MODEL, ModelSource, Settings, check_inside_model_roots
 from service.memory import scaled_to_area
 from service.schemas import MODEL_SCHEDULER, SIZE_MULTIPLE, ModelLimits
 
@@ -39,28 +39,33 @@ def shipped_quantized_dir(model_ref: str | Path) -> Path:
     return model_dir.with_name(f"{model_dir.name}-dgq")
 
 
-def auto_quantized_dir(settings: Settings) -> Path:
-    """Where `quantized='auto'` caches the checkpoint it makes for `settings.model`."""
-    model_name = Path(str(settings.model_ref)).name or "model"
+def auto_quantized_dir(settings: Settings, source: ModelSource) -> Path:
+    """Where `quantized='auto'` caches the checkpoint it makes for the model of `source`."""
+    model_name = Path(str(source.model_ref)).name or "model"
     return Path(settings.quantized_cache_dir).expanduser() / f"{model_name}-dgq"
 
 
-def quantized_checkpoint(settings: Settings) -> str | None:
-    """The quantized checkpoint to put into the model, None when there is none to add.
+def quantized_checkpoint(settings: Settings, name: str | None = None) -> str | None:
+    """The quantized checkpoint to put into a served model, None when there is none to add.
 
     'none': none. A path: that one. 'auto', in order: the model directory is itself quantized (None); a checkpoint
     shipped beside it (`shipped_quantized_dir`); the cache, filled at the first start by `dgq_core.quantize_pretrained`
     with its defaults (one process quantizes, the others on the same disk wait for it).
 
+    Args:
+        settings (`Settings`): the deployment's settings.
+        name (`str | None`): which of `settings.served_models`; None = the default one.
+
     Raises:
         ValueError: with `model_roots`, a directory this leads to lies outside them (`_check_model_roots`).
     """
-    checkpoint = _find_quantized_checkpoint(settings)
-    _check_model_roots(settings, checkpoint)
+    source = settings.served_models[name or settings.default_model]
+    checkpoint = _find_quantized_checkpoint(settings, source)
+    _check_model_roots(settings, source, checkpoint)
     return checkpoint
 
 
-def _check_model_roots(settings: Settings, checkpoint: str | None) -> None:
+def _check_model_roots(settings: Settings, source: ModelSource, checkpoint: str | None) -> None:
     """Refuse the directories a configured model leads to outside `model_roots`: the checkpoint quantized='auto'
     found beside the model, and the base model a quantized model directory names (its `base_model`).
 
@@ -70,73 +75,78 @@ def _check_model_roots(settings: Settings, checkpoint: str | None) -> None:
     Raises:
         ValueError: one of them resolves outside `model_roots`.
     """
-    if not settings.model_roots or settings.model == BUNDLED_MODEL:
+    if not settings.model_roots or source.model == BUNDLED_MODEL:
         return
-    base = dgq_core.resolve_model(settings.model_ref, checkpoint).base
-    check_inside_model_roots(f"the base model of {settings.model},", base, settings.model_roots)
-    if checkpoint is not None and Path(checkpoint) != auto_quantized_dir(settings):
+    base = dgq_core.resolve_model(source.model_ref, checkpoint).base
+    check_inside_model_roots(f"the base model of {source.model},", base, settings.model_roots)
+    if checkpoint is not None and Path(checkpoint) != auto_quantized_dir(settings, source):
         check_inside_model_roots("the quantized checkpoint", checkpoint, settings.model_roots)
 
 
-def _find_quantized_checkpoint(settings: Settings) -> str | None:
-    if settings.quantized in (None, "none"):
+def _find_quantized_checkpoint(settings: Settings, source: ModelSource) -> str | None:
+    if source.quantized in (None, "none"):
         return None
-    if settings.quantized != "auto":
-        return settings.quantized
-    if _is_quantized_model_dir(settings.model_ref):
+    if source.quantized != "auto":
+        return source.quantized
+    if _is_quantized_model_dir(source.model_ref):
         return None
-    shipped = shipped_quantized_dir(settings.model_ref)
+    shipped = shipped_quantized_dir(source.model_ref)
     if _is_quantized_model_dir(shipped):
         return str(shipped)
-    target = auto_quantized_dir(settings)
+    target = auto_quantized_dir(settings, source)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _is_quantized_model_dir(target):
-            log.info("quantizing %s into %s (first start; cached afterwards)", settings.model_ref, target)
+            log.info("quantizing %s into %s (first start; cached afterwards)", source.model_ref, target)
             partial = target.with_name(target.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
-            dgq_core.quantize_pretrained(settings.model_ref, partial, dgq_core.DGQConfig())
+            dgq_core.quantize_pretrained(source.model_ref, partial, dgq_core.DGQConfig())
             partial.rename(target)
     return str(target)
 
 
 class ServedModel:
-    """The configured model, resolved once: its checkpoint, quantization (`quant_config`, None for full precision)
+    """One served model, resolved once: its checkpoint, quantization (`quant_config`, None for full precision)
     and native (width, height), and loaders for the parts each process runs.
 
     Args:
-        settings (`Settings`): the deployment's settings (`model`, `quantized`, `model_roots`, `device`, ...).
+        settings (`Settings`): the deployment's settings (`models` or `model`/`quantized`, `model_roots`, `device`,
+            ...).
+        name (`str | None`): which of `settings.served_models`; None = the default one.
 
     Raises:
         ValueError: a directory the model leads to lies outside `model_roots`.
         dgq_core.CheckpointError: the checkpoint is missing or corrupt.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, name: str | None = None) -> None:
         self.settings = settings
-        self.name = settings.model
-        self.checkpoint = quantized_checkpoint(settings)
-        self.resolved = dgq_core.resolve_model(settings.model_ref, self.checkpoint)
+        self.name = name or settings.default_model
+        self.source = settings.served_models[self.name]
+        self.checkpoint = quantized_checkpoint(settings, self.name)
+        self.resolved = dgq_core.resolve_model(self.source.model_ref, self.checkpoint)
         unet_dir = self.resolved.quantized_unet
         self.quant_config = None if unet_dir is None else dgq_core.read_quant_config(unet_dir)
         self.native_size = self._native_size()
         self.limits = self._limits()
 
     def quantization_info(self) -> dict[str, str]:
-        """Method, bits and attention-probability codes of the served UNet, for the model info metric."""
+        """Method, bits, attention-probability codes and exec mode of the served UNet (the model info metric,
+        `/v1/models`)."""
         config = self.quant_config
         if config is None:
-            return {"quant_method": "none", "bits": "fp"}
+            return {"quant_method": "none", "bits": "fp", "prob_quantizer": "none", "exec_mode": "none"}
         prob_quantizer = config.prob_quantizer if config.method == "dgq" else "none"
-        return {"quant_method": config.method, "bits": f"W{config.w_bits}A{config.a_bits}", "prob_quantizer": prob_quantizer}
+        return {"quant_method": config.method, "bits": f"W{config.w_bits}A{config.a_bits}",
+                "prob_quantizer": prob_quantizer, "exec_mode": self.settings.exec_mode}
 
     def _native_size(self) -> tuple[int, int]:
         """(width, height) the model was trained at, from its config files; 512x512 when they cannot be read."""
         settings = self.settings
         if settings.default_width and settings.default_height:
             return settings.default_width, settings.default_height
-        model_dir = Path(settings.model_ref)
+        model_dir = Path(self.source.model_ref)
         try:
             unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
             vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
@@ -233,21 +243,28 @@ class ServedModel:
 
         return AutoTokenizer.from_pretrained(self.resolved.base, subfolder="tokenizer").model_max_length
 
-    def load_conditioner(self) -> dgq_core.PromptConditioner:
-        """The API's part: tokenizer, text encoder and the prompt-specific attention parameters."""
-        return dgq_core.PromptConditioner.from_pretrained(self.settings.model_ref, quantized=self.checkpoint)
+    def load_conditioner(self, text_side_of: dgq_core.PromptConditioner | None = None) -> dgq_core.PromptConditioner:
+        """The API's part: tokenizer, text encoder and the prompt-specific attention parameters.
+
+        Args:
+            text_side_of (`dgq_core.PromptConditioner | None`): another served model's conditioner on the same base
+                model (`resolved.base`), whose text encoder this one shares.
+        """
+        return dgq_core.PromptConditioner.from_pretrained(
+            self.source.model_ref, quantized=self.checkpoint, text_side_of=text_side_of
+        )
 
     def lora_library(self, device: str | torch.device = "cpu") -> dgq_core.LoRALibrary:
         """The LoRA adapters requests may name (`lora_dir`), loaded on first use onto `device`, within
         `lora_cache_mb`."""
-        return dgq_core.LoRALibrary(self.settings.lora_path, self.settings.lora_cache_mb << 20, device=device)
+        return dgq_core.LoRALibrary(self.source.lora_path, self.settings.lora_cache_mb << 20, device=device)
 
     def load_worker_pipeline(self) -> DiffusionPipeline:
         """A worker's part: the quantized UNet, VAE and scheduler, batch-invariant, its attention scores within the
         budget; no text encoder."""
         settings = self.settings
         pipe = dgq_core.from_pretrained(
-            settings.model_ref, quantized=self.checkpoint, device=settings.device, exec_mode=settings.exec_mode,
+            self.source.model_ref, quantized=self.checkpoint, device=settings.device, exec_mode=settings.exec_mode,
             load_text_encoder=False,
         )
         dgq_core.make_batch_invariant(pipe.unet)

@@ -37,6 +37,7 @@ from service.schemas import (
     JobStatus,
     LoRAEntry,
 )
+from service.served_model import ServedModel
 from service.worker import Worker
 
 IMAGE_TO_IMAGE_STRENGTH = 0.8
@@ -56,39 +57,53 @@ class Generated:
 
 
 class GenerationService:
-    """What the routers call."""
+    """What the routers call.
+
+    Args:
+        settings (`Settings`): the deployment's settings.
+        queue (`JobQueue`): the job queue.
+        prompts (`dict[str, PromptStage]`): the prompt stage of every served model, by name, the default model
+            (`Settings.default_model`) first.
+        workers (`list[Worker]`): the workers running in this process (embedded mode), one per model.
+    """
 
     def __init__(
-        self, settings: Settings, queue: JobQueue, prompts: PromptStage, worker: Worker | None = None
+        self, settings: Settings, queue: JobQueue, prompts: dict[str, PromptStage], workers: list[Worker] = ()
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.prompts = prompts
-        self.model = prompts.model
-        self.worker = worker
+        self.models = {name: stage.model for name, stage in prompts.items()}
+        self.workers = list(workers)
         self.started_at = int(time.time())
 
-    def _check_model(self, request: GenerateRequest) -> None:
-        """Raise `UnknownModel` (404 with the served models) for a `model` this deployment does not serve, and
-        `UnknownAdapter` (404 with the available ones) for an unknown LoRA adapter."""
-        if request.model is not None and request.model != self.model.name:
-            raise UnknownModel(
-                f"model {request.model!r} is not served here: the served models are {self.model.name!r} "
-                "(GET /v1/models); leave model out for it"
-            )
-        self.prompts.check_adapters(request.loras)
+    def stage(self, model: str | None) -> PromptStage:
+        """The prompt stage of the model a request names (None: the default one).
 
-    def _check_limits(self, request: GenerateRequest, has_image: bool, has_mask: bool) -> tuple[int, int]:
-        native_width, native_height = self.model.native_size
+        Raises:
+            UnknownModel: no such model is served (404, naming the served ones).
+        """
+        if model is None:
+            return next(iter(self.prompts.values()))
+        if model not in self.prompts:
+            served = ", ".join(map(repr, self.prompts))
+            raise UnknownModel(f"model {model!r} is not served here: the served models are {served} "
+                               "(GET /v1/models); name one of them, or leave model out for the first")
+        return self.prompts[model]
+
+    def _check_limits(
+        self, request: GenerateRequest, model: ServedModel, has_image: bool, has_mask: bool
+    ) -> tuple[int, int]:
+        native_width, native_height = model.native_size
         width, height = request.width or native_width, request.height or native_height
-        problems = self.model.limit_problems(width, height, request.steps, request.num_images)
+        problems = model.limit_problems(width, height, request.steps, request.num_images)
         s = self.settings
-        if request.scheduler is not None and request.scheduler not in self.model.samplers:
-            problems.append(f"scheduler {request.scheduler!r} is not available for this model: choose one of "
-                            f"{', '.join(self.model.samplers)}")
+        if request.scheduler is not None and request.scheduler not in model.samplers:
+            problems.append(f"scheduler {request.scheduler!r} is not available for model {model.name}: choose one of "
+                            f"{', '.join(model.samplers)}")
         if has_mask and not has_image:
             problems.append("mask needs init_image: send the image to inpaint as well")
-        if self.model.inpainting_only and not (has_image and has_mask):
+        if model.inpainting_only and not (has_image and has_mask):
             problems.append("this model is an inpainting model (its UNet takes the image and the mask): send "
                             "init_image and mask")
         if request.strength is not None and not has_image:
@@ -114,11 +129,12 @@ class GenerationService:
             raise InvalidRequest("; ".join(problems))
         return width, height
 
-    async def _check_memory(self, width: int, height: int, request: GenerateRequest) -> None:
-        """Refuse a request that does not fit, even alone, the memory of every live worker that published its
-        measurements (`service.memory`): any of them may take it. Without any published yet it is admitted, and
-        the worker that takes it checks it again."""
-        for profile in sorted(await self.queue.memory_profiles(), key=lambda profile: profile.budget_bytes):
+    async def _check_memory(self, model: str, width: int, height: int, request: GenerateRequest) -> None:
+        """Refuse a request that does not fit, even alone, the memory of every live worker of `model` that
+        published its measurements (`service.memory`): any of them may take it. Without any published yet it is
+        admitted, and the worker that takes it checks it again."""
+        profiles = await self.queue.memory_profiles(model)
+        for profile in sorted(profiles, key=lambda profile: profile.budget_bytes):
             if refusal := profile.refusal(width, height, request.num_images, request.guidance_scale):
                 raise InsufficientMemory(refusal)
 
@@ -151,9 +167,11 @@ class GenerationService:
             if field not in files and (value := getattr(request, field)) is not None:
                 files[field] = decode_base64(value, field)
         has_image, has_mask = "init_image" in files, "mask" in files
-        self._check_model(request)
-        width, height = self._check_limits(request, has_image, has_mask)
-        await self._check_memory(width, height, request)
+        stage = self.stage(request.model)
+        model = stage.model
+        stage.check_adapters(request.loras)
+        width, height = self._check_limits(request, model, has_image, has_mask)
+        await self._check_memory(model.name, width, height, request)
         timings: dict[str, float] = {}
         edit: EditImages | None = None
         if has_image:
@@ -162,21 +180,19 @@ class GenerationService:
                 prepare_edit, files["init_image"], files.get("mask"), (width, height), self.settings.max_input_pixels
             )
             timings["image_decode_s"] = time.perf_counter() - started
-        await self.queue.admit()  # at the bound, answer 429 before the text encoder's work
-        payload, timings["text_encode_s"] = await self.prompts.encode(
-            request.prompt, request.negative_prompt, request.loras
-        )
+        await self.queue.admit(model.name)  # at the bound, answer 429 before the text encoder's work
+        payload, timings["text_encode_s"] = await stage.encode(request.prompt, request.negative_prompt, request.loras)
         mode: JobMode = "inpaint" if has_mask else "image" if has_image else "text"
         spec = JobSpec(
-            id=secrets.token_hex(12), width=width, height=height, steps=request.steps,
+            id=secrets.token_hex(12), model=model.name, width=width, height=height, steps=request.steps,
             guidance_scale=request.guidance_scale,
             seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
-            num_images=request.num_images, scheduler=request.scheduler or self.model.default_sampler, mode=mode,
+            num_images=request.num_images, scheduler=request.scheduler or model.default_sampler, mode=mode,
             strength=(request.strength or default_strength(has_mask)) if has_image else 1.0,
             preview_every=self.settings.preview_every_steps if request.preview_every is None else request.preview_every,
             loras=request.loras,
         )
-        metrics.JOBS_SUBMITTED.labels(mode=mode, scheduler=spec.scheduler).inc()
+        metrics.JOBS_SUBMITTED.labels(model=model.name, mode=mode, scheduler=spec.scheduler).inc()
         edit_images = wire.encode_edit_images(edit) if edit is not None else b""
         return await self.queue.submit(spec, payload, timings, edit_images)
 
@@ -196,9 +212,9 @@ class GenerationService:
         pngs = [await self.image(state.id, n) for n in range(state.num_images)]
         return Generated(state=state, pngs=pngs)
 
-    def loras(self) -> list[LoRAEntry]:
-        """The LoRA adapters requests may name (`GET /v1/loras`)."""
-        return [LoRAEntry(**vars(info)) for info in self.prompts.loras.describe()]
+    def loras(self, model: str | None = None) -> list[LoRAEntry]:
+        """The LoRA adapters requests to `model` (None: the default one) may name (`GET /v1/loras`)."""
+        return [LoRAEntry(**vars(info)) for info in self.stage(model).loras.describe()]
 
     async def job(self, job_id: str) -> JobState:
         state = await self.queue.get(job_id)
@@ -231,17 +247,20 @@ class GenerationService:
         return self.queue.events(job_id)
 
     async def readiness(self) -> dict[str, bool]:
-        """Checks of `/readyz`; raises `NotReady` naming the failing ones."""
-        checks = {"text_encoder_loaded": self.prompts is not None}
-        if self.worker is not None:
-            checks["embedded_worker_warm"] = self.worker.ready
+        """Checks of `/readyz` (a live worker for every served model); raises `NotReady` naming the failing ones."""
+        checks = {"text_encoder_loaded": bool(self.prompts)}
+        for worker in self.workers:
+            checks[f"embedded_worker_warm:{worker.model_name}"] = worker.ready
         try:
             await self.queue.ping()
-            stats = await self.queue.stats()
             checks["queue_reachable"] = True
-            checks["live_worker"] = stats.live_workers >= 1 or bool(self.worker and self.worker.ready)
+            for name in self.models:
+                stats = await self.queue.stats(name)
+                embedded = any(worker.ready and worker.model_name == name for worker in self.workers)
+                checks[f"live_worker:{name}"] = stats.live_workers >= 1 or embedded
         except Exception:
-            checks["queue_reachable"] = checks["live_worker"] = False
+            checks["queue_reachable"] = False
+            checks.update({f"live_worker:{name}": False for name in self.models})
         failing = [name for name, ok in checks.items() if not ok]
         if failing:
             raise NotReady(f"not ready: {', '.join(failing)}", retry_after_s=self.settings.retry_after_s)

@@ -239,13 +239,22 @@ def default_worker_id() -> str:
 
 
 class Worker:
-    """Loads the pipeline, warms up, then loops: take jobs, batch, run, store, acknowledge."""
+    """Loads one served model's pipeline, warms up, then loops: take that model's jobs, batch, run, store,
+    acknowledge.
+
+    Args:
+        settings (`Settings`): the deployment's settings.
+        queue (`JobQueue`): where the jobs come from.
+        model (`ServedModel | None`): the model it serves; None = `settings.worker_model_name`, loaded by `load`.
+        pipe (`DiffusionPipeline | None`): the model's worker pipeline, if already loaded.
+    """
 
     def __init__(
         self, settings: Settings, queue: JobQueue, model: ServedModel | None = None, pipe: DiffusionPipeline | None = None
     ) -> None:
         self.settings = settings
         self.queue = queue
+        self.model_name = model.name if model is not None else settings.worker_model_name
         self.worker_id = settings.worker_id or default_worker_id()
         self.ready = False
         self.memory_profile: memory.MemoryProfile | None = None
@@ -269,15 +278,17 @@ class Worker:
         """Load the UNet and VAE (unless given) and run the warm-up batch; `ready` is True afterwards."""
         started = time.perf_counter()
         if self.model is None:
-            self.model = await asyncio.to_thread(ServedModel, self.settings)
+            self.model = await asyncio.to_thread(ServedModel, self.settings, self.model_name)
         if self._pipe is None:
             self._pipe = await asyncio.to_thread(self.model.load_worker_pipeline)
-        metrics.MODEL_LOAD.labels(stage="worker_load").set(time.perf_counter() - started)
+        name = self.model_name
+        metrics.register_model(name)
+        metrics.MODEL_LOAD.labels(model=name, stage="worker_load").set(time.perf_counter() - started)
         for component, precision, size in component_weight_bytes(self._pipe):
-            metrics.MODEL_WEIGHT_BYTES.labels(component=component, precision=precision).set(size)
-        metrics.MODEL_INFO.info({
-            "model": str(self.settings.model), **self.model.quantization_info(),
-            "quantized": str(self.settings.quantized), "exec_mode": self.settings.exec_mode,
+            metrics.MODEL_WEIGHT_BYTES.labels(model=name, component=component, precision=precision).set(size)
+        metrics.MODEL_INFO.labels(model=name).info({
+            "source": str(self.model.source.model), **self.model.quantization_info(),
+            "quantized": str(self.model.source.quantized),
             **dgq_core.int_execution_summary(self._pipe.unet), "device": self.settings.device,
         })
         self.runner = BatchRunner(
@@ -285,7 +296,7 @@ class Worker:
         )
         started = time.perf_counter()
         await asyncio.to_thread(self._warm_up)
-        metrics.MODEL_LOAD.labels(stage="warmup").set(time.perf_counter() - started)
+        metrics.MODEL_LOAD.labels(model=name, stage="warmup").set(time.perf_counter() - started)
         self.ready = True
 
     def _warm_up(self) -> None:
@@ -326,7 +337,10 @@ class Worker:
             ).images
 
     def _refusal(self, spec: JobSpec) -> tuple[str, str] | None:
-        """(reason, error type) when a job breaks the model's limits or does not fit this worker's memory alone."""
+        """(reason, error type) when a job is for another model, breaks the model's limits or does not fit this
+        worker's memory alone."""
+        if spec.model != self.model_name:  # only a job written straight into the stream can be
+            return f"job for model {spec.model!r} reached a worker of model {self.model_name!r}", InvalidRequest.__name__
         if problems := self.model.limit_problems(spec.width, spec.height, spec.steps, spec.num_images):
             return "; ".join(problems), InvalidRequest.__name__
         profile = self.memory_profile
@@ -353,12 +367,12 @@ class Worker:
                 jobs: list[QueuedJob] = []
                 if time.monotonic() - last_reap > self.settings.reaper_interval_s:
                     last_reap = time.monotonic()
-                    jobs = await self._guarded(self.queue.reap(self.worker_id), [])
-                    metrics.JOBS_RECLAIMED.inc(len(jobs))
+                    jobs = await self._guarded(self.queue.reap(self.worker_id, self.model_name), [])
+                    metrics.JOBS_RECLAIMED.labels(model=self.model_name).inc(len(jobs))
                 if not jobs:
-                    jobs = await self._guarded(
-                        self.queue.take(self.worker_id, self.settings.max_batch, self.settings.batch_window_s), []
-                    )
+                    jobs = await self._guarded(self.queue.take(
+                        self.worker_id, self.model_name, self.settings.max_batch, self.settings.batch_window_s
+                    ), [])
                 self._held = list(jobs)  # heartbeats keep every taken job ours until its batch has run
                 runnable = []
                 for job in jobs:
@@ -387,9 +401,9 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         while True:
             held = list(self._held)
-            await self._guarded(self.queue.heartbeat(self.worker_id, held), None)
+            await self._guarded(self.queue.heartbeat(self.worker_id, self.model_name, held), None)
             if self.memory_profile is not None:
-                await self._guarded(self.queue.publish_memory_profile(self.memory_profile), None)
+                await self._guarded(self.queue.publish_memory_profile(self.model_name, self.memory_profile), None)
             if held:
                 self._cancel_requested = await self._guarded(
                     self.queue.cancel_requested([job.spec.id for job in held]), set()
@@ -402,21 +416,22 @@ class Worker:
             return
         start_time = time.time()
         for job in started:
-            metrics.QUEUE_WAIT.observe(start_time - job.spec.created_at)
+            metrics.QUEUE_WAIT.labels(model=self.model_name).observe(start_time - job.spec.created_at)
         await self._run_started(started, start_time)
 
     async def _run_started(self, started: list[QueuedJob], start_time: float) -> None:
         """Run started jobs as one batch and store the outcome; if the batch raises, retry it in halves."""
         loop = asyncio.get_running_loop()
         ids = {job.spec.id for job in started}
+        name = self.model_name
 
         def on_step(progress: StepProgress) -> bool:
-            metrics.DENOISE_STEP.observe(progress.seconds)
+            metrics.DENOISE_STEP.labels(model=name).observe(progress.seconds)
             event = JobEvent(event="step", data={"step": progress.step, "steps": progress.steps})
             for job in started:
                 asyncio.run_coroutine_threadsafe(self.queue.publish(job.spec.id, event), loop)
             for job_id, png in progress.previews.items():
-                metrics.PREVIEW_DECODE.observe(progress.preview_s / len(progress.previews))
+                metrics.PREVIEW_DECODE.labels(model=name).observe(progress.preview_s / len(progress.previews))
                 preview = JobEvent(event="preview", data={
                     "step": progress.step, "steps": progress.steps, "image": base64.b64encode(png).decode(),
                 })
@@ -424,7 +439,7 @@ class Worker:
             return ids <= self._cancel_requested
 
         images_in_batch = sum(job.spec.num_images for job in started)
-        metrics.BATCH_SIZE.observe(images_in_batch)
+        metrics.BATCH_SIZE.labels(model=name).observe(images_in_batch)
         try:
             output = await asyncio.to_thread(self.runner.run, started, on_step)
         except Exception as error:  # never drops a job: its batch is retried in halves, or it fails with a reason
@@ -443,13 +458,13 @@ class Worker:
             error_type = InsufficientMemory.__name__ if out_of_memory else GENERATION_FAILED
             await self.queue.dead_letter(job, failure_reason(job, error, self.memory_profile), error_type)
             return
-        metrics.DENOISE.observe(output.denoise_s)
-        metrics.DECODE.observe(output.decode_s)
+        metrics.DENOISE.labels(model=name).observe(output.denoise_s)
+        metrics.DECODE.labels(model=name).observe(output.decode_s)
         cancelled = self._cancel_requested | await self.queue.cancel_requested(list(ids))
         for job, pngs in zip(started, output.pngs, strict=True):
             if job.spec.id in cancelled:
                 await self.queue.finish_cancelled(job)
-                metrics.JOBS.labels(outcome="cancelled").inc()
+                metrics.JOBS.labels(model=name, outcome="cancelled").inc()
                 continue
             timings = {
                 "queue_wait_s": start_time - job.spec.created_at, "denoise_s": output.denoise_s,
@@ -457,4 +472,4 @@ class Worker:
                 "total_s": time.time() - job.spec.created_at,
             }
             await self.queue.succeed(job, StoredImages(pngs=pngs, timings=timings))
-            metrics.JOBS.labels(outcome="succeeded").inc()
+            metrics.JOBS.labels(model=name, outcome="succeeded").inc()

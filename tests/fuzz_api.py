@@ -47,7 +47,7 @@ def tight_memory(app) -> None:
     """Give the app's embedded worker memory for one 32x32 image but not two, so that extreme requests meet the
     memory refusal too (a budget from its own measurements: `request_memory_mb` could not put it there, since what
     a request costs depends on what the process did before)."""
-    worker = app.state.service.worker
+    [worker] = app.state.service.workers
     profile = worker.memory_profile
     worker.memory_profile = profile.model_copy(update={"budget_bytes": profile.request_bytes(32, 32, 1, 30.0)})
 

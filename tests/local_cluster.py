@@ -5,6 +5,7 @@ Importable without pytest (bench/bench_load.py uses it), so nothing here is a fi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -105,24 +106,33 @@ def spawn(command: str, env: dict[str, str], log_file: Path) -> subprocess.Popen
         return subprocess.Popen([console_script(command)], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def _env_value(value: object) -> str:
+    return json.dumps(value) if isinstance(value, dict | list) else str(value)
+
+
 class ServiceProcesses:
     """`dgq-serve` and any number of `dgq-worker` processes on one Redis, configured through `DGQ_*` variables.
 
     Args:
-        model_dir (`Path`): diffusers model directory, served unquantized.
+        model_dir (`Path | None`): diffusers model directory, served unquantized; None when `settings` names
+            `models`.
         redis_url (`str`): the Redis all processes share.
         log_dir (`Path`): where each process's output goes (`api.log`, `<worker name>.log`).
-        settings (`dict[str, object]`): `Settings` fields for every process, e.g. `{"queue_max": 8}`.
+        settings (`dict[str, object]`): `Settings` fields for every process, e.g. `{"queue_max": 8}`; dicts and
+            lists (`models`) are passed as JSON.
     """
 
-    def __init__(self, model_dir: Path, redis_url: str, log_dir: Path, settings: dict[str, object]) -> None:
+    def __init__(self, model_dir: Path | None, redis_url: str, log_dir: Path, settings: dict[str, object]) -> None:
         self.redis_url = redis_url
         self.log_dir = log_dir
+        model = {} if model_dir is None else {"DGQ_MODEL": str(model_dir), "DGQ_QUANTIZED": "none"}
         self.env = {  # DGQ_HOST pinned: loopback only, whatever the environment says (the image sets 0.0.0.0)
-            **os.environ, "DGQ_HOST": "127.0.0.1", "DGQ_MODEL": str(model_dir), "DGQ_QUANTIZED": "none",
+            **os.environ, "DGQ_HOST": "127.0.0.1", **model,
             "REDIS_URL": redis_url, "DGQ_TORCH_THREADS": "1", "DGQ_WARMUP_STEPS": "1", "DGQ_WORKER_METRICS_PORT": "0",
-            **{f"DGQ_{name.upper()}": str(value) for name, value in settings.items()},
+            **{f"DGQ_{name.upper()}": _env_value(value) for name, value in settings.items()},
         }
+        self.model = str(model_dir) if model_dir is not None else next(iter(settings["models"]))
+        """The name of the default model (its job stream: `keys.jobs_stream(model)`)."""
         self.api_port = free_port()
         self.base_url = f"http://127.0.0.1:{self.api_port}"
         self.api: subprocess.Popen | None = None
@@ -135,7 +145,7 @@ class ServiceProcesses:
 
     def start_worker(self, name: str, settings: dict[str, object] | None = None) -> subprocess.Popen:
         """Start `dgq-worker` with worker id `name` and, on top of the common ones, its own `settings`."""
-        env = self.env | {f"DGQ_{key.upper()}": str(value) for key, value in (settings or {}).items()}
+        env = self.env | {f"DGQ_{key.upper()}": _env_value(value) for key, value in (settings or {}).items()}
         self.workers[name] = spawn("dgq-worker", env | {"DGQ_WORKER_ID": name}, self.log_dir / f"{name}.log")
         return self.workers[name]
 

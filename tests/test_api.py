@@ -55,7 +55,8 @@ async def test_default_settings_serve_the_bundled_dgq_model_as_the_pipeline_does
     settings = Settings(_env_file=None, warmup_steps=1)
     assert (settings.model, settings.quantized, settings.worker_in_api) == (BUNDLED_MODEL, "auto", True)
     checkpoint = quantized_checkpoint(settings)
-    assert checkpoint == str(shipped_quantized_dir(settings.model_ref))
+    model_ref = settings.served_models[BUNDLED_MODEL].model_ref
+    assert checkpoint == str(shipped_quantized_dir(model_ref))
     request = {"prompt": "a red circle above a blue square on a yellow background", "seed": 1, "steps": 4}
     async with running_api(settings) as client:
         served = await client.post("/generate", json=request)
@@ -63,7 +64,7 @@ async def test_default_settings_serve_the_bundled_dgq_model_as_the_pipeline_does
     served_image = np.asarray(Image.open(io.BytesIO(served.content)).convert("RGB"))
     assert served_image.shape == (32, 32, 3), "the bundled model's native size"
 
-    direct = from_pretrained(settings.model_ref, quantized=checkpoint)(
+    direct = from_pretrained(model_ref, quantized=checkpoint)(
         request["prompt"], num_inference_steps=request["steps"], guidance_scale=7.5,
         generator=torch.Generator().manual_seed(request["seed"]), output_type="np",
     ).images[0]
@@ -200,7 +201,8 @@ async def test_health_docs_and_metrics(embedded_settings):
     async with running_api(embedded_settings) as client:
         assert (await client.get("/healthz")).json() == {"status": "alive"}
         ready = (await client.get("/readyz")).json()
-        assert all(ready.values()) and "embedded_worker_warm" in ready
+        name = embedded_settings.default_model
+        assert all(ready.values()) and {f"embedded_worker_warm:{name}", f"live_worker:{name}"} <= set(ready)
         assert (await client.get("/docs")).status_code == 200
         assert (await client.get("/redoc")).status_code == 404, "ReDoc would load from a CDN"
         schema = (await client.get("/openapi.json")).json()
@@ -214,9 +216,11 @@ async def test_health_docs_and_metrics(embedded_settings):
     for metric in defined:
         assert f"# HELP {metric._name}" in text, f"{metric._name} is not exported"
     assert 'dgq_http_request_duration_seconds_count{method="POST",route="/generate",status="200"}' in text
-    assert 'dgq_model_weight_bytes{component="unet",precision="float32"}' in text
-    assert 'dgq_jobs_total{outcome="succeeded"}' in text and "dgq_queue_depth_jobs 0.0" in text
-    assert "dgq_model_info{" in text and 'exec_mode="auto"' in text
+    assert f'dgq_model_weight_bytes{{component="unet",model="{name}",precision="float32"}}' in text
+    assert f'dgq_jobs_total{{model="{name}",outcome="succeeded"}}' in text
+    assert f'dgq_queue_depth_jobs{{model="{name}"}} 0.0' in text
+    [info] = [line for line in text.splitlines() if line.startswith("dgq_model_info{") and f'model="{name}"' in line]
+    assert 'exec_mode="none"' in info and 'quant_method="none"' in info
     # The full-precision model has no quantized layers, so nothing runs in integers.
     assert 'int_kernels="none"' in text and 'int_layers="0/0"' in text
 

@@ -135,7 +135,7 @@ def test_compose_file_follows_the_compose_spec(tmp_path):
 
 def test_compose_wiring():
     services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
-    assert set(services) == {"redis", "api", "worker", "prometheus", "grafana"}
+    assert set(services) == {"redis", "api", "worker", "worker-second", "prometheus", "grafana"}
     assert all("healthcheck" in service for service in services.values())
 
     redis_command = services["redis"]["command"]
@@ -152,7 +152,13 @@ def test_compose_wiring():
               yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]}
     assert scrape["dgq-api"]["static_configs"][0]["targets"] == [f"api:{services['api']['environment']['DGQ_PORT']}"]
     (dns,) = scrape["dgq-worker"]["dns_sd_configs"]
-    assert dns["names"] == ["worker"] and dns["port"] == int(worker["environment"]["DGQ_WORKER_METRICS_PORT"])
+    assert dns["names"] == ["worker", "worker-second"]
+    assert dns["port"] == int(worker["environment"]["DGQ_WORKER_METRICS_PORT"])
+    # the second model's workers: the same worker, told its model, only with their profile
+    second = services["worker-second"]
+    assert second["profiles"] == ["second-model"] and second["command"] == worker["command"]
+    assert second["environment"] == worker["environment"] | {"DGQ_WORKER_MODEL": "${SECOND_WORKER_MODEL:-}"}
+    assert second["deploy"] == worker["deploy"]
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
     assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
     for name in ("api", "worker"):
@@ -169,6 +175,10 @@ def test_env_example_covers_every_setting_and_validates(monkeypatch):
     fields = {f"DGQ_{name.upper()}" for name in Settings.model_fields}
     assert fields - mentioned == set(), "settings missing from .env.example"
     assert mentioned - fields == {"DGQ_IMAGE", "DGQ_MODELS_DIR", "DGQ_API_PORT"}, "unknown DGQ_* names"
+    example = re.search(r"^# DGQ_MODELS=(.*)$", text, re.MULTILINE).group(1)
+    served = Settings(models=json.loads(example), worker_model="", _env_file=None).served_models
+    assert list(served) == [re.search(r"^# DGQ_WORKER_MODEL=(.*)$", text, re.MULTILINE).group(1),
+                            re.search(r"^# SECOND_WORKER_MODEL=(.*)$", text, re.MULTILINE).group(1)]
 
     compose_variables = set(re.findall(r"\$\{([A-Z0-9_]+)", (REPO / "docker-compose.yml").read_text()))
     assert compose_variables <= set(re.findall(r"^#? ?([A-Z0-9_]+)=", text, re.MULTILINE))
@@ -300,7 +310,7 @@ def test_k8s_wiring_matches_the_service():
     (trigger,) = scaled["triggers"]
     assert trigger["type"] == "redis-streams"
     meta = trigger["metadata"]
-    assert meta["stream"] == keys.JOBS_STREAM and meta["consumerGroup"] == keys.WORKER_GROUP
+    assert meta["stream"] == keys.jobs_stream(settings["DGQ_MODEL"]) and meta["consumerGroup"] == keys.WORKER_GROUP
     assert int(meta["lagCount"]) == int(settings["DGQ_MAX_BATCH"])
     # KEDA 2.11+ refuses a lagCount trigger without activationLagCount (parseRedisStreamsMetadata).
     assert int(meta["activationLagCount"]) >= 0
@@ -349,7 +359,7 @@ DASHBOARD_VIEWS = {
     "text encode time": r"dgq_text_encode_seconds_sum",
     "denoise time": r"dgq_denoise_seconds_sum",
     "decode time": r"dgq_decode_seconds_sum",
-    "images/s": r"^sum\(rate\(dgq_batch_size_images_sum\[",
+    "images/s": r"^sum\(rate\(dgq_batch_size_images_sum(\{[^}]*\})?\[",
     "jobs by outcome": r"sum by \(outcome\) \(rate\(dgq_jobs_total",
     "weight bytes by precision": r"by \([^)]*\bprecision\b[^)]*\) \(dgq_model_weight_bytes",
     "RSS per process": r"^dgq_process_resident_memory_bytes$",
@@ -378,6 +388,21 @@ def test_dashboard_and_alerts_cover_what_the_issue_asks_for():
     missing = [alert for alert, pattern in ALERT_CONDITIONS.items()
                if not any(re.search(pattern, expr) for expr in alerts)]
     assert missing == [], "alert rules missing"
+
+
+def test_dashboard_selects_the_model():
+    """A `model` variable lists the served models, and every query of a metric that carries the `model` label
+    filters on it."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["name"] == "model" and "label_values(dgq_model_info, model)" in variable["definition"]
+    labelled = {metric._name for metric in vars(metrics).values()
+                if isinstance(metric, MetricWrapperBase) and "model" in metric._labelnames}
+    assert len(labelled) >= 15
+    for expr in _dashboard_expressions():
+        for name, selector in re.findall(r"\b(dgq_[a-z0-9_]+?)(?:_bucket|_sum|_count)?(\{[^}]*\})?[\[)\s]", expr + " "):
+            if re.sub(r"_(total|info)$", "", name) in labelled:
+                assert 'model=~"$model"' in selector, expr
 
 
 def test_grafana_provisioning_wiring():

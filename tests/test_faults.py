@@ -114,14 +114,14 @@ def _wait_step(client_redis: redis.Redis, job_id: str) -> str:
                     return client_redis.hget(keys.job(job_id), "worker").decode()
 
 
-def _assert_each_result_once(client_redis: redis.Redis, job_ids: list[str]) -> None:
+def _assert_each_result_once(client_redis: redis.Redis, model: str, job_ids: list[str]) -> None:
     """One success transition, one terminal event and one image key per job; nothing left in the stream."""
     for job_id in job_ids:
         assert client_redis.hget(keys.job(job_id), "completions") == b"1", job_id
         events = [fields[b"event"] for _, fields in client_redis.xrange(keys.job_events(job_id))]
         assert events.count(b"succeeded") == 1 and not {b"failed", b"cancelled"} & set(events), events
         assert client_redis.exists(keys.job_image(job_id, 0)) and not client_redis.exists(keys.job_image(job_id, 1))
-    assert client_redis.xlen(keys.JOBS_STREAM) == 0, "every entry acknowledged and deleted"
+    assert client_redis.xlen(keys.jobs_stream(model)) == 0, "every entry acknowledged and deleted"
 
 
 # --- process faults (in this order on one cluster) ---
@@ -144,7 +144,7 @@ async def test_worker_killed_mid_batch_its_jobs_finish_once_on_the_other(cluster
             for state in states:
                 if state["id"] in batch:
                     assert state["worker"] == survivor and state["deliveries"] == 2, state
-            _assert_each_result_once(client_redis, job_ids)
+            _assert_each_result_once(client_redis, cluster.model, job_ids)
     cluster.start_worker(victim)  # back to two workers for the next tests (they wait for it)
     figure("kill -9 worker", f"{len(batch)} jobs of the killed batch reclaimed and finished on {survivor}; "
            f"8/8 succeeded, each with exactly 1 result; {recovered_s:.1f} s from kill to the last result "
@@ -180,7 +180,7 @@ async def test_redis_killed_with_aof_queued_jobs_survive_and_api_answers_503_mea
         states = await _wait_ended(client, job_ids)
         assert [state["status"] for state in states] == ["succeeded"] * len(job_ids)
         with _redis(cluster) as client_redis:
-            _assert_each_result_once(client_redis, job_ids)
+            _assert_each_result_once(client_redis, cluster.model, job_ids)
     assert cluster.api.poll() is None and cluster.api.pid == api_pid, "the API was not restarted"
     figure("kill -9 Redis (AOF, appendfsync always)",
            f"{queued_at_kill}/{2 * held} jobs queued at the kill; down {restarted_at - down_at:.1f} s, POST and GET "
@@ -202,7 +202,7 @@ async def test_api_restarted_while_jobs_queued_async_clients_get_results(cluster
         pngs = [await client.get(state["images"][0]) for state in states]
         assert all(png.status_code == 200 and png.content.startswith(b"\x89PNG") for png in pngs)
         with _redis(cluster) as client_redis:
-            _assert_each_result_once(client_redis, job_ids)
+            _assert_each_result_once(client_redis, cluster.model, job_ids)
     figure("kill -9 API", f"8/8 async jobs' results fetched from the restarted API ({back_s:.1f} s after the kill)")
 
 
@@ -224,10 +224,10 @@ async def test_sigterm_worker_finishes_what_it_holds_takes_nothing_new_and_exits
             finished_by_victim = [state for state in states if state["worker"] == victim]
             assert finished_by_victim and all(state["deliveries"] == 1 for state in finished_by_victim)
             assert all(state["worker"] != victim for state in states[8:]), "took a job after SIGTERM"
-            consumers = {c["name"]: c["pending"] for c in client_redis.xinfo_consumers(keys.JOBS_STREAM,
-                                                                                        keys.WORKER_GROUP)}
+            consumers = {c["name"]: c["pending"] for c in client_redis.xinfo_consumers(
+                keys.jobs_stream(cluster.model), keys.WORKER_GROUP)}
             assert consumers.get(victim.encode(), 0) == 0, "left entries unacknowledged"
-            _assert_each_result_once(client_redis, job_ids + later_ids)
+            _assert_each_result_once(client_redis, cluster.model, job_ids + later_ids)
     figure("SIGTERM worker", f"exit code 0 after a {drain_s:.1f} s drain; it finished {len(finished_by_victim)} "
            "held jobs (each delivered once), took none of the 4 submitted after the signal; 12/12 succeeded")
 
@@ -268,6 +268,8 @@ class InProcess:
     worker_task: asyncio.Task
     client_redis: redis.Redis
     memory_cap: UNetMemoryCap
+    model: str
+    """The served model's name (its job stream)."""
 
 
 @pytest.fixture
@@ -282,7 +284,7 @@ async def in_process(tiny_sd_model_dir: Path, redis_url: str, worker_pipe) -> As
     try:
         async with running_api(settings) as client:
             with redis.Redis.from_url(redis_url) as client_redis:
-                yield InProcess(client, task, client_redis, worker_pipe.memory_cap)
+                yield InProcess(client, task, client_redis, worker_pipe.memory_cap, settings.default_model)
     finally:
         worker_pipe.memory_cap.max_rows = None
         worker.stop()
@@ -325,7 +327,7 @@ async def test_job_failing_every_time_is_dead_lettered_and_its_batch_mates_succe
     # front stage of a model with another text-encoder width (an API on a different model than the workers):
     # the UNet cannot take these embeddings, however often or with whatever company the job is run
     wrong_width = EncodedPrompt(torch.zeros(77, 48), None, {})
-    poison = JobSpec(id="poison", width=SIZE, height=SIZE, steps=STEPS, guidance_scale=7.5, seed=1, num_images=1,
+    poison = JobSpec(id="poison", model=in_process.model, width=SIZE, height=SIZE, steps=STEPS, guidance_scale=7.5, seed=1, num_images=1,
                      scheduler="model-default")
     await queue.submit(poison, pack_prompt_pair(wrong_width, wrong_width), {})
     good = await _submit(client, 2, first_seed=30)
@@ -340,30 +342,31 @@ async def test_job_failing_every_time_is_dead_lettered_and_its_batch_mates_succe
            "its 2 batch mates and the next job succeeded")
 
 
-def _spec_json(job_id: str, **changes: object) -> str:
-    spec = JobSpec(id=job_id, width=SIZE, height=SIZE, steps=2, guidance_scale=7.5, seed=1, num_images=1,
+def _spec_json(job_id: str, model: str, **changes: object) -> str:
+    spec = JobSpec(id=job_id, model=model, width=SIZE, height=SIZE, steps=2, guidance_scale=7.5, seed=1, num_images=1,
                    scheduler="model-default")
     return json.dumps(spec.model_dump() | changes)
 
 
 async def test_malformed_job_entries_in_redis_are_dead_lettered_and_the_worker_keeps_serving(in_process):
-    client, client_redis = in_process.client, in_process.client_redis
+    client, client_redis, model = in_process.client, in_process.client_redis, in_process.model
+    stream = keys.jobs_stream(model)
     tensors_without_negative = save_safetensors({"prompt_embeds": torch.zeros(77, 32)})
     bad_jobs = {  # job id -> hash fields as something other than `submit` might write them
-        "wrong-types": {"spec": _spec_json("wrong-types", width="wide", steps=[2]), "payload": b"x"},
+        "wrong-types": {"spec": _spec_json("wrong-types", model, width="wide", steps=[2]), "payload": b"x"},
         "not-json": {"spec": "{not json", "payload": b"x"},
-        "no-payload": {"spec": _spec_json("no-payload")},
-        "bad-safetensors": {"spec": _spec_json("bad-safetensors"), "payload": b"\x00\x01 not safetensors"},
-        "missing-tensor": {"spec": _spec_json("missing-tensor"), "payload": tensors_without_negative},
+        "no-payload": {"spec": _spec_json("no-payload", model)},
+        "bad-safetensors": {"spec": _spec_json("bad-safetensors", model), "payload": b"\x00\x01 not safetensors"},
+        "missing-tensor": {"spec": _spec_json("missing-tensor", model), "payload": tensors_without_negative},
         # well formed, but beyond the model's limits, which only the API checked before
-        "beyond-limits": {"spec": _spec_json("beyond-limits", width=4096, height=4096, steps=10_000),
+        "beyond-limits": {"spec": _spec_json("beyond-limits", model, width=4096, height=4096, steps=10_000),
                           "payload": pack_prompt_pair(*[EncodedPrompt(torch.zeros(77, 32), None, {})] * 2)},
     }
     for job_id, fields in bad_jobs.items():
         client_redis.hset(keys.job(job_id), mapping=fields | {"status": "queued"})
-        client_redis.xadd(keys.JOBS_STREAM, {"job": job_id})
-    client_redis.xadd(keys.JOBS_STREAM, {"no-job-field": "1"})
-    client_redis.xadd(keys.JOBS_STREAM, {"job": b"\xff\xfe"})
+        client_redis.xadd(stream, {"job": job_id})
+    client_redis.xadd(stream, {"no-job-field": "1"})
+    client_redis.xadd(stream, {"job": b"\xff\xfe"})
     [good] = await _submit(client, 1, first_seed=50)
     [state] = await _wait_ended(client, [good])
     assert state["status"] == "succeeded"
@@ -383,7 +386,7 @@ async def test_malformed_job_entries_in_redis_are_dead_lettered_and_the_worker_k
     assert reasons["beyond-limits"].startswith("width 4096 is above the limit 48 of model")
     assert "steps 10000 is above the limit 100" in reasons["beyond-limits"]
     assert client_redis.hget(keys.job("beyond-limits"), "error_type") == b"InvalidRequest"
-    assert client_redis.xlen(keys.JOBS_STREAM) == 0 and not in_process.worker_task.done()
+    assert client_redis.xlen(stream) == 0 and not in_process.worker_task.done()
     figure("malformed entries", f"{len(bad_jobs) + 2} malformed entries written straight into the stream "
            "(wrong types, not JSON, no payload, bad safetensors, a missing tensor, a job beyond the model's limits, no "
            "job id, a non-UTF-8 id): all "

@@ -44,7 +44,7 @@ def test_load_at_twice_the_queue_bound_loses_nothing(tiny_sd_model_dir, tmp_path
 async def test_a_burst_of_concurrent_submits_is_held_to_the_queue_bound(redis_url):
     """Submits racing at an empty queue: exactly `queue_max` get in, the others are refused and leave nothing."""
     queue = make_queue(Settings(redis_url=redis_url, queue_max=4, _env_file=None))
-    specs = [JobSpec(id=f"burst-{n}", width=16, height=16, steps=2, guidance_scale=7.5, seed=n, num_images=1,
+    specs = [JobSpec(id=f"burst-{n}", model="m", width=16, height=16, steps=2, guidance_scale=7.5, seed=n, num_images=1,
                      scheduler="model-default") for n in range(32)]
     try:
         results = await asyncio.gather(*(queue.submit(spec, b"payload", {}) for spec in specs), return_exceptions=True)
@@ -53,5 +53,5 @@ async def test_a_burst_of_concurrent_submits_is_held_to_the_queue_bound(redis_ur
     refused = [spec.id for spec, result in zip(specs, results, strict=True) if isinstance(result, QueueFull)]
     assert len(refused) == 28 and sum(not isinstance(result, BaseException) for result in results) == 4, results
     with redis.Redis.from_url(redis_url) as client:
-        assert client.xlen(keys.JOBS_STREAM) == 4
+        assert client.xlen(keys.jobs_stream("m")) == 4
         assert not any(client.exists(keys.job(job_id), keys.job_events(job_id)) for job_id in refused)

@@ -120,9 +120,9 @@ def test_refusals_say_what_is_needed_what_the_worker_has_and_what_would_fit():
 
 
 def test_compatible_batches_stay_within_what_fits():
-    specs = [JobSpec(id=f"j{n}", width=64, height=64, steps=2, guidance_scale=7.5, seed=n, num_images=images,
+    specs = [JobSpec(id=f"j{n}", model="m", width=64, height=64, steps=2, guidance_scale=7.5, seed=n, num_images=images,
                      scheduler="model-default") for n, images in enumerate([1, 1, 1, 2, 1])]
-    jobs = [QueuedJob(spec=spec, payload=b"") for spec in specs]
+    jobs = [QueuedJob(spec=spec, payload=b"", model="m") for spec in specs]
     batches = [[job.spec.id for job in batch] for batch in compatible_batches(jobs, 4, lambda spec: 2)]
     assert batches == [["j0", "j1"], ["j2"], ["j3"], ["j4"]]
     assert len(compatible_batches(jobs, 4)) == 2, "without a memory bound only max_batch splits"
@@ -140,7 +140,7 @@ async def _sweep(client: httpx.AsyncClient, sides: list[int], steps: list[int], 
     and the worker's memory, else 422 saying which limit or how much memory; never anything else."""
     [model] = (await client.get("/v1/models")).json()["data"]
     limits = model["limits"]
-    profile: MemoryProfile = client.app.state.service.worker.memory_profile
+    profile: MemoryProfile = client.app.state.service.workers[0].memory_profile
     answers = {"served": 0, "over a limit": 0, "over the memory": 0}
     for width, height, step_count, count in itertools.product(sides, sides, steps, images):
         over_limit = (width > limits["max_width"] or height > limits["max_height"]
@@ -177,9 +177,9 @@ async def _with_budget(client: httpx.AsyncClient, budget_bytes: int) -> MemoryPr
     """Give the embedded worker `budget_bytes` for requests (as `request_memory_mb` would), keeping what it measured:
     what a request costs depends on what the test process did before, so a fixed setting could not put the
     boundary where the test wants it."""
-    worker = client.app.state.service.worker
+    worker = client.app.state.service.workers[0]
     worker.memory_profile = worker.memory_profile.model_copy(update={"budget_bytes": budget_bytes})
-    await client.app.state.service.queue.publish_memory_profile(worker.memory_profile)
+    await client.app.state.service.queue.publish_memory_profile(worker.model_name, worker.memory_profile)
     return worker.memory_profile
 
 
@@ -195,7 +195,7 @@ async def test_every_size_up_to_the_tiny_models_limits_is_served_or_refused_with
         }, "sides 3x and area 4x the native 16x16, steps and images as set"
         info = (await client.get("/playground/info")).json()
         assert (info["max_width"], info["max_pixels"], info["max_steps"]) == (48, 1024, 3), "the playground's inputs"
-        profile = client.app.state.service.worker.memory_profile
+        profile = client.app.state.service.workers[0].memory_profile
         await _with_budget(client, profile.request_bytes(32, 32, 2, 7.5))  # 3 images of 32x32 do not fit
         answers = await _sweep(client, [8, 16, 32, 48, 56], [1, 3], [1, 3])
         beyond = Counter(await _sweep(client, [16], [4], [1])) + Counter(await _sweep(client, [16], [1], [4]))
@@ -210,7 +210,7 @@ async def test_every_size_up_to_the_bundled_models_limits_is_served_or_refused_w
     image but not four."""
     settings = Settings(warmup_steps=1, batch_window_s=0.01, _env_file=None, model_limits={"bundled": {"max_steps": 2}})
     async with running_api(settings) as client:
-        profile = client.app.state.service.worker.memory_profile
+        profile = client.app.state.service.workers[0].memory_profile
         assert profile.scores.budget_bytes == 256 << 20, "the DGQ attention's scores budget"
         profile = await _with_budget(client, profile.request_bytes(64, 64, 1, 7.5))
         assert not profile.fits(64, 64, 4, 7.5)
@@ -225,7 +225,7 @@ async def test_batches_are_split_to_fit_the_memory(tiny_sd_model_dir):
     settings = Settings(model=str(tiny_sd_model_dir), quantized="none", warmup_steps=1, batch_window_s=0.5,
                         _env_file=None)
     async with running_api(settings) as client:
-        profile = client.app.state.service.worker.memory_profile
+        profile = client.app.state.service.workers[0].memory_profile
         profile = await _with_budget(client, profile.request_bytes(32, 32, 2, 7.5))
         assert profile.images_that_fit(32, 32, 7.5, 4) == 2
         bodies = [{"prompt": PROMPT, "width": 32, "height": 32, "steps": 2, "seed": n, "async": True} for n in range(4)]
@@ -259,7 +259,7 @@ def test_peak_rss_of_the_largest_admitted_request_is_within_the_workers_measurem
     try:
         cluster.wait_ready({"rss"})
         with redis.Redis.from_url(redis_url) as client_redis:
-            profile = wire.decode_memory_profile(client_redis.hget(keys.WORKER_MEMORY, "rss"))
+            profile = wire.decode_memory_profile(client_redis.hget(keys.worker_memory(cluster.model), "rss"))
         limits = httpx.get(f"{cluster.base_url}/v1/models").json()["data"][0]["limits"]
         sides = range(8, limits["max_width"] + 1, 8)
         shapes = [(width, height, count) for width, height in itertools.product(sides, sides)

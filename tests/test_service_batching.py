@@ -20,7 +20,7 @@ from service.worker import BatchRunner, compatible_batches
 
 def _spec(job_id: str, *, width: int = 16, steps: int = 3, guidance: float = 7.5, seed: int = 0, n: int = 1,
           **fields: object) -> JobSpec:
-    return JobSpec(id=job_id, width=width, height=16, steps=steps, guidance_scale=guidance, seed=seed,
+    return JobSpec(id=job_id, model="tiny", width=width, height=16, steps=steps, guidance_scale=guidance, seed=seed,
                    num_images=n, scheduler=fields.pop("scheduler", "model-default"), **fields)
 
 
@@ -40,7 +40,8 @@ def prompt_stage(settings) -> PromptStage:
 
 
 def _job(prompt_stage: PromptStage, spec: JobSpec, prompt: str, negative: str = "") -> QueuedJob:
-    return QueuedJob(spec=spec, payload=pack_prompt_pair(*prompt_stage._encode_cached([prompt, negative])))
+    return QueuedJob(spec=spec, payload=pack_prompt_pair(*prompt_stage._encode_cached([prompt, negative])),
+                     model=spec.model)
 
 
 @pytest.mark.parametrize(("width", "guidance"), [(16, 7.5), (40, 7.5), (24, 1.0)])
@@ -66,7 +67,7 @@ def test_step_callback_sees_every_step_and_can_stop(runner, prompt_stage):
 
 
 def test_compatible_batches_group_by_key_and_bound_images():
-    jobs = [QueuedJob(spec=s, payload=b"") for s in (
+    jobs = [QueuedJob(spec=s, payload=b"", model=s.model) for s in (
         _spec("a"), _spec("b", steps=9), _spec("c", n=2), _spec("d", n=2), _spec("e", width=24),
     )]
     batches = [[job.spec.id for job in batch] for batch in compatible_batches(jobs, max_images=4)]
@@ -74,7 +75,7 @@ def test_compatible_batches_group_by_key_and_bound_images():
 
 
 def test_compatible_batches_share_sampler_mode_and_strength_but_not_previews():
-    jobs = [QueuedJob(spec=s, payload=b"") for s in (
+    jobs = [QueuedJob(spec=s, payload=b"", model=s.model) for s in (
         _spec("text"), _spec("euler", scheduler="euler"), _spec("image", mode="image", strength=0.5),
         _spec("image-same", mode="image", strength=0.5, preview_every=4), _spec("image-more", mode="image", strength=0.8),
         _spec("inpaint", mode="inpaint", strength=0.5), _spec("text-previews", preview_every=4),
@@ -137,4 +138,5 @@ def test_dgq_model_batched_equals_alone_and_equals_without_precomputed_params(ti
 def _without_prompt_params(job: QueuedJob) -> QueuedJob:
     """The same job with its prompt-specific parameters removed (the UNet then quantizes K/V itself)."""
     prompt, negative = unpack_prompt_pair(job.payload)
-    return QueuedJob(spec=job.spec, payload=pack_prompt_pair(replace(prompt, params={}), replace(negative, params={})))
+    return QueuedJob(spec=job.spec, payload=pack_prompt_pair(replace(prompt, params={}), replace(negative, params={})),
+                     model=job.model)

@@ -63,11 +63,13 @@ async def test_two_workers_serve_concurrent_requests_with_batching(cluster):
         several = (await client.post("/generate", json=REQUEST | {"num_images": 2})).json()
         assert len(several["images"]) == 2 and base64.b64decode(several["images"][0]).startswith(b"\x89PNG")
         api_metrics = (await client.get("/metrics")).text
-        assert "dgq_live_workers 2.0" in api_metrics and "dgq_text_encode_seconds_count" in api_metrics
+        assert f'dgq_live_workers{{model="{cluster.model}"}} 2.0' in api_metrics
+        assert "dgq_text_encode_seconds_count" in api_metrics
         for port in cluster.metrics_ports.values():  # each worker exports its own metrics
             worker_metrics = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
             assert "dgq_denoise_step_seconds_count" in worker_metrics
-            assert 'dgq_model_weight_bytes{component="unet",precision="float32"}' in worker_metrics
+            assert f'dgq_model_weight_bytes{{component="unet",model="{cluster.model}",precision="float32"}}' \
+                in worker_metrics
 
 
 async def test_worker_killed_mid_job_job_completes_once_on_the_other(cluster):
@@ -95,7 +97,7 @@ async def test_worker_killed_mid_job_job_completes_once_on_the_other(cluster):
             assert client_redis.hget(keys.job(job_id), "completions") == b"1"
             events = [fields[b"event"] for _, fields in client_redis.xrange(keys.job_events(job_id))]
             assert events.count(b"succeeded") == 1 and events.count(b"started") == 2
-            assert client_redis.xlen(keys.JOBS_STREAM) == 0, "acknowledged and removed"
+            assert client_redis.xlen(keys.jobs_stream(cluster.model)) == 0, "acknowledged and removed"
         assert (await client.get(state["images"][0])).status_code == 200
 
 

@@ -14,21 +14,21 @@ from service.served_model import ServedModel
 pytestmark = pytest.mark.anyio
 
 
-def _cache_lookups() -> tuple[float, float]:
-    """(hits, misses) counted so far by `dgq_prompt_cache_total`."""
-    return tuple(REGISTRY.get_sample_value("dgq_prompt_cache_total", {"result": result}) or 0.0
+def _cache_lookups(model: str) -> tuple[float, float]:
+    """(hits, misses) counted so far by `dgq_prompt_cache_total` for `model`."""
+    return tuple(REGISTRY.get_sample_value("dgq_prompt_cache_total", {"model": model, "result": result}) or 0.0
                  for result in ("hit", "miss"))
 
 
 async def test_prompt_cache_is_lru_and_the_payload_is_safetensors(tiny_sd_model_dir):
     prompts = PromptStage(ServedModel(Settings(model=str(tiny_sd_model_dir), quantized="none")), cache_size=2)
-    seen = _cache_lookups()
+    seen = _cache_lookups(prompts.model.name)
 
     async def lookups(prompt: str, negative_prompt: str) -> tuple[bytes, tuple[float, float]]:
         """The payload, and the (hits, misses) this encoding added."""
         nonlocal seen
         payload, _ = await prompts.encode(prompt, negative_prompt)
-        before, seen = seen, _cache_lookups()
+        before, seen = seen, _cache_lookups(prompts.model.name)
         return payload, (seen[0] - before[0], seen[1] - before[1])
 
     first, counted = await lookups("a red square", "blurry")

@@ -101,8 +101,8 @@ def test_taesd_previews_on_the_worker(tiny_sd_model_dir):
     settings = Settings(model=str(tiny_sd_model_dir), quantized="none", _env_file=None)
     model = ServedModel(settings)
     payload = dgq_core.pack_prompt_pair(*PromptStage(model, 4)._encode_cached(["a red square", ""]))
-    job = QueuedJob(spec=JobSpec(id="t", width=16, height=16, steps=5, guidance_scale=7.5, seed=1, num_images=1,
-                                 scheduler="euler", preview_every=4), payload=payload)
+    job = QueuedJob(spec=JobSpec(id="t", model=model.name, width=16, height=16, steps=5, guidance_scale=7.5, seed=1,
+                                 num_images=1, scheduler="euler", preview_every=4), payload=payload, model=model.name)
     pipe = model.load_worker_pipeline()
     outputs = {}
     for decoder in ("taesd", "vae"):

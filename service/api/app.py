@@ -1,5 +1,5 @@
-"""The FastAPI application: lifespan (queue, served model, prompt stage, embedded worker, rate limiter, metrics port), error
-mapping, body-size limit, CORS, request metrics."""
+"""The FastAPI application: lifespan (queue, served models and their prompt stages, embedded workers, rate limiter,
+metrics port), error mapping, body-size limit, CORS, request metrics."""
 
 from __future__ import annotations
 
@@ -36,14 +36,26 @@ log = logging.getLogger(__name__)
 STATS_INTERVAL_S = 1.0
 
 
-async def _publish_queue_stats(queue: JobQueue) -> None:
+async def _publish_queue_stats(queue: JobQueue, models: list[str]) -> None:
     while True:
         with contextlib.suppress(ServiceError):
-            stats = await queue.stats()
-            metrics.QUEUE_DEPTH.set(stats.depth)
-            metrics.CONSUMER_LAG.set(stats.lag)
-            metrics.LIVE_WORKERS.set(stats.live_workers)
+            for model in models:
+                stats = await queue.stats(model)
+                metrics.QUEUE_DEPTH.labels(model=model).set(stats.depth)
+                metrics.CONSUMER_LAG.labels(model=model).set(stats.lag)
+                metrics.LIVE_WORKERS.labels(model=model).set(stats.live_workers)
         await asyncio.sleep(STATS_INTERVAL_S)
+
+
+def _load_prompt_stages(settings: Settings) -> dict[str, PromptStage]:
+    """A prompt stage per served model; models on the same base model share one text encoder."""
+    stages: dict[str, PromptStage] = {}
+    by_base: dict[str, PromptStage] = {}
+    for name in settings.served_models:
+        model = ServedModel(settings, name)
+        stages[name] = PromptStage(model, settings.prompt_cache_size, text_side_of=by_base.get(model.resolved.base))
+        by_base.setdefault(model.resolved.base, stages[name])
+    return stages
 
 
 def _log_worker_failure(task: asyncio.Task) -> None:
@@ -57,17 +69,16 @@ def _log_worker_failure(task: asyncio.Task) -> None:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     queue = make_queue(settings)
-    model = await asyncio.to_thread(ServedModel, settings)
-    prompts = await asyncio.to_thread(PromptStage, model, settings.prompt_cache_size)
-    worker = Worker(settings, queue, model) if settings.worker_in_api else None
-    app.state.service = GenerationService(settings, queue, prompts, worker)
+    prompts = await asyncio.to_thread(_load_prompt_stages, settings)
+    workers = [Worker(settings, queue, stage.model) for stage in prompts.values()] if settings.worker_in_api else []
+    app.state.service = GenerationService(settings, queue, prompts, workers)
     app.state.rate_limiter = limiter = make_rate_limiter(settings)
     app.state.metrics_server = None
     if settings.metrics_port is not None:
         app.state.metrics_server = prometheus.serve_metrics_port(settings.host, settings.metrics_port)
         log.info("metrics on http://%s:%d/metrics", settings.host, app.state.metrics_server.server_port)
-    tasks = [asyncio.create_task(_publish_queue_stats(queue))]
-    if worker is not None:
+    tasks = [asyncio.create_task(_publish_queue_stats(queue, list(prompts)))]
+    for worker in workers:
         worker_task = asyncio.create_task(worker.run())
         worker_task.add_done_callback(_log_worker_failure)
         tasks.append(worker_task)
@@ -105,7 +116,8 @@ def _http_error_response(request: Request, error: HTTPException) -> JSONResponse
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The API application; its lifespan loads the served model's text side and, in embedded mode, a worker."""
+    """The API application; its lifespan loads the served models' text sides and, in embedded mode, a worker for
+    each."""
     app = FastAPI(
         title="dgq-serve", summary="Text-to-image, image-to-image and inpainting with DGQ-quantized Stable Diffusion UNets.", lifespan=_lifespan,
         docs_url=None, redoc_url=None,  # `docs` serves Swagger UI from local files

@@ -1,10 +1,12 @@
-"""`GET /v1/loras`: the LoRA adapters requests may name in `loras` (name, rank, targets, size, description)."""
+"""`GET /v1/loras?model=`: the LoRA adapters requests to a model may name in `loras` (name, rank, targets, size,
+description)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from service.api.deps import Authenticated, ServiceDep
 from service.schemas import LoRAListing
@@ -13,6 +15,10 @@ router = APIRouter(prefix="/v1", tags=["loras"], dependencies=[Authenticated])
 
 
 @router.get("/loras")
-async def list_loras(service: ServiceDep) -> LoRAListing:
+async def list_loras(
+    service: ServiceDep,
+    model: Annotated[str | None, Query(description="The served model (`GET /v1/models`); none = the default one.")]
+    = None,
+) -> LoRAListing:
     # reads each adapter's file header: off the event loop
-    return LoRAListing(data=await asyncio.to_thread(service.loras))
+    return LoRAListing(data=await asyncio.to_thread(service.loras, model))

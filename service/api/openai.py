@@ -93,7 +93,7 @@ async def _answer(
     generate_request = body.to_generate_request(preview_every)
     if body.stream:
         state = await service.submit(generate_request, files)
-        size = body.size or "x".join(str(side) for side in service.model.native_size)
+        size = body.size or "x".join(str(side) for side in service.models[state.model].native_size)
         return StreamingResponse(
             _stream(service, state, kind, body.partial_images, size), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Id": state.id},

@@ -1,13 +1,15 @@
 """The playground at `/`: a plain HTML/JS page (no build step) that submits a job (text-to-image, or an edit of an
 uploaded image), follows its server-sent events, shows the previews as the picture forms and then the image.
-`/playground/info` tells the page the model, its quantization, native size, samplers, limits and LoRA adapters."""
+`/playground/info?model=` tells the page the served models and, for the chosen one, its quantization, native size,
+samplers, limits and LoRA adapters."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
 from service.api.deps import ServiceDep, SettingsDep
@@ -33,20 +35,22 @@ async def playground_style() -> FileResponse:
 
 
 @router.get("/playground/info")
-async def playground_info(service: ServiceDep, settings: SettingsDep) -> dict[str, object]:
+async def playground_info(
+    service: ServiceDep, settings: SettingsDep,
+    model: Annotated[str | None, Query(description="A served model; none = the default one.")] = None,
+) -> dict[str, object]:
     """Unauthenticated like `/metrics` (which carries the same model info); says whether the API wants a key. The
-    limits are the served model's (`/v1/models` reports them too)."""
-    width, height = service.model.native_size
-    limits = service.model.limits
-    loras = await asyncio.to_thread(service.loras)  # reads the adapters' file headers
+    limits are the model's (`/v1/models` reports them too); `models` names every served model."""
+    served = service.stage(model).model
+    width, height = served.native_size
+    loras = await asyncio.to_thread(service.loras, served.name)  # reads the adapters' file headers
     return {
-        "model": settings.model,
-        "quantization": {
-            **service.model.quantization_info(), "exec_mode": settings.exec_mode, "device": settings.device,
-        },
+        "model": served.name,
+        "models": list(service.models),
+        "quantization": {**served.quantization_info(), "device": settings.device},
         "native_width": width, "native_height": height,
-        **limits.model_dump(),
-        "samplers": service.model.samplers, "default_sampler": service.model.default_sampler,
+        **served.limits.model_dump(),
+        "samplers": served.samplers, "default_sampler": served.default_sampler,
         "preview_every_steps": settings.preview_every_steps, "max_input_pixels": settings.max_input_pixels,
         "max_upload_bytes": settings.max_upload_bytes,
         "auth_required": bool(settings.api_keys),

@@ -1,5 +1,8 @@
 """The one job-queue interface; `memory.MemoryQueue` (embedded) and `redis_streams.RedisStreamsQueue` implement it.
 
+Each served model has its own queue of jobs (`JobSpec.model`), bound, workers and memory profiles; a worker takes
+the jobs of the one model it serves.
+
 A job is a `JobSpec` (JSON) plus one safetensors blob (prompt embeddings and prompt-specific parameters) and, for
 an edit, a second one with its image and mask (`wire.encode_edit_images`).
 Its state moves queued -> running -> succeeded | failed | cancelled (or queued -> cancelled); images are stored
@@ -34,6 +37,8 @@ class QueuedJob:
 
     spec: JobSpec
     payload: bytes
+    model: str
+    """The model whose queue the job came from (and is acknowledged in)."""
     edit_images: bytes = b""
     """An edit job's image and mask (`wire.encode_edit_images`); empty for text-to-image."""
     deliveries: int = 1
@@ -64,15 +69,16 @@ class JobQueue(abc.ABC):
     # --- API side ---
 
     @abc.abstractmethod
-    async def admit(self) -> None:
-        """Raise `QueueFull` if a job submitted now would be refused: a cheap check before the prompt stage's work,
-        so that an overloaded API answers 429 without encoding prompts (`submit` checks again)."""
+    async def admit(self, model: str) -> None:
+        """Raise `QueueFull` if a job for `model` submitted now would be refused: a cheap check before the prompt
+        stage's work, so that an overloaded API answers 429 without encoding prompts (`submit` checks again)."""
 
     @abc.abstractmethod
     async def submit(
         self, spec: JobSpec, payload: bytes, timings: dict[str, float], edit_images: bytes = b""
     ) -> JobState:
-        """Enqueue a job; raises `QueueFull` at the bound and `QueueUnavailable` when the backend is down."""
+        """Enqueue a job for `spec.model`; raises `QueueFull` at the bound and `QueueUnavailable` when the backend
+        is down."""
 
     @abc.abstractmethod
     async def get(self, job_id: str) -> JobState | None:
@@ -91,15 +97,16 @@ class JobQueue(abc.ABC):
         """The job's events from the first, ending after its terminal event."""
 
     @abc.abstractmethod
-    async def stats(self) -> QueueStats: ...
+    async def stats(self, model: str) -> QueueStats:
+        """Depth, lag and live workers of `model`'s queue."""
 
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise `QueueUnavailable` if the backend cannot be reached."""
 
     @abc.abstractmethod
-    async def memory_profiles(self) -> list[MemoryProfile]:
-        """The memory profiles the live workers published (`publish_memory_profile`)."""
+    async def memory_profiles(self, model: str) -> list[MemoryProfile]:
+        """The memory profiles `model`'s live workers published (`publish_memory_profile`)."""
 
     async def wait(self, job_id: str, timeout_s: float) -> JobState | None:
         """Wait until the job ends or `timeout_s` passes; the state then."""
@@ -115,8 +122,8 @@ class JobQueue(abc.ABC):
     # --- worker side ---
 
     @abc.abstractmethod
-    async def take(self, worker_id: str, max_jobs: int, window_s: float) -> list[QueuedJob]:
-        """Block until at least one job is there, then gather up to `max_jobs` within `window_s`."""
+    async def take(self, worker_id: str, model: str, max_jobs: int, window_s: float) -> list[QueuedJob]:
+        """Block until at least one job for `model` is there, then gather up to `max_jobs` within `window_s`."""
 
     @abc.abstractmethod
     async def start(self, job: QueuedJob, worker_id: str) -> bool:
@@ -144,18 +151,19 @@ class JobQueue(abc.ABC):
         """Give the job up: keep it among the dead letters (for inspection) and fail it with `reason`."""
 
     @abc.abstractmethod
-    async def publish_memory_profile(self, profile: MemoryProfile) -> None:
-        """Tell the API what this worker's memory admits (renewed with the heartbeats; gone when it dies)."""
+    async def publish_memory_profile(self, model: str, profile: MemoryProfile) -> None:
+        """Tell the API what the memory of this worker of `model` admits (renewed with the heartbeats; gone when it
+        dies)."""
 
     @abc.abstractmethod
     async def finish_cancelled(self, job: QueuedJob) -> None: ...
 
-    async def heartbeat(self, worker_id: str, jobs: list[QueuedJob]) -> None:
-        """Tell the backend this worker is alive and still holds `jobs` (nothing to do in-process)."""
+    async def heartbeat(self, worker_id: str, model: str, jobs: list[QueuedJob]) -> None:
+        """Tell the backend this worker of `model` is alive and still holds `jobs` (nothing to do in-process)."""
         return None
 
-    async def reap(self, worker_id: str) -> list[QueuedJob]:
-        """Take over the jobs of dead workers (those over the delivery limit go to the dead letters)."""
+    async def reap(self, worker_id: str, model: str) -> list[QueuedJob]:
+        """Take over the jobs of `model`'s dead workers (those over the delivery limit go to the dead letters)."""
         return []
 
     async def close(self) -> None:
@@ -171,7 +179,7 @@ def job_state(
     """A `JobState` with image URLs filled in once succeeded."""
     images = [f"/jobs/{spec.id}/images/{n}" for n in range(spec.num_images)] if status == JobStatus.succeeded else []
     return JobState(
-        id=spec.id, status=status, position=position if status == JobStatus.queued else None,
+        id=spec.id, model=spec.model, status=status, position=position if status == JobStatus.queued else None,
         num_images=spec.num_images, seeds=spec.seeds, images=images, timings=timings or {}, error=error,
         error_type=error_type, worker=worker,
         deliveries=deliveries, created_at=spec.created_at, finished_at=finished_at, expires_at=expires_at,

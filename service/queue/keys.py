@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-JOBS_STREAM = "dgq:jobs"
-"""Stream of submitted jobs; an entry holds only the job id (fields: job)."""
 WORKER_GROUP = "dgq-workers"
-"""Consumer group of all workers on `JOBS_STREAM`; consumer name = worker id."""
-DEAD_LETTER_STREAM = "dgq:jobs:dead"
-"""Jobs given up after too many deliveries (fields: job, deliveries, reason)."""
+"""Consumer group of a model's workers on its `jobs_stream`; consumer name = worker id."""
+DEAD_LETTER_STREAM = "dgq:dead-letters"
+"""Jobs given up, of every model (fields: job, model, entry, deliveries, reason)."""
 WORKER_PATTERN = "dgq:worker:*"
-WORKER_MEMORY = "dgq:worker-memory"
-"""Hash: worker id -> its memory profile (JSON, `wire.encode_memory_profile`), rewritten with each heartbeat; the
-profiles of workers without a live heartbeat key are ignored, and removed by the reaper."""
+
+
+def jobs_stream(model: str) -> str:
+    """Stream of the jobs submitted to one served model; an entry holds only the job id (fields: job). One stream
+    per model, so each model's workers read only its jobs and scale on its backlog (KEDA)."""
+    return f"dgq:jobs:{model}"
+
+
+def worker_memory(model: str) -> str:
+    """Hash: worker id -> the memory profile (JSON, `wire.encode_memory_profile`) of one of the model's workers,
+    rewritten with each heartbeat; the profiles of workers without a live heartbeat key are ignored, and removed by
+    the reaper."""
+    return f"dgq:worker-memory:{model}"
 
 
 def job(job_id: str) -> str:
@@ -32,7 +40,8 @@ def job_image(job_id: str, index: int) -> str:
 
 
 def worker(worker_id: str) -> str:
-    """Heartbeat key of a live worker (expires `worker_ttl_s` after its last heartbeat)."""
+    """Heartbeat key of a live worker; its value is the name of the model it serves (expires `worker_ttl_s` after
+    its last heartbeat)."""
     return f"dgq:worker:{worker_id}"
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -40,17 +40,21 @@ class _Record:
 
 
 class MemoryQueue(JobQueue):
-    """A FIFO of job ids plus a dict of job records, bounded by `max_jobs` queued or running jobs."""
+    """A FIFO of job ids per model plus a dict of job records, bounded by `max_jobs` queued or running jobs per
+    model."""
 
     def __init__(self, *, max_jobs: int, result_ttl_s: float, retry_after_s: int) -> None:
         self._max_jobs = max_jobs
         self._result_ttl_s = result_ttl_s
         self._retry_after_s = retry_after_s
         self._records: dict[str, _Record] = {}
-        self._waiting: deque[str] = deque()
+        self._waiting: defaultdict[str, deque[str]] = defaultdict(deque)
+        """Model -> ids of its queued jobs, oldest first."""
         self._changed = asyncio.Condition()
-        self._live_workers: set[str] = set()
-        self._memory_profiles: dict[str, MemoryProfile] = {}
+        self._live_workers: dict[str, str] = {}
+        """Worker id -> the model it serves."""
+        self._memory_profiles: defaultdict[str, dict[str, MemoryProfile]] = defaultdict(dict)
+        """Model -> worker id -> the profile it published."""
         self.dead_letters: deque[tuple[str, str]] = deque(maxlen=1000)
         """(job id, reason) of the jobs given up, newest last."""
 
@@ -60,7 +64,8 @@ class MemoryQueue(JobQueue):
             del self._records[job_id]
 
     def _state(self, record: _Record) -> JobState:
-        position = self._waiting.index(record.job.spec.id) if record.status == JobStatus.queued else None
+        waiting = self._waiting[record.job.model]
+        position = waiting.index(record.job.spec.id) if record.status == JobStatus.queued else None
         return job_state(
             record.job.spec, record.status, position=position, timings=record.timings, error=record.error,
             error_type=record.error_type, worker=record.worker, deliveries=record.job.deliveries if record.worker else 0,
@@ -82,21 +87,24 @@ class MemoryQueue(JobQueue):
 
     # --- API side ---
 
-    async def admit(self) -> None:
+    def _active(self, model: str) -> int:
+        return sum(not r.status.terminal and r.job.model == model for r in self._records.values())
+
+    async def admit(self, model: str) -> None:
         self._forget_old()
-        active = sum(not r.status.terminal for r in self._records.values())
-        if active >= self._max_jobs:
+        if (active := self._active(model)) >= self._max_jobs:
             raise queue_full(active, self._retry_after_s)
 
     async def submit(
         self, spec: JobSpec, payload: bytes, timings: dict[str, float], edit_images: bytes = b""
     ) -> JobState:
-        await self.admit()
-        job = QueuedJob(spec=spec, payload=payload, edit_images=edit_images, receipt=spec.id)
+        await self.admit(spec.model)
+        job = QueuedJob(spec=spec, payload=payload, model=spec.model, edit_images=edit_images, receipt=spec.id)
         record = _Record(job=job, timings=dict(timings))
         self._records[spec.id] = record
-        self._waiting.append(spec.id)
-        await self._emit(record, JobEvent(event="queued", data={"position": len(self._waiting) - 1}))
+        waiting = self._waiting[spec.model]
+        waiting.append(spec.id)
+        await self._emit(record, JobEvent(event="queued", data={"position": len(waiting) - 1}))
         return self._state(record)
 
     async def get(self, job_id: str) -> JobState | None:
@@ -117,10 +125,12 @@ class MemoryQueue(JobQueue):
         if record is None:
             return None
         if record.status == JobStatus.queued:
-            if job_id in self._waiting:  # else a worker took it and will skip it when it starts the batch
-                self._waiting.remove(job_id)
+            waiting = self._waiting[record.job.model]
+            if job_id in waiting:  # else a worker took it and will skip it when it starts the batch
+                waiting.remove(job_id)
             await self._finish(record, JobStatus.cancelled, reason="cancelled while queued")
-            metrics.JOBS.labels(outcome="cancelled").inc()  # no worker sees it end: it is counted here
+            # no worker sees it end: it is counted here
+            metrics.JOBS.labels(model=record.job.model, outcome="cancelled").inc()
         elif record.status == JobStatus.running:
             record.cancel_requested = True
         return self._state(record)
@@ -140,27 +150,28 @@ class MemoryQueue(JobQueue):
                     return
             sent += len(new_events)
 
-    async def stats(self) -> QueueStats:
-        active = sum(not r.status.terminal for r in self._records.values())
-        return QueueStats(depth=active, lag=len(self._waiting), live_workers=len(self._live_workers))
+    async def stats(self, model: str) -> QueueStats:
+        live = sum(served == model for served in self._live_workers.values())
+        return QueueStats(depth=self._active(model), lag=len(self._waiting[model]), live_workers=live)
 
     async def ping(self) -> None:
         return None
 
-    async def memory_profiles(self) -> list[MemoryProfile]:
-        return list(self._memory_profiles.values())
+    async def memory_profiles(self, model: str) -> list[MemoryProfile]:
+        return list(self._memory_profiles[model].values())
 
     # --- worker side ---
 
-    async def take(self, worker_id: str, max_jobs: int, window_s: float) -> list[QueuedJob]:
-        self._live_workers.add(worker_id)
+    async def take(self, worker_id: str, model: str, max_jobs: int, window_s: float) -> list[QueuedJob]:
+        self._live_workers[worker_id] = model
+        waiting = self._waiting[model]
         async with self._changed:
-            await self._changed.wait_for(lambda: bool(self._waiting))
-        if window_s > 0 and len(self._waiting) < max_jobs:
+            await self._changed.wait_for(lambda: bool(waiting))
+        if window_s > 0 and len(waiting) < max_jobs:
             await asyncio.sleep(window_s)
         taken = []
-        while self._waiting and len(taken) < max_jobs:
-            taken.append(self._records[self._waiting.popleft()].job)
+        while waiting and len(taken) < max_jobs:
+            taken.append(self._records[waiting.popleft()].job)
         return taken
 
     async def start(self, job: QueuedJob, worker_id: str) -> bool:
@@ -198,11 +209,11 @@ class MemoryQueue(JobQueue):
     async def dead_letter(self, job: QueuedJob, reason: str, error_type: str = GENERATION_FAILED) -> None:
         self.dead_letters.append((job.spec.id, reason))
         await self.fail(job, reason, {}, error_type)
-        metrics.JOBS_DEAD_LETTERED.inc()
-        metrics.JOBS.labels(outcome="failed").inc()
+        metrics.JOBS_DEAD_LETTERED.labels(model=job.model).inc()
+        metrics.JOBS.labels(model=job.model, outcome="failed").inc()
 
-    async def publish_memory_profile(self, profile: MemoryProfile) -> None:
-        self._memory_profiles[profile.worker_id] = profile
+    async def publish_memory_profile(self, model: str, profile: MemoryProfile) -> None:
+        self._memory_profiles[model][profile.worker_id] = profile
 
     async def finish_cancelled(self, job: QueuedJob) -> None:
         await self._finish(self._records[job.spec.id], JobStatus.cancelled, reason="cancelled while running")

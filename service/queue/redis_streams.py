@@ -1,8 +1,9 @@
-"""Redis Streams backend: one consumer group of workers, heartbeats, a reaper for dead workers, dead letters.
+"""Redis Streams backend: a job stream and consumer group per served model, heartbeats, a reaper for dead workers,
+dead letters.
 
-- Submit: job hash (spec + safetensors payload, and an edit's images), then `XADD dgq:jobs {job: id}` in a script that checks the bound
-  `queue_max` in the same step, so concurrent submits cannot overshoot it.
-- Workers: `XREADGROUP COUNT max_batch` (+ a short window for more), run, store PNGs under keys with a TTL,
+- Submit: job hash (spec + safetensors payload, and an edit's images), then `XADD dgq:jobs:<model> {job: id}` in a
+  script that checks the model's bound `queue_max` in the same step, so concurrent submits cannot overshoot it.
+- Workers: `XREADGROUP COUNT max_batch` on their model's stream (+ a short window for more), run, store PNGs under keys with a TTL,
   mark succeeded, then `XACK` + `XDEL` - acknowledged only after the result is stored.
 - Heartbeat: every few seconds a worker renews its key (TTL `worker_ttl_s`) and `XCLAIM ... JUSTID`s the entries
   it holds, which resets their idle time: a live worker's long job never looks idle.
@@ -140,7 +141,8 @@ class RedisStreamsQueue(JobQueue):
         self._redis = connect(settings.redis_url, socket_timeout_s=READ_BLOCK_MS / 1000 + 5)
         self._transition_script = self._redis.register_script(_TRANSITION)
         self._enqueue_script = self._redis.register_script(_ENQUEUE)
-        self._group_ready = False
+        self._groups_ready: set[str] = set()
+        """The models whose stream and consumer group exist (as far as this process knows)."""
 
     async def _transition(
         self, job_id: str, allowed: list[JobStatus], to: JobStatus, pngs: list[bytes] = (), **fields: object
@@ -152,15 +154,15 @@ class RedisStreamsQueue(JobQueue):
             keys=[keys.job(job_id), *image_keys], args=[",".join(allowed), to.value, ttl_ms, *pngs, *pairs]
         )
 
-    async def _ensure_group(self) -> None:
-        if self._group_ready:
+    async def _ensure_group(self, model: str) -> None:
+        if model in self._groups_ready:
             return
         try:
-            await self._redis.xgroup_create(keys.JOBS_STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
+            await self._redis.xgroup_create(keys.jobs_stream(model), keys.WORKER_GROUP, id="0", mkstream=True)
         except ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
-        self._group_ready = True
+        self._groups_ready.add(model)
 
     async def _emit(self, job_id: str, event: JobEvent) -> None:
         await self._redis.xadd(
@@ -168,18 +170,18 @@ class RedisStreamsQueue(JobQueue):
             maxlen=EVENTS_MAXLEN, approximate=True,
         )
 
-    async def _ack(self, receipt: str) -> None:
+    async def _ack(self, model: str, receipt: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(keys.JOBS_STREAM, keys.WORKER_GROUP, receipt)
-            pipe.xdel(keys.JOBS_STREAM, receipt)
+            pipe.xack(keys.jobs_stream(model), keys.WORKER_GROUP, receipt)
+            pipe.xdel(keys.jobs_stream(model), receipt)
             await pipe.execute()
 
     async def _finish(
-        self, job_id: str, receipt: str, status: JobStatus, allowed: list[JobStatus], pngs: list[bytes] = (),
-        **fields: object,
+        self, job_id: str, model: str, receipt: str, status: JobStatus, allowed: list[JobStatus],
+        pngs: list[bytes] = (), **fields: object,
     ) -> bool:
         """Move a job to a terminal status (once, with its images), expire its state, emit the event, then
-        acknowledge the entry `receipt` (if any)."""
+        acknowledge the entry `receipt` (if any) of `model`'s stream."""
         finished_at = now()
         moved = await self._transition(
             job_id, allowed, status, pngs, finished_at=finished_at,
@@ -195,28 +197,30 @@ class RedisStreamsQueue(JobQueue):
             data = {"reason": fields["error"]} if "error" in fields else {}
             await self._emit(job_id, JobEvent(event=status.value, data=data))
         if receipt:
-            await self._ack(receipt)
+            await self._ack(model, receipt)
         return moved == 1
 
     async def _dead_letter(
-        self, job_id: str, receipt: str, reason: str, deliveries: int, error_type: str = GENERATION_FAILED
+        self, job_id: str, model: str, receipt: str, reason: str, deliveries: int, error_type: str = GENERATION_FAILED
     ) -> None:
         """Record the job in the dead-letter stream, fail it with `reason` (if it exists) and acknowledge its
-        entry. The record comes first: a crash in between leaves the entry pending, to be dead-lettered again."""
+        entry in `model`'s stream. The record comes first: a crash in between leaves the entry pending, to be
+        dead-lettered again."""
         await self._redis.xadd(
-            keys.DEAD_LETTER_STREAM, {"job": job_id, "entry": receipt, "deliveries": deliveries, "reason": reason},
+            keys.DEAD_LETTER_STREAM,
+            {"job": job_id, "model": model, "entry": receipt, "deliveries": deliveries, "reason": reason},
             maxlen=DEAD_LETTERS_MAXLEN, approximate=True,
         )
-        await self._finish(job_id, receipt, JobStatus.failed, [JobStatus.queued, JobStatus.running], error=reason,
-                           error_type=error_type)
-        metrics.JOBS_DEAD_LETTERED.inc()
-        metrics.JOBS.labels(outcome="failed").inc()
+        await self._finish(job_id, model, receipt, JobStatus.failed, [JobStatus.queued, JobStatus.running],
+                           error=reason, error_type=error_type)
+        metrics.JOBS_DEAD_LETTERED.labels(model=model).inc()
+        metrics.JOBS.labels(model=model, outcome="failed").inc()
 
     # --- API side ---
 
     @_unavailable_on_connection_error
-    async def admit(self) -> None:
-        depth = await self._redis.xlen(keys.JOBS_STREAM)
+    async def admit(self, model: str) -> None:
+        depth = await self._redis.xlen(keys.jobs_stream(model))
         if depth >= self._settings.queue_max:
             raise queue_full(depth, self._retry_after_s)
 
@@ -224,7 +228,7 @@ class RedisStreamsQueue(JobQueue):
     async def submit(
         self, spec: JobSpec, payload: bytes, timings: dict[str, float], edit_images: bytes = b""
     ) -> JobState:
-        await self._ensure_group()
+        await self._ensure_group(spec.model)
         job_key = keys.job(spec.id)
         fields = {
             "spec": wire.encode_spec(spec), "payload": payload, "status": JobStatus.queued.value,
@@ -234,19 +238,20 @@ class RedisStreamsQueue(JobQueue):
             fields["edit_images"] = edit_images
         await self._redis.hset(job_key, mapping=fields)
         entry = await self._enqueue_script(
-            keys=[keys.JOBS_STREAM, job_key, keys.job_events(spec.id)],
+            keys=[keys.jobs_stream(spec.model), job_key, keys.job_events(spec.id)],
             args=[self._settings.queue_max, spec.id, EVENTS_MAXLEN],
         )
         if isinstance(entry, int):
             raise queue_full(entry, self._retry_after_s)
         return await self.get(spec.id)
 
-    async def _position(self, entry: bytes | None) -> int | None:
+    async def _position(self, model: str, entry: bytes | None) -> int | None:
         if entry is None:
             return None
-        groups = await self._redis.xinfo_groups(keys.JOBS_STREAM)
+        stream = keys.jobs_stream(model)
+        groups = await self._redis.xinfo_groups(stream)
         last = next((g["last-delivered-id"] for g in groups if g["name"] == keys.WORKER_GROUP.encode()), b"0-0")
-        ahead = await self._redis.xrange(keys.JOBS_STREAM, min=b"(" + last, max=entry)
+        ahead = await self._redis.xrange(stream, min=b"(" + last, max=entry)
         return max(len(ahead) - 1, 0)
 
     @_unavailable_on_connection_error
@@ -257,9 +262,10 @@ class RedisStreamsQueue(JobQueue):
         if values["spec"] is None:
             return None
         status = JobStatus(_text(values["status"]))
+        spec = wire.decode_spec(values["spec"])
         return job_state(
-            wire.decode_spec(values["spec"]), status,
-            position=await self._position(values["entry"]) if status == JobStatus.queued else None,
+            spec, status,
+            position=await self._position(spec.model, values["entry"]) if status == JobStatus.queued else None,
             timings=wire.decode_timings(values["timings"]), error=_text(values["error"]),
             error_type=_text(values["error_type"]), worker=_text(values["worker"]), deliveries=int(values["deliveries"] or 0),
             finished_at=float(values["finished_at"]) if values["finished_at"] else None,
@@ -277,9 +283,10 @@ class RedisStreamsQueue(JobQueue):
             return None
         if state.status == JobStatus.queued:
             entry = await self._redis.hget(keys.job(job_id), "entry")
-            if await self._finish(job_id, _text(entry) or "", JobStatus.cancelled, [JobStatus.queued],
+            if await self._finish(job_id, state.model, _text(entry) or "", JobStatus.cancelled, [JobStatus.queued],
                                   error="cancelled while queued"):
-                metrics.JOBS.labels(outcome="cancelled").inc()  # no worker sees it end: it is counted here
+                # no worker sees it end: it is counted here
+                metrics.JOBS.labels(model=state.model, outcome="cancelled").inc()
         await self._redis.hset(keys.job(job_id), "cancel", 1)
         return await self.get(job_id)
 
@@ -300,21 +307,23 @@ class RedisStreamsQueue(JobQueue):
                         return
 
     @_unavailable_on_connection_error
-    async def stats(self) -> QueueStats:
-        await self._ensure_group()
-        depth = await self._redis.xlen(keys.JOBS_STREAM)
-        groups = await self._redis.xinfo_groups(keys.JOBS_STREAM)
+    async def stats(self, model: str) -> QueueStats:
+        await self._ensure_group(model)
+        stream = keys.jobs_stream(model)
+        depth = await self._redis.xlen(stream)
+        groups = await self._redis.xinfo_groups(stream)
         lag = next((g.get("lag") for g in groups if g["name"] == keys.WORKER_GROUP.encode()), None)
         live = [key async for key in self._redis.scan_iter(match=keys.WORKER_PATTERN, count=1000)]
-        return QueueStats(depth=depth, lag=int(lag or 0), live_workers=len(live))
+        served = await self._redis.mget(live) if live else []
+        return QueueStats(depth=depth, lag=int(lag or 0), live_workers=served.count(model.encode()))
 
     @_unavailable_on_connection_error
     async def ping(self) -> None:
         await self._redis.ping()
 
-    async def _live_profiles(self) -> tuple[list[MemoryProfile], list[bytes]]:
-        """The published memory profiles of live workers, and the ids of the workers without a heartbeat."""
-        published = await self._redis.hgetall(keys.WORKER_MEMORY)
+    async def _live_profiles(self, model: str) -> tuple[list[MemoryProfile], list[bytes]]:
+        """The published memory profiles of `model`'s live workers, and the ids of those without a heartbeat."""
+        published = await self._redis.hgetall(keys.worker_memory(model))
         ids = list(published)
         async with self._redis.pipeline(transaction=False) as pipe:
             for worker_id in ids:
@@ -332,35 +341,35 @@ class RedisStreamsQueue(JobQueue):
         return profiles, dead
 
     @_unavailable_on_connection_error
-    async def memory_profiles(self) -> list[MemoryProfile]:
-        return (await self._live_profiles())[0]
+    async def memory_profiles(self, model: str) -> list[MemoryProfile]:
+        return (await self._live_profiles(model))[0]
 
     @_unavailable_on_connection_error
-    async def publish_memory_profile(self, profile: MemoryProfile) -> None:
+    async def publish_memory_profile(self, model: str, profile: MemoryProfile) -> None:
         # with a heartbeat in the same step: the reaper removes profiles without one
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.worker(profile.worker_id), now(), px=int(self._settings.worker_ttl_s * 1000))
-            pipe.hset(keys.WORKER_MEMORY, profile.worker_id, wire.encode_memory_profile(profile))
+            pipe.set(keys.worker(profile.worker_id), model, px=int(self._settings.worker_ttl_s * 1000))
+            pipe.hset(keys.worker_memory(model), profile.worker_id, wire.encode_memory_profile(profile))
             await pipe.execute()
 
     # --- worker side ---
 
-    async def _read(self, worker_id: str, count: int, block_ms: int | None) -> list[tuple[bytes, dict]]:
+    async def _read(self, worker_id: str, model: str, count: int, block_ms: int | None) -> list[tuple[bytes, dict]]:
         try:
             reply = await self._redis.xreadgroup(
-                keys.WORKER_GROUP, worker_id, {keys.JOBS_STREAM: ">"}, count=count, block=block_ms
+                keys.WORKER_GROUP, worker_id, {keys.jobs_stream(model): ">"}, count=count, block=block_ms
             )
         except ResponseError as error:
             if "NOGROUP" not in str(error):
                 raise
-            self._group_ready = False  # Redis lost its data (restart without persistence): recreate the group
-            await self._ensure_group()
+            self._groups_ready.discard(model)  # Redis lost its data (restart without persistence): recreate it
+            await self._ensure_group(model)
             return []
         return [entry for _, entries in reply for entry in entries]
 
-    async def _load_jobs(self, entries: list[tuple[bytes, dict]], deliveries: int = 1) -> list[QueuedJob]:
-        """The jobs the entries point at. Entries of jobs that ended are acknowledged; entries or jobs that
-        cannot be read (written by something else than `submit`) are dead-lettered with the reason."""
+    async def _load_jobs(self, model: str, entries: list[tuple[bytes, dict]], deliveries: int = 1) -> list[QueuedJob]:
+        """The jobs the entries of `model`'s stream point at. Entries of jobs that ended are acknowledged; entries
+        or jobs that cannot be read (written by something else than `submit`) are dead-lettered with the reason."""
         jobs = []
         for entry_id, fields in entries:
             receipt = entry_id.decode()
@@ -368,13 +377,13 @@ class RedisStreamsQueue(JobQueue):
                 job_id = fields[b"job"].decode()
             except (KeyError, UnicodeDecodeError):
                 reason = f"malformed stream entry {receipt}: no job id (fields: {sorted(fields)})"
-                await self._dead_letter("", receipt, reason, deliveries)
+                await self._dead_letter("", model, receipt, reason, deliveries)
                 continue
             spec, payload, edit_images, status = await self._redis.hmget(
                 keys.job(job_id), ["spec", "payload", "edit_images", "status"]
             )
             if status is None or status.decode(errors="replace") in TERMINAL_EVENTS:  # ended, or state expired
-                await self._ack(receipt)
+                await self._ack(model, receipt)
                 continue
             try:
                 if payload is None:
@@ -382,23 +391,23 @@ class RedisStreamsQueue(JobQueue):
                 job_spec = wire.decode_spec(spec or b"")
                 if job_spec.mode != "text" and edit_images is None:
                     raise ValueError(f"it is an edit ({job_spec.mode}) without its images")
-                jobs.append(QueuedJob(spec=job_spec, payload=payload, edit_images=edit_images or b"",
+                jobs.append(QueuedJob(spec=job_spec, payload=payload, model=model, edit_images=edit_images or b"",
                                       receipt=receipt, deliveries=deliveries))
             except ValidationError as error:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in error.errors())
-                await self._dead_letter(job_id, receipt, f"malformed job {job_id}: spec {problems}", deliveries)
+                await self._dead_letter(job_id, model, receipt, f"malformed job {job_id}: spec {problems}", deliveries)
             except ValueError as error:
-                await self._dead_letter(job_id, receipt, f"malformed job {job_id}: {error}", deliveries)
+                await self._dead_letter(job_id, model, receipt, f"malformed job {job_id}: {error}", deliveries)
         return jobs
 
     @_unavailable_on_connection_error
-    async def take(self, worker_id: str, max_jobs: int, window_s: float) -> list[QueuedJob]:
-        await self._ensure_group()
-        entries = await self._read(worker_id, max_jobs, READ_BLOCK_MS)
+    async def take(self, worker_id: str, model: str, max_jobs: int, window_s: float) -> list[QueuedJob]:
+        await self._ensure_group(model)
+        entries = await self._read(worker_id, model, max_jobs, READ_BLOCK_MS)
         if entries and len(entries) < max_jobs and window_s > 0:
             await asyncio.sleep(window_s)
-            entries += await self._read(worker_id, max_jobs - len(entries), None)
-        return await self._load_jobs(entries)
+            entries += await self._read(worker_id, model, max_jobs - len(entries), None)
+        return await self._load_jobs(model, entries)
 
     @_unavailable_on_connection_error
     async def start(self, job: QueuedJob, worker_id: str) -> bool:
@@ -406,7 +415,7 @@ class RedisStreamsQueue(JobQueue):
         moved = await self._transition(job.spec.id, [JobStatus.queued, JobStatus.running], JobStatus.running,
                                        worker=worker_id)
         if moved != 1:
-            await self._ack(job.receipt)
+            await self._ack(job.model, job.receipt)
             return False
         job.deliveries = await self._redis.hincrby(keys.job(job.spec.id), "deliveries", 1)
         await self._emit(job.spec.id, JobEvent(event="started", data={"worker": worker_id}))
@@ -428,56 +437,56 @@ class RedisStreamsQueue(JobQueue):
     async def succeed(self, job: QueuedJob, images: StoredImages) -> None:
         stored_timings = await self._redis.hget(keys.job(job.spec.id), "timings")
         timings = wire.decode_timings(stored_timings) | images.timings
-        await self._finish(job.spec.id, job.receipt, JobStatus.succeeded, [JobStatus.running], images.pngs,
+        await self._finish(job.spec.id, job.model, job.receipt, JobStatus.succeeded, [JobStatus.running], images.pngs,
                            timings=wire.encode_timings(timings))
 
     @_unavailable_on_connection_error
     async def fail(
         self, job: QueuedJob, reason: str, timings: dict[str, float], error_type: str = GENERATION_FAILED
     ) -> None:
-        await self._finish(job.spec.id, job.receipt, JobStatus.failed, [JobStatus.queued, JobStatus.running],
-                           error=reason, error_type=error_type)
+        await self._finish(job.spec.id, job.model, job.receipt, JobStatus.failed,
+                           [JobStatus.queued, JobStatus.running], error=reason, error_type=error_type)
 
     @_unavailable_on_connection_error
     async def dead_letter(self, job: QueuedJob, reason: str, error_type: str = GENERATION_FAILED) -> None:
-        await self._dead_letter(job.spec.id, job.receipt, reason, job.deliveries, error_type)
+        await self._dead_letter(job.spec.id, job.model, job.receipt, reason, job.deliveries, error_type)
 
     @_unavailable_on_connection_error
     async def finish_cancelled(self, job: QueuedJob) -> None:
-        await self._finish(job.spec.id, job.receipt, JobStatus.cancelled, [JobStatus.running],
+        await self._finish(job.spec.id, job.model, job.receipt, JobStatus.cancelled, [JobStatus.running],
                            error="cancelled while running")
 
     @_unavailable_on_connection_error
-    async def heartbeat(self, worker_id: str, jobs: list[QueuedJob]) -> None:
-        await self._redis.set(keys.worker(worker_id), now(), px=int(self._settings.worker_ttl_s * 1000))
+    async def heartbeat(self, worker_id: str, model: str, jobs: list[QueuedJob]) -> None:
+        await self._redis.set(keys.worker(worker_id), model, px=int(self._settings.worker_ttl_s * 1000))
         if jobs:
             await self._redis.xclaim(
-                keys.JOBS_STREAM, keys.WORKER_GROUP, worker_id, min_idle_time=0,
+                keys.jobs_stream(model), keys.WORKER_GROUP, worker_id, min_idle_time=0,
                 message_ids=[job.receipt for job in jobs], justid=True,
             )
 
     @_unavailable_on_connection_error
-    async def reap(self, worker_id: str) -> list[QueuedJob]:
-        await self._ensure_group()
-        _, dead = await self._live_profiles()
+    async def reap(self, worker_id: str, model: str) -> list[QueuedJob]:
+        await self._ensure_group(model)
+        _, dead = await self._live_profiles(model)
         if dead:
-            await self._redis.hdel(keys.WORKER_MEMORY, *dead)
+            await self._redis.hdel(keys.worker_memory(model), *dead)
         min_idle_ms = int(self._settings.worker_ttl_s * 1000)
+        stream = keys.jobs_stream(model)
         _, entries, _ = await self._redis.xautoclaim(
-            keys.JOBS_STREAM, keys.WORKER_GROUP, worker_id, min_idle_time=min_idle_ms, start_id="0-0",
+            stream, keys.WORKER_GROUP, worker_id, min_idle_time=min_idle_ms, start_id="0-0",
             count=self._settings.max_batch,
         )
         reclaimed = []
         for entry_id, fields in entries:
             if not fields:  # deleted meanwhile
                 continue
-            pending = await self._redis.xpending_range(
-                keys.JOBS_STREAM, keys.WORKER_GROUP, min=entry_id, max=entry_id, count=1
-            )
-            for job in await self._load_jobs([(entry_id, fields)], pending[0]["times_delivered"] if pending else 1):
+            pending = await self._redis.xpending_range(stream, keys.WORKER_GROUP, min=entry_id, max=entry_id, count=1)
+            deliveries = pending[0]["times_delivered"] if pending else 1
+            for job in await self._load_jobs(model, [(entry_id, fields)], deliveries):
                 if job.deliveries > self._settings.max_deliveries:
                     reason = f"gave up after {job.deliveries - 1} deliveries: the workers running it died each time"
-                    await self._dead_letter(job.spec.id, job.receipt, reason, job.deliveries)
+                    await self._dead_letter(job.spec.id, model, job.receipt, reason, job.deliveries)
                     continue
                 reclaimed.append(job)
         return reclaimed

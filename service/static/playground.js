@@ -32,13 +32,18 @@ function describeQuantization(q) {
   return `quantization ${scheme}, ${q.exec_mode} execution on ${q.device}`;
 }
 
-async function loadInfo() {
-  const response = await fetch("/playground/info");
+// The chosen model's limits, samplers and adapters; `model` empty = the deployment's default one.
+async function loadInfo(model = "") {
+  const response = await fetch(`/playground/info${model ? `?model=${encodeURIComponent(model)}` : ""}`);
   if (!response.ok) {
     setStatus(`Could not read the model information: ${await errorMessage(response)}`, true);
     return;
   }
   const info = await response.json();
+  const models = $("model");
+  models.replaceChildren(...info.models.map((name) => new Option(name, name)));
+  models.value = info.model;
+  models.disabled = info.models.length < 2;
   $("model-info").textContent = `Model ${info.model} · ${describeQuantization(info.quantization)}`;
   for (const [id, native, max] of [["width", info.native_width, info.max_width],
                                    ["height", info.native_height, info.max_height]]) {
@@ -48,6 +53,7 @@ async function loadInfo() {
   }
   $("steps").max = info.max_steps;
   const sampler = $("scheduler");
+  sampler.replaceChildren();
   if (!info.samplers.includes(info.default_sampler)) sampler.add(new Option("model's own", ""));
   for (const name of info.samplers) sampler.add(new Option(name, name));
   sampler.value = info.samplers.includes(info.default_sampler) ? info.default_sampler : "";
@@ -55,6 +61,7 @@ async function loadInfo() {
   $("preview-every").placeholder = info.preview_every_steps ? `${info.preview_every_steps} steps` : "off";
   $("preview-every").disabled = !info.preview_every_steps;
   // the deployment's LoRA adapters; a trigger word, if the adapter has one, is shown as its option's hint
+  $("lora").replaceChildren(new Option("none", ""));
   for (const lora of info.loras) {
     const option = new Option(lora.trigger ? `${lora.name} (add "${lora.trigger}" to the prompt)` : lora.name, lora.name);
     $("lora").add(option);
@@ -100,6 +107,7 @@ function request() {
                              ["preview-every", "preview_every"]]) {
     if ($(id).value !== "") fields[field] = Number($(id).value);
   }
+  if ($("model").value !== "") fields.model = $("model").value;
   if ($("scheduler").value !== "") fields.scheduler = $("scheduler").value;
   if ($("lora").value !== "") fields.loras = [{ name: $("lora").value, scale: Number($("lora-scale").value) }];
   const image = $("init-image").files[0];
@@ -192,4 +200,5 @@ async function cancel() {
 
 $("generate-form").addEventListener("submit", generate);
 $("cancel").addEventListener("click", cancel);
+$("model").addEventListener("change", () => loadInfo($("model").value));
 loadInfo();
