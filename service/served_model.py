@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import shutil
+import threading
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +22,11 @@ from service.memory import scaled_to_area
 from service.schemas import MODEL_SCHEDULER, SIZE_MULTIPLE, ModelLimits
 
 log = logging.getLogger(__name__)
+
+LOADING = threading.RLock()
+"""Held while a model loads, and by whoever builds torch modules while another thread may be loading one:
+diffusers loads through accelerate's `init_empty_weights`, which patches `torch.nn.Module` for the whole process,
+so modules built meanwhile (another model's, in the embedded workers of several models) land on the meta device."""
 
 SIDE_MULTIPLE = 3
 """A model's default width and height limits are this many times its native ones."""
@@ -250,9 +256,10 @@ class ServedModel:
             text_side_of (`dgq_core.PromptConditioner | None`): another served model's conditioner on the same base
                 model (`resolved.base`), whose text encoder this one shares.
         """
-        return dgq_core.PromptConditioner.from_pretrained(
-            self.source.model_ref, quantized=self.checkpoint, text_side_of=text_side_of
-        )
+        with LOADING:
+            return dgq_core.PromptConditioner.from_pretrained(
+                self.source.model_ref, quantized=self.checkpoint, text_side_of=text_side_of
+            )
 
     def lora_library(self, device: str | torch.device = "cpu") -> dgq_core.LoRALibrary:
         """The LoRA adapters requests may name (`lora_dir`), loaded on first use onto `device`, within
@@ -263,10 +270,11 @@ class ServedModel:
         """A worker's part: the quantized UNet, VAE and scheduler, batch-invariant, its attention scores within the
         budget; no text encoder."""
         settings = self.settings
-        pipe = dgq_core.from_pretrained(
-            self.source.model_ref, quantized=self.checkpoint, device=settings.device, exec_mode=settings.exec_mode,
-            load_text_encoder=False,
-        )
+        with LOADING:
+            pipe = dgq_core.from_pretrained(
+                self.source.model_ref, quantized=self.checkpoint, device=settings.device,
+                exec_mode=settings.exec_mode, load_text_encoder=False,
+            )
         dgq_core.make_batch_invariant(pipe.unet)
         dgq_core.set_attention_budget(pipe.unet, settings.attention_budget_mb << 20)
         return pipe

@@ -45,7 +45,7 @@ from service.previews import PreviewDecoder, decode_latents, denoised_estimates,
 from service.queue import wire
 from service.queue.base import GENERATION_FAILED, JobQueue, QueuedJob, StoredImages
 from service.schemas import MODEL_SCHEDULER, JobEvent, JobMode, JobSpec
-from service.served_model import ServedModel, component_weight_bytes
+from service.served_model import LOADING, ServedModel, component_weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +277,7 @@ class Worker:
     async def load(self) -> None:
         """Load the UNet and VAE (unless given) and run the warm-up batch; `ready` is True afterwards."""
         started = time.perf_counter()
-        if self.model is None:
-            self.model = await asyncio.to_thread(ServedModel, self.settings, self.model_name)
-        if self._pipe is None:
-            self._pipe = await asyncio.to_thread(self.model.load_worker_pipeline)
+        await asyncio.to_thread(self._load_pipeline)
         name = self.model_name
         metrics.register_model(name)
         metrics.MODEL_LOAD.labels(model=name, stage="worker_load").set(time.perf_counter() - started)
@@ -291,13 +288,21 @@ class Worker:
             "quantized": str(self.model.source.quantized),
             **dgq_core.int_execution_summary(self._pipe.unet), "device": self.settings.device,
         })
-        self.runner = BatchRunner(
-            self._pipe, self.settings.preview_decoder, self.model.lora_library(self._pipe.unet.device)
-        )
         started = time.perf_counter()
         await asyncio.to_thread(self._warm_up)
         metrics.MODEL_LOAD.labels(model=name, stage="warmup").set(time.perf_counter() - started)
         self.ready = True
+
+    def _load_pipeline(self) -> None:
+        """The model, its pipeline (unless given) and the batch runner (its preview decoder is a torch module)."""
+        with LOADING:
+            if self.model is None:
+                self.model = ServedModel(self.settings, self.model_name)
+            if self._pipe is None:
+                self._pipe = self.model.load_worker_pipeline()
+            self.runner = BatchRunner(
+                self._pipe, self.settings.preview_decoder, self.model.lora_library(self._pipe.unet.device)
+            )
 
     def _warm_up(self) -> None:
         """Run the memory probes (the first one with `warmup_steps` steps, warming the caches), fit this worker's

@@ -20,7 +20,7 @@ from local_cluster import ServiceProcesses, console_script
 from PIL import Image
 from pydantic import ValidationError
 
-from service.api.app import _load_prompt_stages
+from service.api.app import STATS_INTERVAL_S, load_prompt_stages
 from service.config import Settings
 from service.queue import keys
 
@@ -58,7 +58,7 @@ def test_models_settings_are_checked(two_models):
 
 
 def test_models_on_one_base_share_one_text_encoder(two_models, tiny_sd_model_dir):
-    stages = _load_prompt_stages(Settings(models=two_models, _env_file=None))
+    stages = load_prompt_stages(Settings(models=two_models, _env_file=None))
     dgq, fp = stages["tiny-dgq"].encoder.pipeline, stages["tiny-fp"].encoder.pipeline
     assert dgq.text_encoder is fp.text_encoder and dgq.tokenizer is fp.tokenizer
     assert stages["tiny-dgq"].encoder.cross_attention and not stages["tiny-fp"].encoder.cross_attention, \
@@ -106,9 +106,9 @@ def cluster(two_models, redis_server, tmp_path_factory):
 
 
 async def test_openai_client_picks_each_model_and_its_workers_run_it(cluster):
-    async with httpx.AsyncClient(base_url=cluster.base_url, timeout=120) as http:
+    async with (httpx.AsyncClient(base_url=cluster.base_url, timeout=120) as http,
+                openai.AsyncOpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused") as api):
         listed = {model["id"]: model for model in (await http.get("/v1/models")).json()["data"]}
-        api = openai.AsyncOpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused")
         images = {}
         for model, worker in WORKERS.items():
             raw = await api.images.with_raw_response.generate(
@@ -120,6 +120,7 @@ async def test_openai_client_picks_each_model_and_its_workers_run_it(cluster):
             assert (state["model"], state["worker"]) == (model, worker), state
         with pytest.raises(openai.NotFoundError) as unknown:
             await api.images.generate(model="dall-e-3", prompt="a red square")
+        await asyncio.sleep(STATS_INTERVAL_S + 0.1)  # the API refreshes its queue gauges this often
         api_metrics = (await http.get("/metrics")).text
     assert listed["tiny-dgq"]["default"] and not listed["tiny-fp"]["default"]
     assert listed["tiny-dgq"]["quantization"] == {"quant_method": "dgq", "bits": "W8A8", "prob_quantizer": "log2",

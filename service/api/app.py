@@ -47,7 +47,7 @@ async def _publish_queue_stats(queue: JobQueue, models: list[str]) -> None:
         await asyncio.sleep(STATS_INTERVAL_S)
 
 
-def _load_prompt_stages(settings: Settings) -> dict[str, PromptStage]:
+def load_prompt_stages(settings: Settings) -> dict[str, PromptStage]:
     """A prompt stage per served model; models on the same base model share one text encoder."""
     stages: dict[str, PromptStage] = {}
     by_base: dict[str, PromptStage] = {}
@@ -69,7 +69,7 @@ def _log_worker_failure(task: asyncio.Task) -> None:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     queue = make_queue(settings)
-    prompts = await asyncio.to_thread(_load_prompt_stages, settings)
+    prompts = await asyncio.to_thread(load_prompt_stages, settings)
     workers = [Worker(settings, queue, stage.model) for stage in prompts.values()] if settings.worker_in_api else []
     app.state.service = GenerationService(settings, queue, prompts, workers)
     app.state.rate_limiter = limiter = make_rate_limiter(settings)
