@@ -36,6 +36,8 @@ DEFAULT_GUIDANCE = 5.0
 # Seeds of the held-out prompt set and of the real images it is compared with; distinct from training seeds.
 HELDOUT_PROMPT_SEED = 20_251_124
 REAL_IMAGE_SEED = 77_000_000
+# The OpenVINO peer's variants (`dgq_eval.openvino_unet`, imported only when one is asked for: the optional extra).
+OPENVINO_VARIANTS = ("fp32-f32hint", "fp32", "int8", "int8-smoothquant")
 
 
 @dataclass
@@ -57,6 +59,8 @@ class EvalConfig:
         merge_loras: merge `loras` into the (full-precision) UNet's weights instead.
         prompt_suffix: appended to every prompt for generation only (a LoRA's trigger word); the scores read the
             prompts without it.
+        openvino: run the (full-precision) model's UNet as this OpenVINO variant (`OPENVINO_VARIANTS`); None: torch.
+        num_calib: calibration prompts of the OpenVINO INT8 variants (the model's own, drawn as DGQ draws them).
     """
 
     model: str
@@ -72,6 +76,8 @@ class EvalConfig:
     loras: list[tuple[str, float]] = field(default_factory=list)
     merge_loras: bool = False
     prompt_suffix: str = ""
+    openvino: str | None = None
+    num_calib: int = 32
 
 
 @dataclass
@@ -264,6 +270,12 @@ def evaluate(
     """
     pipeline = load_model(config.model, config.exec_mode, config.scheduler,
                           config.loras if config.merge_loras else None)
+    if config.openvino is not None:
+        from dgq_eval.openvino_unet import use_openvino_unet  # openvino and nncf: the optional `peers` extra
+
+        calibration_prompts = dgq_core.default_calibration_prompts(config.model, config.num_calib, seed=0)
+        use_openvino_unet(pipeline, config.openvino, calibration_prompts, config.num_inference_steps,
+                          config.guidance_scale)
     images, seconds_per_image = generate(pipeline, config)
     if save_images_dir is not None:
         save_images(images, save_images_dir)
@@ -276,6 +288,8 @@ def evaluate(
         scheduler=config.scheduler,
         reference=str(reference) if reference else None,
     )
+    if config.openvino is not None:
+        report.extra["openvino"] = config.openvino
     reference_images = None
     if reference is not None:
         reference_images = _reference_images(
