@@ -54,7 +54,7 @@ from common import load_average, machine, median, time_interleaved  # noqa: E402
 
 import dgq_core  # noqa: E402
 from dgq_core.kernels import enable_int_execution  # noqa: E402
-from dgq_eval import harness, metrics  # noqa: E402
+from dgq_eval import harness, metrics, openvino_unet  # noqa: E402
 from dgq_zoo import bundled_model_dir  # noqa: E402
 
 PEERS_HINT = "pip install -e '.[peers]'"
@@ -134,10 +134,7 @@ def torch_peers(with_compile: bool) -> tuple[dict, dict[str, str]]:
 @torch.no_grad()
 def export_openvino_irs(out_dir: Path) -> None:
     """(fresh process) The SD UNet's FP32 IR and NNCF's two INT8 IRs, calibrated on the timed call, saved as .xml."""
-    import openvino as ov
-
-    from dgq_eval import openvino_unet
-
+    ov, _ = openvino_unet.require_openvino()
     unet = build_unet()
     inputs = unet_inputs(unet)
     model = openvino_unet.export_unet(unet, inputs, dynamic_batch=False)
@@ -153,8 +150,6 @@ def export_openvino_irs(out_dir: Path) -> None:
 def serve_openvino_calls(ir_dir: Path) -> None:
     """(fresh process) Compile the IRs, then run one call of the variant named on each stdin line; "save PATH"
     writes every variant's last output."""
-    from dgq_eval import openvino_unet
-
     inputs = unet_inputs(build_unet_shapes_only())
     compiled_models = {
         variant: openvino_unet.compile_model(ir_dir / f"{'fp32' if variant.startswith('fp32') else variant}.xml",
@@ -210,7 +205,7 @@ def bench_unet_call(repeats: int, warmup: int, groups: int, with_compile: bool, 
     """Part (a): seconds per SD v1.5 UNet call of every row, interleaved."""
     notes: dict[str, str] = {}
     openvino = None
-    if (reason := missing("dgq_eval.openvino_unet")) is None:
+    if (reason := missing("openvino") or missing("nncf")) is None:
         subprocess.run([sys.executable, __file__, "--export-openvino", str(work)], check=True)
         openvino = OpenVINOCalls(work)
     else:
@@ -277,13 +272,11 @@ def bench_end_to_end(repeats: int, warmup: int, with_compile: bool) -> dict:
         pipe = harness.load_model(model)
         pipe.unet = make(pipe.unet)
         pipes[name] = pipe
-    if (reason := missing("dgq_eval.openvino_unet")) is None:
-        from dgq_eval.openvino_unet import use_openvino_unet
-
+    if (reason := missing("openvino") or missing("nncf")) is None:
         calibration_prompts = dgq_core.default_calibration_prompts(model, config.num_calib, seed=0)
         for variant, row in tqdm(OPENVINO_ROWS.items(), desc="OpenVINO variants", unit="IR"):
             pipe = harness.load_model(model)
-            use_openvino_unet(pipe, variant, calibration_prompts, config.num_inference_steps, config.guidance_scale)
+            openvino_unet.use_openvino_unet(pipe, variant, calibration_prompts, config.num_inference_steps, config.guidance_scale)
             pipes[row] = pipe
     else:
         notes.update(dict.fromkeys(OPENVINO_ROWS.values(), reason))

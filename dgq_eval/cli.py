@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dgq_core import EXEC_MODES, SAMPLERS, load_lora, load_prompt_file, lora_argument
-from dgq_eval import harness
+from dgq_eval import harness, openvino_unet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the trigger word in the --lora adapters' JSON descriptions; '' for none",
     )
     parser.add_argument(
-        "--openvino", choices=harness.OPENVINO_VARIANTS,
+        "--openvino", choices=openvino_unet.VARIANTS,
         help="run the full-precision --model's UNet on OpenVINO: fp32-f32hint (FP32 arithmetic), fp32 (default "
         "hint: bf16 where the CPU has it), int8 / int8-smoothquant (NNCF post-training quantization, calibrated on "
         "--num-calib of the model's calibration prompts); needs pip install -e '.[peers]'",

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import dgq_core
-from dgq_eval import alignment, metrics, style
+from dgq_eval import alignment, metrics, openvino_unet, style
 from dgq_eval.features import ShapesFeatureNet, images_to_tensor
 from dgq_zoo import shapes
 
@@ -36,8 +36,6 @@ DEFAULT_GUIDANCE = 5.0
 # Seeds of the held-out prompt set and of the real images it is compared with; distinct from training seeds.
 HELDOUT_PROMPT_SEED = 20_251_124
 REAL_IMAGE_SEED = 77_000_000
-# The OpenVINO peer's variants (`dgq_eval.openvino_unet`, imported only when one is asked for: the optional extra).
-OPENVINO_VARIANTS = ("fp32-f32hint", "fp32", "int8", "int8-smoothquant")
 
 
 @dataclass
@@ -59,7 +57,8 @@ class EvalConfig:
         merge_loras: merge `loras` into the (full-precision) UNet's weights instead.
         prompt_suffix: appended to every prompt for generation only (a LoRA's trigger word); the scores read the
             prompts without it.
-        openvino: run the (full-precision) model's UNet as this OpenVINO variant (`OPENVINO_VARIANTS`); None: torch.
+        openvino: run the (full-precision) model's UNet as this OpenVINO variant (`openvino_unet.VARIANTS`; needs
+            the optional `peers` extra); None: torch.
         num_calib: calibration prompts of the OpenVINO INT8 variants (the model's own, drawn as DGQ draws them).
     """
 
@@ -271,10 +270,8 @@ def evaluate(
     pipeline = load_model(config.model, config.exec_mode, config.scheduler,
                           config.loras if config.merge_loras else None)
     if config.openvino is not None:
-        from dgq_eval.openvino_unet import use_openvino_unet  # openvino and nncf: the optional `peers` extra
-
         calibration_prompts = dgq_core.default_calibration_prompts(config.model, config.num_calib, seed=0)
-        use_openvino_unet(pipeline, config.openvino, calibration_prompts, config.num_inference_steps,
+        openvino_unet.use_openvino_unet(pipeline, config.openvino, calibration_prompts, config.num_inference_steps,
                           config.guidance_scale)
     images, seconds_per_image = generate(pipeline, config)
     if save_images_dir is not None:

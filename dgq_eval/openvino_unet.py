@@ -1,8 +1,9 @@
 """The OpenVINO peer: a diffusers UNet exported to an OpenVINO IR, optionally quantized to INT8 by NNCF, compiled for
 the CPU and put back into a diffusers pipeline as its UNet.
 
-Only imported when asked for (`dgq-eval --openvino`, `bench/bench_cpu_peers.py`): openvino and nncf are the optional
-`peers` extra (`pip install -e '.[peers]'`), which CI does not install.
+openvino and nncf are the optional `peers` extra (`pip install -e '.[peers]'`), which CI does not install: they are
+imported when a function here first needs them (`dgq-eval --openvino`, `bench/bench_cpu_peers.py`), so that the
+harness imports this module without them.
 
 Variants (`VARIANTS`):
     fp32-f32hint: the FP32 IR, compiled with the f32 inference precision hint (FP32 arithmetic throughout);
@@ -16,21 +17,32 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-try:
-    import nncf
-    import openvino as ov
-except ImportError as error:  # the optional extra is missing: say how to get it
-    raise ImportError(f"the OpenVINO peer needs openvino and nncf: pip install -e '.[peers]' ({error})") from error
-
 from dgq_core.unet_inputs import UNetInputRecorder
-from dgq_eval.harness import OPENVINO_VARIANTS as VARIANTS
 
-INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states")
+if TYPE_CHECKING:
+    import openvino as ov
+
+VARIANTS = ("fp32-f32hint", "fp32", "int8", "int8-smoothquant")
+
+
+def require_openvino():
+    """The `openvino` and `nncf` modules.
+
+    Raises:
+        ImportError: one is not installed; the message says how to install the extra.
+    """
+    try:
+        import nncf
+        import openvino
+    except ImportError as error:
+        raise ImportError(f"the OpenVINO peer needs openvino and nncf: pip install -e '.[peers]' ({error})") from error
+    return openvino, nncf
 
 
 class _UNetCall(nn.Module):
@@ -59,6 +71,7 @@ def export_unet(unet: nn.Module, example: dict[str, torch.Tensor], dynamic_batch
         dynamic_batch (`bool`): leave the batch dimension dynamic (a pipeline's last batch may be smaller); the other
             dimensions are fixed to the example's, so that OpenVINO plans for one shape.
     """
+    ov, _ = require_openvino()
     rows = example["sample"].shape[0]
     tensors = (example["sample"], row_timesteps(example["timestep"], rows), example["encoder_hidden_states"])
     shapes = [[-1 if dynamic_batch else rows, *tensor.shape[1:]] for tensor in tensors]
@@ -75,6 +88,7 @@ def quantize_int8(model: ov.Model, calibration: Iterable[dict[str, torch.Tensor]
         calibration (`Iterable[dict[str, torch.Tensor]]`): UNet calls' `sample`, `timestep`, `encoder_hidden_states`.
         smooth_quant (`bool`): NNCF's transformer preset (`model_type=TRANSFORMER`), which runs SmoothQuant.
     """
+    _, nncf = require_openvino()
     items = [
         [call["sample"].numpy(), row_timesteps(call["timestep"], call["sample"].shape[0]).numpy(),
          call["encoder_hidden_states"].numpy()]
@@ -95,6 +109,7 @@ def compile_model(model: ov.Model | str | Path, f32: bool, threads: int | None =
             the CPU has it).
         threads (`int | None`): inference threads (None: torch's, so that both sides use the same cores).
     """
+    ov, _ = require_openvino()
     config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
     if f32:
         config["INFERENCE_PRECISION_HINT"] = "f32"
