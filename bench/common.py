@@ -61,6 +61,8 @@ def median(values: list[float]) -> float:
 # CPU features that decide which integer kernels run and how fast: int8 dot products with int32 accumulation
 # (VNNI) and tile matrix multiplies (AMX); without them oneDNN's int8 products saturate in int16.
 CPU_FLAGS = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "amx_int8")
+# bf16 arithmetic, which OpenVINO's default precision hint uses where the CPU has it (bench/bench_cpu_peers.py).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def machine() -> dict:
@@ -74,6 +76,7 @@ def machine() -> dict:
     return {
         "cpu": fields.get("model name", "unknown"),
         "cpu_int8_features": [flag for flag in CPU_FLAGS if flag in flags],
+        "cpu_bf16_features": [flag for flag in BF16_FLAGS if flag in flags],
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "load_average_after": load_average(),

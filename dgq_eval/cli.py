@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dgq_core import EXEC_MODES, SAMPLERS, load_lora, load_prompt_file, lora_argument
-from dgq_eval import harness
+from dgq_eval import harness, openvino_unet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--trigger", help="appended to every prompt for generation (scores read the prompt without it); default: "
         "the trigger word in the --lora adapters' JSON descriptions; '' for none",
     )
+    parser.add_argument(
+        "--openvino", choices=openvino_unet.VARIANTS,
+        help="run the full-precision --model's UNet on OpenVINO: fp32-f32hint (FP32 arithmetic), fp32 (default "
+        "hint: bf16 where the CPU has it), int8 / int8-smoothquant (NNCF post-training quantization, calibrated on "
+        "--num-calib of the model's calibration prompts); needs pip install -e '.[peers]'",
+    )
+    parser.add_argument("--num-calib", type=int, default=32, help="calibration prompts of --openvino int8*")
     return parser
 
 
@@ -101,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         loras=[(str(path), scale) for path, scale in args.loras],
         merge_loras=args.lora_merge,
         prompt_suffix=f" {trigger}" if trigger else "",
+        openvino=args.openvino,
+        num_calib=args.num_calib,
     )
     report = harness.evaluate(
         config,

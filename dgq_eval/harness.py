@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import dgq_core
-from dgq_eval import alignment, metrics, style
+from dgq_eval import alignment, metrics, openvino_unet, style
 from dgq_eval.features import ShapesFeatureNet, images_to_tensor
 from dgq_zoo import shapes
 
@@ -57,6 +57,9 @@ class EvalConfig:
         merge_loras: merge `loras` into the (full-precision) UNet's weights instead.
         prompt_suffix: appended to every prompt for generation only (a LoRA's trigger word); the scores read the
             prompts without it.
+        openvino: run the (full-precision) model's UNet as this OpenVINO variant (`openvino_unet.VARIANTS`; needs
+            the optional `peers` extra); None: torch.
+        num_calib: calibration prompts of the OpenVINO INT8 variants (the model's own, drawn as DGQ draws them).
     """
 
     model: str
@@ -72,6 +75,8 @@ class EvalConfig:
     loras: list[tuple[str, float]] = field(default_factory=list)
     merge_loras: bool = False
     prompt_suffix: str = ""
+    openvino: str | None = None
+    num_calib: int = 32
 
 
 @dataclass
@@ -264,6 +269,10 @@ def evaluate(
     """
     pipeline = load_model(config.model, config.exec_mode, config.scheduler,
                           config.loras if config.merge_loras else None)
+    if config.openvino is not None:
+        calibration_prompts = dgq_core.default_calibration_prompts(config.model, config.num_calib, seed=0)
+        openvino_unet.use_openvino_unet(pipeline, config.openvino, calibration_prompts, config.num_inference_steps,
+                          config.guidance_scale)
     images, seconds_per_image = generate(pipeline, config)
     if save_images_dir is not None:
         save_images(images, save_images_dir)
@@ -276,6 +285,8 @@ def evaluate(
         scheduler=config.scheduler,
         reference=str(reference) if reference else None,
     )
+    if config.openvino is not None:
+        report.extra["openvino"] = config.openvino
     reference_images = None
     if reference is not None:
         reference_images = _reference_images(
