@@ -271,8 +271,9 @@ def evaluate(
                           config.loras if config.merge_loras else None)
     if config.openvino is not None:
         calibration_prompts = dgq_core.default_calibration_prompts(config.model, config.num_calib, seed=0)
-        openvino_unet.use_openvino_unet(pipeline, config.openvino, calibration_prompts, config.num_inference_steps,
-                          config.guidance_scale)
+        openvino_unet.use_openvino_unet(
+            pipeline, config.openvino, calibration_prompts, config.num_inference_steps, config.guidance_scale
+        )
     images, seconds_per_image = generate(pipeline, config)
     if save_images_dir is not None:
         save_images(images, save_images_dir)

@@ -83,8 +83,7 @@ class GenerationService:
         Raises:
             UnknownModel: no such model is served (404, naming the served ones).
         """
-        if model is None:
-            return next(iter(self.prompts.values()))
+        model = model or self.settings.default_model
         if model not in self.prompts:
             served = ", ".join(map(repr, self.prompts))
             raise UnknownModel(f"model {model!r} is not served here: the served models are {served} "
