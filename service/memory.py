@@ -62,7 +62,8 @@ class MemoryProfile(BaseModel):
     worker_id: str
     device: str
     held_bytes: int
-    """What the worker holds once loaded (the model; in the embedded mode the API's part too)."""
+    """What the worker holds once loaded and warmed up (the model, and what its first runs leave resident; in the
+    embedded mode the API's part too)."""
     budget_bytes: int
     """What it may use for requests beyond `held_bytes`."""
     budget_source: str
@@ -266,6 +267,9 @@ def measure_profile(
         decode_peaks[pixels] = max(measured, decode_peaks.get(pixels, 0))
     decode_fit = fit_upper(np.array([[1.0, pixels] for pixels in decode_peaks]),
                            np.array([float(measured) for measured in decode_peaks.values()]))
+    # First runs leave memory resident for good (kernel and allocator caches, thread pools); the costs above are
+    # measured from before them, so they cover it, and what stays resident is held from here on.
+    held = max(held, meter.current())
     if budget_mb is not None:
         budget, source = budget_mb * MIB, "request_memory_mb"
     else:

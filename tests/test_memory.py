@@ -283,7 +283,7 @@ def test_peak_rss_of_the_largest_admitted_request_is_within_the_workers_measurem
     finally:
         cluster.stop()
     figure("peak RSS", f"largest admitted request {count} x {width}x{height} (2 steps): worker peak RSS "
-           f"{peak / MIB:.0f} MiB = {profile.held_bytes / MIB:.0f} MiB held after loading + "
+           f"{peak / MIB:.0f} MiB = {profile.held_bytes / MIB:.0f} MiB held once warm + "
            f"{(peak - profile.held_bytes) / MIB:.0f} MiB; its estimate {estimate / MIB:.0f} MiB, budget 100 MiB; "
            f"{refused[2]} x {refused[0]}x{refused[1]} refused (needs {profile.request_bytes(*refused, 7.5) / MIB:.0f} "
            "MiB)")
