@@ -12,7 +12,7 @@ Execution modes: "fake" quantizes and dequantizes in floating point and is the r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from .grouping import RangeStats, choose_axis, group_params, kmeans_labels, tens
 from .quantizers import (
     dequantize_uniform,
     dynamic_rowwise_params,
+    fake_quant_uniform,
     pack_int4,
     quantize_uniform,
     quantize_weight_per_channel,
@@ -76,6 +77,29 @@ class StepActParams:
     scale: torch.Tensor | None = None
     zero_point: torch.Tensor | None = None
     labels_key: bytes | None = None
+    # `along`'s results: a quantizer keeps its steps' parameters, so each layout is gathered once, not at every call.
+    _laid_out: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def along(
+        self, dim: int, ndim: int, groups: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scale, zero point and reciprocal scale of a group-mode input, per index along `dim` of an `ndim`-dim
+        tensor and broadcastable against it.
+
+        Args:
+            dim (`int`): the grouped dim.
+            ndim (`int`): the input's number of dims.
+            groups (`torch.Tensor | None`): the group of each index, when the input is not laid out as `labels`
+                (a convolution's channel reads, `QuantConv2d`); always the same for one set of parameters.
+        """
+        key = (dim % ndim, ndim, groups is None)
+        if key not in self._laid_out:
+            shape = [1] * ndim
+            shape[dim] = -1
+            index = self.labels if groups is None else groups
+            scale, zero_point = self.scale[index].view(shape), self.zero_point[index].view(shape)
+            self._laid_out[key] = (scale, zero_point, torch.reciprocal(scale))
+        return self._laid_out[key]
 
 
 def labelling_key(labels: torch.Tensor) -> bytes:
@@ -95,6 +119,26 @@ def token_dim(kind: str) -> int:
     return -2 if kind == "conv" else -1
 
 
+def activation_params(
+    x: torch.Tensor, params: StepActParams, kind: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Scale, zero point and (where kept) reciprocal scale of an input under one step's parameters, broadcastable
+    against it; mode "none" is not allowed here.
+
+    Args:
+        x (`torch.Tensor`): the input, laid out as `kind` says.
+        params (`StepActParams`): the step's parameters.
+        kind (`str`): one of INPUT_KINDS.
+    """
+    if params.mode == "token":
+        return (*dynamic_rowwise_params(x, params.bits, dim=token_dim(kind)), None)
+    if params.mode == "tensor":
+        return params.scale, params.zero_point, None
+    if params.mode == "group":
+        return params.along(axis_dim(kind, params.axis), x.dim())
+    raise ValueError(f"mode {params.mode!r} has no codes")
+
+
 def quantize_activation(
     x: torch.Tensor, params: StepActParams, kind: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,27 +152,16 @@ def quantize_activation(
     Returns:
         `(codes, scale, zero_point)`: float codes shaped like `x`; scale and zero point broadcast against `x`.
     """
-    if params.mode == "token":
-        scale, zero_point = dynamic_rowwise_params(x, params.bits, dim=token_dim(kind))
-    elif params.mode == "tensor":
-        scale, zero_point = params.scale, params.zero_point
-    elif params.mode == "group":
-        shape = [1] * x.dim()
-        shape[axis_dim(kind, params.axis)] = -1
-        scale = params.scale[params.labels].view(shape)
-        zero_point = params.zero_point[params.labels].view(shape)
-    else:
-        raise ValueError(f"mode {params.mode!r} has no codes")
-    return quantize_uniform(x, scale, zero_point, params.bits), scale, zero_point
+    scale, zero_point, inverse_scale = activation_params(x, params, kind)
+    return quantize_uniform(x, scale, zero_point, params.bits, inverse_scale), scale, zero_point
 
 
 def fake_quant_activation(x: torch.Tensor, params: StepActParams, kind: str) -> torch.Tensor:
     """Quantize-dequantize an input with one step's parameters: the reference every kernel must reproduce."""
     if params.mode == "none":
         return x
-    codes, scale, zero_point = quantize_activation(x, params, kind)
-    # The codes are a new tensor: dequantize them in place, `(q - z) * s` as `dequantize_uniform` computes it.
-    return codes.sub_(zero_point).mul_(scale)
+    scale, zero_point, inverse_scale = activation_params(x, params, kind)
+    return fake_quant_uniform(x, scale, zero_point, params.bits, inverse_scale)
 
 
 class ActQuantizer(nn.Module):
@@ -308,6 +341,43 @@ def conv_output_size(x: torch.Tensor, kernel_size, stride, padding, dilation) ->
     return sizes[0], sizes[1]
 
 
+@dataclass(frozen=True)
+class TapGroups:
+    """A convolution's channel labelling split by group. DGQ's conv "channel" axis is input channel x kernel tap, so
+    group g reads the input channels with a tap in it, each through its taps in g; a channel whose taps straddle
+    groups is read by each of them. A convolution whose groups read few channels twice runs natively, one group of
+    channels at a time, instead of on the im2col unfolding.
+
+    Args:
+        in_channels (`int`): the convolution's input channels.
+        groups (`list[int]`): the group ids present.
+        channels (`list[torch.Tensor]`): per group, the (n_g,) input channels with a tap in it.
+        taps (`list[torch.Tensor]`): per group, (n_g, kh*kw) bool: which taps of those channels are in it.
+    """
+
+    in_channels: int
+    groups: list[int]
+    channels: list[torch.Tensor]
+    taps: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, labels: torch.Tensor, in_channels: int) -> TapGroups:
+        """Split `labels` (Cin*kh*kw, unfold order: channel-major, then kernel row, then column)."""
+        by_channel = labels.view(in_channels, -1)
+        groups = torch.unique(by_channel).tolist()
+        channels, taps = [], []
+        for group in groups:
+            in_group = by_channel == group
+            channels.append(torch.nonzero(in_group.any(dim=1)).flatten())
+            taps.append(in_group[channels[-1]])
+        return cls(in_channels, groups, channels, taps)
+
+    @property
+    def duplication(self) -> float:
+        """Channel reads beyond one per input channel, as a fraction of the input channels."""
+        return sum(len(channels) for channels in self.channels) / self.in_channels - 1
+
+
 class QuantizedWeight(nn.Module):
     """A weight resident as per-output-channel asymmetric codes: uint8, or 4-bit packed two per byte.
 
@@ -416,8 +486,44 @@ class QuantLinear(QuantizedLayer):
         return row_stable_linear(self.act(x), weight, None if self.bias is None else self.bias.to(x.dtype))
 
 
+# Fake quantization runs a channel-grouped convolution natively when its groups read at most this fraction of its
+# input channels a second time (`TapGroups.duplication`); beyond that, on the im2col unfolding. The native form does
+# (1 + duplication) times the convolution's multiply-adds where im2col + GEMM does them once but copies and quantizes
+# kh*kw times the input.
+MAX_FAKE_DUPLICATION = 1.0
+
+
+@dataclass(frozen=True)
+class _ChannelReads:
+    """The input channels a channel-grouped convolution reads natively, group after group (`TapGroups`).
+
+    Args:
+        order (`torch.Tensor | None`): (C',) the input channel of each read; None: each channel once, in order.
+        groups (`torch.Tensor`): (C',) the group whose parameters quantize each read.
+        tap_mask (`torch.Tensor | None`): (C', kh, kw) 1 where a read's tap is in its group; None: all of them.
+    """
+
+    order: torch.Tensor | None
+    groups: torch.Tensor
+    tap_mask: torch.Tensor | None
+
+    @classmethod
+    def of(cls, tap_groups: TapGroups, kernel_size: tuple[int, int]) -> _ChannelReads:
+        order = torch.cat(tap_groups.channels)
+        groups = torch.cat([torch.full_like(c, g) for g, c in zip(tap_groups.groups, tap_groups.channels, strict=True)])
+        tap_mask = torch.cat(tap_groups.taps)
+        if len(order) == tap_groups.in_channels and bool(tap_mask.all()):
+            return cls(None, groups[torch.argsort(order)], None)
+        return cls(order, groups, tap_mask.view(-1, *kernel_size).float())
+
+
 class QuantConv2d(QuantizedLayer):
-    """`nn.Conv2d` with a quantized weight; grouped activations are quantized on the im2col unfolding, as DGQ defines."""
+    """`nn.Conv2d` with a quantized weight; grouped activations are quantized on the im2col unfolding, as DGQ defines.
+
+    In fake quantization, channel groups that read few channels twice run as one native convolution over the
+    channels each group reads (`_ChannelReads`): quantizing the zero-padded input elementwise gives the unfolding's
+    values, padding included, without materializing the unfolding.
+    """
 
     def __init__(self, conv: nn.Conv2d, w_bits: int, act: ActQuantizer) -> None:
         if conv.groups != 1:
@@ -429,6 +535,7 @@ class QuantConv2d(QuantizedLayer):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
         self.padding = conv.padding
+        self._channel_reads: dict[bytes, _ChannelReads | None] = {}  # per labelling; None: it runs as im2col
 
     @classmethod
     def from_float(
@@ -457,8 +564,37 @@ class QuantConv2d(QuantizedLayer):
             # A single range commutes with im2col (its zero point is exact, so padding stays 0): plain conv.
             x = fake_quant_activation(x, act_params, "linear")
             return batch_stable_conv2d(x, weight, bias, stride=self.stride, padding=self.padding, dilation=self.dilation)
+        if act_params.mode == "group" and act_params.axis == "channel":
+            reads = self._reads_of(act_params)
+            if reads is not None:
+                return self._native_channel_groups(x, weight, bias, act_params, reads)
         columns = fake_quant_activation(self.unfold(x), act_params, "conv")
         out = weight.reshape(self.out_channels, -1) @ columns
         if bias is not None:
             out = out + bias[:, None]
         return out.reshape(x.shape[0], self.out_channels, h_out, w_out)
+
+    def _reads_of(self, act_params: StepActParams) -> _ChannelReads | None:
+        if act_params.labels_key not in self._channel_reads:
+            tap_groups = TapGroups.of(act_params.labels, self.in_channels)
+            fits = tap_groups.duplication <= MAX_FAKE_DUPLICATION
+            self._channel_reads[act_params.labels_key] = _ChannelReads.of(tap_groups, self.kernel_size) if fits else None
+        return self._channel_reads[act_params.labels_key]
+
+    def _native_channel_groups(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act_params: StepActParams,
+        reads: _ChannelReads,
+    ) -> torch.Tensor:
+        (pad_h, pad_w) = self.padding
+        if pad_h or pad_w:  # the padding's zeros are quantized with their group's parameters, as in the unfolding
+            x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+        if reads.order is not None:
+            x = x.index_select(1, reads.order)
+            weight = weight.index_select(1, reads.order) * reads.tap_mask
+        scale, zero_point, inverse_scale = act_params.along(1, 4, reads.groups)
+        x = fake_quant_uniform(x, scale, zero_point, act_params.bits, inverse_scale)
+        return batch_stable_conv2d(x, weight, bias, stride=self.stride, padding=0, dilation=self.dilation)
+
+    def _apply(self, fn, recurse=True):
+        self._channel_reads.clear()  # their index tensors belong to the device they were made on
+        return super()._apply(fn, recurse)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from . import fake_quant_kernel
+
 # A scale below this would make `x / scale` overflow for constant inputs; the official code floors at the same value.
 MIN_SCALE = 1e-8
 
@@ -34,15 +36,19 @@ def minmax_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.
     return scale, zero_point
 
 
-def quantize_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_uniform(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, inverse_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """Codes `clamp(round(x * (1/s) + z), 0, 2^b - 1)` as a float tensor (exact small integers).
 
     `x * (1/s) + z` is rounded once, as the fused multiply-add of integer kernels' quantizers does (oneDNN, FBGEMM,
     `torch.quantize_per_tensor`), so `dgq_core.kernels` reproduces these codes bit for bit: `torch.addcmul` compiles
     to a fused multiply-add on CPU and CUDA (tests/test_quantizers.py checks it against float64 arithmetic).
+    `inverse_scale`: `torch.reciprocal(scale)` computed once beforehand, by a caller that reuses it.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
-    codes = torch.addcmul(zero_point.to(dtype), x.to(dtype), torch.reciprocal(scale.to(dtype)))
+    inverse_scale = torch.reciprocal(scale.to(dtype)) if inverse_scale is None else inverse_scale.to(dtype)
+    codes = torch.addcmul(zero_point.to(dtype), x.to(dtype), inverse_scale)
     return codes.round_().clamp_(0, qmax(bits))
 
 
@@ -51,10 +57,20 @@ def dequantize_uniform(codes: torch.Tensor, scale: torch.Tensor, zero_point: tor
     return scale * (codes.to(scale.dtype) - zero_point)
 
 
-def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize then dequantize: the value the integer pipeline represents `x` with."""
+def fake_quant_uniform(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, inverse_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantize then dequantize: the value the integer pipeline represents `x` with.
+
+    On the CPU in float32 this runs as one pass (`fake_quant_kernel`), bit-identical to the torch ops below.
+    """
+    if inverse_scale is None:
+        inverse_scale = torch.reciprocal(scale.to(torch.promote_types(x.dtype, torch.float32)))
+    fused = fake_quant_kernel.fake_quant(x, scale, zero_point, inverse_scale, qmax(bits))
+    if fused is not None:
+        return fused
     # The codes are a new tensor: dequantize them in place, `(q - z) * s` as `dequantize_uniform` computes it.
-    return quantize_uniform(x, scale, zero_point, bits).sub_(zero_point).mul_(scale)
+    return quantize_uniform(x, scale, zero_point, bits, inverse_scale).sub_(zero_point).mul_(scale)
 
 
 def quantize_log2(p: torch.Tensor, scale: torch.Tensor, bits: int, steps_per_octave: int = 1) -> torch.Tensor:

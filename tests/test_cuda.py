@@ -53,7 +53,7 @@ def fp32_reference():
 
 
 def on_gpu(params: StepActParams) -> StepActParams:
-    moved = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+    moved = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.init}
     return StepActParams(**{k: v.to(CUDA) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
 

@@ -26,7 +26,15 @@ from dgq_core.attention import LOG_CODE_STEPS_PER_OCTAVE, DGQAttnProcessor, samp
 from dgq_core.kernels import IntConv2d, IntLinear
 from dgq_core.kernels.int_mm import IntMmGemm
 from dgq_core.kernels.onednn import OnednnGemm
-from dgq_core.layers import ActQuantizer, QuantizedWeight, StepActParams, fake_quant_activation
+from dgq_core.layers import (
+    MAX_FAKE_DUPLICATION,
+    ActQuantizer,
+    QuantConv2d,
+    QuantizedWeight,
+    StepActParams,
+    TapGroups,
+    fake_quant_activation,
+)
 from dgq_core.quantizers import minmax_params, qmax
 from dgq_core.steps import StepState
 
@@ -504,3 +512,40 @@ def test_fused_kernels_compile_to_tensor_core_code(capability, int8_mma, tf32_mm
         assert int8_mma in gemm
     for attention in ptx["attention"]:
         assert tf32_mma in attention
+
+
+def fake_quant_conv(conv: torch.nn.Conv2d, params: StepActParams, w_bits: int = 8) -> QuantConv2d:
+    """A `QuantConv2d` of `conv` whose input quantizer holds one step's group parameters `params`."""
+    act = ActQuantizer("conv", "group", params.bits, None)
+    act.axis = torch.zeros(1, dtype=torch.uint8)
+    act.labels_channel = params.labels.to(torch.uint8)[None]
+    act.scale, act.zero_point = params.scale[None], params.zero_point[None]
+    return QuantConv2d.from_float(conv, w_bits, act)
+
+
+@pytest.mark.parametrize("shape", CONVS)
+@pytest.mark.parametrize("straddling", [0, 3, 40], ids=["tied", "few-straddle", "many-straddle"])
+def test_fake_channel_grouped_conv_runs_natively_with_the_unfoldings_numbers(shape, straddling):
+    """The fake path's native convolution (each channel read once per group it has taps in, the zero-padded input
+    quantized elementwise) gives the im2col definition's output: padding quantized with each group's parameters
+    (some zero points outside the code range, so a zero pads to a nonzero value), taps straddling groups."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 24, **CONVS[shape])
+    x = channel_outliers(torch.randn(2, 16, 10, 10), 1)
+    columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    taps = conv.kernel_size[0] * conv.kernel_size[1]
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, GROUPS, (16,), generator=generator).repeat_interleave(taps)
+    moved = torch.randperm(labels.numel(), generator=generator)[:straddling]
+    labels[moved] = torch.randint(0, GROUPS, (len(moved),), generator=generator)
+    lo, hi = group_ranges(columns.movedim(1, 0).flatten(1), labels, GROUPS)
+    lo[::2] = lo[::2].clamp_min(1.0)  # ranges that leave out 0: those groups quantize the padding to a nonzero value
+    scale, zero_point = minmax_params(lo, hi, 8)
+    params = StepActParams("group", 8, "channel", labels, scale, zero_point)
+    layer = fake_quant_conv(conv, params)
+
+    duplication = TapGroups.of(labels, 16).duplication
+    native = layer._reads_of(layer.act.params(torch.Size((2, 0, columns.shape[-1]))))
+    assert (native is not None) == (duplication <= MAX_FAKE_DUPLICATION)
+    with torch.no_grad():
+        check(layer(x), fake_conv(conv, layer.weight_q, x, params))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dgq_core import fake_quant_kernel
 from dgq_core.quantizers import (
     dequantize_log2,
     fake_quant_log2,
@@ -137,3 +138,49 @@ def test_weight_w8_is_close_to_full_precision():
     codes, scale, zero_point = quantize_weight_per_channel(weight, 8)
     recon = scale[:, None] * (codes.float() - zero_point[:, None])
     assert (recon - weight).abs().max() < 0.03
+
+
+LAYOUTS = {  # input shape, and the dim the parameters vary along (None: one pair for the tensor)
+    "conv channels": ((3, 40, 7, 9), 1),
+    "linear channels": ((3, 35, 61), 2),
+    "linear pixels": ((3, 35, 61), 1),
+    "per tensor": ((5, 1001), None),
+}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_one_pass_cpu_kernel_is_bit_identical_to_the_torch_ops(layout, bits):
+    """`fake_quant_kernel` (what `fake_quant_uniform` runs on CPU float32) against the torch ops it replaces: exact
+    halves (ties to even), values beyond the range, infinities, NaN, signed zeros, and a strided input."""
+    shape, dim = LAYOUTS[layout]
+    generator = torch.Generator().manual_seed(0)
+    size = 1 if dim is None else shape[dim]
+    scale = torch.rand(size, generator=generator) * 0.1 + 0.01
+    zero_point = torch.randint(-3, 2**bits + 3, (size,), generator=generator).float()  # some beyond the code range
+    view = [1] * len(shape)
+    if dim is not None:
+        view[dim] = -1
+    scale, zero_point = scale.view(view), zero_point.view(view)
+    x = torch.randn(shape, generator=generator) * 3
+    halves = (torch.randint(-40, 40, shape, generator=generator) + 0.5) * scale  # x / s lands on .5 (up to rounding)
+    x = torch.where(torch.rand(shape, generator=generator) < 0.3, halves, x)
+    x.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e30])
+    inverse = torch.reciprocal(scale)
+    assert fake_quant_kernel.library() is not None, "this machine's C compiler built the kernel"
+    for tensor in (x, x.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        fused = fake_quant_kernel.fake_quant(tensor, scale, zero_point, inverse, 2**bits - 1)
+        ops = quantize_uniform(tensor, scale, zero_point, bits, inverse).sub_(zero_point).mul_(scale)
+        assert fused is not None
+        assert torch.equal(fused.view(torch.int32), ops.contiguous().view(torch.int32)), "bit for bit, NaN too"
+        assert torch.equal(fake_quant_uniform(tensor, scale, zero_point, bits, inverse).view(torch.int32),
+                           fused.view(torch.int32))
+
+
+def test_the_one_pass_kernel_leaves_autograd_and_other_dtypes_to_the_torch_ops():
+    scale, zero_point = torch.tensor([0.1]), torch.tensor([3.0])
+    inverse = torch.reciprocal(scale)
+    assert fake_quant_kernel.fake_quant(torch.randn(8, requires_grad=True), scale, zero_point, inverse, 255) is None
+    assert fake_quant_kernel.fake_quant(torch.randn(8).double(), scale, zero_point, inverse, 255) is None
+    two_dims = torch.rand(4, 8) + 0.1  # parameters varying along two dims: not one index per dim
+    assert fake_quant_kernel.fake_quant(torch.randn(4, 8), two_dims, two_dims, 1 / two_dims, 255) is None

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..layers import StepActParams, conv_output_size, labelling_key, quantize_activation
+from ..layers import StepActParams, TapGroups, conv_output_size, labelling_key, quantize_activation
 from ..quantizers import dequantize_uniform, unpack_int4
 from .protocol import GemmBackend, PackedWeight
 
@@ -443,38 +443,30 @@ class IntConv2d:
         """The native plan of a channel labelling, made on first use; None when it duplicates too much weight."""
         key = labelling_key(labels) if key is None else key
         if key not in self.native_plans:
-            taps = labels.view(self.in_channels, -1)
-            channels_per_group = sum(
-                int(((taps == g).any(dim=1)).sum()) for g in torch.unique(labels).tolist()
-            )
-            if channels_per_group - self.in_channels > MAX_NATIVE_DUPLICATION * self.in_channels:
+            tap_groups = TapGroups.of(labels, self.in_channels)
+            if tap_groups.duplication > MAX_NATIVE_DUPLICATION:
                 return None
             self.native_plans[key] = self._native_plan(
-                taps, self.centred_weight() if centred is None else centred
+                tap_groups, self.centred_weight() if centred is None else centred
             )
         return self.native_plans[key]
 
-    def _native_plan(self, taps: torch.Tensor | None, centred: torch.Tensor) -> _GroupPlan:
+    def _native_plan(self, tap_groups: TapGroups | None, centred: torch.Tensor) -> _GroupPlan:
         """One native convolution per group: the channels with a tap in it, other taps' weights zeroed, and the
-        mask as an extra output channel. `taps` is the (Cin, kh*kw) labelling; None means one group, all weights."""
+        mask as an extra output channel. `tap_groups` None means one group, all weights."""
         weight = centred.view(self.out_channels, self.in_channels, -1)
-        if taps is None:
+        if tap_groups is None:
             mask = torch.ones(1, self.in_channels, weight.shape[2], dtype=torch.int8)
             packed = self.backend.pack_conv(
                 torch.cat((weight, mask)).view(-1, *weight.shape[1:2], *self.kernel_size), *self.geometry
             )
             return _GroupPlan([-1], None, [0, self.in_channels], [packed])
-        groups = torch.unique(taps).tolist()
-        channels, packed = [], []
-        for group in groups:
-            in_group = taps == group
-            channels.append(torch.nonzero(in_group.any(dim=1)).flatten())
-            mask = in_group[channels[-1]].to(torch.int8)
-            sliced = torch.cat((weight[:, channels[-1]] * mask, mask[None]))
-            packed.append(
-                self.backend.pack_conv(sliced.view(-1, len(channels[-1]), *self.kernel_size), *self.geometry)
-            )
-        return _GroupPlan.of(groups, channels, packed)
+        packed = []
+        for channels, taps in zip(tap_groups.channels, tap_groups.taps, strict=True):
+            mask = taps.to(torch.int8)
+            sliced = torch.cat((weight[:, channels] * mask, mask[None]))
+            packed.append(self.backend.pack_conv(sliced.view(-1, len(channels), *self.kernel_size), *self.geometry))
+        return _GroupPlan.of(tap_groups.groups, tap_groups.channels, packed)
 
     def centred_weight(self) -> torch.Tensor:
         """(Cout, Cin*kh*kw) int8 `W - o` from the resident form."""

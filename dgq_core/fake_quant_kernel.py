@@ -1,0 +1,155 @@
+"""Fake quantization of a CPU float32 tensor in one pass: the reference's numbers at the cost of one copy.
+
+`quantizers.fake_quant_uniform` written with torch ops reads and writes its input five times (fused multiply-add,
+round, clamp, subtract, multiply); on the bundled model's small activations that was a third of a denoising step.
+This kernel does the same IEEE operations per element, in the same order -- `fmaf(x, 1/s, z)`, round half to even,
+clamp to [0, 2^b - 1], `(q - z) * s` -- so its output is bit-identical (tests/test_quantizers.py checks it), in one
+read and one write.
+
+It is C compiled at first use with the machine's C compiler for the machine's own CPU (`-march=native`, no fast-math,
+no contraction beyond the explicit `fmaf`) into a per-user cache directory (`DGQ_KERNEL_CACHE`, default
+`~/.cache/dgq-serve/kernels`), keyed by the source, the flags and the CPU. Without a compiler, or where it fails, it
+is not used and the torch ops run instead (logged once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+
+static inline float fake_quant(float x, float scale, float inverse, float zero_point, float qmax) {
+    /* rint rounds half to even in the default rounding mode, as torch.round does; unlike roundeven it vectorizes */
+    float q = __builtin_rintf(fmaf(x, inverse, zero_point));
+    q = q < 0.0f ? 0.0f : (q > qmax ? qmax : q);
+    return (q - zero_point) * scale;
+}
+
+/* x and out: (outer, n, inner) contiguous; scale, inverse, zero_point: (n,). */
+void fake_quant_f32(const float *restrict x, float *restrict out, const float *restrict scale,
+                    const float *restrict inverse, const float *restrict zero_point, int64_t outer, int64_t n,
+                    int64_t inner, float qmax) {
+    for (int64_t o = 0; o < outer; ++o) {
+        const float *xo = x + o * n * inner;
+        float *yo = out + o * n * inner;
+        if (inner == 1) {
+            for (int64_t c = 0; c < n; ++c) yo[c] = fake_quant(xo[c], scale[c], inverse[c], zero_point[c], qmax);
+            continue;
+        }
+        for (int64_t c = 0; c < n; ++c) {
+            const float s = scale[c], v = inverse[c], z = zero_point[c];
+            const float *xc = xo + c * inner;
+            float *yc = yo + c * inner;
+            for (int64_t i = 0; i < inner; ++i) yc[i] = fake_quant(xc[i], s, v, z, qmax);
+        }
+    }
+}
+"""
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_identity() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return f"{platform.machine()} {flags}"
+
+
+def _build() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler: fake quantization runs as torch ops")
+        return None
+    digest = hashlib.sha256("\0".join([SOURCE, *FLAGS, compiler, _cpu_identity()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("DGQ_KERNEL_CACHE") or Path.home() / ".cache" / "dgq-serve" / "kernels")
+    library = cache / f"fake_quant_{digest}.so"
+    try:
+        if not library.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as scratch:
+                source = Path(scratch) / "fake_quant.c"
+                source.write_text(SOURCE)
+                built = Path(scratch) / library.name
+                subprocess.run([compiler, *FLAGS, "-o", str(built), str(source), "-lm"], check=True,
+                               capture_output=True, timeout=120)
+                os.replace(built, library)  # atomic: workers building at once each see a whole library
+        loaded = ctypes.CDLL(str(library))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        log.warning("fake quantization runs as torch ops: building its kernel failed: %s %s", error,
+                    detail.decode(errors="replace")[-500:])
+        return None
+    function = loaded.fake_quant_f32
+    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_float]
+    function.restype = None
+    return loaded
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built at the first call; None where it cannot be."""
+    global _library, _tried
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _library, _tried = _build(), True
+    return _library
+
+
+def _layout(x: torch.Tensor, parameter: torch.Tensor) -> tuple[int, int, int] | None:
+    """(outer, n, inner) of `x` when `parameter` holds one value per index along at most one of its dims."""
+    if parameter.dim() > x.dim():
+        return None
+    shape = (1,) * (x.dim() - parameter.dim()) + tuple(parameter.shape)
+    varying = [dim for dim, size in enumerate(shape) if size != 1]
+    if not varying:
+        return 1, 1, x.numel()
+    if len(varying) > 1 or shape[varying[0]] != x.shape[varying[0]]:
+        return None
+    dim = varying[0]
+    return x.shape[:dim].numel(), x.shape[dim], x.shape[dim + 1 :].numel()
+
+
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, inverse_scale: torch.Tensor, qmax: int
+) -> torch.Tensor | None:
+    """`quantizers.fake_quant_uniform`'s result in one pass (contiguous), or None where this kernel does not apply
+    (not a CPU float32 tensor without autograd, parameters not per index along one dim, no compiled kernel)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    parameters = (scale, inverse_scale, zero_point)
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 or p.requires_grad for p in parameters):
+        return None
+    layout = _layout(x, scale)
+    if layout is None or any(p.shape != scale.shape for p in parameters[1:]):
+        return None
+    compiled = library()
+    if compiled is None:
+        return None
+    scale, inverse_scale, zero_point = (p.reshape(-1).contiguous() for p in parameters)
+    x = x.contiguous()  # a strided view (heads split from tokens) costs one copy more, still fewer than the ops
+    out = torch.empty_like(x)
+    compiled.fake_quant_f32(
+        x.data_ptr(), out.data_ptr(), scale.data_ptr(), inverse_scale.data_ptr(), zero_point.data_ptr(),
+        *layout, float(qmax),
+    )
+    return out
