@@ -8,15 +8,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
+import os
+import re
 import subprocess
+import time
 
 import httpx
 import numpy as np
 import openai
 import pytest
 import redis
+import yaml
 from conftest import running_api
-from local_cluster import ServiceProcesses, console_script
+from local_cluster import REPO_ROOT, ServiceProcesses, console_script, free_port, spawn
 from PIL import Image
 from pydantic import ValidationError
 
@@ -141,3 +146,81 @@ def test_a_worker_of_a_deployment_with_several_models_must_be_told_which(cluster
     worker = subprocess.run([console_script("dgq-worker")], env=cluster.env, capture_output=True, text=True,
                             timeout=120)
     assert worker.returncode == 2 and "DGQ_WORKER_MODEL" in worker.stderr, worker.stderr
+
+
+# --- the compose file's two-model setup, its services run as local processes ---
+
+
+def _dotenv_with_the_two_model_example() -> dict[str, str]:
+    """`.env.example` as `.env`, with its commented example of two models (DGQ_MODELS, DGQ_WORKER_MODEL,
+    SECOND_WORKER_MODEL) turned on, as its comments tell a user to."""
+    example = {"DGQ_MODELS", "DGQ_WORKER_MODEL", "SECOND_WORKER_MODEL"}
+    values = {}
+    for line in (REPO_ROOT / ".env.example").read_text().splitlines():
+        uncommented = line.removeprefix("# ")
+        name, equals, value = uncommented.partition("=")
+        if equals and (not line.startswith("#") or name in example) and re.fullmatch(r"[A-Z_]+", name):
+            values[name] = value
+    assert example <= values.keys(), "the two-model example is in .env.example"
+    return values
+
+
+def _interpolated(value: str, dotenv: dict[str, str]) -> str:
+    """Compose's `${NAME}` / `${NAME:-default}` interpolation from the `.env` values."""
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: dotenv.get(m[1]) or (m[2] or ""), value)
+
+
+def test_the_compose_files_two_models_are_served_each_by_its_own_worker_service(redis_url, tmp_path):
+    """docker-compose.yml's `api`, `worker` and `worker-second` services (the `second-model` profile), each started
+    as its command with the environment compose would give it: `.env.example`'s two-model example as `.env`
+    (env_file), then the service's `environment:` interpolated from it. Only what belongs to the host is replaced:
+    Redis, ports, the CPU for the GPU, a cache directory. No container runtime here: this checks the compose
+    file's settings, not Docker. The official openai client picks each model, and each is run by its service."""
+    dotenv = _dotenv_with_the_two_model_example()
+    services = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    assert services["worker-second"]["profiles"] == ["second-model"]
+    api_port = free_port()
+    host = {"DGQ_REDIS_URL": redis_url, "DGQ_HOST": "127.0.0.1", "DGQ_PORT": str(api_port), "DGQ_DEVICE": "cpu",
+            "DGQ_WORKER_METRICS_PORT": "0", "DGQ_QUANTIZED_CACHE_DIR": str(tmp_path / "cache"),
+            "DGQ_TORCH_THREADS": "1"}
+    processes, served_by = {}, {}
+    try:
+        for name in ("api", "worker", "worker-second"):
+            service = services[name]
+            environment = {key: _interpolated(str(value), dotenv) for key, value in service["environment"].items()}
+            env = {**os.environ, **dotenv, **environment, **host, "DGQ_WORKER_ID": name}
+            if name != "api":
+                served_by[env["DGQ_WORKER_MODEL"]] = name
+            (command,) = service["command"]
+            processes[name] = spawn(command, env, tmp_path / f"{name}.log")
+        assert set(served_by) == set(json.loads(dotenv["DGQ_MODELS"])), "one worker service per model"
+        base_url = f"http://127.0.0.1:{api_port}"
+        deadline = time.monotonic() + 240
+        while True:
+            for name, process in processes.items():
+                assert process.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
+            try:
+                ready = httpx.get(f"{base_url}/readyz").status_code == 200
+            except httpx.TransportError:
+                ready = False
+            if ready:
+                break
+            assert time.monotonic() < deadline, (tmp_path / "api.log").read_text()[-3000:]
+            time.sleep(0.5)
+        with openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused") as api:
+            for model in json.loads(dotenv["DGQ_MODELS"]):
+                raw = api.images.with_raw_response.generate(
+                    model=model, prompt="a red square", size="32x32", response_format="b64_json",
+                    extra_body={"steps": 2, "seed": 5},
+                )
+                assert raw.parse().data[0].b64_json
+                state = httpx.get(f"{base_url}/jobs/{raw.headers['x-job-id']}").json()
+                assert (state["model"], state["worker"]) == (model, served_by[model]), state
+    finally:
+        for process in processes.values():
+            process.terminate()
+        for process in processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
