@@ -1,5 +1,10 @@
 """Quantizer arithmetic: uniform round trips and error bounds, log2 values, 4-bit packing, weight search."""
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -184,3 +189,22 @@ def test_the_one_pass_kernel_leaves_autograd_and_other_dtypes_to_the_torch_ops()
     assert fake_quant_kernel.fake_quant(torch.randn(8).double(), scale, zero_point, inverse, 255) is None
     two_dims = torch.rand(4, 8) + 0.1  # parameters varying along two dims: not one index per dim
     assert fake_quant_kernel.fake_quant(torch.randn(4, 8), two_dims, two_dims, 1 / two_dims, 255) is None
+
+
+def test_without_a_working_compiler_fake_quantization_falls_back_to_the_torch_ops(tmp_path):
+    """A failing C compiler (here `false`) leaves the kernel out, logged, and `fake_quant_uniform` still gives the
+    torch ops' numbers; nothing is left in the cache directory."""
+    script = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from dgq_core import fake_quant_kernel\n"
+        "from dgq_core.quantizers import fake_quant_uniform, quantize_uniform\n"
+        "x, s, z = torch.randn(4, 5), torch.tensor(0.05), torch.tensor(7.0)\n"
+        "assert fake_quant_kernel.library() is None\n"
+        "assert torch.equal(fake_quant_uniform(x, s, z, 8), quantize_uniform(x, s, z, 8).sub_(z).mul_(s))\n"
+    )
+    env = {**os.environ, "CC": shutil.which("false"), "DGQ_KERNEL_CACHE": str(tmp_path / "kernels")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "fake quantization runs as torch ops: building its kernel failed" in result.stderr
+    assert not any((tmp_path / "kernels").glob("*.so"))
