@@ -1,10 +1,13 @@
-"""Fake quantization of a CPU float32 tensor in one pass: the reference's numbers at the cost of one copy.
+"""Fake quantization of a CPU float32 tensor, and dequantization of uint8 codes, in one pass each: the reference's
+numbers at the cost of one copy.
 
 `quantizers.fake_quant_uniform` written with torch ops reads and writes its input five times (fused multiply-add,
 round, clamp, subtract, multiply); on the bundled model's small activations that was a third of a denoising step.
-This kernel does the same IEEE operations per element, in the same order -- `fmaf(x, 1/s, z)`, round half to even,
+`fake_quant` does the same IEEE operations per element, in the same order -- `fmaf(x, 1/s, z)`, round half to even,
 clamp to [0, 2^b - 1], `(q - z) * s` -- so its output is bit-identical (tests/test_quantizers.py checks it), in one
-read and one write.
+read and one write. `dequantize` does `(float(q) - z) * s` from the codes as `quantizers.dequantize_uniform` does,
+where the torch ops convert, subtract and multiply in three passes (the fake path dequantizes every weight at every
+call, since no floating-point copy stays resident).
 
 It is C compiled at first use with the machine's C compiler for the machine's own CPU (`-march=native`, no fast-math,
 no contraction beyond the explicit `fmaf`) into a per-user cache directory (`DGQ_KERNEL_CACHE`, default
@@ -59,6 +62,17 @@ void fake_quant_f32(const float *restrict x, float *restrict out, const float *r
         }
     }
 }
+
+/* codes and out: (n, inner) contiguous; scale, zero_point: (n,). */
+void dequantize_u8(const uint8_t *restrict codes, float *restrict out, const float *restrict scale,
+                   const float *restrict zero_point, int64_t n, int64_t inner) {
+    for (int64_t c = 0; c < n; ++c) {
+        const float s = scale[c], z = zero_point[c];
+        const uint8_t *qc = codes + c * inner;
+        float *yc = out + c * inner;
+        for (int64_t i = 0; i < inner; ++i) yc[i] = ((float)qc[i] - z) * s;
+    }
+}
 """
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
 
@@ -99,9 +113,9 @@ def _build() -> ctypes.CDLL | None:
         log.warning("fake quantization runs as torch ops: building its kernel failed: %s %s", error,
                     detail.decode(errors="replace")[-500:])
         return None
-    function = loaded.fake_quant_f32
-    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_float]
-    function.restype = None
+    loaded.fake_quant_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_float]
+    loaded.dequantize_u8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+    loaded.fake_quant_f32.restype = loaded.dequantize_u8.restype = None
     return loaded
 
 
@@ -152,4 +166,24 @@ def fake_quant(
         x.data_ptr(), out.data_ptr(), scale.data_ptr(), inverse_scale.data_ptr(), zero_point.data_ptr(),
         *layout, float(qmax),
     )
+    return out
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor | None:
+    """`quantizers.dequantize_uniform`'s float32 result in one pass, or None where this kernel does not apply (not
+    contiguous CPU uint8 codes with float32 parameters per row or for the whole tensor, no compiled kernel)."""
+    if codes.device.type != "cpu" or codes.dtype != torch.uint8 or not codes.is_contiguous() or codes.dim() == 0:
+        return None
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 or p.requires_grad for p in (scale, zero_point)):
+        return None
+    layout = _layout(codes, scale)
+    if layout is None or zero_point.shape != scale.shape or layout[0] != 1:
+        return None
+    compiled = library()
+    if compiled is None:
+        return None
+    _, rows, inner = layout
+    scale, zero_point = (p.reshape(-1).contiguous() for p in (scale, zero_point))
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    compiled.dequantize_u8(codes.data_ptr(), out.data_ptr(), scale.data_ptr(), zero_point.data_ptr(), rows, inner)
     return out

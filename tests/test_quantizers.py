@@ -208,3 +208,15 @@ def test_without_a_working_compiler_fake_quantization_falls_back_to_the_torch_op
     assert result.returncode == 0, result.stderr
     assert "fake quantization runs as torch ops: building its kernel failed" in result.stderr
     assert not any((tmp_path / "kernels").glob("*.so"))
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_the_one_pass_dequantization_is_bit_identical_to_the_torch_ops(per_row):
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (37, 203), generator=generator, dtype=torch.uint8)
+    rows = 37 if per_row else 1
+    scale = (torch.rand(rows, 1, generator=generator) * 0.1 + 1e-3).reshape(-1, 1)
+    zero_point = torch.randint(-5, 260, (rows, 1), generator=generator).float()
+    fused = fake_quant_kernel.dequantize(codes, scale, zero_point)
+    assert fused is not None
+    assert torch.equal(fused.view(torch.int32), (scale * (codes.float() - zero_point)).view(torch.int32))
