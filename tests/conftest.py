@@ -146,6 +146,28 @@ async def running_api(settings, *, wait_ready: bool = True) -> AsyncIterator[htt
             yield client
 
 
+# What a real model's denoising costs per batch row and pixel, in the order of magnitude (SD v1.5 measures more)
+TINY_BYTES_PER_ROW_PIXEL = 4096.0
+
+
+def budget_for(worker, width: int, height: int, images: int, guidance_scale: float, *,
+               bytes_per_row_pixel: float | None = None):
+    """Give an embedded worker just the memory `images` images of `width`x`height` need (as `request_memory_mb`
+    would), keeping what it measured: what a request costs depends on what the test process did before, so a fixed
+    setting could not put the boundary where a test wants it. Returns the worker's new `MemoryProfile`.
+
+    `bytes_per_row_pixel` replaces the measured denoising slope. The tiny model denoises in a few MiB, within the
+    resident set's noise, so its measured slope may come out anywhere from 0 up (a CI machine measured one under
+    which three images cost what two do); a test about where the boundary falls cannot rest on it.
+    """
+    profile = worker.memory_profile
+    if bytes_per_row_pixel is not None:
+        profile = profile.model_copy(update={"denoise": (profile.denoise[0], bytes_per_row_pixel, profile.denoise[2])})
+    budget_bytes = profile.request_bytes(width, height, images, guidance_scale)
+    worker.memory_profile = profile.model_copy(update={"budget_bytes": budget_bytes})
+    return worker.memory_profile
+
+
 @pytest.fixture
 def embedded_settings(tiny_sd_model_dir: Path):
     """Settings of the embedded mode (in-process queue and worker) on the tiny model."""

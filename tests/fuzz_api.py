@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import schemathesis
 import uvicorn
+from conftest import TINY_BYTES_PER_ROW_PIXEL, budget_for
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -45,11 +46,9 @@ def fuzz_settings(model_dir: Path) -> Settings:
 
 def tight_memory(app) -> None:
     """Give the app's embedded worker memory for one 32x32 image but not two, so that extreme requests meet the
-    memory refusal too (a budget from its own measurements: `request_memory_mb` could not put it there, since what
-    a request costs depends on what the process did before)."""
+    memory refusal too."""
     [worker] = app.state.service.workers
-    profile = worker.memory_profile
-    worker.memory_profile = profile.model_copy(update={"budget_bytes": profile.request_bytes(32, 32, 1, 30.0)})
+    budget_for(worker, 32, 32, 1, 30.0, bytes_per_row_pixel=TINY_BYTES_PER_ROW_PIXEL)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import redis
 import torch
-from conftest import running_api
+from conftest import TINY_BYTES_PER_ROW_PIXEL, budget_for, running_api
 from diffusers import StableDiffusionPipeline
 from local_cluster import ServiceProcesses
 from PIL import Image
@@ -33,8 +33,6 @@ from service.schemas import JobSpec
 from service.worker import compatible_batches
 
 PROMPT = "a red square"
-# What a real model's denoising costs per batch row and pixel, in the order of magnitude (SD v1.5 measures more)
-TINY_BYTES_PER_ROW_PIXEL = 4096.0
 
 
 def figure(test: str, text: str) -> None:
@@ -177,22 +175,11 @@ async def _sweep(client: httpx.AsyncClient, sides: list[int], steps: list[int], 
 
 async def _with_budget(client: httpx.AsyncClient, width: int, height: int, images: int, *,
                        bytes_per_row_pixel: float | None = None) -> MemoryProfile:
-    """Give the embedded worker just the memory `images` images of `width`x`height` need (as `request_memory_mb`
-    would), keeping what it measured: what a request costs depends on what the test process did before, so a fixed
-    setting could not put the boundary where the test wants it.
-
-    `bytes_per_row_pixel` replaces the measured denoising slope. The tiny model denoises in a few MiB, within the
-    resident set's noise, so its measured slope may come out anywhere from 0 up (a CI machine measured one under
-    which three images cost what two do); a test about where the boundary falls cannot rest on it.
-    """
+    """`budget_for` the embedded worker (guidance on), published as the worker publishes its own profile."""
     worker = client.app.state.service.workers[0]
-    profile = worker.memory_profile
-    if bytes_per_row_pixel is not None:
-        profile = profile.model_copy(update={"denoise": (profile.denoise[0], bytes_per_row_pixel, profile.denoise[2])})
-    budget_bytes = profile.request_bytes(width, height, images, 7.5)
-    worker.memory_profile = profile.model_copy(update={"budget_bytes": budget_bytes})
-    await client.app.state.service.queue.publish_memory_profile(worker.model_name, worker.memory_profile)
-    return worker.memory_profile
+    profile = budget_for(worker, width, height, images, 7.5, bytes_per_row_pixel=bytes_per_row_pixel)
+    await client.app.state.service.queue.publish_memory_profile(worker.model_name, profile)
+    return profile
 
 
 @pytest.mark.anyio
