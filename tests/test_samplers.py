@@ -87,6 +87,7 @@ def test_sampler_catalog_per_model(tiny_sd_model_dir):
     assert type(dpm).__name__ == "DPMSolverMultistepScheduler" and dpm.config.use_karras_sigmas
     assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.beta_schedule == ddim["beta_schedule"]
     assert dgq_core.sampler_name(dpm.config) == "dpmpp_2m_karras"
+    assert dgq_core.make_scheduler("unipc", ddim).config.solver_order == 1, "order 1: BENCHMARKS.md, Samplers"
     with pytest.raises(ValueError, match="'lcm' is not available for this model; choose one of ddim, euler"):
         dgq_core.make_scheduler("lcm", ddim)
     # an LCM-distilled model (its own scheduler an LCMScheduler) also runs LCM
