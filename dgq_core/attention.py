@@ -117,14 +117,13 @@ def quantize_probs_per_sample(
             the ones above it to it.
     """
     scale = sample_scale(probs, keep_start) if scale is None else scale
-    start = probs[..., :1].clone() if keep_start else None
     if quantizer in LOG_CODE_STEPS_PER_OCTAVE:
-        # Every quantized probability is at most the scale; the start column may exceed it, and is put back below.
-        steps_per_octave = LOG_CODE_STEPS_PER_OCTAVE[quantizer]
-        fake_quant_log2_(probs, scale, bits, at_most_scale=scale_is_max, steps_per_octave=steps_per_octave)
-    else:
-        step = (scale / qmax(bits)).clamp_min(torch.finfo(probs.dtype).tiny)
-        probs.copy_(fake_quant_uniform(probs, step, torch.zeros_like(step), bits))
+        # Every quantized probability is at most the scale; the start column may exceed it, and stays exact.
+        return fake_quant_log2_(probs, scale, bits, at_most_scale=scale_is_max,
+                                steps_per_octave=LOG_CODE_STEPS_PER_OCTAVE[quantizer], exact_first_column=keep_start)
+    start = probs[..., :1].clone() if keep_start else None
+    step = (scale / qmax(bits)).clamp_min(torch.finfo(probs.dtype).tiny)
+    probs.copy_(fake_quant_uniform(probs, step, torch.zeros_like(step), bits))
     if keep_start:
         probs[..., :1] = start
     return probs

@@ -5,7 +5,9 @@ numbers at the cost of one copy.
 round, clamp, subtract, multiply); on the bundled model's small activations that was a third of a denoising step.
 `fake_quant` does the same IEEE operations per element, in the same order -- `fmaf(x, 1/s, z)`, round half to even,
 clamp to [0, 2^b - 1], `(q - z) * s` -- so its output is bit-identical (tests/test_quantizers.py checks it), in one
-read and one write. `dequantize` does `(float(q) - z) * s` from the codes as `quantizers.dequantize_uniform` does,
+read and one write. `fake_quant_log2_` does `quantizers.fake_quant_log2_`'s float-bit log rounding of the attention
+probabilities in place in one pass where the torch ops take five to seven, skipping the exact `<start>` column
+instead of saving and restoring it. `dequantize` does `(float(q) - z) * s` from the codes as `quantizers.dequantize_uniform` does,
 where the torch ops convert, subtract and multiply in three passes (the fake path dequantizes every weight at every
 call, since no floating-point copy stays resident).
 
@@ -63,6 +65,31 @@ void fake_quant_f32(const float *restrict x, float *restrict out, const float *r
     }
 }
 
+/* quantizers.fake_quant_log2_ in place: p (n, rows, row) contiguous; scale: (n,). Column 0 of every row is left as
+   it is when skip_first (the exact <start> token). carry and exponent: the float-bit rounding's constants. */
+void fake_quant_log2_f32(float *restrict p, const float *restrict scale, int64_t n, int64_t rows, int64_t row,
+                         int32_t steps_per_octave, float smallest, int32_t clamp_to_one, int32_t skip_first,
+                         uint32_t carry, uint32_t exponent) {
+    for (int64_t c = 0; c < n; ++c) {
+        const float s = scale[c];
+        for (int64_t r0 = 0; r0 < rows; ++r0) {
+            float *pr = p + (c * rows + r0) * row;
+            for (int64_t i = skip_first ? 1 : 0; i < row; ++i) {
+                float r = pr[i] / s;
+                if (steps_per_octave == 2) r = r * r;
+                uint32_t bits;
+                __builtin_memcpy(&bits, &r, 4);
+                bits = (bits + carry) & exponent;
+                __builtin_memcpy(&r, &bits, 4);
+                r = r < smallest ? smallest : r;
+                if (clamp_to_one) r = r > 1.0f ? 1.0f : r;
+                if (steps_per_octave == 2) r = sqrtf(r);
+                pr[i] = r * s;
+            }
+        }
+    }
+}
+
 /* codes and out: (n, inner) contiguous; scale, zero_point: (n,). */
 void dequantize_u8(const uint8_t *restrict codes, float *restrict out, const float *restrict scale,
                    const float *restrict zero_point, int64_t n, int64_t inner) {
@@ -115,7 +142,11 @@ def _build() -> ctypes.CDLL | None:
         return None
     loaded.fake_quant_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_float]
     loaded.dequantize_u8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
-    loaded.fake_quant_f32.restype = loaded.dequantize_u8.restype = None
+    loaded.fake_quant_log2_f32.argtypes = (
+        [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int32, ctypes.c_float] + [ctypes.c_int32] * 2
+        + [ctypes.c_uint32] * 2
+    )
+    loaded.fake_quant_f32.restype = loaded.dequantize_u8.restype = loaded.fake_quant_log2_f32.restype = None
     return loaded
 
 
@@ -187,3 +218,37 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     out = torch.empty(codes.shape, dtype=torch.float32)
     compiled.dequantize_u8(codes.data_ptr(), out.data_ptr(), scale.data_ptr(), zero_point.data_ptr(), rows, inner)
     return out
+
+
+def fake_quant_log2_(
+    p: torch.Tensor, scale: torch.Tensor, steps_per_octave: int, smallest: float, clamp_to_scale: bool,
+    exact_first_column: bool, carry: int, exponent: int,
+) -> bool:
+    """`quantizers.fake_quant_log2_` on `p` in place, in one pass; False (and `p` untouched) where this kernel does
+    not apply (not a contiguous CPU float32 tensor without autograd, `scale` not per index of `p`'s first dim or one
+    value, no compiled kernel).
+
+    Args:
+        exact_first_column (`bool`): leave `p[..., 0]` as it is.
+        carry, exponent (`int`): `quantizers.LOG2_ROUNDING_CARRY` and `EXPONENT_BITS`.
+    """
+    if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous() or p.dim() == 0:
+        return False
+    if (p.requires_grad and torch.is_grad_enabled()) or scale.device.type != "cpu" or scale.dtype != torch.float32:
+        return False
+    layout = _layout(p, scale)
+    if layout is None or layout[0] != 1 or scale.requires_grad:
+        return False
+    compiled = library()
+    if compiled is None:
+        return False
+    _, n, inner = layout
+    row = p.shape[-1]
+    if inner % row:  # a scale per column
+        return False
+    scale = scale.reshape(-1).contiguous()
+    compiled.fake_quant_log2_f32(
+        p.data_ptr(), scale.data_ptr(), n, inner // row, row, steps_per_octave, smallest, int(clamp_to_scale),
+        int(exact_first_column), carry, exponent,
+    )
+    return True

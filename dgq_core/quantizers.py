@@ -110,32 +110,42 @@ EXPONENT_BITS = 0x7F800000
 
 
 def fake_quant_log2_(
-    p: torch.Tensor, scale: torch.Tensor, bits: int, at_most_scale: bool = False, steps_per_octave: int = 1
+    p: torch.Tensor, scale: torch.Tensor, bits: int, at_most_scale: bool = False, steps_per_octave: int = 1,
+    exact_first_column: bool = False,
 ) -> torch.Tensor:
-    """`fake_quant_log2` in place on a float32 tensor, on the float bits instead of log2/exp2 (5 passes, not 9).
+    """`fake_quant_log2` in place on a float32 tensor, on the float bits instead of log2/exp2.
 
     Equal to `dequantize_log2(quantize_log2(p, scale, bits, k), scale, k)`, zeros and subnormal ratios included,
     but at the float32 `log2`'s ties: where it rounds a ratio next to a code boundary onto the boundary itself (about
     5 floats in a million), the formula's round-half-to-even may pick the neighbouring code; the float bits compare
     against the boundary exactly. Base-sqrt(2) codes (k = 2) are base-2 codes of the squared ratio, and their values
-    the square roots of its powers of two (7 passes, where log2/exp2 take 18 times as long).
+    the square roots of its powers of two. On a contiguous CPU tensor it is one pass of `fake_quant_kernel`, with the
+    same IEEE operations; otherwise 5 torch ops (7 for k = 2), where log2/exp2 take 18 times as long.
 
     Args:
         at_most_scale (`bool`): the caller guarantees `p <= s` (the scale is their maximum): values above `s` are
             then not clamped to it.
         steps_per_octave (`int`): 1 (base 2) or 2 (base sqrt(2)).
+        exact_first_column (`bool`): leave `p[..., 0]` unquantized (the `<start>` token's probabilities).
     """
     if steps_per_octave not in (1, 2):
         raise ValueError(f"fake_quant_log2_ computes base-2 and base-sqrt(2) codes, got steps_per_octave={steps_per_octave}")
+    smallest = max(2.0 ** -qmax(bits), torch.finfo(torch.float32).tiny)
+    if fake_quant_kernel.fake_quant_log2_(p, scale, steps_per_octave, smallest, not at_most_scale, exact_first_column,
+                                          LOG2_ROUNDING_CARRY, EXPONENT_BITS):
+        return p
+    first_column = p[..., :1].clone() if exact_first_column else None
     ratio = p.div_(scale)
     if steps_per_octave == 2:
         ratio.square_()
     ratio.view(torch.int32).add_(LOG2_ROUNDING_CARRY).bitwise_and_(EXPONENT_BITS)
-    smallest = max(2.0 ** -qmax(bits), torch.finfo(torch.float32).tiny)
     ratio.clamp_(min=smallest, max=None if at_most_scale else 1.0)
     if steps_per_octave == 2:
         ratio.sqrt_()
-    return ratio.mul_(scale)
+    ratio.mul_(scale)
+    if first_column is not None:
+        ratio[..., :1] = first_column
+    return ratio
 
 
 def dynamic_rowwise_params(x: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:

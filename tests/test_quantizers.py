@@ -12,6 +12,7 @@ from dgq_core import fake_quant_kernel
 from dgq_core.quantizers import (
     dequantize_log2,
     fake_quant_log2,
+    fake_quant_log2_,
     fake_quant_uniform,
     minmax_params,
     pack_int4,
@@ -182,6 +183,28 @@ def test_the_one_pass_cpu_kernel_is_bit_identical_to_the_torch_ops(layout, bits)
                            fused.view(torch.int32))
 
 
+@pytest.mark.parametrize("steps_per_octave", [1, 2])
+@pytest.mark.parametrize("exact_first_column", [False, True])
+@pytest.mark.parametrize("at_most_scale", [True, False])
+def test_the_one_pass_log_kernel_is_bit_identical_to_the_torch_ops(steps_per_octave, exact_first_column,
+                                                                   at_most_scale):
+    """`fake_quant_kernel.fake_quant_log2_` (what `fake_quant_log2_` runs on a contiguous CPU tensor) against the
+    torch ops it replaces, run on a strided copy: per-sample and single scales, zeros, subnormal and tiny ratios,
+    values above the scale, and the first column left exact."""
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.exp2(-torch.rand(3, 4, 9, 13, generator=generator) * 40)
+    probs.view(-1)[:5] = torch.tensor([0.0, 1e-45, 1e-38, 3.0, 1.0])
+    probs[:, :, :, 0] *= 7  # a <start> column above the scale
+    for scale in (torch.rand(3, 1, 1, 1, generator=generator) + 0.2, torch.tensor(0.6)):
+        strided = probs.transpose(0, 1).contiguous().transpose(0, 1)  # not contiguous: the torch ops
+        fused = fake_quant_log2_(probs.clone(), scale, 6, at_most_scale, steps_per_octave, exact_first_column)
+        ops = fake_quant_log2_(strided, scale, 6, at_most_scale, steps_per_octave, exact_first_column)
+        assert not strided.is_contiguous()
+        assert torch.equal(fused.view(torch.int32), ops.contiguous().view(torch.int32))
+        assert torch.equal(fused[..., 0], probs[..., 0]) == exact_first_column
+        assert not torch.equal(fused[..., 1:], probs[..., 1:]), "quantized"
+
+
 def test_the_one_pass_kernel_leaves_autograd_and_other_dtypes_to_the_torch_ops():
     scale, zero_point = torch.tensor([0.1]), torch.tensor([3.0])
     inverse = torch.reciprocal(scale)
@@ -198,10 +221,12 @@ def test_without_a_working_compiler_fake_quantization_falls_back_to_the_torch_op
         "import logging, torch\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "from dgq_core import fake_quant_kernel\n"
-        "from dgq_core.quantizers import fake_quant_uniform, quantize_uniform\n"
+        "from dgq_core.quantizers import dequantize_log2, fake_quant_log2, fake_quant_uniform, quantize_log2, quantize_uniform\n"
         "x, s, z = torch.randn(4, 5), torch.tensor(0.05), torch.tensor(7.0)\n"
         "assert fake_quant_kernel.library() is None\n"
         "assert torch.equal(fake_quant_uniform(x, s, z, 8), quantize_uniform(x, s, z, 8).sub_(z).mul_(s))\n"
+        "p = torch.rand(3, 5) * s\n"
+        "assert torch.equal(fake_quant_log2(p, s, 8), dequantize_log2(quantize_log2(p, s, 8), s))\n"
     )
     env = {**os.environ, "CC": shutil.which("false"), "DGQ_KERNEL_CACHE": str(tmp_path / "kernels")}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
