@@ -7,9 +7,9 @@ round, clamp, subtract, multiply); on the bundled model's small activations that
 clamp to [0, 2^b - 1], `(q - z) * s` -- so its output is bit-identical (tests/test_quantizers.py checks it), in one
 read and one write. `fake_quant_log2_` does `quantizers.fake_quant_log2_`'s float-bit log rounding of the attention
 probabilities in place in one pass where the torch ops take five to seven, skipping the exact `<start>` column
-instead of saving and restoring it. `dequantize` does `(float(q) - z) * s` from the codes as `quantizers.dequantize_uniform` does,
-where the torch ops convert, subtract and multiply in three passes (the fake path dequantizes every weight at every
-call, since no floating-point copy stays resident).
+instead of saving and restoring it. `dequantize` does `(float(q) - z) * s` from the codes as
+`quantizers.dequantize_uniform` does, where the torch ops convert, subtract and multiply in three passes (the fake
+path dequantizes every weight at every call, since no floating-point copy stays resident).
 
 It is C compiled at first use with the machine's C compiler for the machine's own CPU (`-march=native`, no fast-math,
 no contraction beyond the explicit `fmaf`) into a per-user cache directory (`DGQ_KERNEL_CACHE`, default
@@ -160,6 +160,11 @@ def library() -> ctypes.CDLL | None:
     return _library
 
 
+def _cpu_float32(*parameters: torch.Tensor) -> bool:
+    """Whether every parameter is a CPU float32 tensor outside autograd, as the kernels read them."""
+    return all(p.device.type == "cpu" and p.dtype == torch.float32 and not p.requires_grad for p in parameters)
+
+
 def _layout(x: torch.Tensor, parameter: torch.Tensor) -> tuple[int, int, int] | None:
     """(outer, n, inner) of `x` when `parameter` holds one value per index along at most one of its dims."""
     if parameter.dim() > x.dim():
@@ -182,7 +187,7 @@ def fake_quant(
     if x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
         return None
     parameters = (scale, inverse_scale, zero_point)
-    if any(p.device.type != "cpu" or p.dtype != torch.float32 or p.requires_grad for p in parameters):
+    if not _cpu_float32(*parameters):
         return None
     layout = _layout(x, scale)
     if layout is None or any(p.shape != scale.shape for p in parameters[1:]):
@@ -205,7 +210,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     contiguous CPU uint8 codes with float32 parameters per row or for the whole tensor, no compiled kernel)."""
     if codes.device.type != "cpu" or codes.dtype != torch.uint8 or not codes.is_contiguous() or codes.dim() == 0:
         return None
-    if any(p.device.type != "cpu" or p.dtype != torch.float32 or p.requires_grad for p in (scale, zero_point)):
+    if not _cpu_float32(scale, zero_point):
         return None
     layout = _layout(codes, scale)
     if layout is None or zero_point.shape != scale.shape or layout[0] != 1:
@@ -234,10 +239,10 @@ def fake_quant_log2_(
     """
     if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous() or p.dim() == 0:
         return False
-    if (p.requires_grad and torch.is_grad_enabled()) or scale.device.type != "cpu" or scale.dtype != torch.float32:
+    if (p.requires_grad and torch.is_grad_enabled()) or not _cpu_float32(scale):
         return False
     layout = _layout(p, scale)
-    if layout is None or layout[0] != 1 or scale.requires_grad:
+    if layout is None or layout[0] != 1:
         return False
     compiled = library()
     if compiled is None:
