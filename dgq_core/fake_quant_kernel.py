@@ -151,8 +151,11 @@ def _build() -> ctypes.CDLL | None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, built at the first call; None where it cannot be."""
+    """The compiled kernel, built at the first call; None where it cannot be, and while torch.compile traces (it
+    cannot trace a foreign call: its graphs take the torch ops, which it fuses itself)."""
     global _library, _tried
+    if torch.compiler.is_compiling():
+        return None
     if not _tried:
         with _lock:
             if not _tried:

@@ -167,8 +167,8 @@ def generate(
             with dgq_core.use_loras(pipeline.unet, [adapters] * (rows_per_prompt * len(prompts))):
                 output = pipeline(
                     prompts,
-                num_inference_steps=config.num_inference_steps,
-                guidance_scale=config.guidance_scale,
+                    num_inference_steps=config.num_inference_steps,
+                    guidance_scale=config.guidance_scale,
                     generator=generators,
                     height=config.height,
                     width=config.width,

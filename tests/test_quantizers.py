@@ -11,6 +11,7 @@ import torch
 from dgq_core import fake_quant_kernel
 from dgq_core.quantizers import (
     dequantize_log2,
+    dequantize_uniform,
     fake_quant_log2,
     fake_quant_log2_,
     fake_quant_uniform,
@@ -245,3 +246,26 @@ def test_the_one_pass_dequantization_is_bit_identical_to_the_torch_ops(per_row):
     fused = fake_quant_kernel.dequantize(codes, scale, zero_point)
     assert fused is not None
     assert torch.equal(fused.view(torch.int32), (scale * (codes.float() - zero_point)).view(torch.int32))
+
+
+def test_torch_compile_traces_fake_quantization_as_one_graph_of_the_torch_ops():
+    """Dynamo cannot trace the kernels' foreign calls, so inside a compiled graph fake quantization, dequantization
+    and the log codes take the torch ops: one graph, no break, and the eager numbers (the "eager" backend adds no
+    code generation of its own)."""
+    generator = torch.Generator().manual_seed(0)
+    x, probs = torch.randn(64, 32, generator=generator), torch.rand(2, 4, 16, 16, generator=generator)
+    codes = torch.randint(0, 256, (8, 32), generator=generator, dtype=torch.uint8)
+    scale, zero_point = torch.tensor(0.05), torch.tensor(7.0)
+
+    def quantize(x, probs, codes):
+        return (
+            fake_quant_uniform(x, scale, zero_point, 8),
+            fake_quant_log2_(probs.clone(), torch.tensor(0.9), 8, True, 2, True),
+            dequantize_uniform(codes, scale, zero_point),
+        )
+
+    explanation = torch._dynamo.explain(quantize)(x, probs, codes)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
+    compiled = torch.compile(quantize, backend="eager")(x, probs, codes)
+    for traced, eager in zip(compiled, quantize(x, probs, codes), strict=True):
+        assert torch.equal(traced, eager)
