@@ -19,6 +19,9 @@ would not end within `--budget-s` is skipped and named, so that a later call can
                      time and peak GPU memory
     service-sd15     the service on CUDA with that checkpoint at 512 px
     unet-sdxl        the SDXL-architecture UNet at 1024 px, batch 1 and 2 (as unet-sd15, without torch.compile)
+    adaround-sd15    `dgq quantize --weight-rounding adaround` of that pipeline at W4A8, 4 prompts x 4 steps, 200 steps per
+                     unit: AdaRound's step rate on the GPU and the official 20,000 steps' training time from it
+                     (issue 17; last, so the first call's budget usually leaves it to a second call with --parts)
 
 Results in `--out` ($OUT on the device machine): gpu_check.json (everything), gpu_check.md (the tables and the
 issue's bars, for BENCHMARKS.md), pytest.txt; gpu_check.sh adds log.txt and nvidia-smi.txt. The JSON's
@@ -74,7 +77,11 @@ import bench_service  # noqa: E402
 import bench_unet_cuda  # noqa: E402
 from common import load_average  # noqa: E402
 
+from dgq_core.reconstruction import AdaRoundRecipe  # noqa: E402
 from dgq_zoo import bundled_model_dir  # noqa: E402
+
+# AdaRound steps per unit of `adaround-sd15`: enough that training, not the caching passes, sets the measured rate.
+ADAROUND_ITERS = 200
 
 
 @dataclass
@@ -228,6 +235,38 @@ def quantize_sd15(check: Check) -> dict:
     }
 
 
+def adaround_sd15(check: Check) -> dict:
+    """`dgq quantize --weight-rounding adaround` of the random SD v1.5-architecture pipeline of `quantize-sd15`
+    (built anew if that part did not run), 4 prompts x 4 steps, `ADAROUND_ITERS` steps per unit: the step rate of
+    block reconstruction on the device, and from it the training time of the official 20,000 steps per unit (the
+    caching passes, which do not grow with the steps, are reported apart)."""
+    model_dir = check.work / "sd15"
+    if not model_dir.is_dir():
+        build_sd15_pipeline(model_dir, check.tiny)
+    iters = 5 if check.tiny else ADAROUND_ITERS
+    command = [
+        sys.executable, "-m", "dgq_core.cli", "quantize", "--model", str(model_dir), "--out",
+        str(check.work / "sd15-adaround"), "--num-calib", "4", "--steps", "4", "--batch-size", "4",
+        "--w-bits", "4", "--weight-rounding", "adaround", "--recon-iters", str(iters), "--device", check.device_name,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"dgq quantize --weight-rounding adaround failed:\n{result.stderr[-3000:]}")
+    report = result.stdout.strip().splitlines()[-1]
+    found = re.search(r"AdaRound (\d+) units x (\d+) steps on (\d+) rows in ([\d.]+) s \(([\d.]+) s training\)", report)
+    units, steps, rows, recon_s, train_s = int(found[1]), int(found[2]), int(found[3]), float(found[4]), float(found[5])
+    step_s = train_s / (units * steps)
+    official = AdaRoundRecipe().iters
+    return {
+        "command": " ".join(command[1:]), "wall_s": seconds, "report": report, "units": units,
+        "steps_per_unit": steps, "rows": rows, "reconstruction_s": recon_s, "training_s": train_s,
+        "caching_s": recon_s - train_s, "ms_per_step": 1e3 * step_s,
+        f"training_h_at_{official}_steps": units * official * step_s / 3600,
+    }  # fmt: skip
+
+
 # Parts in the order they run, with the seconds each is expected to take on an H200 (a guess until measured: the
 # budget skips a part whose guess would overrun it).
 PARTS: dict[str, tuple[Callable[[Check], dict], float]] = {
@@ -238,6 +277,7 @@ PARTS: dict[str, tuple[Callable[[Check], dict], float]] = {
     "quantize-sd15": (quantize_sd15, 100),
     "service-sd15": (lambda check: service(check, "sd15"), 90),
     "unet-sdxl": (lambda check: unet(check, "sdxl"), 200),
+    "adaround-sd15": (adaround_sd15, 150),
 }
 
 
@@ -310,7 +350,7 @@ def markdown(results: dict) -> str:
                           f"(the layer sweep: {len(result['layer_sweep'])} layers at batch {result['sweep_batch']})."]  # fmt: skip
     if parts.get("attention", {}).get("result"):
         lines += ["", "## attention", "", bench_attention_cuda.markdown(parts["attention"]["result"]["rows"])]
-    for name in ("quantize-sd15", "service-bundled", "service-sd15"):
+    for name in ("quantize-sd15", "service-bundled", "service-sd15", "adaround-sd15"):
         result = parts.get(name, {}).get("result")
         if result:
             lines += ["", f"## {name}", "", "```json", json.dumps(result, indent=2), "```"]

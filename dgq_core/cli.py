@@ -163,7 +163,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
         f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB"
         + (
             f", AdaRound {report.reconstruction.units} units x {report.reconstruction.iters} steps on "
-            f"{report.reconstruction.rows} rows in {report.reconstruction.seconds:.1f} s"
+            f"{report.reconstruction.rows} rows in {report.reconstruction.seconds:.1f} s "
+            f"({report.reconstruction.train_seconds:.1f} s training)"
             if report.reconstruction else ""
         )
         + (f", peak CUDA {report.peak_cuda_bytes / 2**20:.0f} MiB" if report.peak_cuda_bytes else "")

@@ -29,7 +29,8 @@ def test_gpu_check_rehearses_every_part_on_cpu(tmp_path):
     parts = results["parts"]
     assert {name: part["status"] for name, part in parts.items()} == {
         name: "ok" for name in
-        ("cuda-tests", "unet-sd15", "service-bundled", "attention", "quantize-sd15", "service-sd15", "unet-sdxl")
+        ("cuda-tests", "unet-sd15", "service-bundled", "attention", "quantize-sd15", "service-sd15", "unet-sdxl",
+         "adaround-sd15")
     }  # fmt: skip
     assert "deselected" in parts["cuda-tests"]["result"]["summary"], "no GPU here: the CUDA tests are counted"
     assert (tmp_path / "pytest.txt").is_file()
@@ -49,6 +50,10 @@ def test_gpu_check_rehearses_every_part_on_cpu(tmp_path):
     assert max(r["max_error_vs_reference"] for r in parts["attention"]["result"]["rows"] if "fused" in r["variant"]) < 1e-5
     quantize = parts["quantize-sd15"]["result"]
     assert quantize["calibration_s"] > 0 and "--num-calib 4 --steps 4" in quantize["command"]
+    adaround = parts["adaround-sd15"]["result"]
+    assert adaround["units"] > 10 and adaround["steps_per_unit"] == 5 and adaround["rows"] >= 32
+    assert "W4A8" in adaround["report"] and "adaround weights" in adaround["report"]
+    assert 0 < adaround["training_s"] < adaround["reconstruction_s"] and adaround["ms_per_step"] > 0
     for name in ("service-bundled", "service-sd15"):
         served = parts[name]["result"]
         assert served["batch4_mean_images_per_batch"] == 4.0 and served["latency_s"]["service"] > 0
