@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared command for a lent GPU: bench/gpu_check.py's docstring says what it measures and which wheels .whl/
 # must hold. From the repository root, with the device tool:
-#     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=450)
 # Arguments go to gpu_check.py (e.g. --parts unet-sdxl). Everything it writes lands in $OUT.
 set -o pipefail
 out="${OUT:-runs/gpu_check}"
