@@ -219,58 +219,53 @@ def build_sd15_pipeline(directory: Path, tiny: bool) -> Path:
     return directory
 
 
-def quantize_sd15(check: Check) -> dict:
-    """`dgq quantize` (the command, in a process of its own) of a random SD v1.5-architecture pipeline, 4 prompts
-    x 4 steps on the device: wall time, and the calibration time and peak memory it reports."""
-    model_dir = build_sd15_pipeline(check.work / "sd15", check.tiny)
-    out_dir = check.work / "sd15-dgq"
+def run_quantize(check: Check, model_dir: Path, out_dir: Path, options: list[str], timeout_s: float) -> dict:
+    """`dgq quantize` of `model_dir` (the command, in a process of its own), 4 prompts x 4 steps on the device, with
+    `options` added: the command, its wall time and the report line it prints."""
     command = [
         sys.executable, "-m", "dgq_core.cli", "quantize", "--model", str(model_dir), "--out", str(out_dir),
-        "--num-calib", "4", "--steps", "4", "--batch-size", "4", "--device", check.device_name,
+        "--num-calib", "4", "--steps", "4", "--batch-size", "4", "--device", check.device_name, *options,
     ]  # fmt: skip
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
-        raise RuntimeError(f"dgq quantize failed:\n{result.stderr[-3000:]}")
-    report = result.stdout.strip().splitlines()[-1]
-    check.quantized_sd15 = out_dir
-    peak_cuda = re.search(r"peak CUDA (\d+) MiB", report)
+        raise RuntimeError(f"{' '.join(command[3:])} failed:\n{result.stderr[-3000:]}")
+    return {"command": " ".join(command[1:]), "wall_s": seconds, "report": result.stdout.strip().splitlines()[-1]}
+
+
+def quantize_sd15(check: Check) -> dict:
+    """`dgq quantize` of a random SD v1.5-architecture pipeline: wall time, and the calibration time and peak
+    memory it reports."""
+    model_dir = build_sd15_pipeline(check.work / "sd15", check.tiny)
+    run = run_quantize(check, model_dir, check.work / "sd15-dgq", [], timeout_s=300)
+    check.quantized_sd15 = check.work / "sd15-dgq"
+    peak_cuda = re.search(r"peak CUDA (\d+) MiB", run["report"])
     return {
-        "command": " ".join(command[1:]), "wall_s": seconds, "report": report,
-        "calibration_s": float(re.search(r"calibration ([\d.]+) s", report).group(1)),
+        **run, "calibration_s": float(re.search(r"calibration ([\d.]+) s", run["report"]).group(1)),
         "peak_cuda_bytes": int(peak_cuda.group(1)) * 2**20 if peak_cuda else None,
-    }
+    }  # fmt: skip
 
 
 def adaround_sd15(check: Check) -> dict:
-    """`dgq quantize --weight-rounding adaround` of the random SD v1.5-architecture pipeline of `quantize-sd15`
-    (built anew if that part did not run), 4 prompts x 4 steps, `ADAROUND_ITERS` steps per unit: the step rate of
-    block reconstruction on the device, and from it the training time of the official 20,000 steps per unit (the
-    caching passes, which do not grow with the steps, are reported apart)."""
+    """`dgq quantize --weight-rounding adaround` at W4A8 of the random SD v1.5-architecture pipeline of
+    `quantize-sd15` (built anew if that part did not run), `ADAROUND_ITERS` steps per unit: the step rate of block
+    reconstruction on the device, and from it the training time of the official 20,000 steps per unit (the caching
+    passes, which do not grow with the steps, are reported apart)."""
     model_dir = check.work / "sd15"
     if not model_dir.is_dir():
         build_sd15_pipeline(model_dir, check.tiny)
     iters = 5 if check.tiny else ADAROUND_ITERS
-    command = [
-        sys.executable, "-m", "dgq_core.cli", "quantize", "--model", str(model_dir), "--out",
-        str(check.work / "sd15-adaround"), "--num-calib", "4", "--steps", "4", "--batch-size", "4",
-        "--w-bits", "4", "--weight-rounding", "adaround", "--recon-iters", str(iters), "--device", check.device_name,
-    ]  # fmt: skip
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
-    seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"dgq quantize --weight-rounding adaround failed:\n{result.stderr[-3000:]}")
-    report = result.stdout.strip().splitlines()[-1]
-    found = re.search(r"AdaRound (\d+) units x (\d+) steps on (\d+) rows in ([\d.]+) s \(([\d.]+) s training\)", report)
+    options = ["--w-bits", "4", "--weight-rounding", "adaround", "--recon-iters", str(iters)]
+    run = run_quantize(check, model_dir, check.work / "sd15-adaround", options, timeout_s=900)
+    found = re.search(r"AdaRound (\d+) units x (\d+) steps on (\d+) rows in ([\d.]+) s \(([\d.]+) s training\)",
+                      run["report"])  # fmt: skip
     units, steps, rows, recon_s, train_s = int(found[1]), int(found[2]), int(found[3]), float(found[4]), float(found[5])
     step_s = train_s / (units * steps)
     official = AdaRoundRecipe().iters
     return {
-        "command": " ".join(command[1:]), "wall_s": seconds, "report": report, "units": units,
-        "steps_per_unit": steps, "rows": rows, "reconstruction_s": recon_s, "training_s": train_s,
-        "caching_s": recon_s - train_s, "ms_per_step": 1e3 * step_s,
+        **run, "units": units, "steps_per_unit": steps, "rows": rows, "reconstruction_s": recon_s,
+        "training_s": train_s, "caching_s": recon_s - train_s, "ms_per_step": 1e3 * step_s,
         f"training_h_at_{official}_steps": units * official * step_s / 3600,
     }  # fmt: skip
 
