@@ -134,6 +134,8 @@ class AdaRoundLayer(nn.Module):
         self.register_buffer("nearest", quantize_uniform(flat, self.scale, self.zero_point, bits))
         self.alpha: nn.Parameter | None = None
         self.soft = False
+        # This step's soft rounding `h(alpha)`, made once for the forward and the regularizer (`refresh`).
+        self.h: torch.Tensor | None = None
         for parameter in module.parameters():
             parameter.requires_grad_(False)
 
@@ -141,25 +143,30 @@ class AdaRoundLayer(nn.Module):
         """Soft rounding from the float weight on: the parameter to train."""
         self.alpha = nn.Parameter(initial_alpha(self.remainder))
         self.soft = True
+        self.refresh()
         return self.alpha
+
+    def refresh(self) -> None:
+        """Compute the soft rounding of the current `alpha`: once per training step, after the optimizer's."""
+        self.h = rectified_sigmoid(self.alpha)
 
     def freeze(self) -> None:
         """Hard rounding from now on: up where `alpha >= 0`."""
-        self.soft = False
+        self.soft, self.h = False, None
         self.alpha.requires_grad_(False)
 
     def codes(self) -> torch.Tensor:
         """The integer codes (float tensor, (out, in)): nearest, or floor plus the learned rounding."""
         if self.alpha is None:
             return self.nearest
-        up = rectified_sigmoid(self.alpha) if self.soft else (self.alpha >= 0).float()
+        up = self.h if self.soft else (self.alpha >= 0).float()
         return (self.floor + up + self.zero_point).clamp(0, qmax(self.bits))
 
     def weight(self) -> torch.Tensor:
         return (self.scale * (self.codes() - self.zero_point)).reshape(self.module.weight.shape)
 
     def rounding_loss(self, beta: float) -> torch.Tensor:
-        return rounding_regularizer(rectified_sigmoid(self.alpha), beta)
+        return rounding_regularizer(self.h, beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight().to(x.dtype)
@@ -439,10 +446,14 @@ def _learn_unit(
     bar: tqdm | None = None,
 ) -> None:
     """Train the rounding of `layers` (the quantized layers of `unit`) on the cached rows, then freeze it."""
-    optimizer = torch.optim.Adam([layer.start_learning() for layer in layers], lr=recipe.lr)
+    # The fused step: one kernel per step for all of a unit's alphas, where the loop form runs a dozen elementwise ops
+    # per layer (30 % of a ResNet block's step on the CPU).
+    optimizer = torch.optim.Adam([layer.start_learning() for layer in layers], lr=recipe.lr, fused=True)
     count = target.shape[0]
     with torch.enable_grad():
         for step in range(recipe.iters):
+            for layer in layers:
+                layer.refresh()
             index = torch.randint(count, (min(recipe.batch_size, count),), generator=generator)
             args, kwargs = cached_in.take(index, device)
             loss = lp_loss(unit(*args, **kwargs), target[index].to(device), recipe.norm)
