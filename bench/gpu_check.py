@@ -20,9 +20,9 @@ would not end within `--budget-s` is skipped and named, so that a later call can
                      time and peak GPU memory
     service-sd15     the service on CUDA with that checkpoint at 512 px
     unet-sdxl        the SDXL-architecture UNet at 1024 px, batch 1 and 2 (as unet-sd15, without torch.compile)
-    adaround-sd15    `dgq quantize --weight-rounding adaround` of that pipeline at W4A8, 4 prompts x 4 steps, 200 steps per
-                     unit: AdaRound's step rate on the GPU and the official 20,000 steps' training time from it
-                     (issue 17; last, so the first call's budget usually leaves it to a second call with --parts)
+    adaround-sd15    `dgq quantize --weight-rounding adaround` of that pipeline at W4A8, 4 prompts x 4 steps,
+                     200 steps per unit: AdaRound's step rate on the GPU and the official 20,000 steps' training
+                     time from it (issue 17; last, so a later call runs it with --parts)
 
 Results in `--out` ($OUT on the device machine): gpu_check.json (everything), gpu_check.md (the tables and the
 issue's bars, for BENCHMARKS.md), pytest.txt; gpu_check.sh adds log.txt and nvidia-smi.txt. The JSON's
