@@ -26,12 +26,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_unet import psnr_db  # noqa: E402
 from common import machine, median, time_interleaved  # noqa: E402
 
 from dgq_eval import harness  # noqa: E402
 from dgq_zoo import bundled_model_dir  # noqa: E402
 
 PROMPTS = 16
+DGQ_EAGER, DGQ_COMPILED = "DGQ W8A8 fake, eager", "DGQ W8A8 fake, compiled (one fixed step)"
 
 
 def first_unet_call(pipe, model: Path) -> tuple[tuple, dict]:
@@ -46,12 +48,6 @@ def first_unet_call(pipe, model: Path) -> tuple[tuple, dict]:
         handle.remove()
     args, kwargs = calls[0]
     return args, {**kwargs, "return_dict": False}
-
-
-def psnr_db(output: torch.Tensor, reference: torch.Tensor) -> float:
-    mse = float(torch.mean((output - reference) ** 2))
-    peak = float(reference.abs().max())
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak**2 / mse)).item()
 
 
 @torch.no_grad()
@@ -72,8 +68,8 @@ def main() -> None:
     forwards = {
         "PyTorch FP32 eager": fp.unet.forward,
         "PyTorch FP32 compiled": torch.compile(fp.unet.forward),
-        "DGQ W8A8 fake, eager": dgq.unet.forward,
-        "DGQ W8A8 fake, compiled (one fixed step)": torch.compile(dgq.unet.forward),
+        DGQ_EAGER: dgq.unet.forward,
+        DGQ_COMPILED: torch.compile(dgq.unet.forward),
     }
     compile_s, outputs = {}, {}
     for name, forward in forwards.items():
@@ -93,9 +89,7 @@ def main() -> None:
         }
         for name, seconds in times.items()
     }
-    rows["DGQ W8A8 fake, compiled (one fixed step)"]["psnr_vs_eager_db"] = psnr_db(
-        outputs["DGQ W8A8 fake, compiled (one fixed step)"], outputs["DGQ W8A8 fake, eager"]
-    )
+    rows[DGQ_COMPILED]["psnr_vs_eager_db"] = psnr_db(outputs[DGQ_COMPILED], outputs[DGQ_EAGER])
     results = {"machine": machine(), "unet_input_shape": list(call_args[0].shape), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
@@ -104,7 +98,7 @@ def main() -> None:
     for name, row in rows.items():
         compiled = "" if row["compile_s"] is None else f"{row['compile_s']:.0f}"
         print(f"| {name} | {row['median_s']:.3f} | {row['x_fp32_eager']:.2f} | {compiled} |")
-    print(f"\ncompiled vs eager DGQ output: {rows['DGQ W8A8 fake, compiled (one fixed step)']['psnr_vs_eager_db']:.1f} dB")
+    print(f"\ncompiled vs eager DGQ output: {rows[DGQ_COMPILED]['psnr_vs_eager_db']:.1f} dB")
 
 
 if __name__ == "__main__":

@@ -238,8 +238,9 @@ def quantize_sd15(check: Check) -> dict:
     """`dgq quantize` of a random SD v1.5-architecture pipeline: wall time, and the calibration time and peak
     memory it reports."""
     model_dir = build_sd15_pipeline(check.work / "sd15", check.tiny)
-    run = run_quantize(check, model_dir, check.work / "sd15-dgq", [], timeout_s=300)
-    check.quantized_sd15 = check.work / "sd15-dgq"
+    out_dir = check.work / "sd15-dgq"
+    run = run_quantize(check, model_dir, out_dir, [], timeout_s=300)
+    check.quantized_sd15 = out_dir
     peak_cuda = re.search(r"peak CUDA (\d+) MiB", run["report"])
     return {
         **run, "calibration_s": float(re.search(r"calibration ([\d.]+) s", run["report"]).group(1)),
