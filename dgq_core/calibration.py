@@ -294,7 +294,7 @@ class UNetCalibration:
         )
 
     def reconstruct(
-        self, unet: nn.Module, config: DGQConfig, progress: bool = True
+        self, unet: nn.Module, config: DGQConfig, progress: bool = True, resume_file: str | Path | None = None
     ) -> tuple[dict[str, QuantizedWeight], ReconstructionReport]:
         """AdaRound codes for `config`'s weight bits, learned on this run's UNet inputs (`reconstruct_weights`).
 
@@ -302,10 +302,11 @@ class UNetCalibration:
             unet (`nn.Module`): the full-precision UNet of the calibrated pipeline; left unchanged.
             config (`DGQConfig`): weight bits, iterations, rows.
             progress (`bool`): show a progress bar.
+            resume_file (`str | Path | None`): where finished units are saved, and resumed from when it exists.
         """
         if self.inputs is None:
             raise ValueError("these statistics were collected without the UNet inputs that reconstruction replays")
-        return reconstruct_weights(unet, self.inputs, config, progress=progress)
+        return reconstruct_weights(unet, self.inputs, config, progress=progress, resume_file=resume_file)
 
     def quantize(
         self,
@@ -446,7 +447,13 @@ def collect_unet_stats(
 
 @torch.no_grad()
 def quantize_(
-    pipe, config: DGQConfig, prompts: list[str], *, batch_size: int = 8, progress: bool = True
+    pipe,
+    config: DGQConfig,
+    prompts: list[str],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    recon_resume_file: str | Path | None = None,
 ) -> CalibrationReport:
     """Calibrate on `prompts` and quantize `pipe.unet` in place with DGQ: the one call, in torchao's style.
 
@@ -461,6 +468,8 @@ def quantize_(
         prompts (`list[str]`): calibration prompts (`default_calibration_prompts` draws the usual ones).
         batch_size (`int`): prompts per calibration pipeline call.
         progress (`bool`): show a progress bar.
+        recon_resume_file (`str | Path | None`): with AdaRound, where the reconstruction saves its finished units
+            and resumes from when the file exists (`reconstruct_weights`); None: an interrupted one starts again.
 
     Returns:
         `CalibrationReport`: what calibration cost.
@@ -469,7 +478,7 @@ def quantize_(
     calibration = collect_unet_stats(pipe, config, prompts, batch_size, progress)
     weights = reconstruction = None
     if config.weight_rounding == "adaround":
-        weights, reconstruction = calibration.reconstruct(pipe.unet, config, progress)
+        weights, reconstruction = calibration.reconstruct(pipe.unet, config, progress, recon_resume_file)
     calibration.quantize(pipe.unet, config, weights, progress)
     return CalibrationReport(
         seconds=time.perf_counter() - started,

@@ -164,7 +164,12 @@ def _run_quantize(args: argparse.Namespace) -> int:
         + (
             f", AdaRound {report.reconstruction.units} units x {report.reconstruction.iters} steps on "
             f"{report.reconstruction.rows} rows in {report.reconstruction.seconds:.1f} s "
-            f"({report.reconstruction.train_seconds:.1f} s training)"
+            f"({report.reconstruction.train_seconds:.1f} s training"
+            + (
+                f", {report.reconstruction.resumed_units} units resumed from an interrupted run"
+                if report.reconstruction.resumed_units else ""
+            )
+            + ")"
             if report.reconstruction else ""
         )
         + (f", peak CUDA {report.peak_cuda_bytes / 2**20:.0f} MiB" if report.peak_cuda_bytes else "")

@@ -35,6 +35,8 @@ from .kernels import set_exec_mode
 from .lora import load_lora, merge_lora
 
 # Components a worker does not need: the text side runs in the API process.
+# Where `quantize_pretrained` keeps an AdaRound reconstruction's finished units until the checkpoint is written.
+RECON_RESUME_FILE = "adaround-progress.safetensors"
 TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 
 
@@ -238,6 +240,9 @@ def quantize_pretrained(
         loras (`list[tuple[str | Path, float]] | None`): LoRA adapter files and scales merged into the
             full-precision UNet before calibration (`merge_lora`): a checkpoint of the adapted model, calibrated on
             it, to compare with the base checkpoint running the adapter as a side branch.
+
+    With AdaRound, the reconstruction's finished units are kept in `out_dir/RECON_RESUME_FILE` until the checkpoint
+    is written: the same call after an interruption goes on from there.
     """
     if prompts is None:
         prompts = default_calibration_prompts(model_ref, config.num_calib, config.seed)
@@ -245,9 +250,13 @@ def quantize_pretrained(
     pipe = from_pretrained(model_ref, device=device, dtype=torch.float32)
     for path, scale in loras or []:
         merge_lora(pipe.unet, load_lora(path, device=device), scale)
-    report = quantize_(pipe, config, prompts, batch_size=batch_size, progress=progress)
+    resume_file = Path(out_dir) / RECON_RESUME_FILE
+    if config.weight_rounding == "adaround":
+        resume_file.parent.mkdir(parents=True, exist_ok=True)
+    report = quantize_(pipe, config, prompts, batch_size=batch_size, progress=progress, recon_resume_file=resume_file)
     local = Path(model_ref).is_dir()
     # A local base model is named relative to the checkpoint, so that the pair can move together (in a repository).
     base_model = os.path.relpath(Path(model_ref).resolve(), Path(out_dir).resolve()) if local else str(model_ref)
     save_pretrained(pipe, out_dir, self_contained=local if self_contained is None else self_contained, base_model=base_model)
+    resume_file.unlink(missing_ok=True)
     return report

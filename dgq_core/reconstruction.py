@@ -14,20 +14,27 @@ activations stay in full precision (weights only, as the official weight checkpo
 
 The result is ordinary codes with the search's scales and zero points: the checkpoint format does not change.
 `AdaRoundRecipe` holds the official recipe's numbers.
+
+The official recipe runs for hours (20,000 steps for each of SD's units), so a reconstruction given a `resume_file`
+writes its finished units' rounding there after every unit and, run again, goes on from the first unfinished one,
+with the random state it had: the result is the uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -154,6 +161,16 @@ class AdaRoundLayer(nn.Module):
         """Hard rounding from now on: up where `alpha >= 0`."""
         self.soft, self.h = False, None
         self.alpha.requires_grad_(False)
+
+    def rounded_up(self) -> torch.Tensor:
+        """The learned hard rounding (bool, (out, in)): which codes are the ceiling rather than the floor."""
+        return self.alpha >= 0
+
+    def restore(self, rounded_up: torch.Tensor) -> None:
+        """Hard rounding as a finished reconstruction learned it (`rounded_up`), without training."""
+        alpha = torch.where(rounded_up.to(self.floor.device), 1.0, -1.0)
+        self.alpha = nn.Parameter(alpha, requires_grad=False)
+        self.soft, self.h = False, None
 
     def codes(self) -> torch.Tensor:
         """The integer codes (float tensor, (out, in)): nearest, or floor plus the learned rounding."""
@@ -347,9 +364,10 @@ class ReconstructionReport:
 
     Args:
         units (`int`): units reconstructed. iters (`int`): steps per unit. rows (`int`): cached rows per unit.
-        seconds (`float`): wall time. train_seconds (`float`): the part of it spent in training steps (the rest
-            caches inputs and targets). loss_nearest (`dict[str, float]`), loss_learned (`dict[str, float]`): each
-            unit's reconstruction loss on its cached rows with nearest and with learned rounding.
+        seconds (`float`): this run's wall time. train_seconds (`float`): time spent in training steps (the rest
+            caches inputs and targets), in this run and the runs it resumed. loss_nearest (`dict[str, float]`),
+            loss_learned (`dict[str, float]`): each unit's reconstruction loss on its cached rows with nearest and
+            with learned rounding. resumed_units (`int`): units restored from the resume file, not trained.
     """
 
     units: int
@@ -359,6 +377,65 @@ class ReconstructionReport:
     loss_nearest: dict[str, float]
     loss_learned: dict[str, float]
     train_seconds: float = 0.0
+    resumed_units: int = 0
+
+
+def _fingerprint(
+    layers: dict[str, AdaRoundLayer], inputs: UNetInputs, recipe: AdaRoundRecipe, units: list[tuple[str, list[str]]]
+) -> str:
+    """What a reconstruction's result depends on, hashed: the float weights, the calibration inputs, the recipe, the
+    bits and the units. A resume file from another run must not be taken for this one's."""
+    digest = hashlib.sha256(json.dumps([asdict(recipe), units]).encode())
+    tensors = [inputs.sample, inputs.timestep, inputs.encoder_hidden_states, *inputs.added_cond.values()]
+    for name, layer in layers.items():
+        digest.update(f"{name}:{layer.bits}".encode())
+        tensors.append(layer.module.weight)
+    for tensor in tensors:
+        digest.update(tensor.detach().float().contiguous().cpu().numpy())
+    return digest.hexdigest()
+
+
+class _ReconstructionProgress:
+    """The resume file of one reconstruction: the hard rounding of every finished unit's layers, the row-draw
+    generator's state and the report so far, in safetensors (JSON metadata), replaced atomically after each unit."""
+
+    KEY = "dgq_adaround_progress"
+
+    def __init__(self, path: str | Path, fingerprint: str) -> None:
+        self.path, self.fingerprint = Path(path), fingerprint
+
+    def restore(self, layers: dict[str, AdaRoundLayer], report: ReconstructionReport, generator: torch.Generator) -> set[str]:
+        """Restore the finished units (their layers' rounding, the report's entries, the generator): their names."""
+        if not self.path.is_file():
+            return set()
+        with safe_open(str(self.path), framework="pt") as handle:
+            state = json.loads((handle.metadata() or {}).get(self.KEY, "null") or "null")
+        if state is None or state["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                f"{self.path} holds the progress of another reconstruction (other weights, calibration inputs, bits "
+                "or recipe): delete it to start this one afresh"
+            )
+        tensors = load_file(str(self.path))
+        for name in state["layers"]:
+            layers[name].restore(tensors[name].bool())
+        generator.set_state(tensors["generator_state"])
+        report.loss_nearest.update(state["loss_nearest"])
+        report.loss_learned.update(state["loss_learned"])
+        report.train_seconds = state["train_seconds"]
+        return set(state["loss_learned"])
+
+    def save(self, layers: dict[str, AdaRoundLayer], report: ReconstructionReport, generator: torch.Generator) -> None:
+        """Write the units finished so far (those with a learned loss in `report`)."""
+        finished = [name for name, layer in layers.items() if layer.alpha is not None and not layer.soft]
+        tensors = {name: layers[name].rounded_up().to(torch.uint8).cpu().contiguous() for name in finished}
+        tensors["generator_state"] = generator.get_state()
+        state = {
+            "fingerprint": self.fingerprint, "layers": finished, "loss_nearest": report.loss_nearest,
+            "loss_learned": report.loss_learned, "train_seconds": report.train_seconds,
+        }
+        partial = self.path.with_name(self.path.name + ".partial")
+        save_file(tensors, str(partial), metadata={self.KEY: json.dumps(state)})
+        os.replace(partial, self.path)
 
 
 def _unit_loss(unit: nn.Module, cached_in: _Cached, target: torch.Tensor, p: float, device) -> float:
@@ -377,6 +454,7 @@ def reconstruct_weights(
     config: DGQConfig,
     recipe: AdaRoundRecipe | None = None,
     progress: bool = True,
+    resume_file: str | Path | None = None,
 ) -> tuple[dict[str, QuantizedWeight], ReconstructionReport]:
     """Learn the rounding of every quantized weight of a full-precision UNet by block reconstruction.
 
@@ -386,6 +464,9 @@ def reconstruct_weights(
         config (`DGQConfig`): weight bits, excluded layers, `recon_iters`, `recon_samples`, seed.
         recipe (`AdaRoundRecipe | None`): the recipe; None: the official one with `config`'s iterations and rows.
         progress (`bool`): show a progress bar.
+        resume_file (`str | Path | None`): where the finished units' rounding is saved after each unit; when the
+            file exists, those units are restored from it instead of trained. It must have been written for this
+            UNet's weights, these inputs, bits and recipe (`ValueError` otherwise). None: nothing saved.
 
     Returns:
         `(weights, report)`: a `QuantizedWeight` per quantized layer name (for `quantize_unet`), and what it did.
@@ -410,13 +491,19 @@ def reconstruct_weights(
         quantized(**inputs.unet_kwargs(calls[:1], rows[:1], device))
 
     units = reconstruction_units(quantized, wrapped, run_first_row)
-    names = [name for name, _ in units]
-    groups = _target_groups(unet, names, lambda: unet(**inputs.unet_kwargs(calls[:1], rows[:1], device)), len(chosen))
     report = ReconstructionReport(len(units), recipe.iters, len(chosen), 0.0, {}, {})
-    bar = tqdm(total=len(units) * recipe.iters, desc="AdaRound reconstruction", unit="step", disable=not progress)
+    saved = _ReconstructionProgress(resume_file, _fingerprint(wrapped, inputs, recipe, units)) if resume_file else None
+    done = saved.restore(wrapped, report, generator) if saved else set()
+    todo = [(name, members) for name, members in units if name not in done]
+    names = [name for name, _ in todo]
+    groups = _target_groups(unet, names, lambda: unet(**inputs.unet_kwargs(calls[:1], rows[:1], device)), len(chosen))
+    bar = tqdm(
+        total=len(units) * recipe.iters, initial=len(done) * recipe.iters, desc="AdaRound reconstruction",
+        unit="step", disable=not progress,
+    )
     targets: dict[str, torch.Tensor] = {}
     try:
-        for unit_name, members in units:
+        for unit_name, members in todo:
             if unit_name not in targets:
                 group = next(group for group in groups if unit_name in group)
                 targets = _capture_outputs(unet, group, inputs, calls, rows, device)
@@ -429,8 +516,11 @@ def reconstruct_weights(
             report.train_seconds += time.perf_counter() - training
             report.loss_learned[unit_name] = _unit_loss(unit, cached_in, target, recipe.norm, device)
             bar.set_postfix_str(f"{unit_name}: {report.loss_nearest[unit_name]:.3g} -> {report.loss_learned[unit_name]:.3g}")
+            if saved:
+                saved.save(wrapped, report, generator)
     finally:
         bar.close()
+    report.resumed_units = len(done)
     report.seconds = time.perf_counter() - started
     return {name: layer.quantized_weight() for name, layer in wrapped.items()}, report
 
@@ -488,8 +578,6 @@ def save_reconstructed_weights(weights: dict[str, QuantizedWeight], path: str | 
 
 def load_reconstructed_weights(path: str | Path) -> dict[str, QuantizedWeight]:
     """Inverse of `save_reconstructed_weights` (safetensors: nothing is unpickled)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         layout = json.loads(handle.metadata()["dgq_reconstructed_weights"])
     tensors = load_file(str(path))

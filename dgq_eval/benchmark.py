@@ -150,7 +150,8 @@ class SharedRuns:
 
     def reconstructed(self, unet, calibration: UNetCalibration, config: dgq_core.DGQConfig) -> tuple[dict, dict]:
         """AdaRound weights for `config`'s weight bits: made once per run, or read from `weights_dir` when an
-        earlier run with the same calibration settings left them there."""
+        earlier run with the same calibration settings left them there (an interrupted one left its finished units,
+        which this run goes on from)."""
         if config.w_bits in self.weights:
             return self.weights[config.w_bits]
         stem = (
@@ -162,15 +163,18 @@ class SharedRuns:
             weights = load_reconstructed_weights(path)
             info = json.loads(path.with_suffix(".json").read_text())
         else:
-            weights, report = calibration.reconstruct(unet, config)
+            resume_file = path.with_suffix(".progress.safetensors") if path is not None else None
+            if resume_file is not None:
+                resume_file.parent.mkdir(parents=True, exist_ok=True)
+            weights, report = calibration.reconstruct(unet, config, resume_file=resume_file)
             info = {
                 "reconstruction_seconds": round(report.seconds, 1), "training_seconds": round(report.train_seconds, 1),
                 "reconstruction": f"{report.units} units x {report.iters} steps, {report.rows} rows",
             }  # fmt: skip
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 save_reconstructed_weights(weights, path)
                 path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
+                resume_file.unlink(missing_ok=True)
         self.weights[config.w_bits] = weights, info
         return weights, info
 

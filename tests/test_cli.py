@@ -11,6 +11,7 @@ from PIL import Image
 from tiny_models import build_tiny_sd, build_tiny_sdxl
 
 from dgq_core.checkpoint import WEIGHTS_NAME, read_quant_config
+from dgq_core.pipeline import RECON_RESUME_FILE
 
 PROMPTS = "a red circle\nblue square on green\nsmall yellow triangle\n"
 
@@ -33,6 +34,7 @@ def test_quantize_then_generate(builder, tmp_path):
     assert "calibration" in result.stdout and "peak RSS" in result.stdout
     assert re.search(r"AdaRound \d+ units x 3 steps on 6 rows", result.stdout), result.stdout
     assert (out / "unet" / WEIGHTS_NAME).is_file() and (out / "model_index.json").is_file()
+    assert not (out / RECON_RESUME_FILE).exists(), "the finished reconstruction's resume file stays behind"
     settings = read_quant_config(out / "unet")
     assert (settings.weight_rounding, settings.recon_iters, settings.calib_source) == ("adaround", 3, "quantized")
     image_path = tmp_path / "image.png"
