@@ -380,19 +380,30 @@ class ReconstructionReport:
     resumed_units: int = 0
 
 
-def _fingerprint(
-    layers: dict[str, AdaRoundLayer], inputs: UNetInputs, recipe: AdaRoundRecipe, units: list[tuple[str, list[str]]]
-) -> str:
-    """What a reconstruction's result depends on, hashed: the float weights, the calibration inputs, the recipe, the
-    bits and the units. A resume file from another run must not be taken for this one's."""
-    digest = hashlib.sha256(json.dumps([asdict(recipe), units]).encode())
-    tensors = [inputs.sample, inputs.timestep, inputs.encoder_hidden_states, *inputs.added_cond.values()]
-    for name, layer in layers.items():
-        digest.update(f"{name}:{layer.bits}".encode())
-        tensors.append(layer.module.weight)
-    for tensor in tensors:
-        digest.update(tensor.detach().float().contiguous().cpu().numpy())
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class _RunIdentity:
+    """What a reconstruction's result depends on: `settings` (recipe, units, bits, shapes) must match exactly,
+    `checksums` (per layer weight and per call input sums) within float tolerance, since a GPU may compute the
+    calibration generations' inputs (or a merged LoRA) a rounding apart from one run to the next."""
+
+    settings: str
+    checksums: torch.Tensor
+
+    @classmethod
+    def of(
+        cls, layers: dict[str, AdaRoundLayer], inputs: UNetInputs, recipe: AdaRoundRecipe, units: list[tuple[str, list[str]]]
+    ) -> _RunIdentity:
+        tensors = {"sample": inputs.sample, "encoder_hidden_states": inputs.encoder_hidden_states, **inputs.added_cond}
+        shapes = {name: list(layer.module.weight.shape) + [layer.bits] for name, layer in layers.items()}
+        settings = json.dumps([asdict(recipe), units, shapes, {k: list(v.shape) for k, v in tensors.items()}])
+        sums = [layer.module.weight.detach().abs().sum(dtype=torch.float64) for layer in layers.values()]
+        sums += [call.abs().sum(dtype=torch.float64) for value in tensors.values() for call in value.detach()]
+        sums += list(inputs.timestep.detach().double())
+        checksums = torch.stack([value.cpu() for value in sums])
+        return cls(hashlib.sha256(settings.encode()).hexdigest(), checksums)
+
+    def matches(self, settings: str, checksums: torch.Tensor) -> bool:
+        return settings == self.settings and torch.allclose(checksums, self.checksums, rtol=1e-4, atol=1e-6)
 
 
 class _ReconstructionProgress:
@@ -401,21 +412,21 @@ class _ReconstructionProgress:
 
     KEY = "dgq_adaround_progress"
 
-    def __init__(self, path: str | Path, fingerprint: str) -> None:
-        self.path, self.fingerprint = Path(path), fingerprint
+    def __init__(self, path: str | Path, identity: _RunIdentity) -> None:
+        self.path, self.identity = Path(path), identity
 
     def restore(self, layers: dict[str, AdaRoundLayer], report: ReconstructionReport, generator: torch.Generator) -> set[str]:
         """Restore the finished units (their layers' rounding, the report's entries, the generator): their names."""
         if not self.path.is_file():
             return set()
         with safe_open(str(self.path), framework="pt") as handle:
-            state = json.loads((handle.metadata() or {}).get(self.KEY, "null") or "null")
-        if state is None or state["fingerprint"] != self.fingerprint:
+            state = json.loads((handle.metadata() or {}).get(self.KEY, "null"))
+        tensors = load_file(str(self.path))
+        if state is None or "checksums" not in tensors or not self.identity.matches(state.get("settings"), tensors["checksums"]):
             raise ValueError(
                 f"{self.path} holds the progress of another reconstruction (other weights, calibration inputs, bits "
                 "or recipe): delete it to start this one afresh"
             )
-        tensors = load_file(str(self.path))
         for name in state["layers"]:
             layers[name].restore(tensors[name].bool())
         generator.set_state(tensors["generator_state"])
@@ -429,8 +440,9 @@ class _ReconstructionProgress:
         finished = [name for name, layer in layers.items() if layer.alpha is not None and not layer.soft]
         tensors = {name: layers[name].rounded_up().to(torch.uint8).cpu().contiguous() for name in finished}
         tensors["generator_state"] = generator.get_state()
+        tensors["checksums"] = self.identity.checksums
         state = {
-            "fingerprint": self.fingerprint, "layers": finished, "loss_nearest": report.loss_nearest,
+            "settings": self.identity.settings, "layers": finished, "loss_nearest": report.loss_nearest,
             "loss_learned": report.loss_learned, "train_seconds": report.train_seconds,
         }
         partial = self.path.with_name(self.path.name + ".partial")
@@ -492,7 +504,7 @@ def reconstruct_weights(
 
     units = reconstruction_units(quantized, wrapped, run_first_row)
     report = ReconstructionReport(len(units), recipe.iters, len(chosen), 0.0, {}, {})
-    saved = _ReconstructionProgress(resume_file, _fingerprint(wrapped, inputs, recipe, units)) if resume_file else None
+    saved = _ReconstructionProgress(resume_file, _RunIdentity.of(wrapped, inputs, recipe, units)) if resume_file else None
     done = saved.restore(wrapped, report, generator) if saved else set()
     todo = [(name, members) for name, members in units if name not in done]
     names = [name for name, _ in todo]

@@ -4,6 +4,8 @@ reconstruction is refused."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -68,3 +70,24 @@ def test_a_resume_file_of_another_reconstruction_is_refused(calibrated, tmp_path
     assert report.resumed_units == report.units
     with pytest.raises(ValueError, match="another reconstruction .* delete it"):
         calibration.reconstruct(unet, DGQConfig(**SETTINGS, recon_iters=3), progress=False, resume_file=resume_file)
+
+
+def test_a_resume_file_takes_inputs_a_rounding_apart_but_not_other_inputs(calibrated, tmp_path):
+    unet, calibration = calibrated
+    config = DGQConfig(**SETTINGS, recon_iters=2)
+    resume_file = tmp_path / "progress.safetensors"
+    calibration.reconstruct(unet, config, progress=False, resume_file=resume_file)
+    inputs = calibration.inputs
+    try:
+        # A GPU's run-to-run rounding in the calibration generations: still the same reconstruction.
+        calibration.inputs = replace(inputs, sample=inputs.sample * (1 + 1e-6))
+        _, report = calibration.reconstruct(unet, config, progress=False, resume_file=resume_file)
+        assert report.resumed_units == report.units
+        # Other latents (another seed) in one call: another reconstruction.
+        other = inputs.sample.clone()
+        other[1] = torch.randn_like(other[1])
+        calibration.inputs = replace(inputs, sample=other)
+        with pytest.raises(ValueError, match="another reconstruction"):
+            calibration.reconstruct(unet, config, progress=False, resume_file=resume_file)
+    finally:
+        calibration.inputs = inputs
