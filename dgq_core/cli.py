@@ -223,6 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     except (QuantConfigError, FileNotFoundError, ValueError, RuntimeError, OSError) as error:
         print(f"dgq {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"dgq {args.command}: interrupted{_what_is_kept(args)}", file=sys.stderr)
+        return 130
+
+
+def _what_is_kept(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves to go on from: AdaRound's finished units, for `quantize`."""
+    from .pipeline import RECON_RESUME_FILE
+
+    resume_file = Path(args.out) / RECON_RESUME_FILE if args.command == "quantize" else None
+    if resume_file is None or not resume_file.is_file():
+        return ""
+    return f"; AdaRound's finished units are kept in {resume_file}: the same command goes on from them"
 
 
 if __name__ == "__main__":

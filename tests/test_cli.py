@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
+import time
 
 import pytest
 from local_cluster import console_script
@@ -43,6 +45,28 @@ def test_quantize_then_generate(builder, tmp_path):
     assert re.search(r"exec auto: \d+/\d+ layers in integers \((none|onednn)\)", result.stdout), result.stdout
     with Image.open(image_path) as image:
         assert image.size == (32, 32)
+
+
+def test_an_interrupted_adaround_quantize_goes_on_from_its_finished_units(tmp_path):
+    model = build_tiny_sd(tmp_path / "model")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    out = tmp_path / "quantized"
+    command = [console_script("dgq"), "quantize", "--model", str(model), "--out", str(out), "--w-bits", "4",
+               "--groups", "2", "--steps", "2", "--calib-prompts", str(prompts), "--num-calib", "2",
+               "--weight-rounding", "adaround", "--recon-iters", "20", "--recon-samples", "4"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (out / RECON_RESUME_FILE).is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert f"interrupted; AdaRound's finished units are kept in {out / RECON_RESUME_FILE}" in stderr
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"[1-9]\d* units resumed from an interrupted run", result.stdout), result.stdout
+    assert not (out / RECON_RESUME_FILE).exists() and (out / "unet" / WEIGHTS_NAME).is_file()
 
 
 def test_help_and_bad_arguments():
