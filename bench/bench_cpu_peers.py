@@ -95,13 +95,16 @@ def compiled(unet: nn.Module) -> nn.Module:
 TORCH_PEERS: dict[str, tuple[str | None, Callable[[nn.Module], nn.Module], bool]] = {
     "torch.ao dynamic int8 (Linear)": (None, ao_dynamic_copy, False),
     "torchao Int8DynAct-Int8Weight, eager": ("torchao", torchao_int8, False),
-    "torchao Int8DynAct-Int8Weight, compiled": ("torchao", lambda unet: compiled(torchao_int8(unet)), True),
+    "torchao Int8DynAct-Int8Weight, compiled": ("torchao", compiled, True),
     "SDNQ int8 Linear + Conv": ("sdnq", sdnq_int8, False),
     "torch.compile FP32": (None, compiled, True),
 }
 
 # Rows whose `make` leaves its input as it was.
 SHARES_INPUT = ("torch.ao dynamic int8 (Linear)", "torch.compile FP32")
+# Rows made from another row's model rather than the FP32 one: the compiled torchao row compiles the eager row's
+# quantized UNet (sharing its weights: a second quantized copy of SD's UNet would not fit 24 GB beside the rest).
+MADE_FROM = {"torchao Int8DynAct-Int8Weight, compiled": "torchao Int8DynAct-Int8Weight, eager"}
 
 
 def missing(module: str | None) -> str | None:
@@ -126,6 +129,14 @@ def torch_peers(with_compile: bool) -> tuple[dict, dict[str, str]]:
         else:
             rows[name] = make
     return rows, notes
+
+
+def peer_model(name: str, make: Callable[[nn.Module], nn.Module], fp32: nn.Module, made: dict[str, nn.Module]):
+    """Row `name`'s UNet, made from `fp32` (a copy of it where `make` changes its input) or from the model of the
+    row it is `MADE_FROM`, which `made` holds."""
+    if name in MADE_FROM:
+        return make(made[MADE_FROM[name]])
+    return make(fp32 if name in SHARES_INPUT else copy.deepcopy(fp32))
 
 
 # ---- (a) one SD v1.5-architecture UNet call ----
@@ -220,9 +231,7 @@ def bench_unet_call(repeats: int, warmup: int, groups: int, with_compile: bool, 
     peers, peer_notes = torch_peers(with_compile)
     notes.update(peer_notes)
     for name, make in tqdm(peers.items(), desc="building peers", unit="peer"):
-        # torch.compile shares the FP32 module's weights and torch.ao copies it itself; the peers that quantize in
-        # place get a copy of their own
-        models[name] = make(fp32 if name in SHARES_INPUT else copy.deepcopy(fp32))
+        models[name] = peer_model(name, make, fp32, models)
     outputs: dict[str, torch.Tensor] = {}
 
     def torch_call(name: str, model: nn.Module) -> Callable[[], None]:
@@ -270,7 +279,7 @@ def bench_end_to_end(repeats: int, warmup: int, with_compile: bool) -> dict:
     peers, notes = torch_peers(with_compile)
     for name, make in peers.items():
         pipe = harness.load_model(model)
-        pipe.unet = make(pipe.unet)
+        pipe.unet = peer_model(name, make, pipe.unet, {row: made.unet for row, made in pipes.items()})
         pipes[name] = pipe
     if (reason := missing("openvino") or missing("nncf")) is None:
         calibration_prompts = dgq_core.default_calibration_prompts(model, config.num_calib, seed=0)
@@ -333,16 +342,23 @@ def main() -> None:
         return
 
     results = {"machine": machine(), "load_average_before": load_average()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        # after each part: the UNet part needs most of the memory, and a part that dies must not take the other's
+        # figures with it
+        results["machine"] = machine()
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
     if args.part in ("e2e", "both"):
         results["end_to_end"] = bench_end_to_end(args.repeats, args.warmup, args.compile)
         results["load_average_after_end_to_end"] = load_average()
+        save()
     if args.part in ("unet", "both"):
         with tempfile.TemporaryDirectory(prefix="bench_cpu_peers_") as work:
             results["unet_call"] = bench_unet_call(args.repeats, args.warmup, args.groups, args.compile, Path(work))
         results["load_average_after_unet_call"] = load_average()
-    results["machine"] = machine()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+        save()
     print(json.dumps(results["machine"]))
     if "end_to_end" in results:
         print(f"\nThe bundled model end to end ({results['end_to_end']['setup']}):\n")
