@@ -151,11 +151,10 @@ def main() -> None:
             original = path.read_text()
             path.write_text(mutation.apply(original))
             try:
-                caught, failed, seconds = run_method_tests(copy)
-                caught = not caught
+                passed, failed, seconds = run_method_tests(copy)
             finally:
                 path.write_text(original)
-            results.append({"mutation": mutation.what, "file": mutation.path, "caught": caught,
+            results.append({"mutation": mutation.what, "file": mutation.path, "caught": not passed,
                             "first_failure": failed, "seconds": round(seconds, 1)})  # fmt: skip
 
     missed = [row["mutation"] for row in results if not row["caught"]]
