@@ -7,8 +7,9 @@ inputs, the way `dgq quantize` calibrates one sampler step.
 
 Variants (all timed interleaved, round after round; medians reported):
     FP32 eager; DGQ-int W8A8; DGQ-int W4A8; DGQ-fake W8A8 and W4A8; torch.ao dynamic int8 on the Linear layers (the
-    nearest peer with real CPU kernels); on CPUs without VNNI also DGQ-int W8A8 with the single saturating GEMM
-    instead of the exact split (see dgq_core/kernels/onednn.py).
+    nearest peer with real CPU kernels); where the CPU kernel is the fused VNNI one (dgq_core/kernels/vnni_fused.py)
+    also DGQ-int W8A8 on oneDNN, one GEMM per channel group; on CPUs without VNNI also DGQ-int W8A8 with the single
+    saturating GEMM instead of the exact split (see dgq_core/kernels/onednn.py).
 Resident weight bytes are counted from the tensors and packed kernel weights (padding included) each variant keeps.
 A fresh process per variant loads (or builds) the model and runs one call, then three timed ones: its peak RSS, the
 RSS its model added (measured, after malloc_trim) and its median call time are reported. The fresh-process times
@@ -53,8 +54,8 @@ from dgq_core.diffusers_quantizer import (  # noqa: E402
     load_quantized_unet,
     save_quantized_unet,
 )
-from dgq_core.kernels import enable_int_execution  # noqa: E402
-from dgq_core.kernels.onednn import has_vnni  # noqa: E402
+from dgq_core.kernels import enable_int_execution, select_backend  # noqa: E402
+from dgq_core.kernels.onednn import OnednnGemm, has_vnni  # noqa: E402
 from dgq_core.layers import QuantConv2d, QuantizedWeight, QuantLinear  # noqa: E402
 from dgq_core.memory import peak_rss_bytes, trim_heap  # noqa: E402
 from dgq_core.steps import StepState  # noqa: E402
@@ -227,6 +228,10 @@ def resident_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+# DGQ-int W8A8 on oneDNN (one GEMM per channel group), beside the default CPU kernel where that is another one.
+ONEDNN_VARIANT = "DGQ-int W8A8 oneDNN per group"
+
+
 @torch.no_grad()
 def rss_child(variant: str, checkpoint: str | None) -> None:
     """Load or build one variant in this fresh process, run one call, print its memory figures as JSON."""
@@ -309,6 +314,10 @@ def main() -> None:
     stages.update(1)
     stages.close()
     models = {"FP32 eager": fp32, "DGQ-int W8A8": ints[8]}
+    backend = select_backend("cpu")
+    if backend.name != "onednn":  # the same model on oneDNN's per-group GEMMs, side by side
+        models[ONEDNN_VARIANT] = copy.deepcopy(fakes[8])
+        enable_int_execution(models[ONEDNN_VARIANT], backend=OnednnGemm())
     if args.w4:
         models["DGQ-int W4A8"] = ints[4]
     models.update({"DGQ-fake W8A8": fakes[8], "torch.ao dynamic int8 (Linear)": ao})
@@ -337,6 +346,8 @@ def main() -> None:
             "DGQ-int W8A8 vs DGQ-fake W8A8": psnr_db(outputs["DGQ-int W8A8"], outputs["DGQ-fake W8A8"]),
             "DGQ-fake W8A8 vs FP32": psnr_db(outputs["DGQ-fake W8A8"], outputs["FP32 eager"]),
         }
+        if ONEDNN_VARIANT in outputs:
+            agreement[f"{ONEDNN_VARIANT} vs DGQ-fake W8A8"] = psnr_db(outputs[ONEDNN_VARIANT], outputs["DGQ-fake W8A8"])
         if "DGQ-int W8A8 saturating GEMM" in outputs:
             agreement["DGQ-int W8A8 saturating vs DGQ-fake W8A8"] = psnr_db(
                 outputs["DGQ-int W8A8 saturating GEMM"], outputs["DGQ-fake W8A8"]
@@ -352,6 +363,7 @@ def main() -> None:
     results = {
         "machine": machine(),
         "setup": {
+            "cpu_kernel": backend.name,
             "latent": LATENT,
             "batch": BATCH,
             "tokens": TOKENS,

@@ -11,28 +11,19 @@ instead of saving and restoring it. `dequantize` does `(float(q) - z) * s` from 
 `quantizers.dequantize_uniform` does, where the torch ops convert, subtract and multiply in three passes (the fake
 path dequantizes every weight at every call, since no floating-point copy stays resident).
 
-It is C compiled at first use with the machine's C compiler for the machine's own CPU (`-march=native`, no fast-math,
-no contraction beyond the explicit `fmaf`) into a per-user cache directory (`DGQ_KERNEL_CACHE`, default
-`~/.cache/dgq-serve/kernels`), keyed by the source, the flags and the CPU. Without a compiler, or where it fails, it
-is not used and the torch ops run instead (logged once).
+It is C compiled at first use for the machine's own CPU (`-march=native`, no fast-math, no contraction beyond the
+explicit `fmaf`) by `native.build`. Without a compiler, or where it fails, it is not used and the torch ops run
+instead (logged once).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from . import native
 
 SOURCE = r"""
 #include <math.h>
@@ -101,44 +92,16 @@ void dequantize_u8(const uint8_t *restrict codes, float *restrict out, const flo
     }
 }
 """
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-lm"]
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
 
 
-def _cpu_identity() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = ""
-    return f"{platform.machine()} {flags}"
-
-
 def _build() -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.info("no C compiler: fake quantization runs as torch ops")
-        return None
-    digest = hashlib.sha256("\0".join([SOURCE, *FLAGS, compiler, _cpu_identity()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("DGQ_KERNEL_CACHE") or Path.home() / ".cache" / "dgq-serve" / "kernels")
-    library = cache / f"fake_quant_{digest}.so"
-    try:
-        if not library.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as scratch:
-                source = Path(scratch) / "fake_quant.c"
-                source.write_text(SOURCE)
-                built = Path(scratch) / library.name
-                subprocess.run([compiler, *FLAGS, "-o", str(built), str(source), "-lm"], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(built, library)  # atomic: workers building at once each see a whole library
-        loaded = ctypes.CDLL(str(library))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        log.warning("fake quantization runs as torch ops: building its kernel failed: %s %s", error,
-                    detail.decode(errors="replace")[-500:])
+    loaded = native.build("fake_quant", SOURCE, FLAGS, "fake quantization runs as torch ops")
+    if loaded is None:
         return None
     loaded.fake_quant_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_float]
     loaded.dequantize_u8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2

@@ -29,10 +29,13 @@ from dgq_core.kernels import (
     enable_int_execution,
     execution,
     int_execution_summary,
+    select_backend,
     set_exec_mode,
+    vnni_fused,
 )
 from dgq_core.kernels.execution import AUTO_MIN_WEIGHTS, CUDA_AUTO_MIN_WEIGHTS, step_arrangements
 from dgq_core.layers import QuantConv2d, QuantLinear
+from dgq_core.native import cpu_flags
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle on white", "yellow stripes"]
 
@@ -189,9 +192,24 @@ def test_int_execution_summary_names_what_runs_in_integers(quantized: QuantizedP
     assert int_execution_summary(unet) == {"int_layers": f"0/{total}", "int_kernels": "none"}
     enable_int_execution(unet)
     try:
-        assert int_execution_summary(unet) == {"int_layers": f"{total}/{total}", "int_kernels": "onednn"}
+        expected = "vnni" if vnni_fused.available() and "amx_int8" not in cpu_flags() else "onednn"
+        assert int_execution_summary(unet) == {"int_layers": f"{total}/{total}", "int_kernels": expected}
     finally:
         disable_int_execution(unet)
+
+
+def test_cpu_kernel_is_chosen_by_its_setting(monkeypatch):
+    monkeypatch.setenv("DGQ_CPU_KERNEL", "onednn")
+    assert select_backend("cpu").name == "onednn"
+    monkeypatch.setenv("DGQ_CPU_KERNEL", "vnni")
+    if vnni_fused.available():
+        assert select_backend("cpu").name == "vnni"
+    else:
+        with pytest.raises(RuntimeError, match="AVX-512 VNNI"):
+            select_backend("cpu")
+    monkeypatch.setenv("DGQ_CPU_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="auto, vnni, onednn"):
+        select_backend("cpu")
 
 
 @torch.no_grad()

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from dgq_core.attention import LOG_CODE_STEPS_PER_OCTAVE, DGQAttnProcessor, sample_scale
-from dgq_core.kernels import IntConv2d, IntLinear
+from dgq_core.kernels import IntConv2d, IntLinear, vnni_fused
 from dgq_core.kernels.int_mm import IntMmGemm
 from dgq_core.kernels.onednn import OnednnGemm
+from dgq_core.kernels.vnni_fused import VnniFusedGemm
 from dgq_core.layers import (
     MAX_FAKE_DUPLICATION,
     ActQuantizer,
@@ -47,11 +48,13 @@ def fused_backend():
     return FusedGroupGemm("cpu")
 
 
-BACKENDS = {"onednn": OnednnGemm, "int_mm": lambda: IntMmGemm("cpu"), "triton": fused_backend}
+BACKENDS = {
+    "onednn": OnednnGemm, "vnni": VnniFusedGemm, "int_mm": lambda: IntMmGemm("cpu"), "triton": fused_backend,
+}
 NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: pip install -e '.[dev]'")
-BACKEND_PARAMS = [
-    pytest.param(name, marks=NEEDS_TRITON) if name == "triton" else name for name in BACKENDS
-]
+NEEDS_VNNI = pytest.mark.skipif(not vnni_fused.available(), reason="the CPU has no AVX-512 VNNI")
+BACKEND_MARKS = {"triton": NEEDS_TRITON, "vnni": NEEDS_VNNI}
+BACKEND_PARAMS = [pytest.param(name, marks=BACKEND_MARKS.get(name, ())) for name in BACKENDS]
 GROUPS = 8
 
 

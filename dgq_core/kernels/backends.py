@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 
 import torch
 
+from .. import native
 from .protocol import GemmBackend
+
+# The CPU kernels `DGQ_CPU_KERNEL` chooses from: "auto" (the fused VNNI kernel where the CPU has AVX-512 VNNI but no
+# AMX, whose int8 tiles oneDNN uses; else oneDNN), "vnni", "onednn".
+CPU_KERNELS = ("auto", "vnni", "onednn")
 
 
 def select_backend(device: torch.device | str, exact: bool = True) -> GemmBackend:
-    """The integer kernels for `device`: oneDNN on CPU; on CUDA the fused Triton kernel (`kernels.triton_fused`), or
-    one int8 tensor-core `torch._int_mm` per group where Triton is not installed.
+    """The integer kernels for `device`: on CPU the fused VNNI kernel (`kernels.vnni_fused`) or oneDNN, as
+    `DGQ_CPU_KERNEL` chooses (`CPU_KERNELS`); on CUDA the fused Triton kernel (`kernels.triton_fused`), or one int8
+    tensor-core `torch._int_mm` per group where Triton is not installed.
 
     Args:
         device (`torch.device | str`): where the layers run.
@@ -21,8 +28,18 @@ def select_backend(device: torch.device | str, exact: bool = True) -> GemmBacken
     """
     device = torch.device(device)
     if device.type == "cpu":
+        from . import vnni_fused
         from .onednn import OnednnGemm
 
+        choice = os.environ.get("DGQ_CPU_KERNEL", "auto")
+        if choice not in CPU_KERNELS:
+            raise ValueError(f"DGQ_CPU_KERNEL={choice!r}: choose one of {', '.join(CPU_KERNELS)}")
+        amx = "amx_int8" in native.cpu_flags()
+        if choice == "vnni" or (choice == "auto" and not amx):
+            if vnni_fused.available():
+                return vnni_fused.VnniFusedGemm()
+            if choice == "vnni":
+                raise RuntimeError("DGQ_CPU_KERNEL=vnni: this CPU has no AVX-512 VNNI, or its kernel failed to build")
         return OnednnGemm(exact)
     if device.type == "cuda":
         if importlib.util.find_spec("triton") is not None:

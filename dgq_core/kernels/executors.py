@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..layers import StepActParams, TapGroups, conv_output_size, labelling_key, quantize_activation
 from ..quantizers import dequantize_uniform, unpack_int4
-from .protocol import GemmBackend, PackedWeight
+from .protocol import GemmBackend, ImageTaps, PackedWeight
 
 # A channel-grouped convolution runs natively when the channels it duplicates add at most this fraction of its weight
 # and it has at least this many output positions per sample at the calibrated size: below that, im2col + GEMM is the
@@ -123,7 +123,7 @@ class IntLinear:
 
     def __init__(self, backend, w_scale, w_zero_point, bits, in_features, bias, nibbles=None) -> None:
         self.backend: GemmBackend = backend
-        self.fused = backend.fused_groups
+        self.fused = backend.fused_groups and (bits == 8 or backend.reads_nibbles)
         self.whole: PackedWeight | None = None
         self.nibbles = nibbles
         self.bits, self.in_features, self.out_features = bits, in_features, w_scale.numel()
@@ -171,7 +171,8 @@ class IntLinear:
         layer.row_sums = layer.w_scale * centred.sum(dim=1, dtype=torch.int32).float()
         for labels in channel_labels:
             layer._plan(labels, centred)
-        if w_bits == 8 and (row_params or not layer._plans or layer.fused):
+        whole_for_groups = layer.fused and not backend.labelled_weights
+        if w_bits == 8 and (row_params or not layer._plans or whole_for_groups):
             layer.whole = backend.pack(centred)
         elif w_bits == 4 and layer.fused:
             layer.whole = backend.pack_nibbles(nibbles, k)
@@ -186,6 +187,8 @@ class IntLinear:
         if self.whole is not None:
             return self.backend.unpack(self.whole)
         plan = next(iter(self._plans.values()))
+        if plan.packed is None:  # a labelled weight (`labelled_weights`) holds the whole matrix, reordered
+            return self.backend.unpack(plan.kernel_index)
         centred = torch.empty(
             self.out_features, self.in_features, dtype=torch.int8, device=self.w_scale.device
         )
@@ -223,7 +226,7 @@ class IntLinear:
                 packed = [self.backend.pack(centred.index_select(1, c)) for c in columns]
             plan = _GroupPlan.of(groups, columns, packed)
             if self.fused:
-                plan.kernel_index = self.backend.index_groups(plan.order, plan.bounds, plan.groups)
+                plan.kernel_index = self.backend.index_groups(plan.order, plan.bounds, plan.groups, centred)
             self._plans[key] = plan
         return self._plans[key]
 
@@ -424,7 +427,8 @@ class IntConv2d:
             centred = (weight_codes.to(torch.int16) - conv.offset).to(torch.int8)
             if act_mode == "tensor":
                 conv.native_plans[b""] = conv._native_plan(None, centred)
-            if calibrated_positions is None or calibrated_positions >= MIN_NATIVE_POSITIONS:
+            large = calibrated_positions is None or calibrated_positions >= MIN_NATIVE_POSITIONS
+            if large and not backend.fused_groups:
                 im2col_labels = [labels for labels in channel_labels if conv._try_native(labels, centred) is None]
         if not native or act_mode == "token" or (act_mode == "group" and (im2col_labels or row_params)):
             conv.linear = IntLinear.from_quantized(
@@ -502,7 +506,7 @@ class IntConv2d:
         if params.mode == "tensor":
             plan = self.native_plans.get(b"")
         elif params.mode == "group" and params.axis == "channel" and self.bits == 8 and self.native_plans:
-            plan = self._try_native(params.labels, key=params.labels_key)
+            plan = None if self.backend.fused_groups else self._try_native(params.labels, key=params.labels_key)
         if plan is not None:
             return self._native(x, plan, params)
         return self._im2col(x, params)
@@ -537,13 +541,16 @@ class IntConv2d:
                 row_params=params.mode != "group" or params.axis != "channel",
             )  # fmt: skip
         h_out, w_out = self.output_size(x)
+        channel_groups = params.mode == "group" and params.axis == "channel"
         if self.pointwise:
             columns = x.flatten(2)
+        elif channel_groups and self.linear.fused and self.backend.reads_image_taps and self.stride == (1, 1):
+            columns = ImageTaps(x.contiguous(), self.kernel_size, self.padding, self.dilation, (h_out, w_out))
         else:
             columns = F.unfold(
                 x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride
             )
-        if params.mode == "group" and params.axis == "channel":
+        if channel_groups:
             rows = self.linear.channel_groups(columns, params, _unfolded_rows)
         else:
             rows = self.linear(columns.transpose(1, 2), params).flatten(0, 1)

@@ -35,6 +35,9 @@ class IntMmGemm:
     name = "int_mm"
     native_conv = False
     fused_groups = False
+    labelled_weights = False
+    reads_nibbles = False
+    reads_image_taps = False
 
     def __init__(self, device: torch.device | str = "cuda") -> None:
         self.device = torch.device(device)

@@ -72,6 +72,9 @@ class OnednnGemm:
     name = "onednn"
     native_conv = True
     fused_groups = False
+    labelled_weights = False
+    reads_nibbles = False
+    reads_image_taps = False
 
     def __init__(self, exact: bool = True) -> None:
         self.split_wide = exact and not has_vnni()

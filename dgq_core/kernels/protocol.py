@@ -2,8 +2,9 @@
 declared by a flag: a native int8 convolution (`native_conv`) and the whole channel-group loop in one launch
 (`fused_groups`).
 
-Backends: `onednn.OnednnGemm` (CPU), `triton_fused.FusedGroupGemm` (CUDA, fused), `int_mm.IntMmGemm` (CUDA without
-Triton); `backends.select_backend` picks one per device.
+Backends: `vnni_fused.VnniFusedGemm` (CPU with AVX-512 VNNI, fused linear layers on oneDNN's convolutions),
+`onednn.OnednnGemm` (CPU), `triton_fused.FusedGroupGemm` (CUDA, fused), `int_mm.IntMmGemm` (CUDA without Triton);
+`backends.select_backend` picks one per device.
 
 A backend keeps a weight in its own resident form (`pack`) and multiplies uint8 activation codes by it with the
 activation's scale and zero point applied exactly, the weight's per-output-channel scale and an optional bias in the
@@ -39,6 +40,29 @@ class PackedWeight:
     nbytes: int
 
 
+@dataclass
+class ImageTaps:
+    """The im2col unfolding of a stride-1 convolution's input, not materialized: what `grouped_linear` reads in
+    place of (B, K, L) inputs on a backend that `reads_image_taps`. Column `(c * kh + ky) * kw + kx` of row
+    `(b * Ho + oy) * Wo + ox` is `image[b, c, oy - pad_h + ky * dil_h, ox - pad_w + kx * dil_w]`, 0 outside.
+
+    Args:
+        image (`torch.Tensor`): (B, C, H, W) float32, contiguous.
+        kernel_size, padding, dilation (`tuple[int, int]`): the convolution's geometry.
+        output_size (`tuple[int, int]`): (Ho, Wo).
+    """
+
+    image: torch.Tensor
+    kernel_size: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    output_size: tuple[int, int]
+
+    @property
+    def rows(self) -> int:
+        return self.image.shape[0] * self.output_size[0] * self.output_size[1]
+
+
 def uint8_codes(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
     """`quantizers.quantize_uniform`'s codes of `x` under one (scale, zero point), as uint8: `GemmBackend.quantize`
     for backends without a quantizer of their own."""
@@ -54,6 +78,15 @@ class GemmBackend(Protocol):
     # Whether `grouped_linear` runs every channel group of a layer in one launch from float inputs (else the executors
     # quantize each group and call `linear` once per group).
     fused_groups: bool
+    # Whether `index_groups` makes the labelling's own resident weight from the centred weight it is given (the CPU's
+    # VNNI kernel packs the groups' columns contiguously), so the whole matrix is kept only for per-tensor and
+    # per-row steps; else a labelling is only indices into the whole weight (Triton).
+    labelled_weights: bool
+    # Whether `grouped_linear` reads W4 codes as stored (`pack_nibbles`); else W4 layers run group by group.
+    reads_nibbles: bool
+    # Whether `grouped_linear` reads a stride-1 convolution's unfolding from its image (`ImageTaps`), so that
+    # channel-grouped convolutions need no im2col copy.
+    reads_image_taps: bool
 
     def quantize(self, x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
         """uint8 codes of `x` under one (scale, zero point), equal to `dgq_core.quantizers.quantize_uniform`'s."""
@@ -118,9 +151,11 @@ class GemmBackend(Protocol):
         """The resident form of 4-bit codes packed two per byte, read as stored (only where `fused_groups`)."""
         ...
 
-    def index_groups(self, order: torch.Tensor | None, bounds: list[int], group_ids: list[int]) -> Any:
-        """The kernel's form of a channel labelling: input order, group bounds, each group's parameter index (only
-        where `fused_groups`)."""
+    def index_groups(
+        self, order: torch.Tensor | None, bounds: list[int], group_ids: list[int], centred: torch.Tensor
+    ) -> Any:
+        """The kernel's form of a channel labelling: input order, group bounds, each group's parameter index, and
+        where `labelled_weights` the (N, K) `centred` weight packed in that order (only where `fused_groups`)."""
         ...
 
     def grouped_linear(

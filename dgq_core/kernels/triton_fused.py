@@ -188,6 +188,9 @@ class FusedGroupGemm:
     name = "triton"
     native_conv = False
     fused_groups = True
+    labelled_weights = False
+    reads_nibbles = True
+    reads_image_taps = False
 
     def __init__(self, device: torch.device | str = "cuda") -> None:
         self.device = torch.device(device)
@@ -220,8 +223,11 @@ class FusedGroupGemm:
             return (unpack_int4(weight.tensor, packed.in_features).to(torch.int16) - 8).to(torch.int8)
         return weight.tensor.t().contiguous()
 
-    def index_groups(self, order: torch.Tensor | None, bounds: list[int], group_ids: list[int]) -> GroupIndex:
-        """The kernel's form of a labelling: input order (None: their own), group bounds, each group's parameters."""
+    def index_groups(
+        self, order: torch.Tensor | None, bounds: list[int], group_ids: list[int], centred: torch.Tensor | None = None
+    ) -> GroupIndex:
+        """The kernel's form of a labelling: input order (None: their own), group bounds, each group's parameters
+        (the weight is read whole, so `centred` is not needed)."""
         return GroupIndex(
             None if order is None else order.to(self.device, torch.int32),
             torch.tensor(bounds, dtype=torch.int32, device=self.device),

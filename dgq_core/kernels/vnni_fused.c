@@ -1,0 +1,276 @@
+/* DGQ's channel-grouped int8 linear layer on AVX-512 VNNI, every group of a layer call in one pass.
+
+   Two functions, called one after the other by kernels/vnni_fused.py:
+
+   quantize_rows  float inputs -> uint8 codes in the packed column order (each group's columns contiguous, each group
+                  padded to a multiple of 4 with code 0), and each row's sum of dequantized values r[m].
+   grouped_gemm   out[m, n] = s_w[n] (F[m, n] - a[m] c[n]) - r[m] gap[n] + bias[n] (+ acc[m, n]), where
+                  F[m, n] = sum_g s_mg sum_{k in g} q[m, k] W[n, k], accumulated in int32 within a group (vpdpbusd:
+                  u8 codes times s8 centred weights, four products per int32 lane, no saturation) and in float32
+                  across groups. The caller folds every zero point into a[m] c[n] (see vnni_fused.py).
+
+   The weight is packed in panels of 16 output channels: byte (p, q, c, j) is W[16 p + c, column 4 q + j], so one
+   64-byte load holds four columns of 16 channels, as vpdpbusd reads them. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TILE_ROWS 6   /* rows per register tile: 6 x 2 int32 and 6 x 2 float32 accumulators fit the 32 zmm */
+#define PANEL 16
+#define BLOCK_ROWS 48 /* rows per task: their codes stay in L2 while the task walks the weight's panel pairs */
+
+static inline __m512 quantize16(__m512 x, __m512 inverse, __m512 zero_point, __m512 qmax) {
+    /* One rounding of x * (1/s) + z, half to even, clamped: quantizers.quantize_uniform's codes. */
+    __m512 v = _mm512_fmadd_ps(x, inverse, zero_point);
+    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), qmax);
+    return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+/* x: row m is sample m / positions, position m % positions; column k of it at
+   x + sample * stride_sample + position * stride_position + k * stride_k.
+   position_of (k,): where column k goes in a code row of `padded` bytes.
+   Channel groups: inverse, zero_point, scale are per column (k,); row_params is NULL.
+   Pixel groups: row m takes table entry row_params[m % period] of inverse, zero_point, scale (one group).
+   codes: (rows_padded, padded), pre-zeroed where padding; r: (m,). */
+void quantize_rows(const float *x, int64_t stride_sample, int64_t stride_position, int64_t stride_k,
+                   int64_t positions, int64_t m, int64_t k, const int32_t *position_of, const float *inverse,
+                   const float *zero_point, const float *scale, const int32_t *row_params, int64_t period,
+                   float qmax, uint8_t *codes, int64_t padded, float *r, int threads) {
+    const __m512 top = _mm512_set1_ps(qmax);
+    if (stride_k == 1) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t row = 0; row < m; ++row) {
+            const float *xr = x + (row / positions) * stride_sample + (row % positions) * stride_position;
+            uint8_t *out = codes + row * padded;
+            __m512 iv = _mm512_setzero_ps(), zp = iv, sc = iv, sums = iv;
+            if (row_params) {
+                const int32_t p = row_params[row % period];
+                iv = _mm512_set1_ps(inverse[p]), zp = _mm512_set1_ps(zero_point[p]), sc = _mm512_set1_ps(scale[p]);
+            }
+            for (int64_t k0 = 0; k0 < k; k0 += 16) {
+                const int64_t left = k - k0;
+                const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                if (!row_params) {
+                    iv = _mm512_maskz_loadu_ps(mask, inverse + k0);
+                    zp = _mm512_maskz_loadu_ps(mask, zero_point + k0);
+                    sc = _mm512_maskz_loadu_ps(mask, scale + k0);
+                }
+                const __m512 q = quantize16(_mm512_maskz_loadu_ps(mask, xr + k0), iv, zp, top);
+                sums = _mm512_mask3_fmadd_ps(_mm512_sub_ps(q, zp), sc, sums, mask);
+                uint8_t bytes[16];
+                _mm_storeu_si128((__m128i *)bytes, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q)));
+                const int64_t count = left >= 16 ? 16 : left;
+                if (!position_of) {
+                    memcpy(out + k0, bytes, (size_t)count);
+                } else {
+                    for (int64_t j = 0; j < count; ++j) out[position_of[k0 + j]] = bytes[j];
+                }
+            }
+            r[row] = _mm512_reduce_add_ps(sums);
+        }
+        return;
+    }
+    /* Columns strided (an im2col unfolding (B, K, L)): 16 consecutive positions of one column are contiguous, so
+       quantize 16 rows at a time, column by column. Channel groups only. */
+    const int64_t samples = m / positions, blocks = (positions + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t task = 0; task < samples * blocks; ++task) {
+        const int64_t sample = task / blocks, first = (task % blocks) * 16;
+        const int64_t left = positions - first;
+        const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const int64_t count = left >= 16 ? 16 : left;
+        const float *xb = x + sample * stride_sample + first * stride_position;
+        uint8_t *out = codes + (sample * positions + first) * padded;
+        __m512 sums = _mm512_setzero_ps();
+        for (int64_t col = 0; col < k; ++col) {
+            const __m512 zp = _mm512_set1_ps(zero_point[col]);
+            const __m512 q = quantize16(_mm512_maskz_loadu_ps(mask, xb + col * stride_k),
+                                        _mm512_set1_ps(inverse[col]), zp, top);
+            sums = _mm512_mask3_fmadd_ps(_mm512_sub_ps(q, zp), _mm512_set1_ps(scale[col]), sums, mask);
+            uint8_t bytes[16];
+            _mm_storeu_si128((__m128i *)bytes, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q)));
+            const int64_t at = position_of ? position_of[col] : col;
+            for (int64_t j = 0; j < count; ++j) out[j * padded + at] = bytes[j];
+        }
+        float lanes[16];
+        _mm512_storeu_ps(lanes, sums);
+        for (int64_t j = 0; j < count; ++j) r[sample * positions + first + j] = lanes[j];
+    }
+}
+
+/* *acc += four u8 x s8 products per int32 lane, accumulated in place. */
+static inline __attribute__((always_inline)) void dpbusd(__m512i *acc, __m512i codes, __m512i weights) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(*acc) : "v"(codes), "v"(weights));
+}
+
+/* One TILE_ROWS x 32 output tile: rows row0.., panels 2 * pair and 2 * pair + 1. */
+static inline void tile(const uint8_t *codes, int64_t padded, const int8_t *w0, const int8_t *w1,
+                        const int32_t *quad_bounds, int64_t groups, const float *group_scale, const float *row_scale,
+                        int64_t row0, int64_t m, int64_t n, int64_t col0, const float *a, float a_const,
+                        const float *c, const float *w_scale, const float *r, const float *gap, const float *bias,
+                        const float *acc, float *out) {
+    __m512 f[TILE_ROWS][2];
+    for (int i = 0; i < TILE_ROWS; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps();
+    const uint8_t *rows = codes + row0 * padded;
+    /* The int32 accumulators are named, not an array, and updated in place by `dpbusd`: through the intrinsic,
+       GCC 12 copies every accumulator to another register at each step of the loop. */
+#define ROW_STEP(i, s0, s1)                                                                                      \
+    do {                                                                                                       \
+        int32_t quad;                                                                                          \
+        memcpy(&quad, rows + (i) * padded + q * 4, 4);                                                         \
+        const __m512i codes4 = _mm512_set1_epi32(quad);                                                        \
+        dpbusd(&s0, codes4, b0);                                                                               \
+        dpbusd(&s1, codes4, b1);                                                                               \
+    } while (0)
+#define ROW_SCALE(i, s0, s1)                                                                                     \
+    do {                                                                                                       \
+        const __m512 scale = _mm512_set1_ps(row_scale ? row_scale[row0 + (i)] : group_scale[g]);              \
+        f[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), scale, f[i][0]);                                    \
+        f[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), scale, f[i][1]);                                    \
+    } while (0)
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512i s00 = _mm512_setzero_si512(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00;
+        __m512i s30 = s00, s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00;
+        for (int64_t q = quad_bounds[g]; q < quad_bounds[g + 1]; ++q) {
+            const __m512i b0 = _mm512_loadu_si512(w0 + q * 64), b1 = _mm512_loadu_si512(w1 + q * 64);
+            ROW_STEP(0, s00, s01);
+            ROW_STEP(1, s10, s11);
+            ROW_STEP(2, s20, s21);
+            ROW_STEP(3, s30, s31);
+            ROW_STEP(4, s40, s41);
+            ROW_STEP(5, s50, s51);
+        }
+        ROW_SCALE(0, s00, s01);
+        ROW_SCALE(1, s10, s11);
+        ROW_SCALE(2, s20, s21);
+        ROW_SCALE(3, s30, s31);
+        ROW_SCALE(4, s40, s41);
+        ROW_SCALE(5, s50, s51);
+    }
+#undef ROW_STEP
+#undef ROW_SCALE
+    for (int i = 0; i < TILE_ROWS && row0 + i < m; ++i) {
+        const int64_t row = row0 + i;
+        for (int half = 0; half < 2; ++half) {
+            const int64_t col = col0 + half * PANEL;
+            if (col >= n) break;
+            const int64_t left = n - col;
+            const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            __m512 v = f[i][half];
+            v = _mm512_fnmadd_ps(_mm512_set1_ps(a ? a[row] : a_const), _mm512_loadu_ps(c + col), v);
+            v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, w_scale + col));
+            if (r && gap) v = _mm512_fnmadd_ps(_mm512_set1_ps(r[row]), _mm512_maskz_loadu_ps(mask, gap + col), v);
+            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + col));
+            if (acc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, acc + row * n + col));
+            _mm512_mask_storeu_ps(out + row * n + col, mask, v);
+        }
+    }
+}
+
+/* r[i] becomes column i of the 16 x 16 bytes (four rounds of interleaving rows i and i + 8). */
+static inline void transpose16x16(__m128i r[16]) {
+    for (int round = 0; round < 4; ++round) {
+        __m128i s[16];
+        for (int i = 0; i < 8; ++i) {
+            s[2 * i] = _mm_unpacklo_epi8(r[i], r[i + 8]);
+            s[2 * i + 1] = _mm_unpackhi_epi8(r[i], r[i + 8]);
+        }
+        for (int i = 0; i < 16; ++i) r[i] = s[i];
+    }
+}
+
+/* quantize_rows for the im2col unfolding of a stride-1 convolution's input, read from the image itself: column
+   col = (c * kh + ky) * kw + kx of row m = (b * out_h + oy) * out_w + ox is x[b, c, oy - pad_h + ky * dil_h,
+   ox - pad_w + kx * dil_w], 0 outside the image (F.unfold's zero padding, whose code is the group's zero point).
+   x: (B, C, H, W) contiguous; parameters per column, as quantize_rows' channel groups. column_at (padded,) is
+   scratch: 16 rows are quantized 16 code columns at a time, in code-column order, and transposed so that each row's
+   16 codes are one store (stores scattered a column at a time missed L1 on wide layers). */
+void quantize_taps(const float *x, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t kh,
+                   int64_t kw, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t out_h,
+                   int64_t out_w, const int32_t *position_of, const float *inverse, const float *zero_point,
+                   const float *scale, float qmax, uint8_t *codes, int64_t padded, float *r, int32_t *column_at,
+                   int threads) {
+    const __m512 top = _mm512_set1_ps(qmax);
+    const int64_t k = channels * kh * kw, blocks = (out_w + 15) / 16, taps = kh * kw;
+    for (int64_t pos = 0; pos < padded; ++pos) column_at[pos] = -1;
+    for (int64_t col = 0; col < k; ++col) column_at[position_of[col]] = (int32_t)col;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t task = 0; task < batch * out_h * blocks; ++task) {
+        const int64_t b = task / (out_h * blocks), oy = (task / blocks) % out_h, ox0 = (task % blocks) * 16;
+        const int64_t count = out_w - ox0 < 16 ? out_w - ox0 : 16;
+        const int64_t row0 = (b * out_h + oy) * out_w + ox0;
+        uint8_t *out = codes + row0 * padded;
+        __m512 sums = _mm512_setzero_ps();
+        for (int64_t pos0 = 0; pos0 < padded; pos0 += 16) {
+            __m128i tile[16];
+            for (int i = 0; i < 16; ++i) {
+                const int64_t col = pos0 + i < padded ? column_at[pos0 + i] : -1;
+                if (col < 0) {
+                    tile[i] = _mm_setzero_si128();
+                    continue;
+                }
+                const int64_t c = col / taps, ky = (col % taps) / kw, kx = col % kw;
+                const int64_t iy = oy - pad_h + ky * dil_h, ix0 = ox0 - pad_w + kx * dil_w;
+                /* lanes j with 0 <= ix0 + j < width and j < count */
+                const int64_t first = ix0 < 0 ? -ix0 : 0, end = width - ix0 < count ? width - ix0 : count;
+                const uint32_t mask =
+                    iy >= 0 && iy < height && end > first ? ((1u << end) - 1) & ~((1u << first) - 1) : 0;
+                /* Masked lanes are not read, so the row pointer may point before the row's start. */
+                const float *row = x + ((b * channels + c) * height + iy) * width + ix0;
+                const __m512 values = _mm512_maskz_loadu_ps((__mmask16)mask, mask ? row : x);
+                const __m512 zp = _mm512_set1_ps(zero_point[col]);
+                const __m512 q = quantize16(values, _mm512_set1_ps(inverse[col]), zp, top);
+                sums = _mm512_fmadd_ps(_mm512_sub_ps(q, zp), _mm512_set1_ps(scale[col]), sums);
+                tile[i] = _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q));
+            }
+            transpose16x16(tile);
+            const int64_t width16 = padded - pos0 < 16 ? padded - pos0 : 16;
+            const __mmask16 store = (__mmask16)((1u << width16) - 1);
+            for (int64_t j = 0; j < count; ++j) _mm_mask_storeu_epi8(out + j * padded + pos0, store, tile[j]);
+        }
+        float lanes[16];
+        _mm512_storeu_ps(lanes, sums);
+        for (int64_t j = 0; j < count; ++j) r[row0 + j] = lanes[j];
+    }
+}
+
+/* c (n_padded,): sum_g coefficient[g] sum_{k in g} W[n, k], the zero points' term (vpdpbusd with codes 1). */
+void zero_point_terms(const int8_t *weight, int64_t padded, int64_t n_padded, const int32_t *quad_bounds,
+                      int64_t groups, const float *coefficient, float *c, int threads) {
+    const int64_t panel_bytes = (padded / 4) * 64;
+    const __m512i ones = _mm512_set1_epi8(1);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t panel = 0; panel < n_padded / PANEL; ++panel) {
+        const int8_t *w = weight + panel * panel_bytes;
+        __m512 terms = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g) {
+            __m512i sums = _mm512_setzero_si512();
+            for (int64_t q = quad_bounds[g]; q < quad_bounds[g + 1]; ++q)
+                sums = _mm512_dpbusd_epi32(sums, ones, _mm512_loadu_si512(w + q * 64));
+            terms = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(coefficient[g]), terms);
+        }
+        _mm512_storeu_ps(c + panel * PANEL, terms);
+    }
+}
+
+/* codes: (rows_padded, padded) with rows_padded a multiple of TILE_ROWS; weight: (n_padded / 16, padded / 4, 16, 4)
+   with n_padded a multiple of 32; quad_bounds (groups + 1,): group g is quads quad_bounds[g]:quad_bounds[g + 1].
+   group_scale (groups,) or row_scale (rows_padded,) per row (one group); a (m,) or a_const; c (n_padded,);
+   w_scale, gap, bias (n,) (gap, bias, r, acc, a may be NULL). out, acc: (m, n). */
+void grouped_gemm(const uint8_t *codes, int64_t m, int64_t padded, const int8_t *weight, int64_t n,
+                  int64_t n_padded, const int32_t *quad_bounds, int64_t groups, const float *group_scale,
+                  const float *row_scale, const float *a, float a_const, const float *c, const float *w_scale,
+                  const float *r, const float *gap, const float *bias, const float *acc, float *out, int threads) {
+    const int64_t pairs = n_padded / (2 * PANEL), blocks = (m + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    const int64_t panel_bytes = (padded / 4) * 64;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t block = 0; block < blocks; ++block) {
+        for (int64_t pair = 0; pair < pairs; ++pair) {
+            const int8_t *w0 = weight + (2 * pair) * panel_bytes, *w1 = w0 + panel_bytes;
+            const int64_t end = (block + 1) * BLOCK_ROWS < m ? (block + 1) * BLOCK_ROWS : m;
+            for (int64_t row0 = block * BLOCK_ROWS; row0 < end; row0 += TILE_ROWS)
+                tile(codes, padded, w0, w1, quad_bounds, groups, group_scale, row_scale, row0, m, n,
+                     pair * 2 * PANEL, a, a_const, c, w_scale, r, gap, bias, acc, out);
+        }
+    }
+}
