@@ -33,7 +33,12 @@ from dgq_core.kernels import (
     set_exec_mode,
     vnni_fused,
 )
-from dgq_core.kernels.execution import AUTO_MIN_WEIGHTS, CUDA_AUTO_MIN_WEIGHTS, step_arrangements
+from dgq_core.kernels.execution import (
+    AUTO_MIN_WEIGHTS,
+    CUDA_AUTO_MIN_WEIGHTS,
+    VNNI_AUTO_MIN_WEIGHTS,
+    step_arrangements,
+)
 from dgq_core.layers import QuantConv2d, QuantLinear
 from dgq_core.native import cpu_flags
 
@@ -246,10 +251,14 @@ def test_auto_runs_integers_only_on_cpus_with_vnni(monkeypatch):
     every layer in fake quantization there; on CUDA it follows the GPU check (bench/gpu_check.py), and until a GPU
     has measured it, fake quantization too."""
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("DGQ_CPU_KERNEL", "onednn")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert auto_min_weights("cpu") is None
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert auto_min_weights("cpu") == (AUTO_MIN_WEIGHTS if torch.cpu._is_vnni_supported() else None)
+    monkeypatch.delenv("DGQ_CPU_KERNEL")
+    if select_backend("cpu").name == "vnni":  # the fused kernel: every layer
+        assert auto_min_weights("cpu") == VNNI_AUTO_MIN_WEIGHTS == 0
     assert auto_min_weights("cuda") == CUDA_AUTO_MIN_WEIGHTS
     monkeypatch.setattr(execution, "CUDA_AUTO_MIN_WEIGHTS", 1 << 20)
     assert auto_min_weights("cuda") == 1 << 20 and auto_min_weights("cpu") != 1 << 20

@@ -88,6 +88,10 @@ def _calibrated_positions(act: ActQuantizer) -> int | None:
 # have 410k weights and more but for the cross-attention keys and values (246k, 77 text tokens each), 1.6x faster
 # than FP32 on a CPU with VNNI (BENCHMARKS.md, "UNet integer execution").
 AUTO_MIN_WEIGHTS = 1 << 18
+# The same on the fused VNNI kernel (`kernels.vnni_fused`), whose layer call is one pass where oneDNN's is one GEMM
+# per group: every layer, down to the bundled model's smallest (4k weights), runs faster in integers than in fake
+# quantization (BENCHMARKS.md, "The fused VNNI kernel").
+VNNI_AUTO_MIN_WEIGHTS = 0
 # The same on CUDA, where the fused Triton GEMM and attention run: `bench/gpu_check.py` times every layer of an SD v1.5
 # UNet in both modes and prints the threshold that makes the call fastest ("cuda_auto_min_weights"); set it here.
 # None until a GPU has measured it: on CUDA "auto" keeps every layer in fake quantization.
@@ -97,7 +101,8 @@ CUDA_AUTO_MIN_WEIGHTS: int | None = None
 def auto_min_weights(device: torch.device | str) -> int | None:
     """The smallest layer exec mode "auto" runs in integers on `device`; None: every layer stays in fake quantization.
 
-    Integers pay off on CPUs whose int8 products accumulate in int32 (VNNI, AMX). Without VNNI, exact 8-bit products
+    Integers pay off on CPUs whose int8 products accumulate in int32 (VNNI, AMX): on every layer with the fused VNNI
+    kernel, on the larger ones with oneDNN's GEMM per group. Without VNNI, exact 8-bit products
     take two GEMMs (`kernels.onednn`) and the integer path is slower than fake quantization, which keeps the same int8
     codes resident (BENCHMARKS.md). On CUDA: `CUDA_AUTO_MIN_WEIGHTS`, from the GPU check.
 
@@ -105,6 +110,8 @@ def auto_min_weights(device: torch.device | str) -> int | None:
         device (`torch.device | str`): where the quantized UNet runs.
     """
     device = torch.device(device)
+    if device.type == "cpu" and select_backend(device).name == "vnni":
+        return VNNI_AUTO_MIN_WEIGHTS
     if device.type == "cpu" and has_vnni():
         return AUTO_MIN_WEIGHTS
     if device.type == "cuda":

@@ -1,18 +1,21 @@
-/* DGQ's channel-grouped int8 linear layer on AVX-512 VNNI, every group of a layer call in one pass.
+/* DGQ's channel-grouped int8 linear layer on AVX-512 VNNI: one call (`dgq_linear`) per layer call, every group in
+   one pass, called by kernels/vnni_fused.py.
 
-   Two functions, called one after the other by kernels/vnni_fused.py:
-
-   quantize_rows  float inputs -> uint8 codes in the packed column order (each group's columns contiguous, each group
-                  padded to a multiple of 4 with code 0), and each row's sum of dequantized values r[m].
-   grouped_gemm   out[m, n] = s_w[n] (F[m, n] - a[m] c[n]) - r[m] gap[n] + bias[n] (+ acc[m, n]), where
-                  F[m, n] = sum_g s_mg sum_{k in g} q[m, k] W[n, k], accumulated in int32 within a group (vpdpbusd:
-                  u8 codes times s8 centred weights, four products per int32 lane, no saturation) and in float32
-                  across groups. The caller folds every zero point into a[m] c[n] (see vnni_fused.py).
+   1. The step's tables are read once per call: each column's (or, for pixel groups, each row's) scale, reciprocal
+      and zero point.
+   2. quantize_rows / quantize_taps: float inputs -> uint8 codes in the packed column order (each group's columns
+      contiguous, each group padded to a multiple of 4), and each row's sum of dequantized values r[m].
+   3. zero_point_terms: c[n] = sum_g s_g z_g sum_{k in g} W[n, k] (channel groups), or sum_k W[n, k] (pixel groups).
+   4. grouped_gemm: out[m, n] = s_w[n] (F[m, n] - a[m] c[n]) - r[m] gap[n] + bias[n] (+ acc[m, n]), where
+      F[m, n] = sum_g s_mg sum_{k in g} q[m, k] W[n, k], accumulated in int32 within a group (vpdpbusd: u8 codes
+      times s8 centred weights, four products per int32 lane, no saturation) and in float32 across groups;
+      a[m] = 1 (channel groups) or s_m z_m (pixel groups).
 
    The weight is packed in panels of 16 output channels: byte (p, q, c, j) is W[16 p + c, column 4 q + j], so one
    64-byte load holds four columns of 16 channels, as vpdpbusd reads them. */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define TILE_ROWS 6   /* rows per register tile: 6 x 2 int32 and 6 x 2 float32 accumulators fit the 32 zmm */
@@ -28,14 +31,14 @@ static inline __m512 quantize16(__m512 x, __m512 inverse, __m512 zero_point, __m
 
 /* x: row m is sample m / positions, position m % positions; column k of it at
    x + sample * stride_sample + position * stride_position + k * stride_k.
-   position_of (k,): where column k goes in a code row of `padded` bytes.
+   position_of (k,): where column k goes in a code row of `padded` bytes; NULL: column k goes to k.
    Channel groups: inverse, zero_point, scale are per column (k,); row_params is NULL.
-   Pixel groups: row m takes table entry row_params[m % period] of inverse, zero_point, scale (one group).
-   codes: (rows_padded, padded), pre-zeroed where padding; r: (m,). */
-void quantize_rows(const float *x, int64_t stride_sample, int64_t stride_position, int64_t stride_k,
-                   int64_t positions, int64_t m, int64_t k, const int32_t *position_of, const float *inverse,
-                   const float *zero_point, const float *scale, const int32_t *row_params, int64_t period,
-                   float qmax, uint8_t *codes, int64_t padded, float *r, int threads) {
+   Pixel groups: row m takes entry row_params[m % period] of the tables inverse, zero_point, scale (one group).
+   codes: (rows_padded, padded); r: (m,). */
+static void quantize_rows(const float *x, int64_t stride_sample, int64_t stride_position, int64_t stride_k,
+                          int64_t positions, int64_t m, int64_t k, const int32_t *position_of, const float *inverse,
+                          const float *zero_point, const float *scale, const int64_t *row_params, int64_t period,
+                          float qmax, uint8_t *codes, int64_t padded, float *r, int threads) {
     const __m512 top = _mm512_set1_ps(qmax);
     if (stride_k == 1) {
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -44,7 +47,7 @@ void quantize_rows(const float *x, int64_t stride_sample, int64_t stride_positio
             uint8_t *out = codes + row * padded;
             __m512 iv = _mm512_setzero_ps(), zp = iv, sc = iv, sums = iv;
             if (row_params) {
-                const int32_t p = row_params[row % period];
+                const int64_t p = row_params[row % period];
                 iv = _mm512_set1_ps(inverse[p]), zp = _mm512_set1_ps(zero_point[p]), sc = _mm512_set1_ps(scale[p]);
             }
             for (int64_t k0 = 0; k0 < k; k0 += 16) {
@@ -182,10 +185,10 @@ static inline void transpose16x16(__m128i r[16]) {
 /* quantize_rows for the im2col unfolding of a stride-1 convolution's input, read from the image itself: column
    col = (c * kh + ky) * kw + kx of row m = (b * out_h + oy) * out_w + ox is x[b, c, oy - pad_h + ky * dil_h,
    ox - pad_w + kx * dil_w], 0 outside the image (F.unfold's zero padding, whose code is the group's zero point).
-   x: (B, C, H, W) contiguous; parameters per column, as quantize_rows' channel groups. column_at (padded,) is
-   scratch: 16 rows are quantized 16 code columns at a time, in code-column order, and transposed so that each row's
+   x: (B, C, H, W) contiguous; position_of and parameters per column, as quantize_rows' channel groups.
+   column_at (padded,) is scratch: 16 rows are quantized 16 code columns at a time, in code-column order, and transposed so that each row's
    16 codes are one store (stores scattered a column at a time missed L1 on wide layers). */
-void quantize_taps(const float *x, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t kh,
+static void quantize_taps(const float *x, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t kh,
                    int64_t kw, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t out_h,
                    int64_t out_w, const int32_t *position_of, const float *inverse, const float *zero_point,
                    const float *scale, float qmax, uint8_t *codes, int64_t padded, float *r, int32_t *column_at,
@@ -193,7 +196,7 @@ void quantize_taps(const float *x, int64_t batch, int64_t channels, int64_t heig
     const __m512 top = _mm512_set1_ps(qmax);
     const int64_t k = channels * kh * kw, blocks = (out_w + 15) / 16, taps = kh * kw;
     for (int64_t pos = 0; pos < padded; ++pos) column_at[pos] = -1;
-    for (int64_t col = 0; col < k; ++col) column_at[position_of[col]] = (int32_t)col;
+    for (int64_t col = 0; col < k; ++col) column_at[position_of ? position_of[col] : col] = (int32_t)col;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t task = 0; task < batch * out_h * blocks; ++task) {
         const int64_t b = task / (out_h * blocks), oy = (task / blocks) % out_h, ox0 = (task % blocks) * 16;
@@ -235,7 +238,7 @@ void quantize_taps(const float *x, int64_t batch, int64_t channels, int64_t heig
 }
 
 /* c (n_padded,): sum_g coefficient[g] sum_{k in g} W[n, k], the zero points' term (vpdpbusd with codes 1). */
-void zero_point_terms(const int8_t *weight, int64_t padded, int64_t n_padded, const int32_t *quad_bounds,
+static void zero_point_terms(const int8_t *weight, int64_t padded, int64_t n_padded, const int32_t *quad_bounds,
                       int64_t groups, const float *coefficient, float *c, int threads) {
     const int64_t panel_bytes = (padded / 4) * 64;
     const __m512i ones = _mm512_set1_epi8(1);
@@ -257,7 +260,7 @@ void zero_point_terms(const int8_t *weight, int64_t padded, int64_t n_padded, co
    with n_padded a multiple of 32; quad_bounds (groups + 1,): group g is quads quad_bounds[g]:quad_bounds[g + 1].
    group_scale (groups,) or row_scale (rows_padded,) per row (one group); a (m,) or a_const; c (n_padded,);
    w_scale, gap, bias (n,) (gap, bias, r, acc, a may be NULL). out, acc: (m, n). */
-void grouped_gemm(const uint8_t *codes, int64_t m, int64_t padded, const int8_t *weight, int64_t n,
+static void grouped_gemm(const uint8_t *codes, int64_t m, int64_t padded, const int8_t *weight, int64_t n,
                   int64_t n_padded, const int32_t *quad_bounds, int64_t groups, const float *group_scale,
                   const float *row_scale, const float *a, float a_const, const float *c, const float *w_scale,
                   const float *r, const float *gap, const float *bias, const float *acc, float *out, int threads) {
@@ -273,4 +276,72 @@ void grouped_gemm(const uint8_t *codes, int64_t m, int64_t padded, const int8_t 
                      pair * 2 * PANEL, a, a_const, c, w_scale, r, gap, bias, acc, out);
         }
     }
+}
+
+/* The step's parameter tables scale[entries], zero_point[entries], indexed by group_ids[g] for column group g of
+   `groups` (column_group[k]: each input column's group; NULL: one group), or with pixel groups by row_labels[m %
+   period] for row m (one column group).
+
+   kind 0: x is float rows, shape = {stride_sample, stride_position, stride_k, positions, m, k} (quantize_rows);
+   kind 1: x is a stride-1 convolution's image, shape = {batch, channels, height, width, kh, kw, pad_h, pad_w,
+           dil_h, dil_w, out_h, out_w} (quantize_taps);
+   kind 2: x is (m, k) uint8 codes already quantized with group 0's parameters, shape = {m, k}: no row sums, no gap
+           term.
+   weight: panels of `padded` columns (position_of, quad_bounds as PanelWeight holds them), n outputs in n_padded.
+   w_scale, gap, bias, acc as grouped_gemm's (gap, bias, acc may be NULL). out: (m, n). */
+void dgq_linear(int kind, const void *x, const int64_t *shape, const float *scale, const float *zero_point,
+                int64_t entries, const int32_t *group_ids, const uint8_t *column_group, int64_t groups,
+                const int64_t *row_labels, int64_t period, float qmax, const int8_t *weight,
+                const int32_t *position_of, const int32_t *quad_bounds, int64_t padded, int64_t n, int64_t n_padded,
+                const float *w_scale, const float *gap, const float *bias, const float *acc, float *out,
+                int threads) {
+    const int64_t m = kind == 0 ? shape[4] : kind == 1 ? shape[0] * shape[10] * shape[11] : shape[0];
+    const int64_t k = kind == 0 ? shape[5] : kind == 1 ? shape[1] * shape[4] * shape[5] : shape[1];
+    const int64_t rows_padded = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
+    /* Padding columns and rows of the codes are left as they are: their weights are zero, and padding rows are not
+       stored. */
+    uint8_t *codes = malloc((size_t)(rows_padded * padded));
+    float *scratch = malloc(sizeof(float) * (size_t)(3 * k + padded + entries + n_padded + 2 * groups +
+                                                     2 * rows_padded + m));
+    float *inverse = scratch, *zp = inverse + k, *sc = zp + k, *table_inverse = sc + k + padded;
+    float *c = table_inverse + entries, *group_scale = c + n_padded, *coefficient = group_scale + groups;
+    float *row_scale = coefficient + groups, *a = row_scale + rows_padded, *r = a + rows_padded;
+    int32_t *column_at = (int32_t *)(sc + k);
+    for (int64_t p = 0; p < entries; ++p) table_inverse[p] = 1.0f / scale[p]; /* correctly rounded: torch's too */
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t p = group_ids[g];
+        group_scale[g] = scale[p];
+        coefficient[g] = row_labels ? 1.0f : scale[p] * zero_point[p];
+    }
+    if (row_labels) {
+        for (int64_t row = 0; row < rows_padded; ++row) {
+            const int64_t p = row_labels[row % period];
+            row_scale[row] = scale[p];
+            a[row] = scale[p] * zero_point[p];
+        }
+    } else if (kind != 2) {
+        for (int64_t col = 0; col < k; ++col) {
+            const int64_t p = group_ids[column_group ? column_group[col] : 0];
+            inverse[col] = table_inverse[p], zp[col] = zero_point[p], sc[col] = scale[p];
+        }
+    }
+    if (kind == 0 && row_labels) {
+        quantize_rows((const float *)x, shape[0], shape[1], shape[2], shape[3], m, k, position_of, table_inverse,
+                      zero_point, scale, row_labels, period, qmax, codes, padded, r, threads);
+    } else if (kind == 0) {
+        quantize_rows((const float *)x, shape[0], shape[1], shape[2], shape[3], m, k, position_of, inverse, zp, sc,
+                      NULL, 1, qmax, codes, padded, r, threads);
+    } else if (kind == 1) {
+        quantize_taps((const float *)x, shape[0], shape[1], shape[2], shape[3], shape[4], shape[5], shape[6],
+                      shape[7], shape[8], shape[9], shape[10], shape[11], position_of, inverse, zp, sc, qmax, codes,
+                      padded, r, column_at, threads);
+    } else {
+        for (int64_t row = 0; row < m; ++row) memcpy(codes + row * padded, (const uint8_t *)x + row * k, (size_t)k);
+    }
+    zero_point_terms(weight, padded, n_padded, quad_bounds, groups, coefficient, c, threads);
+    grouped_gemm(codes, m, padded, weight, n, n_padded, quad_bounds, groups, group_scale,
+                 row_labels ? row_scale : NULL, row_labels ? a : NULL, 1.0f, c, w_scale, kind == 2 ? NULL : r, gap,
+                 bias, acc, out, threads);
+    free(scratch);
+    free(codes);
 }

@@ -41,7 +41,7 @@ from .protocol import ImageTaps, PackedWeight
 SOURCE = Path(__file__).with_name("vnni_fused.c").read_text()
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 # The C kernel's register tile: rows per tile, output channels per panel and per tile.
-TILE_ROWS, PANEL, TILE_COLS = 6, 16, 32
+PANEL, TILE_COLS = 16, 32
 QUAD = 4
 
 _lock = threading.Lock()
@@ -55,17 +55,12 @@ def _build() -> ctypes.CDLL | None:
     loaded = native.build("vnni_fused", SOURCE, FLAGS, "channel groups run as one oneDNN GEMM each")
     if loaded is None:
         return None
-    pointer, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    loaded.quantize_rows.argtypes = (
-        [pointer] + [i64] * 6 + [pointer] * 5 + [i64, f32, pointer, i64, pointer, i32]
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    loaded.dgq_linear.argtypes = (
+        [ctypes.c_int, pointer, pointer, pointer, pointer, i64, pointer, pointer, i64, pointer, i64, ctypes.c_float]
+        + [pointer] * 3 + [i64] * 3 + [pointer] * 5 + [ctypes.c_int]
     )
-    loaded.grouped_gemm.argtypes = (
-        [pointer, i64, i64, pointer, i64, i64, pointer, i64] + [pointer] * 3 + [f32] + [pointer] * 7 + [i32]
-    )
-    loaded.quantize_taps.argtypes = [pointer] + [i64] * 12 + [pointer] * 4 + [f32, pointer, i64] + [pointer] * 2 + [i32]
-    loaded.quantize_taps.restype = None
-    loaded.zero_point_terms.argtypes = [pointer, i64, i64, pointer, i64, pointer, pointer, i32]
-    loaded.quantize_rows.restype = loaded.grouped_gemm.restype = loaded.zero_point_terms.restype = None
+    loaded.dgq_linear.restype = None
     return loaded
 
 
@@ -103,7 +98,7 @@ class PanelWeight:
         position_of (`torch.Tensor | None`): (K,) int32 code column of each input; None: inputs in their own order.
         column_group (`torch.Tensor | None`): (K,) uint8 group index (into `group_ids`) of each input; None: one group.
         quad_bounds (`torch.Tensor`): (G + 1,) int32; group i is code columns `4 quad_bounds[i]:4 quad_bounds[i+1]`.
-        group_ids (`torch.Tensor`): (G,) int64 index of group i's parameters among the step's.
+        group_ids (`torch.Tensor`): (G,) int32 index of group i's parameters among the step's.
     """
 
     panels: torch.Tensor
@@ -126,6 +121,8 @@ class PanelWeight:
     def of(cls, centred: torch.Tensor, order: torch.Tensor | None, bounds: list[int], group_ids: list[int]):
         """Pack (N, K) `centred` with inputs `order[bounds[i]:bounds[i+1]]` as group i (order None: one group)."""
         n, k = centred.shape
+        if len(bounds) > 257:
+            raise ValueError(f"the VNNI kernel takes at most 256 channel groups, not {len(bounds) - 1}")
         order = torch.arange(k) if order is None else order.long()
         sizes = [end - start for start, end in zip(bounds, bounds[1:], strict=False)]
         starts = [0]
@@ -147,7 +144,8 @@ class PanelWeight:
             column_group[order] = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.uint8),
                                                           torch.tensor(sizes))
         quad_bounds = torch.tensor([start // QUAD for start in starts], dtype=torch.int32)
-        return cls(panels, padded, position_of, column_group, quad_bounds, torch.tensor(group_ids).clamp_min(0))
+        group_ids = torch.tensor(group_ids, dtype=torch.int32).clamp_min(0)
+        return cls(panels, padded, position_of, column_group, quad_bounds, group_ids)
 
     def unpack(self, out_features: int, in_features: int) -> torch.Tensor:
         """The (N, K) centred weight in input order."""
@@ -196,97 +194,44 @@ class VnniFusedGemm(OnednnGemm):
         self, inputs, groups, scale, zero_point, bits, packed, w_scale, zero_point_gap, bias=None, row_labels=None
     ) -> torch.Tensor:
         """The layer output `dq(x) W^T + b` of float inputs; arguments as `triton_fused.FusedGroupGemm`'s, except
-        that `groups` is `index_groups`' packed weight, which replaces `packed`."""
+        that `groups` is `index_groups`' packed weight, which replaces `packed`, and that `inputs` may be
+        `ImageTaps`."""
         packed = groups if groups is not None else packed
-        weight: PanelWeight = packed.handle
-        scale, zero_point = scale.float().reshape(-1), zero_point.float().reshape(-1)
-        inverse = torch.reciprocal(scale)
-        taps = isinstance(inputs, ImageTaps)
-        if not taps and inputs.dim() == 2 and inputs.stride(1) != 1:
-            inputs = inputs.contiguous()
-        m = inputs.rows if taps else inputs.shape[0] if inputs.dim() == 2 else inputs.shape[0] * inputs.shape[2]
-        if m == 0:
-            return torch.empty(0, packed.out_features)
-        # Padding columns and rows are left as they are: their weights are zero, and padding rows are not stored.
-        codes = torch.empty(_ceil(m, TILE_ROWS), weight.padded, dtype=torch.uint8)
-        row_sums = torch.empty(m)
-        row_params, period, row_scale, group_scale, a = None, 1, None, None, None
-        if row_labels is not None:  # pixel groups: one column group, parameters per row
-            labels = row_labels.to(torch.int32).contiguous()
-            tables = (inverse, zero_point, scale)
-            row_params, period = labels, labels.numel()
-            row_scale = F.pad(scale[labels.long()].repeat(m // period), (0, codes.shape[0] - m))
-            a = (scale * zero_point)[labels.long()].repeat(m // period)
-            coefficient = torch.ones(1)
-        else:
-            group_scale = scale[weight.group_ids].contiguous()
-            coefficient = (scale * zero_point)[weight.group_ids]
-            if weight.column_group is None and not taps and inputs.dim() == 2:  # one group of rows: scalars
-                tables = (inverse[weight.group_ids], zero_point[weight.group_ids], group_scale)
-                row_params = torch.zeros(1, dtype=torch.int32)
-            else:
-                column_group = weight.column_group
-                if column_group is None:
-                    column_group = torch.zeros(packed.in_features, dtype=torch.long)
-                columns = weight.group_ids[column_group.long()]
-                tables = (inverse[columns], zero_point[columns], scale[columns])
-        threads, qmax = torch.get_num_threads(), float((1 << bits) - 1)
-        position_of = weight.position_of
-        if taps:
-            if position_of is None:
-                position_of = torch.arange(packed.in_features, dtype=torch.int32)
+        if isinstance(inputs, ImageTaps):
             image = inputs.image.contiguous()
-            column_at = torch.empty(weight.padded, dtype=torch.int32)  # the kernel's scratch
-            self.kernel.quantize_taps(
-                image.data_ptr(), *image.shape, *inputs.kernel_size, *inputs.padding, *inputs.dilation,
-                *inputs.output_size, position_of.data_ptr(), *(t.data_ptr() for t in tables), qmax,
-                codes.data_ptr(), weight.padded, row_sums.data_ptr(), column_at.data_ptr(), threads,
-            )  # fmt: skip
+            kind, x, m = 1, image, inputs.rows
+            shape = (*image.shape, *inputs.kernel_size, *inputs.padding, *inputs.dilation, *inputs.output_size)
+        elif inputs.dim() == 3:  # (B, K, L) im2col unfolding: row m = (m // L, m % L)
+            kind, x, m = 0, inputs, inputs.shape[0] * inputs.shape[2]
+            shape = (inputs.stride(0), inputs.stride(2), inputs.stride(1), inputs.shape[2], m, inputs.shape[1])
         else:
-            if inputs.dim() == 3:  # (B, K, L) im2col unfolding: row m = (m // L, m % L)
-                strides = (inputs.stride(0), inputs.stride(2), inputs.stride(1), inputs.shape[2])
-            else:
-                strides = (0, inputs.stride(0), 1, m)
-            self.kernel.quantize_rows(
-                inputs.data_ptr(), *strides, m, packed.in_features, _pointer(position_of),
-                *(t.data_ptr() for t in tables), _pointer(row_params), period, qmax, codes.data_ptr(),
-                weight.padded, row_sums.data_ptr(), threads,
-            )  # fmt: skip
-        c = self._zero_point_terms(weight, coefficient)
-        return self._gemm(codes, m, packed, group_scale, row_scale, a, 1.0, c, w_scale, row_sums,
-                          zero_point_gap, bias, None)
+            x = inputs if inputs.stride(1) == 1 else inputs.contiguous()
+            kind, m = 0, x.shape[0]
+            shape = (0, x.stride(0), 1, max(m, 1), m, x.shape[1])
+        labels = None if row_labels is None else row_labels.to(torch.int64).contiguous()
+        return self._run(kind, x, shape, m, scale, zero_point, bits, packed, w_scale, zero_point_gap, bias, None,
+                         labels)  # fmt: skip
 
     def linear(self, codes, x_scale, x_zero_point, packed, w_scale, bias=None, accumulate=None) -> torch.Tensor:
-        weight: PanelWeight = packed.handle
-        m = codes.shape[0]
-        rows = _ceil(m, TILE_ROWS)
-        if rows != m or weight.padded != codes.shape[1] or not codes.is_contiguous():
-            codes = F.pad(codes, (0, weight.padded - codes.shape[1], 0, rows - m)).contiguous()
-        c = self._zero_point_terms(weight, torch.tensor([x_scale * x_zero_point], dtype=torch.float32))
-        return self._gemm(codes, m, packed, torch.tensor([x_scale]), None, None, 1.0, c, w_scale, None, None,
-                          bias, accumulate)
+        codes = codes.contiguous()
+        scale, zero_point = torch.tensor([x_scale]), torch.tensor([float(x_zero_point)])
+        return self._run(2, codes, tuple(codes.shape), codes.shape[0], scale, zero_point, 8, packed, w_scale, None,
+                         bias, accumulate, None)  # fmt: skip
 
-    def _zero_point_terms(self, weight: PanelWeight, coefficient: torch.Tensor) -> torch.Tensor:
-        """(n_padded,) `sum_g coefficient[g] sum_{k in g} W[n, k]`: the weight's group sums are not kept but
-        recomputed (a pass over the weight, 1/rows of the GEMM's work)."""
-        c = torch.empty(weight.n_padded)
-        self.kernel.zero_point_terms(
-            weight.panels.data_ptr(), weight.padded, weight.n_padded, weight.quad_bounds.data_ptr(),
-            weight.quad_bounds.numel() - 1, coefficient.float().contiguous().data_ptr(), c.data_ptr(),
+    def _run(self, kind, x, shape, m, scale, zero_point, bits, packed, w_scale, gap, bias, acc, labels):
+        """One `dgq_linear` call of the C kernel (its comment documents the arguments)."""
+        weight: PanelWeight = packed.handle
+        out = torch.empty(m, packed.out_features)
+        if m == 0:
+            return out
+        scale, zero_point = scale.float().contiguous(), zero_point.float().contiguous()
+        vectors = [None if v is None else v.float().contiguous() for v in (w_scale, gap, bias, acc)]
+        self.kernel.dgq_linear(
+            kind, x.data_ptr(), (ctypes.c_int64 * len(shape))(*shape), scale.data_ptr(), zero_point.data_ptr(),
+            scale.numel(), weight.group_ids.data_ptr(), _pointer(weight.column_group), weight.group_ids.numel(),
+            _pointer(labels), 1 if labels is None else labels.numel(), float((1 << bits) - 1),
+            weight.panels.data_ptr(), _pointer(weight.position_of), weight.quad_bounds.data_ptr(), weight.padded,
+            packed.out_features, weight.n_padded, *(_pointer(v) for v in vectors), out.data_ptr(),
             torch.get_num_threads(),
-        )  # fmt: skip
-        return c
-
-    def _gemm(self, codes, m, packed, group_scale, row_scale, a, a_const, c, w_scale, row_sums, gap, bias, acc):
-        weight: PanelWeight = packed.handle
-        n = packed.out_features
-        out = torch.empty(m, n)
-        vectors = [None if v is None else v.float().contiguous() for v in (c, w_scale, row_sums, gap, bias)]
-        accumulate = None if acc is None else acc.contiguous()
-        self.kernel.grouped_gemm(
-            codes.data_ptr(), m, weight.padded, weight.panels.data_ptr(), n, weight.n_padded,
-            weight.quad_bounds.data_ptr(), weight.quad_bounds.numel() - 1, _pointer(group_scale),
-            _pointer(row_scale), _pointer(None if a is None else a.contiguous()), a_const,
-            *(_pointer(v) for v in vectors), _pointer(accumulate), out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return out
