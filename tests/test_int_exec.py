@@ -7,6 +7,7 @@ calibration runs on it as on a real model, so every layer kind and activation mo
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import math
 import os
@@ -94,6 +95,24 @@ def test_int_images_agree_with_fake_and_repeat(quantized: QuantizedPipe):
     assert psnr_db(first, fake) >= 40.0
     # Back in fake mode the restored codes give the reference image again.
     assert np.array_equal(generate(quantized_pipe), fake)
+
+
+@torch.no_grad()
+def test_int_unet_output_does_not_depend_on_its_batch(quantized: QuantizedPipe):
+    """A row's UNet output in integers is the same, to the bit, alone and batched (the service batches requests):
+    the float sums of the CPU kernels must not depend on the other rows or on the input's memory layout."""
+    unet = copy.deepcopy(quantized.pipe.unet)
+    dgq_core.make_batch_invariant(unet)
+    assert enable_int_execution(unet) > 0
+    torch.manual_seed(0)
+    size, tokens = unet.config.sample_size, quantized.pipe.tokenizer.model_max_length
+    sample = torch.randn(3, unet.config.in_channels, size, size)
+    text = torch.randn(3, tokens, unet.config.cross_attention_dim)
+    timestep = torch.tensor(500)
+    batched = unet(sample, timestep, encoder_hidden_states=text).sample
+    for row in range(3):
+        alone = unet(sample[row : row + 1], timestep, encoder_hidden_states=text[row : row + 1]).sample
+        assert torch.equal(alone[0], batched[row]), f"row {row} differs when batched"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: pip install -e '.[dev]'")

@@ -151,6 +151,7 @@ CONVS = {
     "3x3": dict(kernel_size=3, padding=1),
     "1x1": dict(kernel_size=1),
     "3x3-stride2": dict(kernel_size=3, padding=1, stride=2),
+    "3x3-dilation2": dict(kernel_size=3, padding=2, dilation=2),
 }
 
 
@@ -336,6 +337,38 @@ def test_fused_kernel_keeps_one_unpadded_weight_for_every_labelling(w_bits):
         ref = F.linear(fake_quant_activation(x, params, "linear"), weight.dequantize(), linear.bias.detach())
         check(executor(x, params), ref)
     assert executor.resident_nbytes() == weight_bytes + vectors + labelling
+    assert torch.equal(executor.weight_codes(), weight.unpacked_codes())
+
+
+@NEEDS_VNNI
+def test_vnni_kernel_keeps_one_packed_copy_per_labelling():
+    """The VNNI kernel packs each labelling's weight in its column order: one byte per weight, each group padded to
+    a multiple of 4 columns and the outputs to a multiple of 32, and no whole-matrix copy without per-tensor steps."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(200, 48)
+    weight = QuantizedWeight.from_float(linear.weight, 8)
+    x = channel_outliers(torch.randn(3, 7, 200), -1)  # 21 rows: not a multiple of the kernel's 6-row tiles
+    first = act_params(x, "group", 8, "channel", 2)
+    executor = IntLinear.from_quantized(
+        weight.codes, weight.scale, weight.zero_point, 8, linear.bias.detach(), VnniFusedGemm(), 200,
+        channel_labels=[first.labels], row_params=False,
+    )  # fmt: skip
+
+    def labelling_bytes(labels: torch.Tensor) -> int:
+        sizes = torch.bincount(labels, minlength=GROUPS)
+        columns = int(sum(-(-int(size) // 4) * 4 for size in sizes if size > 0))
+        groups = int((sizes > 0).sum())
+        # panels, position of each input (int32), group of each input (uint8), quad bounds and group ids (int32)
+        return 64 * columns + 200 * 5 + (2 * groups + 1) * 4
+
+    vectors = 5 * 48 * 4
+    assert executor.resident_nbytes() == labelling_bytes(first.labels) + vectors
+    relabelled = StepActParams("group", 8, "channel", first.labels.roll(3), first.scale, first.zero_point)
+    for params in (first, relabelled):
+        ref = F.linear(fake_quant_activation(x, params, "linear"), weight.dequantize(), linear.bias.detach())
+        check(executor(x, params), ref)
+    expected = labelling_bytes(first.labels) + labelling_bytes(relabelled.labels) + vectors
+    assert executor.resident_nbytes() == expected
     assert torch.equal(executor.weight_codes(), weight.unpacked_codes())
 
 

@@ -5,7 +5,7 @@
     executor = IntLinear.from_quantized(codes, w_scale, w_zero_point, w_bits, bias, backend)
     y = executor(x, act_params)            # act_params: dgq_core.layers.StepActParams of the current step
 
-Rooms: `protocol` (the `GemmBackend` protocol every backend follows), one module per backend (`onednn`, `int_mm`,
+Rooms: `protocol` (the `GemmBackend` protocol every backend follows), one module per backend (`vnni_fused`, `onednn`, `int_mm`,
 `triton_fused`), the fused DGQ attention for CUDA (`triton_attention`), `backends` (which of them runs on a device),
 `executors` (DGQ's groups, im2col and 4-bit codes on any backend), `execution` (exec modes on a whole model),
 `graphs` (a UNet's calls as CUDA graphs).

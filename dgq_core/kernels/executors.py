@@ -61,8 +61,9 @@ class _GroupPlan:
             whose taps straddle groups appears in each of them); None: one part, all inputs in their own order.
         bounds (`list[int]`): part i reads `order[bounds[i]:bounds[i + 1]]`.
         packed (`list[PackedWeight] | None`): each part's resident weight; None when packed per call (W4) or when
-            the backend fuses the groups (`fused_groups`) and reads the whole weight through `kernel_index`.
-        kernel_index: the fused backend's form of `order` and `bounds` (`index_groups`); None for other backends.
+            the backend fuses the groups (`fused_groups`) and reads the weight through `kernel_index`.
+        kernel_index: the fused backend's form of `order` and `bounds` (`index_groups`): indices into the whole
+            weight, or with `labelled_weights` the weight packed in this order; None for other backends.
     """
 
     groups: list[int]
@@ -110,8 +111,10 @@ class IntLinear:
     Resident weight: W8 keeps the backend's form of the whole matrix if any step uses per-tensor or per-row
     parameters, plus one set of group slices per distinct channel labelling; with no such step the slices are the
     only copy (per-row steps then run over the slices). A backend that fuses the group loop (`fused_groups`) keeps
-    only the whole matrix and an index vector per labelling. W4 keeps only the 4-bit codes packed two per byte,
-    which a fused backend reads as they are and the others widen and pack at each call.
+    only the whole matrix and an index vector per labelling (Triton), or with `labelled_weights` one copy packed in
+    each labelling's order and the whole matrix only for per-tensor and per-row steps (the CPU's VNNI kernel). W4
+    keeps only the 4-bit codes packed two per byte, which a backend that `reads_nibbles` reads as they are and the
+    others widen and pack at each call, group by group.
 
     Args:
         backend (`GemmBackend`): the integer GEMM.
@@ -554,7 +557,10 @@ class IntConv2d:
             rows = self.linear.channel_groups(columns, params, _unfolded_rows)
         else:
             rows = self.linear(columns.transpose(1, 2), params).flatten(0, 1)
-        return rows.view(x.shape[0], h_out * w_out, -1).transpose(1, 2).reshape(x.shape[0], -1, h_out, w_out)
+        # In the UNet's own (contiguous) layout, as `_native` writes it: a channels-last view would send the next
+        # GroupNorm to its channels-last kernel, whose sums depend on the batch size (batch invariance).
+        out = torch.empty(x.shape[0], rows.shape[1], h_out, w_out, device=rows.device, dtype=rows.dtype)
+        return out.copy_(rows.view(x.shape[0], h_out, w_out, -1).permute(0, 3, 1, 2))
 
 
 def _unfolded_rows(codes: torch.Tensor) -> torch.Tensor:

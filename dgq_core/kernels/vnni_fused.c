@@ -5,15 +5,16 @@
       and zero point.
    2. quantize_rows / quantize_taps: float inputs -> uint8 codes in the packed column order (each group's columns
       contiguous, each group padded to a multiple of 4), and each row's sum of dequantized values r[m].
-   3. zero_point_terms: c[n] = sum_g s_g z_g sum_{k in g} W[n, k] (channel groups), or sum_k W[n, k] (pixel groups).
-   4. grouped_gemm: out[m, n] = s_w[n] (F[m, n] - a[m] c[n]) - r[m] gap[n] + bias[n] (+ acc[m, n]), where
-      F[m, n] = sum_g s_mg sum_{k in g} q[m, k] W[n, k], accumulated in int32 within a group (vpdpbusd: u8 codes
-      times s8 centred weights, four products per int32 lane, no saturation) and in float32 across groups;
-      a[m] = 1 (channel groups) or s_m z_m (pixel groups).
+   3. grouped_gemm: out[m, n] = s_w[n] (F[m, n] - a[m] c[n]) - r[m] gap[n] + bias[n] (+ acc[m, n]), where
+      c[n] = sum_g s_g z_g sum_{k in g} W[n, k] (channel groups) or sum_k W[n, k] (pixel groups), computed by each
+      task for its 32 channels (zero_point_terms), and F[m, n] = sum_g s_mg sum_{k in g} q[m, k] W[n, k],
+      accumulated in int32 within a group (vpdpbusd: u8 codes times s8 centred weights, four products per int32
+      lane, no saturation) and in float32 across groups; a[m] = 1 (channel groups) or s_m z_m (pixel groups).
 
    The weight is packed in panels of 16 output channels: byte (p, q, c, j) is W[16 p + c, column 4 q + j], so one
    64-byte load holds four columns of 16 channels, as vpdpbusd reads them. */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,10 +46,12 @@ static void quantize_rows(const float *x, int64_t stride_sample, int64_t stride_
         for (int64_t row = 0; row < m; ++row) {
             const float *xr = x + (row / positions) * stride_sample + (row % positions) * stride_position;
             uint8_t *out = codes + row * padded;
-            __m512 iv = _mm512_setzero_ps(), zp = iv, sc = iv, sums = iv;
+            __m512 iv = _mm512_setzero_ps(), zp = iv, sc = iv;
+            float row_zp = 0.0f, row_sc = 0.0f, sum = 0.0f;
             if (row_params) {
                 const int64_t p = row_params[row % period];
-                iv = _mm512_set1_ps(inverse[p]), zp = _mm512_set1_ps(zero_point[p]), sc = _mm512_set1_ps(scale[p]);
+                row_zp = zero_point[p], row_sc = scale[p];
+                iv = _mm512_set1_ps(inverse[p]), zp = _mm512_set1_ps(row_zp), sc = _mm512_set1_ps(row_sc);
             }
             for (int64_t k0 = 0; k0 < k; k0 += 16) {
                 const int64_t left = k - k0;
@@ -59,17 +62,24 @@ static void quantize_rows(const float *x, int64_t stride_sample, int64_t stride_
                     sc = _mm512_maskz_loadu_ps(mask, scale + k0);
                 }
                 const __m512 q = quantize16(_mm512_maskz_loadu_ps(mask, xr + k0), iv, zp, top);
-                sums = _mm512_mask3_fmadd_ps(_mm512_sub_ps(q, zp), sc, sums, mask);
+                float values[16];
+                _mm512_storeu_ps(values, q);
                 uint8_t bytes[16];
                 _mm_storeu_si128((__m128i *)bytes, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q)));
                 const int64_t count = left >= 16 ? 16 : left;
+                /* r sums column after column, one fused multiply-add each, as the strided path's lanes do: a row's
+                   result must not depend on its input's memory layout (batch invariance). */
+                for (int64_t j = 0; j < count; ++j) {
+                    const float z = row_params ? row_zp : zero_point[k0 + j];
+                    sum = fmaf(values[j] - z, row_params ? row_sc : scale[k0 + j], sum);
+                }
                 if (!position_of) {
                     memcpy(out + k0, bytes, (size_t)count);
                 } else {
                     for (int64_t j = 0; j < count; ++j) out[position_of[k0 + j]] = bytes[j];
                 }
             }
-            r[row] = _mm512_reduce_add_ps(sums);
+            r[row] = sum;
         }
         return;
     }
@@ -106,7 +116,7 @@ static inline __attribute__((always_inline)) void dpbusd(__m512i *acc, __m512i c
     __asm__("vpdpbusd %2, %1, %0" : "+v"(*acc) : "v"(codes), "v"(weights));
 }
 
-/* One TILE_ROWS x 32 output tile: rows row0.., panels 2 * pair and 2 * pair + 1. */
+/* One TILE_ROWS x 32 output tile: rows row0.., panels 2 * pair and 2 * pair + 1; c: the tile's 32 zero point terms. */
 static inline void tile(const uint8_t *codes, int64_t padded, const int8_t *w0, const int8_t *w1,
                         const int32_t *quad_bounds, int64_t groups, const float *group_scale, const float *row_scale,
                         int64_t row0, int64_t m, int64_t n, int64_t col0, const float *a, float a_const,
@@ -160,7 +170,7 @@ static inline void tile(const uint8_t *codes, int64_t padded, const int8_t *w0, 
             const int64_t left = n - col;
             const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
             __m512 v = f[i][half];
-            v = _mm512_fnmadd_ps(_mm512_set1_ps(a ? a[row] : a_const), _mm512_loadu_ps(c + col), v);
+            v = _mm512_fnmadd_ps(_mm512_set1_ps(a ? a[row] : a_const), _mm512_loadu_ps(c + half * PANEL), v);
             v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, w_scale + col));
             if (r && gap) v = _mm512_fnmadd_ps(_mm512_set1_ps(r[row]), _mm512_maskz_loadu_ps(mask, gap + col), v);
             if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + col));
@@ -237,33 +247,35 @@ static void quantize_taps(const float *x, int64_t batch, int64_t channels, int64
     }
 }
 
-/* c (n_padded,): sum_g coefficient[g] sum_{k in g} W[n, k], the zero points' term (vpdpbusd with codes 1). */
-static void zero_point_terms(const int8_t *weight, int64_t padded, int64_t n_padded, const int32_t *quad_bounds,
-                      int64_t groups, const float *coefficient, float *c, int threads) {
-    const int64_t panel_bytes = (padded / 4) * 64;
+/* c[32]: sum_g coefficient[g] sum_{k in g} W[n, k] of a panel pair's 32 channels (vpdpbusd with codes 1), the
+   zero points' term; computed by each task for its pair, which its tiles then read from cache anyway. */
+static void zero_point_terms(const int8_t *w0, const int8_t *w1, const int32_t *quad_bounds, int64_t groups,
+                             const float *coefficient, float *c) {
     const __m512i ones = _mm512_set1_epi8(1);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t panel = 0; panel < n_padded / PANEL; ++panel) {
-        const int8_t *w = weight + panel * panel_bytes;
-        __m512 terms = _mm512_setzero_ps();
-        for (int64_t g = 0; g < groups; ++g) {
-            __m512i sums = _mm512_setzero_si512();
-            for (int64_t q = quad_bounds[g]; q < quad_bounds[g + 1]; ++q)
-                sums = _mm512_dpbusd_epi32(sums, ones, _mm512_loadu_si512(w + q * 64));
-            terms = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(coefficient[g]), terms);
+    __m512 terms0 = _mm512_setzero_ps(), terms1 = terms0;
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512i sums0 = _mm512_setzero_si512(), sums1 = sums0;
+        for (int64_t q = quad_bounds[g]; q < quad_bounds[g + 1]; ++q) {
+            dpbusd(&sums0, ones, _mm512_loadu_si512(w0 + q * 64));
+            dpbusd(&sums1, ones, _mm512_loadu_si512(w1 + q * 64));
         }
-        _mm512_storeu_ps(c + panel * PANEL, terms);
+        const __m512 weight = _mm512_set1_ps(coefficient[g]);
+        terms0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums0), weight, terms0);
+        terms1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums1), weight, terms1);
     }
+    _mm512_storeu_ps(c, terms0);
+    _mm512_storeu_ps(c + PANEL, terms1);
 }
 
 /* codes: (rows_padded, padded) with rows_padded a multiple of TILE_ROWS; weight: (n_padded / 16, padded / 4, 16, 4)
    with n_padded a multiple of 32; quad_bounds (groups + 1,): group g is quads quad_bounds[g]:quad_bounds[g + 1].
-   group_scale (groups,) or row_scale (rows_padded,) per row (one group); a (m,) or a_const; c (n_padded,);
-   w_scale, gap, bias (n,) (gap, bias, r, acc, a may be NULL). out, acc: (m, n). */
+   group_scale (groups,) or row_scale (rows_padded,) per row (one group); a (m,) or a_const; coefficient (groups,)
+   of the zero points' term; w_scale, gap, bias (n,) (gap, bias, r, acc, a may be NULL). out, acc: (m, n). */
 static void grouped_gemm(const uint8_t *codes, int64_t m, int64_t padded, const int8_t *weight, int64_t n,
-                  int64_t n_padded, const int32_t *quad_bounds, int64_t groups, const float *group_scale,
-                  const float *row_scale, const float *a, float a_const, const float *c, const float *w_scale,
-                  const float *r, const float *gap, const float *bias, const float *acc, float *out, int threads) {
+                         int64_t n_padded, const int32_t *quad_bounds, int64_t groups, const float *group_scale,
+                         const float *row_scale, const float *a, float a_const, const float *coefficient,
+                         const float *w_scale, const float *r, const float *gap, const float *bias, const float *acc,
+                         float *out, int threads) {
     const int64_t pairs = n_padded / (2 * PANEL), blocks = (m + BLOCK_ROWS - 1) / BLOCK_ROWS;
     const int64_t panel_bytes = (padded / 4) * 64;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
@@ -271,6 +283,8 @@ static void grouped_gemm(const uint8_t *codes, int64_t m, int64_t padded, const 
         for (int64_t pair = 0; pair < pairs; ++pair) {
             const int8_t *w0 = weight + (2 * pair) * panel_bytes, *w1 = w0 + panel_bytes;
             const int64_t end = (block + 1) * BLOCK_ROWS < m ? (block + 1) * BLOCK_ROWS : m;
+            float c[2 * PANEL];
+            zero_point_terms(w0, w1, quad_bounds, groups, coefficient, c);
             for (int64_t row0 = block * BLOCK_ROWS; row0 < end; row0 += TILE_ROWS)
                 tile(codes, padded, w0, w1, quad_bounds, groups, group_scale, row_scale, row0, m, n,
                      pair * 2 * PANEL, a, a_const, c, w_scale, r, gap, bias, acc, out);
@@ -301,10 +315,9 @@ void dgq_linear(int kind, const void *x, const int64_t *shape, const float *scal
     /* Padding columns and rows of the codes are left as they are: their weights are zero, and padding rows are not
        stored. */
     uint8_t *codes = malloc((size_t)(rows_padded * padded));
-    float *scratch = malloc(sizeof(float) * (size_t)(3 * k + padded + entries + n_padded + 2 * groups +
-                                                     2 * rows_padded + m));
+    float *scratch = malloc(sizeof(float) * (size_t)(3 * k + padded + entries + 2 * groups + 2 * rows_padded + m));
     float *inverse = scratch, *zp = inverse + k, *sc = zp + k, *table_inverse = sc + k + padded;
-    float *c = table_inverse + entries, *group_scale = c + n_padded, *coefficient = group_scale + groups;
+    float *group_scale = table_inverse + entries, *coefficient = group_scale + groups;
     float *row_scale = coefficient + groups, *a = row_scale + rows_padded, *r = a + rows_padded;
     int32_t *column_at = (int32_t *)(sc + k);
     for (int64_t p = 0; p < entries; ++p) table_inverse[p] = 1.0f / scale[p]; /* correctly rounded: torch's too */
@@ -338,10 +351,9 @@ void dgq_linear(int kind, const void *x, const int64_t *shape, const float *scal
     } else {
         for (int64_t row = 0; row < m; ++row) memcpy(codes + row * padded, (const uint8_t *)x + row * k, (size_t)k);
     }
-    zero_point_terms(weight, padded, n_padded, quad_bounds, groups, coefficient, c, threads);
     grouped_gemm(codes, m, padded, weight, n, n_padded, quad_bounds, groups, group_scale,
-                 row_labels ? row_scale : NULL, row_labels ? a : NULL, 1.0f, c, w_scale, kind == 2 ? NULL : r, gap,
-                 bias, acc, out, threads);
+                 row_labels ? row_scale : NULL, row_labels ? a : NULL, 1.0f, coefficient, w_scale,
+                 kind == 2 ? NULL : r, gap, bias, acc, out, threads);
     free(scratch);
     free(codes);
 }

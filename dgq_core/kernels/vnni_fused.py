@@ -1,25 +1,26 @@
-"""CPU integer kernel with DGQ's channel-group loop fused in (AVX-512 VNNI, C in `vnni_fused.c`): one pass per
+"""CPU integer kernel with DGQ's channel-group loop fused in (AVX-512 VNNI, C in `vnni_fused.c`): one C call per
 layer call, where oneDNN needs one GEMM per group.
 
 oneDNN runs a channel-grouped Linear as one int8 GEMM per group (`kernels.onednn`): on SD v1.5's UNet that is 1,896
 GEMMs for 184 layers, each group padded to 64 columns, plus a gather and a quantization per group (BENCHMARKS.md,
-"CPU peers (issue 22)", the profile). Here a layer call is two passes:
+"CPU peers (issue 22)", the profile). Here a layer call (`dgq_linear`) is two passes:
 
-1. `quantize_rows`: the float inputs are quantized with each column's group parameters (per column, or per row for
-   DGQ's pixel groups) straight into a code matrix whose columns are in the labelling's order, group after group,
-   each group padded to a multiple of 4 columns; each row's sum of dequantized values comes out of the same pass.
-2. `grouped_gemm`: register tiles of 6 rows x 32 outputs accumulate `u8 x s8` products in int32 with `vpdpbusd`
-   within a group, and in float32 across groups (`s_g * int32 sum`); the zero points, the weight's per-channel scale,
-   its zero point's rank-1 term and the bias are applied once per output.
+1. The float inputs are quantized with each column's group parameters (per column, or per row for DGQ's pixel
+   groups) straight into a code matrix whose columns are in the labelling's order, group after group, each group
+   padded to a multiple of 4 columns; each row's sum of dequantized values comes out of the same pass. A stride-1
+   convolution's unfolding is read from its image (`ImageTaps`), 16 output pixels by 16 code columns at a time.
+2. Register tiles of 6 rows x 32 outputs accumulate `u8 x s8` products in int32 with `vpdpbusd` within a group, and
+   in float32 across groups (`s_g * int32 sum`); the zero points, the weight's per-channel scale, its zero point's
+   rank-1 term and the bias are applied once per output.
 
 The weight of each channel labelling is packed in that labelling's column order (`PanelWeight`), so a layer keeps
-one packed copy per distinct labelling, like oneDNN's slices, but without their padding to 64. Convolutions keep
-oneDNN's native int8 convolution (this backend inherits it); their im2col path reads the unfolding in place.
+one packed copy per distinct labelling, like oneDNN's slices, but without their padding to 64. Per-tensor
+convolutions keep oneDNN's native int8 convolution (this backend inherits it).
 
 The zero points: with codes `q` and weights `W` (centred), a group contributes
 `s_g sum_k (q - z_g) W = s_g sum_k q W - s_g z_g sum_{k in g} W`; the second term, summed over groups, is a vector
 `c[n]` per call (channel groups) or `s_m z_m sum_k W[n, k]` (pixel groups), subtracted in the epilogue. The weight's
-per-group column sums are recomputed per call (`zero_point_terms`), not kept.
+per-group column sums are not kept: each GEMM task sums its 32 channels' weights as it starts.
 
 Built by `native.build` at first use where the CPU has AVX-512 VNNI; `available()` says whether it can run.
 """
@@ -39,7 +40,7 @@ from .onednn import OnednnGemm
 from .protocol import ImageTaps, PackedWeight
 
 SOURCE = Path(__file__).with_name("vnni_fused.c").read_text()
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-lm"]
 # The C kernel's register tile: rows per tile, output channels per panel and per tile.
 PANEL, TILE_COLS = 16, 32
 QUAD = 4
