@@ -3,9 +3,9 @@
 (a) diffusers' default `UNet2DConditionModel` (SD v1.5 architecture, random init), 256 px (32x32 latents), batch 2,
 77 tokens, as bench/bench_unet.py builds it. Every quantized variant calibrates on the timed call's own inputs (DGQ's
 activation groups as bench_unet.py calibrates them, NNCF's statistics likewise). Rows:
-    PyTorch FP32 eager; dgq-serve DGQ-int W8A8 (oneDNN); torch.ao dynamic int8 (Linear layers); torchao
-    Int8DynamicActivationInt8Weight, eager (and compiled with --compile); SDNQ int8 Linear + Conv with its quantized
-    matmuls; torch.compile FP32 (--compile); OpenVINO FP32 IR with the f32 hint and with the default hint (bf16 where
+    PyTorch FP32 eager; dgq-serve DGQ-int W8A8 (named by its CPU kernel, vnni or onednn); torch.ao dynamic int8
+    (Linear layers); torchao Int8DynamicActivationInt8Weight, eager (and compiled with --compile); SDNQ int8
+    Linear + Conv with its quantized matmuls; torch.compile FP32 (--compile); OpenVINO FP32 IR with the f32 hint and with the default hint (bf16 where
     the CPU has it); OpenVINO INT8 by NNCF PTQ, default and SmoothQuant (`model_type=TRANSFORMER`).
 The torch variants live in this process; the OpenVINO IRs are made in a fresh process (export and NNCF take several
 GB beside the FP32 UNet) and saved, then compiled in another fresh process that serves timed calls over a pipe, so
@@ -53,7 +53,7 @@ from bench_unet import (  # noqa: E402
 from common import load_average, machine, median, time_interleaved  # noqa: E402
 
 import dgq_core  # noqa: E402
-from dgq_core.kernels import enable_int_execution  # noqa: E402
+from dgq_core.kernels import enable_int_execution, select_backend  # noqa: E402
 from dgq_eval import harness, metrics, openvino_unet  # noqa: E402
 from dgq_zoo import bundled_model_dir  # noqa: E402
 
@@ -227,7 +227,7 @@ def bench_unet_call(repeats: int, warmup: int, groups: int, with_compile: bool, 
     calibrated, stats = calibrate_one_call(fp32, quant_config(8, groups), inputs)
     dgq = quantized_copy(fp32, calibrated, stats)
     enable_int_execution(dgq)
-    models = {"PyTorch FP32 eager": fp32, "dgq-serve DGQ-int W8A8 (oneDNN)": dgq}
+    models = {"PyTorch FP32 eager": fp32, f"dgq-serve DGQ-int W8A8 ({select_backend('cpu').name})": dgq}
     peers, peer_notes = torch_peers(with_compile)
     notes.update(peer_notes)
     for name, make in tqdm(peers.items(), desc="building peers", unit="peer"):

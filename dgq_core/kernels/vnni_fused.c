@@ -4,7 +4,8 @@
    1. The step's tables are read once per call: each column's (or, for pixel groups, each row's) scale, reciprocal
       and zero point.
    2. quantize_rows / quantize_taps: float inputs -> uint8 codes in the packed column order (each group's columns
-      contiguous, each group padded to a multiple of 4), and each row's sum of dequantized values r[m].
+      contiguous, each group padded to a multiple of 4 with code 0); row_sums: each row's sum of dequantized values
+      r[m] from exact integer code sums.
    3. grouped_gemm: out[m, n] = s_w[n] (F[m, n] - a[m] c[n]) - r[m] gap[n] + bias[n] (+ acc[m, n]), where
       c[n] = sum_g s_g z_g sum_{k in g} W[n, k] (channel groups) or sum_k W[n, k] (pixel groups), computed by each
       task for its 32 channels (zero_point_terms), and F[m, n] = sum_g s_mg sum_{k in g} q[m, k] W[n, k],
@@ -33,25 +34,24 @@ static inline __m512 quantize16(__m512 x, __m512 inverse, __m512 zero_point, __m
 /* x: row m is sample m / positions, position m % positions; column k of it at
    x + sample * stride_sample + position * stride_position + k * stride_k.
    position_of (k,): where column k goes in a code row of `padded` bytes; NULL: column k goes to k.
-   Channel groups: inverse, zero_point, scale are per column (k,); row_params is NULL.
-   Pixel groups: row m takes entry row_params[m % period] of the tables inverse, zero_point, scale (one group).
-   codes: (rows_padded, padded); r: (m,). */
+   Channel groups: inverse, zero_point are per column (k,); row_params is NULL.
+   Pixel groups: row m takes entry row_params[m % period] of the tables inverse, zero_point (one group).
+   codes: (rows_padded, padded); the rows' padding columns are zeroed (row_sums reads whole groups). */
 static void quantize_rows(const float *x, int64_t stride_sample, int64_t stride_position, int64_t stride_k,
                           int64_t positions, int64_t m, int64_t k, const int32_t *position_of, const float *inverse,
-                          const float *zero_point, const float *scale, const int64_t *row_params, int64_t period,
-                          float qmax, uint8_t *codes, int64_t padded, float *r, int threads) {
+                          const float *zero_point, const int64_t *row_params, int64_t period, float qmax,
+                          uint8_t *codes, int64_t padded, int threads) {
     const __m512 top = _mm512_set1_ps(qmax);
     if (stride_k == 1) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t row = 0; row < m; ++row) {
             const float *xr = x + (row / positions) * stride_sample + (row % positions) * stride_position;
             uint8_t *out = codes + row * padded;
-            __m512 iv = _mm512_setzero_ps(), zp = iv, sc = iv;
-            float row_zp = 0.0f, row_sc = 0.0f, sum = 0.0f;
+            if (padded > k) memset(out, 0, (size_t)padded);
+            __m512 iv = _mm512_setzero_ps(), zp = iv;
             if (row_params) {
                 const int64_t p = row_params[row % period];
-                row_zp = zero_point[p], row_sc = scale[p];
-                iv = _mm512_set1_ps(inverse[p]), zp = _mm512_set1_ps(row_zp), sc = _mm512_set1_ps(row_sc);
+                iv = _mm512_set1_ps(inverse[p]), zp = _mm512_set1_ps(zero_point[p]);
             }
             for (int64_t k0 = 0; k0 < k; k0 += 16) {
                 const int64_t left = k - k0;
@@ -59,27 +59,18 @@ static void quantize_rows(const float *x, int64_t stride_sample, int64_t stride_
                 if (!row_params) {
                     iv = _mm512_maskz_loadu_ps(mask, inverse + k0);
                     zp = _mm512_maskz_loadu_ps(mask, zero_point + k0);
-                    sc = _mm512_maskz_loadu_ps(mask, scale + k0);
                 }
                 const __m512 q = quantize16(_mm512_maskz_loadu_ps(mask, xr + k0), iv, zp, top);
-                float values[16];
-                _mm512_storeu_ps(values, q);
-                uint8_t bytes[16];
-                _mm_storeu_si128((__m128i *)bytes, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q)));
-                const int64_t count = left >= 16 ? 16 : left;
-                /* r sums column after column, one fused multiply-add each, as the strided path's lanes do: a row's
-                   result must not depend on its input's memory layout (batch invariance). */
-                for (int64_t j = 0; j < count; ++j) {
-                    const float z = row_params ? row_zp : zero_point[k0 + j];
-                    sum = fmaf(values[j] - z, row_params ? row_sc : scale[k0 + j], sum);
-                }
+                const __m128i bytes = _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q));
                 if (!position_of) {
-                    memcpy(out + k0, bytes, (size_t)count);
+                    _mm_mask_storeu_epi8(out + k0, mask, bytes);
                 } else {
-                    for (int64_t j = 0; j < count; ++j) out[position_of[k0 + j]] = bytes[j];
+                    uint8_t lanes[16];
+                    _mm_storeu_si128((__m128i *)lanes, bytes);
+                    const int64_t count = left >= 16 ? 16 : left;
+                    for (int64_t j = 0; j < count; ++j) out[position_of[k0 + j]] = lanes[j];
                 }
             }
-            r[row] = sum;
         }
         return;
     }
@@ -94,20 +85,43 @@ static void quantize_rows(const float *x, int64_t stride_sample, int64_t stride_
         const int64_t count = left >= 16 ? 16 : left;
         const float *xb = x + sample * stride_sample + first * stride_position;
         uint8_t *out = codes + (sample * positions + first) * padded;
-        __m512 sums = _mm512_setzero_ps();
+        if (padded > k) memset(out, 0, (size_t)(count * padded));
         for (int64_t col = 0; col < k; ++col) {
-            const __m512 zp = _mm512_set1_ps(zero_point[col]);
             const __m512 q = quantize16(_mm512_maskz_loadu_ps(mask, xb + col * stride_k),
-                                        _mm512_set1_ps(inverse[col]), zp, top);
-            sums = _mm512_mask3_fmadd_ps(_mm512_sub_ps(q, zp), _mm512_set1_ps(scale[col]), sums, mask);
-            uint8_t bytes[16];
-            _mm_storeu_si128((__m128i *)bytes, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q)));
+                                        _mm512_set1_ps(inverse[col]), _mm512_set1_ps(zero_point[col]), top);
+            uint8_t lanes[16];
+            _mm_storeu_si128((__m128i *)lanes, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q)));
             const int64_t at = position_of ? position_of[col] : col;
-            for (int64_t j = 0; j < count; ++j) out[j * padded + at] = bytes[j];
+            for (int64_t j = 0; j < count; ++j) out[j * padded + at] = lanes[j];
         }
-        float lanes[16];
-        _mm512_storeu_ps(lanes, sums);
-        for (int64_t j = 0; j < count; ++j) r[sample * positions + first + j] = lanes[j];
+    }
+}
+
+/* r[m] = sum_g s_g (sum of row m's codes in group g - |g| z_g): each row's dequantized sum, from exact integer code
+   sums (padding codes are 0) combined in group order, so that it does not depend on how the codes were written
+   (the input's memory layout, the batch). Channel groups: group_scale, group_zero_point (groups,); pixel groups
+   (one group): row m's table entry row_params[m % period] of scale, zero_point. count (groups,): real columns. */
+static void row_sums(const uint8_t *codes, int64_t m, int64_t padded, const int32_t *quad_bounds, int64_t groups,
+                     const float *count, const float *group_scale, const float *group_zero_point,
+                     const int64_t *row_params, int64_t period, const float *scale, const float *zero_point,
+                     float *r, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t row = 0; row < m; ++row) {
+        const uint8_t *codes_row = codes + row * padded;
+        float sum = 0.0f;
+        for (int64_t g = 0; g < groups; ++g) {
+            __m512i bytes = _mm512_setzero_si512();
+            for (int64_t at = 4 * (int64_t)quad_bounds[g]; at < 4 * (int64_t)quad_bounds[g + 1]; at += 64) {
+                const int64_t left = 4 * (int64_t)quad_bounds[g + 1] - at;
+                const __mmask64 mask = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
+                const __m512i chunk = _mm512_maskz_loadu_epi8(mask, codes_row + at);
+                bytes = _mm512_add_epi64(bytes, _mm512_sad_epu8(chunk, _mm512_setzero_si512()));
+            }
+            const int64_t p = row_params ? row_params[row % period] : -1;
+            const float s = row_params ? scale[p] : group_scale[g], z = row_params ? zero_point[p] : group_zero_point[g];
+            sum = fmaf(s, (float)_mm512_reduce_add_epi64(bytes) - count[g] * z, sum);
+        }
+        r[row] = sum;
     }
 }
 
@@ -196,12 +210,13 @@ static inline void transpose16x16(__m128i r[16]) {
    col = (c * kh + ky) * kw + kx of row m = (b * out_h + oy) * out_w + ox is x[b, c, oy - pad_h + ky * dil_h,
    ox - pad_w + kx * dil_w], 0 outside the image (F.unfold's zero padding, whose code is the group's zero point).
    x: (B, C, H, W) contiguous; position_of and parameters per column, as quantize_rows' channel groups.
-   column_at (padded,) is scratch: 16 rows are quantized 16 code columns at a time, in code-column order, and transposed so that each row's
-   16 codes are one store (stores scattered a column at a time missed L1 on wide layers). */
+   column_at (padded,) is scratch: 16 rows are quantized 16 code columns at a time, in code-column order (padding
+   columns as 0), and transposed so that each row's 16 codes are one store (stores scattered a column at a time
+   missed L1 on wide layers). */
 static void quantize_taps(const float *x, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t kh,
                    int64_t kw, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t out_h,
                    int64_t out_w, const int32_t *position_of, const float *inverse, const float *zero_point,
-                   const float *scale, float qmax, uint8_t *codes, int64_t padded, float *r, int32_t *column_at,
+                   float qmax, uint8_t *codes, int64_t padded, int32_t *column_at,
                    int threads) {
     const __m512 top = _mm512_set1_ps(qmax);
     const int64_t k = channels * kh * kw, blocks = (out_w + 15) / 16, taps = kh * kw;
@@ -213,7 +228,6 @@ static void quantize_taps(const float *x, int64_t batch, int64_t channels, int64
         const int64_t count = out_w - ox0 < 16 ? out_w - ox0 : 16;
         const int64_t row0 = (b * out_h + oy) * out_w + ox0;
         uint8_t *out = codes + row0 * padded;
-        __m512 sums = _mm512_setzero_ps();
         for (int64_t pos0 = 0; pos0 < padded; pos0 += 16) {
             __m128i tile[16];
             for (int i = 0; i < 16; ++i) {
@@ -233,7 +247,6 @@ static void quantize_taps(const float *x, int64_t batch, int64_t channels, int64
                 const __m512 values = _mm512_maskz_loadu_ps((__mmask16)mask, mask ? row : x);
                 const __m512 zp = _mm512_set1_ps(zero_point[col]);
                 const __m512 q = quantize16(values, _mm512_set1_ps(inverse[col]), zp, top);
-                sums = _mm512_fmadd_ps(_mm512_sub_ps(q, zp), _mm512_set1_ps(scale[col]), sums);
                 tile[i] = _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q));
             }
             transpose16x16(tile);
@@ -241,9 +254,6 @@ static void quantize_taps(const float *x, int64_t batch, int64_t channels, int64
             const __mmask16 store = (__mmask16)((1u << width16) - 1);
             for (int64_t j = 0; j < count; ++j) _mm_mask_storeu_epi8(out + j * padded + pos0, store, tile[j]);
         }
-        float lanes[16];
-        _mm512_storeu_ps(lanes, sums);
-        for (int64_t j = 0; j < count; ++j) r[row0 + j] = lanes[j];
     }
 }
 
@@ -315,17 +325,19 @@ void dgq_linear(int kind, const void *x, const int64_t *shape, const float *scal
     /* Padding columns and rows of the codes are left as they are: their weights are zero, and padding rows are not
        stored. */
     uint8_t *codes = malloc((size_t)(rows_padded * padded));
-    float *scratch = malloc(sizeof(float) * (size_t)(3 * k + padded + entries + 2 * groups + 2 * rows_padded + m));
-    float *inverse = scratch, *zp = inverse + k, *sc = zp + k, *table_inverse = sc + k + padded;
-    float *group_scale = table_inverse + entries, *coefficient = group_scale + groups;
-    float *row_scale = coefficient + groups, *a = row_scale + rows_padded, *r = a + rows_padded;
-    int32_t *column_at = (int32_t *)(sc + k);
+    float *scratch = malloc(sizeof(float) * (size_t)(2 * k + padded + entries + 4 * groups + 2 * rows_padded + m));
+    float *inverse = scratch, *zp = inverse + k, *table_inverse = zp + k + padded;
+    float *group_scale = table_inverse + entries, *group_zero_point = group_scale + groups;
+    float *coefficient = group_zero_point + groups, *count = coefficient + groups;
+    float *row_scale = count + groups, *a = row_scale + rows_padded, *r = a + rows_padded;
+    int32_t *column_at = (int32_t *)(zp + k);
     for (int64_t p = 0; p < entries; ++p) table_inverse[p] = 1.0f / scale[p]; /* correctly rounded: torch's too */
     for (int64_t g = 0; g < groups; ++g) {
         const int64_t p = group_ids[g];
-        group_scale[g] = scale[p];
+        group_scale[g] = scale[p], group_zero_point[g] = zero_point[p], count[g] = 0.0f;
         coefficient[g] = row_labels ? 1.0f : scale[p] * zero_point[p];
     }
+    for (int64_t col = 0; col < k; ++col) count[column_group ? column_group[col] : 0] += 1.0f;
     if (row_labels) {
         for (int64_t row = 0; row < rows_padded; ++row) {
             const int64_t p = row_labels[row % period];
@@ -335,22 +347,23 @@ void dgq_linear(int kind, const void *x, const int64_t *shape, const float *scal
     } else if (kind != 2) {
         for (int64_t col = 0; col < k; ++col) {
             const int64_t p = group_ids[column_group ? column_group[col] : 0];
-            inverse[col] = table_inverse[p], zp[col] = zero_point[p], sc[col] = scale[p];
+            inverse[col] = table_inverse[p], zp[col] = zero_point[p];
         }
     }
-    if (kind == 0 && row_labels) {
-        quantize_rows((const float *)x, shape[0], shape[1], shape[2], shape[3], m, k, position_of, table_inverse,
-                      zero_point, scale, row_labels, period, qmax, codes, padded, r, threads);
-    } else if (kind == 0) {
-        quantize_rows((const float *)x, shape[0], shape[1], shape[2], shape[3], m, k, position_of, inverse, zp, sc,
-                      NULL, 1, qmax, codes, padded, r, threads);
+    if (kind == 0) {
+        quantize_rows((const float *)x, shape[0], shape[1], shape[2], shape[3], m, k, position_of,
+                      row_labels ? table_inverse : inverse, row_labels ? zero_point : zp, row_labels, period, qmax,
+                      codes, padded, threads);
     } else if (kind == 1) {
         quantize_taps((const float *)x, shape[0], shape[1], shape[2], shape[3], shape[4], shape[5], shape[6],
-                      shape[7], shape[8], shape[9], shape[10], shape[11], position_of, inverse, zp, sc, qmax, codes,
-                      padded, r, column_at, threads);
+                      shape[7], shape[8], shape[9], shape[10], shape[11], position_of, inverse, zp, qmax, codes,
+                      padded, column_at, threads);
     } else {
         for (int64_t row = 0; row < m; ++row) memcpy(codes + row * padded, (const uint8_t *)x + row * k, (size_t)k);
     }
+    if (kind != 2)
+        row_sums(codes, m, padded, quad_bounds, groups, count, group_scale, group_zero_point, row_labels, period,
+                 scale, zero_point, r, threads);
     grouped_gemm(codes, m, padded, weight, n, n_padded, quad_bounds, groups, group_scale,
                  row_labels ? row_scale : NULL, row_labels ? a : NULL, 1.0f, coefficient, w_scale,
                  kind == 2 ? NULL : r, gap, bias, acc, out, threads);
