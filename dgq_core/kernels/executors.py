@@ -19,9 +19,10 @@ groups in its epilogue; `r` comes from uint8 row sums of the codes. So:
 - per-token (the dynamic baseline): one GEMM with per-row scales applied after it.
 
 Convolutions: DGQ defines conv groups on the im2col unfolding (input channel x kernel tap). Per-tensor parameters run
-as the backend's native int8 convolution on the quantized image. So do channel groups whose labels are the same at
-every kernel tap of most input channels (as they are away from the padding), on layers with at least
-`MIN_NATIVE_POSITIONS` output positions: group g runs as one convolution over the channels with a tap in g, the other
+as the backend's native int8 convolution on the quantized image. A backend that fuses the group loop runs channel
+groups through it (the VNNI kernel reads a stride-1 convolution's unfolding from the image, `ImageTaps`). On the
+others, channel groups whose labels are the same at every kernel tap of most input channels (as they are away from
+the padding) run natively too, on layers with at least `MIN_NATIVE_POSITIONS` output positions: group g runs as one convolution over the channels with a tap in g, the other
 taps' weights zeroed (channels whose taps straddle groups are duplicated, up to `MAX_NATIVE_DUPLICATION` of the
 weight), and gets `r` from one more output channel whose weights are the group mask (scale 1). Everything else --
 pointwise convolutions, smaller layers, straddling labels, pixel groups, per-token parameters -- runs as im2col + the

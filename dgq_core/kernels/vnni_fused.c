@@ -314,8 +314,9 @@ static void grouped_gemm(const uint8_t *codes, int64_t m, int64_t padded, const 
    kind 2: x is (m, k) uint8 codes already quantized with group 0's parameters, shape = {m, k}: no row sums, no gap
            term.
    weight: panels of `padded` columns (position_of, quad_bounds as PanelWeight holds them), n outputs in n_padded.
-   w_scale, gap, bias, acc as grouped_gemm's (gap, bias, acc may be NULL). out: (m, n). */
-void dgq_linear(int kind, const void *x, const int64_t *shape, const float *scale, const float *zero_point,
+   w_scale, gap, bias, acc as grouped_gemm's (gap, bias, acc may be NULL). out: (m, n).
+   Returns 0, or the bytes it failed to allocate. */
+int64_t dgq_linear(int kind, const void *x, const int64_t *shape, const float *scale, const float *zero_point,
                 int64_t entries, const int32_t *group_ids, const uint8_t *column_group, int64_t groups,
                 const int64_t *row_labels, int64_t period, float qmax, const int8_t *weight,
                 const int32_t *position_of, const int32_t *quad_bounds, int64_t padded, int64_t n, int64_t n_padded,
@@ -326,8 +327,16 @@ void dgq_linear(int kind, const void *x, const int64_t *shape, const float *scal
     const int64_t rows_padded = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     /* Padding columns and rows of the codes are left as they are: their weights are zero, and padding rows are not
        stored. */
-    uint8_t *codes = malloc((size_t)(rows_padded * padded));
-    float *scratch = malloc(sizeof(float) * (size_t)(2 * k + padded + entries + 4 * groups + 2 * rows_padded + m));
+    const int64_t codes_bytes = rows_padded * padded;
+    const int64_t scratch_bytes =
+        (int64_t)sizeof(float) * (2 * k + padded + entries + 4 * groups + 2 * rows_padded + m);
+    uint8_t *codes = malloc((size_t)codes_bytes);
+    float *scratch = malloc((size_t)scratch_bytes);
+    if (!codes || !scratch) {
+        free(codes);
+        free(scratch);
+        return codes_bytes + scratch_bytes;
+    }
     float *inverse = scratch, *zp = inverse + k, *table_inverse = zp + k + padded;
     float *group_scale = table_inverse + entries, *group_zero_point = group_scale + groups;
     float *coefficient = group_zero_point + groups, *count = coefficient + groups;
@@ -371,4 +380,5 @@ void dgq_linear(int kind, const void *x, const int64_t *shape, const float *scal
                  kind == 2 ? NULL : r, gap, bias, acc, out, threads);
     free(scratch);
     free(codes);
+    return 0;
 }

@@ -61,7 +61,7 @@ def _build() -> ctypes.CDLL | None:
         [ctypes.c_int, pointer, pointer, pointer, pointer, i64, pointer, pointer, i64, pointer, i64, ctypes.c_float]
         + [pointer] * 3 + [i64] * 3 + [pointer] * 5 + [ctypes.c_int]
     )
-    loaded.dgq_linear.restype = None
+    loaded.dgq_linear.restype = i64
     return loaded
 
 
@@ -227,7 +227,7 @@ class VnniFusedGemm(OnednnGemm):
             return out
         scale, zero_point = scale.float().contiguous(), zero_point.float().contiguous()
         vectors = [None if v is None else v.float().contiguous() for v in (w_scale, gap, bias, acc)]
-        self.kernel.dgq_linear(
+        failed = self.kernel.dgq_linear(
             kind, x.data_ptr(), (ctypes.c_int64 * len(shape))(*shape), scale.data_ptr(), zero_point.data_ptr(),
             scale.numel(), weight.group_ids.data_ptr(), _pointer(weight.column_group), weight.group_ids.numel(),
             _pointer(labels), 1 if labels is None else labels.numel(), float((1 << bits) - 1),
@@ -235,4 +235,7 @@ class VnniFusedGemm(OnednnGemm):
             packed.out_features, weight.n_padded, *(_pointer(v) for v in vectors), out.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
+        if failed:
+            # MemoryError, as the service's workers recognize a failed allocation (they split the batch).
+            raise MemoryError(f"the VNNI kernel could not allocate {failed:,} bytes of codes and tables")
         return out
