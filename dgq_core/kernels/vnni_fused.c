@@ -118,7 +118,8 @@ static void row_sums(const uint8_t *codes, int64_t m, int64_t padded, const int3
                 bytes = _mm512_add_epi64(bytes, _mm512_sad_epu8(chunk, _mm512_setzero_si512()));
             }
             const int64_t p = row_params ? row_params[row % period] : -1;
-            const float s = row_params ? scale[p] : group_scale[g], z = row_params ? zero_point[p] : group_zero_point[g];
+            const float s = row_params ? scale[p] : group_scale[g];
+            const float z = row_params ? zero_point[p] : group_zero_point[g];
             sum = fmaf(s, (float)_mm512_reduce_add_epi64(bytes) - count[g] * z, sum);
         }
         r[row] = sum;
@@ -210,18 +211,24 @@ static inline void transpose16x16(__m128i r[16]) {
    col = (c * kh + ky) * kw + kx of row m = (b * out_h + oy) * out_w + ox is x[b, c, oy - pad_h + ky * dil_h,
    ox - pad_w + kx * dil_w], 0 outside the image (F.unfold's zero padding, whose code is the group's zero point).
    x: (B, C, H, W) contiguous; position_of and parameters per column, as quantize_rows' channel groups.
-   column_at (padded,) is scratch: 16 rows are quantized 16 code columns at a time, in code-column order (padding
-   columns as 0), and transposed so that each row's 16 codes are one store (stores scattered a column at a time
-   missed L1 on wide layers). */
+   column_at (4 x padded,) is scratch. 16 rows are quantized 16 code columns at a time, in code-column order
+   (padding columns as 0), and transposed so that each row's 16 codes are one store (stores scattered a column at a
+   time missed L1 on wide layers). */
 static void quantize_taps(const float *x, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t kh,
                    int64_t kw, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t out_h,
                    int64_t out_w, const int32_t *position_of, const float *inverse, const float *zero_point,
-                   float qmax, uint8_t *codes, int64_t padded, int32_t *column_at,
-                   int threads) {
+                   float qmax, uint8_t *codes, int64_t padded, int32_t *column_at, int threads) {
     const __m512 top = _mm512_set1_ps(qmax);
     const int64_t k = channels * kh * kw, blocks = (out_w + 15) / 16, taps = kh * kw;
+    /* Each code column's input column, channel and tap offsets, computed once per call: three integer divisions
+       per column and 16 pixels cost more than the quantization itself. */
+    int32_t *tap_channel = column_at + padded, *tap_dy = tap_channel + padded, *tap_dx = tap_dy + padded;
     for (int64_t pos = 0; pos < padded; ++pos) column_at[pos] = -1;
-    for (int64_t col = 0; col < k; ++col) column_at[position_of ? position_of[col] : col] = (int32_t)col;
+    for (int64_t col = 0; col < k; ++col) {
+        const int64_t pos = position_of ? position_of[col] : col;
+        column_at[pos] = (int32_t)col, tap_channel[pos] = (int32_t)(col / taps);
+        tap_dy[pos] = (int32_t)((col % taps) / kw * dil_h - pad_h), tap_dx[pos] = (int32_t)(col % kw * dil_w - pad_w);
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t task = 0; task < batch * out_h * blocks; ++task) {
         const int64_t b = task / (out_h * blocks), oy = (task / blocks) % out_h, ox0 = (task % blocks) * 16;
@@ -231,13 +238,12 @@ static void quantize_taps(const float *x, int64_t batch, int64_t channels, int64
         for (int64_t pos0 = 0; pos0 < padded; pos0 += 16) {
             __m128i tile[16];
             for (int i = 0; i < 16; ++i) {
-                const int64_t col = pos0 + i < padded ? column_at[pos0 + i] : -1;
+                const int64_t pos = pos0 + i, col = pos < padded ? column_at[pos] : -1;
                 if (col < 0) {
                     tile[i] = _mm_setzero_si128();
                     continue;
                 }
-                const int64_t c = col / taps, ky = (col % taps) / kw, kx = col % kw;
-                const int64_t iy = oy - pad_h + ky * dil_h, ix0 = ox0 - pad_w + kx * dil_w;
+                const int64_t c = tap_channel[pos], iy = oy + tap_dy[pos], ix0 = ox0 + tap_dx[pos];
                 /* lanes j with 0 <= ix0 + j < width and j < count */
                 const int64_t first = ix0 < 0 ? -ix0 : 0, end = width - ix0 < count ? width - ix0 : count;
                 const uint32_t mask =
@@ -258,9 +264,9 @@ static void quantize_taps(const float *x, int64_t batch, int64_t channels, int64
 }
 
 /* c[32]: sum_g coefficient[g] sum_{k in g} W[n, k] of a panel pair's 32 channels (vpdpbusd with codes 1), the
-   zero points' term; computed by each task for its pair, which its tiles then read from cache anyway. */
-/* Not inlined: inlined into the task loop it raised the register pressure of `tile`, which then reloaded its two
-   weight vectors from the stack for every vpdpbusd (the SD UNet call took 1.5 s instead of 1.1 s). */
+   zero points' term; computed by each task for its pair, which its tiles then read from cache anyway. Not inlined:
+   inlined into the task loop it raised the register pressure of `tile`, which then reloaded its two weight vectors
+   from the stack for every vpdpbusd (the SD UNet call took 1.5 s instead of 1.1 s). */
 static __attribute__((noinline)) void zero_point_terms(const int8_t *w0, const int8_t *w1, const int32_t *quad_bounds,
                                                        int64_t groups, const float *coefficient, float *c) {
     const __m512i ones = _mm512_set1_epi8(1);
@@ -329,7 +335,7 @@ int64_t dgq_linear(int kind, const void *x, const int64_t *shape, const float *s
        stored. */
     const int64_t codes_bytes = rows_padded * padded;
     const int64_t scratch_bytes =
-        (int64_t)sizeof(float) * (2 * k + padded + entries + 4 * groups + 2 * rows_padded + m);
+        (int64_t)sizeof(float) * (2 * k + 4 * padded + entries + 4 * groups + 2 * rows_padded + m);
     uint8_t *codes = malloc((size_t)codes_bytes);
     float *scratch = malloc((size_t)scratch_bytes);
     if (!codes || !scratch) {
@@ -337,7 +343,7 @@ int64_t dgq_linear(int kind, const void *x, const int64_t *shape, const float *s
         free(scratch);
         return codes_bytes + scratch_bytes;
     }
-    float *inverse = scratch, *zp = inverse + k, *table_inverse = zp + k + padded;
+    float *inverse = scratch, *zp = inverse + k, *table_inverse = zp + k + 4 * padded;
     float *group_scale = table_inverse + entries, *group_zero_point = group_scale + groups;
     float *coefficient = group_zero_point + groups, *count = coefficient + groups;
     float *row_scale = count + groups, *a = row_scale + rows_padded, *r = a + rows_padded;
