@@ -19,7 +19,6 @@ instead (logged once).
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
@@ -94,11 +93,6 @@ void dequantize_u8(const uint8_t *restrict codes, float *restrict out, const flo
 """
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-lm"]
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_tried = False
-
-
 def _build() -> ctypes.CDLL | None:
     loaded = native.build("fake_quant", SOURCE, FLAGS, "fake quantization runs as torch ops")
     if loaded is None:
@@ -113,17 +107,15 @@ def _build() -> ctypes.CDLL | None:
     return loaded
 
 
+_LIBRARY = native.BuiltOnce(_build)
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built at the first call; None where it cannot be, and while torch.compile traces (it
     cannot trace a foreign call: its graphs take the torch ops, which it fuses itself)."""
-    global _library, _tried
     if torch.compiler.is_compiling():
         return None
-    if not _tried:
-        with _lock:
-            if not _tried:
-                _library, _tried = _build(), True
-    return _library
+    return _LIBRARY.get()
 
 
 def _cpu_float32(*parameters: torch.Tensor) -> bool:

@@ -9,6 +9,7 @@ caller runs its torch ops instead (logged once).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -16,18 +17,43 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read); read once."""
     try:
         line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
+        return frozenset()
+    return frozenset(line.split(":", 1)[1].split())
+
+
+class BuiltOnce:
+    """A kernel library made by `make` at the first `get()` and kept for the process (None where it cannot be);
+    threads that ask at once wait for the one build.
+
+    Args:
+        make (`Callable[[], ctypes.CDLL | None]`): builds and declares the library (usually through `build`).
+    """
+
+    def __init__(self, make: Callable[[], ctypes.CDLL | None]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._library: ctypes.CDLL | None = None
+        self._made = False
+
+    def get(self) -> ctypes.CDLL | None:
+        if not self._made:
+            with self._lock:
+                if not self._made:
+                    self._library, self._made = self._make(), True
+        return self._library
 
 
 def build(stem: str, source: str, flags: list[str], purpose: str) -> ctypes.CDLL | None:

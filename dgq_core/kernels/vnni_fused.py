@@ -28,7 +28,6 @@ Built by `native.build` at first use where the CPU has AVX-512 VNNI; `available(
 from __future__ import annotations
 
 import ctypes
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +44,6 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-err
 PANEL, TILE_COLS = 16, 32
 QUAD = 4
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_tried = False
-
-
 def _build() -> ctypes.CDLL | None:
     if "avx512_vnni" not in native.cpu_flags():
         return None
@@ -65,14 +59,12 @@ def _build() -> ctypes.CDLL | None:
     return loaded
 
 
+_LIBRARY = native.BuiltOnce(_build)
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built at the first call; None where the CPU lacks AVX-512 VNNI or it cannot be built."""
-    global _library, _tried
-    if not _tried:
-        with _lock:
-            if not _tried:
-                _library, _tried = _build(), True
-    return _library
+    return _LIBRARY.get()
 
 
 def available() -> bool:
