@@ -51,10 +51,12 @@ def fused_backend():
 
 BACKENDS = {
     "onednn": OnednnGemm, "vnni": VnniFusedGemm, "int_mm": lambda: IntMmGemm("cpu"), "triton": fused_backend,
+    # The VNNI kernel's path for CPUs without AVX-512 VBMI2 (Cascade Lake), which scatter the permuted codes.
+    "vnni-no-vbmi2": lambda: VnniFusedGemm(vnni_fused.build(("-mno-avx512vbmi2",))),
 }
 NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: pip install -e '.[dev]'")
 NEEDS_VNNI = pytest.mark.skipif(not vnni_fused.available(), reason="the CPU has no AVX-512 VNNI")
-BACKEND_MARKS = {"triton": NEEDS_TRITON, "vnni": NEEDS_VNNI}
+BACKEND_MARKS = {"triton": NEEDS_TRITON, "vnni": NEEDS_VNNI, "vnni-no-vbmi2": NEEDS_VNNI}
 BACKEND_PARAMS = [pytest.param(name, marks=BACKEND_MARKS.get(name, ())) for name in BACKENDS]
 GROUPS = 8
 

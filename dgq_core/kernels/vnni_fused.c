@@ -3,9 +3,9 @@
 
    1. The step's tables are read once per call: each column's (or, for pixel groups, each row's) scale, reciprocal
       and zero point.
-   2. quantize_rows / quantize_taps: float inputs -> uint8 codes in the packed column order (each group's columns
-      contiguous, each group padded to a multiple of 4 with code 0); row_sums: each row's sum of dequantized values
-      r[m] from exact integer code sums.
+   2. quantize_rows / quantize_blocks: float inputs -> uint8 codes in the packed column order (each group's columns
+      contiguous, each group padded to a multiple of 4 with code 0), and in the same pass each row's sum of
+      dequantized values r[m].
    3. grouped_gemm: out[m, n] = s_w[n] (F[m, n] - a[m] c[n]) - r[m] gap[n] + bias[n] (+ acc[m, n]), where
       c[n] = sum_g s_g z_g sum_{k in g} W[n, k] (channel groups) or sum_k W[n, k] (pixel groups), computed by each
       task for its 32 channels (zero_point_terms), and F[m, n] = sum_g s_mg sum_{k in g} q[m, k] W[n, k],
@@ -31,98 +31,63 @@ static inline __m512 quantize16(__m512 x, __m512 inverse, __m512 zero_point, __m
     return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-/* x: row m is sample m / positions, position m % positions; column k of it at
-   x + sample * stride_sample + position * stride_position + k * stride_k.
-   position_of (k,): where column k goes in a code row of `padded` bytes; NULL: column k goes to k.
-   Channel groups: inverse, zero_point are per column (k,); row_params is NULL.
-   Pixel groups: row m takes entry row_params[m % period] of the tables inverse, zero_point (one group).
-   codes: (rows_padded, padded); the rows' padding columns are zeroed (row_sums reads whole groups). */
-static void quantize_rows(const float *x, int64_t stride_sample, int64_t stride_position, int64_t stride_k,
-                          int64_t positions, int64_t m, int64_t k, const int32_t *position_of, const float *inverse,
-                          const float *zero_point, const int64_t *row_params, int64_t period, float qmax,
-                          uint8_t *codes, int64_t padded, int threads) {
+/* Rows of float inputs, row m at x + m * stride_row, column k at + k.
+   Channel groups: inverse, zero_point, scale per column (k,); row_params NULL. Pixel groups: row m takes entry
+   row_params[m % period] of the tables inverse, zero_point, scale (one group, no permutation).
+   position_of (k,): where column k goes in a code row of `padded` bytes (NULL: to k); quad_bounds (groups + 1,) of
+   the code row; group_masks (groups x windows): the columns of each 64-column window in each group (with
+   AVX-512 VBMI2, where each group's columns are packed by `vpcompressb`; a group's columns keep their order).
+   codes: (rows_padded, padded), each group's padding columns 0. r (m,): each row's sum of dequantized values,
+   s (q - z) over its columns in column order, so that a row's sum depends on nothing but the row. */
+static void quantize_rows(const float *x, int64_t stride_row, int64_t m, int64_t k, const float *inverse,
+                          const float *zero_point, const float *scale, const int64_t *row_params, int64_t period,
+                          float qmax, const int32_t *position_of, const int32_t *quad_bounds, int64_t groups,
+                          const uint64_t *group_masks, uint8_t *codes, int64_t padded, float *r, int threads) {
     const __m512 top = _mm512_set1_ps(qmax);
-    if (stride_k == 1) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t row = 0; row < m; ++row) {
-            const float *xr = x + (row / positions) * stride_sample + (row % positions) * stride_position;
-            uint8_t *out = codes + row * padded;
-            if (padded > k) memset(out, 0, (size_t)padded);
-            __m512 iv = _mm512_setzero_ps(), zp = iv;
-            if (row_params) {
-                const int64_t p = row_params[row % period];
-                iv = _mm512_set1_ps(inverse[p]), zp = _mm512_set1_ps(zero_point[p]);
-            }
-            for (int64_t k0 = 0; k0 < k; k0 += 16) {
-                const int64_t left = k - k0;
-                const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-                if (!row_params) {
-                    iv = _mm512_maskz_loadu_ps(mask, inverse + k0);
-                    zp = _mm512_maskz_loadu_ps(mask, zero_point + k0);
-                }
-                const __m512 q = quantize16(_mm512_maskz_loadu_ps(mask, xr + k0), iv, zp, top);
-                const __m128i bytes = _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q));
-                if (!position_of) {
-                    _mm_mask_storeu_epi8(out + k0, mask, bytes);
-                } else {
-                    uint8_t lanes[16];
-                    _mm_storeu_si128((__m128i *)lanes, bytes);
-                    const int64_t count = left >= 16 ? 16 : left;
-                    for (int64_t j = 0; j < count; ++j) out[position_of[k0 + j]] = lanes[j];
-                }
-            }
-        }
-        return;
-    }
-    /* Columns strided (an im2col unfolding (B, K, L)): 16 consecutive positions of one column are contiguous, so
-       quantize 16 rows at a time, column by column. Channel groups only. */
-    const int64_t samples = m / positions, blocks = (positions + 15) / 16;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t task = 0; task < samples * blocks; ++task) {
-        const int64_t sample = task / blocks, first = (task % blocks) * 16;
-        const int64_t left = positions - first;
-        const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-        const int64_t count = left >= 16 ? 16 : left;
-        const float *xb = x + sample * stride_sample + first * stride_position;
-        uint8_t *out = codes + (sample * positions + first) * padded;
-        if (padded > k) memset(out, 0, (size_t)(count * padded));
-        for (int64_t col = 0; col < k; ++col) {
-            const __m512 q = quantize16(_mm512_maskz_loadu_ps(mask, xb + col * stride_k),
-                                        _mm512_set1_ps(inverse[col]), _mm512_set1_ps(zero_point[col]), top);
-            uint8_t lanes[16];
-            _mm_storeu_si128((__m128i *)lanes, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q)));
-            const int64_t at = position_of ? position_of[col] : col;
-            for (int64_t j = 0; j < count; ++j) out[j * padded + at] = lanes[j];
-        }
-    }
-}
-
-/* r[m] = sum_g s_g (sum of row m's codes in group g - |g| z_g): each row's dequantized sum, from exact integer code
-   sums (padding codes are 0) combined in group order, so that it does not depend on how the codes were written
-   (the input's memory layout, the batch). Channel groups: group_scale, group_zero_point (groups,); pixel groups
-   (one group): row m's table entry row_params[m % period] of scale, zero_point. count (groups,): real columns. */
-static void row_sums(const uint8_t *codes, int64_t m, int64_t padded, const int32_t *quad_bounds, int64_t groups,
-                     const float *count, const float *group_scale, const float *group_zero_point,
-                     const int64_t *row_params, int64_t period, const float *scale, const float *zero_point,
-                     float *r, int threads) {
+    const int64_t windows = (k + 63) / 64;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t row = 0; row < m; ++row) {
-        const uint8_t *codes_row = codes + row * padded;
-        float sum = 0.0f;
-        for (int64_t g = 0; g < groups; ++g) {
-            __m512i bytes = _mm512_setzero_si512();
-            for (int64_t at = 4 * (int64_t)quad_bounds[g]; at < 4 * (int64_t)quad_bounds[g + 1]; at += 64) {
-                const int64_t left = 4 * (int64_t)quad_bounds[g + 1] - at;
-                const __mmask64 mask = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
-                const __m512i chunk = _mm512_maskz_loadu_epi8(mask, codes_row + at);
-                bytes = _mm512_add_epi64(bytes, _mm512_sad_epu8(chunk, _mm512_setzero_si512()));
-            }
-            const int64_t p = row_params ? row_params[row % period] : -1;
-            const float s = row_params ? scale[p] : group_scale[g];
-            const float z = row_params ? zero_point[p] : group_zero_point[g];
-            sum = fmaf(s, (float)_mm512_reduce_add_epi64(bytes) - count[g] * z, sum);
+        const float *xr = x + row * stride_row;
+        uint8_t natural[windows * 64];
+        uint8_t *out = codes + row * padded, *dest = position_of ? natural : out;
+        if (!position_of && padded > k) memset(out + k, 0, (size_t)(padded - k));
+        __m512 iv = _mm512_setzero_ps(), zp = iv, s = iv, sum = iv;
+        if (row_params) {
+            const int64_t p = row_params[row % period];
+            iv = _mm512_set1_ps(inverse[p]), zp = _mm512_set1_ps(zero_point[p]), s = _mm512_set1_ps(scale[p]);
         }
-        r[row] = sum;
+        for (int64_t k0 = 0; k0 < k; k0 += 16) {
+            const int64_t left = k - k0;
+            const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            if (!row_params) {
+                iv = _mm512_maskz_loadu_ps(mask, inverse + k0);
+                zp = _mm512_maskz_loadu_ps(mask, zero_point + k0);
+                s = _mm512_maskz_loadu_ps(mask, scale + k0);
+            }
+            const __m512 q = quantize16(_mm512_maskz_loadu_ps(mask, xr + k0), iv, zp, top);
+            sum = _mm512_fmadd_ps(_mm512_sub_ps(q, zp), s, sum); /* masked lanes: (0 - 0) * 0 */
+            _mm_mask_storeu_epi8(dest + k0, mask, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q)));
+        }
+        r[row] = _mm512_reduce_add_ps(sum);
+        if (!position_of) continue;
+#ifdef __AVX512VBMI2__
+        for (int64_t g = 0; g < groups; ++g) {
+            int64_t at = 4 * (int64_t)quad_bounds[g];
+            for (int64_t w = 0; w < windows; ++w) {
+                const uint64_t columns = group_masks[g * windows + w];
+                if (!columns) continue;
+                const __m512i packed = _mm512_maskz_compress_epi8(columns, _mm512_loadu_si512(natural + 64 * w));
+                const int64_t room = padded - at < 64 ? padded - at : 64;
+                _mm512_mask_storeu_epi8(out + at, room >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << room) - 1), packed);
+                at += __builtin_popcountll(columns);
+            }
+            for (; at < 4 * (int64_t)quad_bounds[g + 1]; ++at) out[at] = 0;
+        }
+#else
+        (void)quad_bounds, (void)groups, (void)group_masks;
+        memset(out, 0, (size_t)padded);
+        for (int64_t col = 0; col < k; ++col) out[position_of[col]] = natural[col];
+#endif
     }
 }
 
@@ -207,34 +172,67 @@ static inline void transpose16x16(__m128i r[16]) {
     }
 }
 
-/* quantize_rows for the im2col unfolding of a stride-1 convolution's input, read from the image itself: column
-   col = (c * kh + ky) * kw + kx of row m = (b * out_h + oy) * out_w + ox is x[b, c, oy - pad_h + ky * dil_h,
-   ox - pad_w + kx * dil_w], 0 outside the image (F.unfold's zero padding, whose code is the group's zero point).
-   x: (B, C, H, W) contiguous; position_of and parameters per column, as quantize_rows' channel groups.
-   column_at (4 x padded,) is scratch. 16 rows are quantized 16 code columns at a time, in code-column order
-   (padding columns as 0), and transposed so that each row's 16 codes are one store (stores scattered a column at a
-   time missed L1 on wide layers). */
-static void quantize_taps(const float *x, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t kh,
-                   int64_t kw, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t out_h,
-                   int64_t out_w, const int32_t *position_of, const float *inverse, const float *zero_point,
-                   float qmax, uint8_t *codes, int64_t padded, int32_t *column_at, int threads) {
+/* Where quantize_blocks reads a block's inputs. Row m of the layer's unfolded input:
+   UNFOLDED: an im2col unfolding (B, K, L): sample m / positions, position m % positions, column k at
+             x + sample * stride_sample + position + k * stride_k;
+   IMAGE: a stride-1 convolution's image (B, C, H, W) contiguous: column col = (c * kh + ky) * kw + kx of row
+          m = (b * out_h + oy) * out_w + ox is x[b, c, oy - pad_h + ky * dil_h, ox - pad_w + kx * dil_w], 0 outside the
+          image (F.unfold's zero padding, whose code is the group's zero point). */
+enum layout { UNFOLDED, IMAGE };
+
+typedef struct {
+    enum layout layout;
+    const float *x;
+    int64_t m;
+    int64_t stride_sample, stride_k, positions;    /* UNFOLDED */
+    int64_t batch, channels, height, width, kh, kw, pad_h, pad_w, dil_h, dil_w, out_h, out_w; /* IMAGE */
+} source;
+
+/* Channel groups' codes of an unfolding whose 16 consecutive rows of a column are contiguous: blocks of up to 16
+   rows (in one sample, and for IMAGE in one output row) are quantized 16 code columns at a time, the 16 rows of one
+   column as one vector, and transposed so that each row's 16 codes are one store (stores scattered a column at a
+   time missed L1 on wide layers).
+   position_of (k,): where column k goes in a code row of `padded` bytes (NULL: to k); inverse, zero_point, scale
+   (k,): each column's parameters. column_at (4 x padded,) is scratch. Padding columns get code 0. r (m,): each
+   row's sum of dequantized values, over its columns in code order. */
+static void quantize_blocks(const source *src, int64_t k, const int32_t *position_of, const float *inverse,
+                            const float *zero_point, const float *scale, float qmax, uint8_t *codes, int64_t padded,
+                            int32_t *column_at, float *r, int threads) {
     const __m512 top = _mm512_set1_ps(qmax);
-    const int64_t k = channels * kh * kw, blocks = (out_w + 15) / 16, taps = kh * kw;
-    /* Each code column's input column, channel and tap offsets, computed once per call: three integer divisions
-       per column and 16 pixels cost more than the quantization itself. */
+    const int64_t taps = src->kh * src->kw;
+    /* Each code column's input column (and an IMAGE's channel and tap offsets), computed once per call: three
+       integer divisions per column and 16 pixels cost more than the quantization itself. */
     int32_t *tap_channel = column_at + padded, *tap_dy = tap_channel + padded, *tap_dx = tap_dy + padded;
     for (int64_t pos = 0; pos < padded; ++pos) column_at[pos] = -1;
     for (int64_t col = 0; col < k; ++col) {
         const int64_t pos = position_of ? position_of[col] : col;
-        column_at[pos] = (int32_t)col, tap_channel[pos] = (int32_t)(col / taps);
-        tap_dy[pos] = (int32_t)((col % taps) / kw * dil_h - pad_h), tap_dx[pos] = (int32_t)(col % kw * dil_w - pad_w);
+        column_at[pos] = (int32_t)col;
+        if (src->layout == IMAGE) {
+            tap_channel[pos] = (int32_t)(col / taps);
+            tap_dy[pos] = (int32_t)((col % taps) / src->kw * src->dil_h - src->pad_h);
+            tap_dx[pos] = (int32_t)(col % src->kw * src->dil_w - src->pad_w);
+        }
     }
+    const int64_t per_sample = src->layout == UNFOLDED ? (src->positions + 15) / 16 : src->out_h * ((src->out_w + 15) / 16);
+    const int64_t tasks = src->layout == UNFOLDED ? src->m / src->positions * per_sample : src->batch * per_sample;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t task = 0; task < batch * out_h * blocks; ++task) {
-        const int64_t b = task / (out_h * blocks), oy = (task / blocks) % out_h, ox0 = (task % blocks) * 16;
-        const int64_t count = out_w - ox0 < 16 ? out_w - ox0 : 16;
-        const int64_t row0 = (b * out_h + oy) * out_w + ox0;
+    for (int64_t task = 0; task < tasks; ++task) {
+        int64_t row0, count, b = 0, oy = 0, ox0 = 0;
+        const float *base = src->x;
+        if (src->layout == UNFOLDED) {
+            const int64_t sample = task / per_sample, first = (task % per_sample) * 16;
+            row0 = sample * src->positions + first;
+            count = src->positions - first < 16 ? src->positions - first : 16;
+            base = src->x + sample * src->stride_sample + first;
+        } else {
+            const int64_t blocks = (src->out_w + 15) / 16;
+            b = task / per_sample, oy = (task / blocks) % src->out_h, ox0 = (task % blocks) * 16;
+            row0 = (b * src->out_h + oy) * src->out_w + ox0;
+            count = src->out_w - ox0 < 16 ? src->out_w - ox0 : 16;
+        }
+        const __mmask16 rows = (__mmask16)((1u << count) - 1);
         uint8_t *out = codes + row0 * padded;
+        __m512 sum = _mm512_setzero_ps();
         for (int64_t pos0 = 0; pos0 < padded; pos0 += 16) {
             __m128i tile[16];
             for (int i = 0; i < 16; ++i) {
@@ -243,16 +241,22 @@ static void quantize_taps(const float *x, int64_t batch, int64_t channels, int64
                     tile[i] = _mm_setzero_si128();
                     continue;
                 }
-                const int64_t c = tap_channel[pos], iy = oy + tap_dy[pos], ix0 = ox0 + tap_dx[pos];
-                /* lanes j with 0 <= ix0 + j < width and j < count */
-                const int64_t first = ix0 < 0 ? -ix0 : 0, end = width - ix0 < count ? width - ix0 : count;
-                const uint32_t mask =
-                    iy >= 0 && iy < height && end > first ? ((1u << end) - 1) & ~((1u << first) - 1) : 0;
-                /* Masked lanes are not read, so the row pointer may point before the row's start. */
-                const float *row = x + ((b * channels + c) * height + iy) * width + ix0;
-                const __m512 values = _mm512_maskz_loadu_ps((__mmask16)mask, mask ? row : x);
+                __m512 values;
+                if (src->layout == UNFOLDED) {
+                    values = _mm512_maskz_loadu_ps(rows, base + col * src->stride_k);
+                } else {
+                    const int64_t c = tap_channel[pos], iy = oy + tap_dy[pos], ix0 = ox0 + tap_dx[pos];
+                    /* lanes j with 0 <= ix0 + j < width and j < count */
+                    const int64_t first = ix0 < 0 ? -ix0 : 0, end = src->width - ix0 < count ? src->width - ix0 : count;
+                    const uint32_t mask = iy >= 0 && iy < src->height && end > first
+                                              ? ((1u << end) - 1) & ~((1u << first) - 1) : 0;
+                    /* Masked lanes are not read, so the row pointer may point before the row's start. */
+                    const float *row = src->x + ((b * src->channels + c) * src->height + iy) * src->width + ix0;
+                    values = _mm512_maskz_loadu_ps((__mmask16)mask, mask ? row : src->x);
+                }
                 const __m512 zp = _mm512_set1_ps(zero_point[col]);
                 const __m512 q = quantize16(values, _mm512_set1_ps(inverse[col]), zp, top);
+                sum = _mm512_fmadd_ps(_mm512_sub_ps(q, zp), _mm512_set1_ps(scale[col]), sum);
                 tile[i] = _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q));
             }
             transpose16x16(tile);
@@ -260,6 +264,7 @@ static void quantize_taps(const float *x, int64_t batch, int64_t channels, int64
             const __mmask16 store = (__mmask16)((1u << width16) - 1);
             for (int64_t j = 0; j < count; ++j) _mm_mask_storeu_epi8(out + j * padded + pos0, store, tile[j]);
         }
+        _mm512_mask_storeu_ps(r + row0, rows, sum);
     }
 }
 
@@ -314,11 +319,12 @@ static void grouped_gemm(const uint8_t *codes, int64_t m, int64_t padded, const 
    `groups` (column_group[k]: each input column's group; NULL: one group), or with pixel groups by row_labels[m %
    period] for row m (one column group).
 
-   kind 0: x is float rows, shape = {stride_sample, stride_position, stride_k, positions, m, k} (quantize_rows);
+   kind 0: x is float rows, row m at x + m * stride_row, shape = {stride_row, m, k} (source ROWS);
    kind 1: x is a stride-1 convolution's image, shape = {batch, channels, height, width, kh, kw, pad_h, pad_w,
-           dil_h, dil_w, out_h, out_w} (quantize_taps);
+           dil_h, dil_w, out_h, out_w} (source IMAGE);
    kind 2: x is (m, k) uint8 codes already quantized with group 0's parameters, shape = {m, k}: no row sums, no gap
-           term.
+           term;
+   kind 3: x is an im2col unfolding (B, k, L), shape = {stride_sample, stride_k, L, m, k} (source UNFOLDED).
    weight: panels of `padded` columns (position_of, quad_bounds as PanelWeight holds them), n outputs in n_padded.
    w_scale, gap, bias, acc as grouped_gemm's (gap, bias, acc may be NULL). out: (m, n).
    Returns 0, or the bytes it failed to allocate. */
@@ -328,33 +334,33 @@ int64_t dgq_linear(int kind, const void *x, const int64_t *shape, const float *s
                 const int32_t *position_of, const int32_t *quad_bounds, int64_t padded, int64_t n, int64_t n_padded,
                 const float *w_scale, const float *gap, const float *bias, const float *acc, float *out,
                 int threads) {
-    const int64_t m = kind == 0 ? shape[4] : kind == 1 ? shape[0] * shape[10] * shape[11] : shape[0];
-    const int64_t k = kind == 0 ? shape[5] : kind == 1 ? shape[1] * shape[4] * shape[5] : shape[1];
-    const int64_t rows_padded = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
-    /* Padding columns and rows of the codes are left as they are: their weights are zero, and padding rows are not
-       stored. */
+    const int64_t m = kind == 0 ? shape[1] : kind == 1 ? shape[0] * shape[10] * shape[11] : kind == 2 ? shape[0] : shape[3];
+    const int64_t k = kind == 0 ? shape[2] : kind == 1 ? shape[1] * shape[4] * shape[5] : kind == 2 ? shape[1] : shape[4];
+    const int64_t rows_padded = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS, windows = (k + 63) / 64;
+    /* Padding rows of the codes are left as they are: they are not stored. */
     const int64_t codes_bytes = rows_padded * padded;
-    const int64_t scratch_bytes =
-        (int64_t)sizeof(float) * (2 * k + 4 * padded + entries + 4 * groups + 2 * rows_padded + m);
+    const int64_t scratch_bytes = (int64_t)sizeof(uint64_t) * groups * windows +
+                                  (int64_t)sizeof(float) * (3 * k + 4 * padded + entries + 3 * groups + 2 * rows_padded + m);
     uint8_t *codes = malloc((size_t)codes_bytes);
-    float *scratch = malloc((size_t)scratch_bytes);
+    uint64_t *scratch = malloc((size_t)scratch_bytes);
     if (!codes || !scratch) {
         free(codes);
         free(scratch);
         return codes_bytes + scratch_bytes;
     }
-    float *inverse = scratch, *zp = inverse + k, *table_inverse = zp + k + 4 * padded;
+    uint64_t *group_masks = scratch;
+    float *inverse = (float *)(group_masks + groups * windows), *zp = inverse + k, *col_scale = zp + k;
+    int32_t *column_at = (int32_t *)(col_scale + k);
+    float *table_inverse = (float *)(column_at + 4 * padded);
     float *group_scale = table_inverse + entries, *group_zero_point = group_scale + groups;
-    float *coefficient = group_zero_point + groups, *count = coefficient + groups;
-    float *row_scale = count + groups, *a = row_scale + rows_padded, *r = a + rows_padded;
-    int32_t *column_at = (int32_t *)(zp + k);
+    float *coefficient = group_zero_point + groups;
+    float *row_scale = coefficient + groups, *a = row_scale + rows_padded, *r = a + rows_padded;
     for (int64_t p = 0; p < entries; ++p) table_inverse[p] = 1.0f / scale[p]; /* correctly rounded: torch's too */
     for (int64_t g = 0; g < groups; ++g) {
         const int64_t p = group_ids[g];
-        group_scale[g] = scale[p], group_zero_point[g] = zero_point[p], count[g] = 0.0f;
+        group_scale[g] = scale[p], group_zero_point[g] = zero_point[p];
         coefficient[g] = row_labels ? 1.0f : scale[p] * zero_point[p];
     }
-    for (int64_t col = 0; col < k; ++col) count[column_group ? column_group[col] : 0] += 1.0f;
     if (row_labels) {
         for (int64_t row = 0; row < rows_padded; ++row) {
             const int64_t p = row_labels[row % period];
@@ -362,25 +368,28 @@ int64_t dgq_linear(int kind, const void *x, const int64_t *shape, const float *s
             a[row] = scale[p] * zero_point[p];
         }
     } else if (kind != 2) {
+        memset(group_masks, 0, sizeof(uint64_t) * (size_t)(groups * windows));
         for (int64_t col = 0; col < k; ++col) {
-            const int64_t p = group_ids[column_group ? column_group[col] : 0];
-            inverse[col] = table_inverse[p], zp[col] = zero_point[p];
+            const int64_t g = column_group ? column_group[col] : 0, p = group_ids[g];
+            inverse[col] = table_inverse[p], zp[col] = zero_point[p], col_scale[col] = scale[p];
+            group_masks[g * windows + col / 64] |= (uint64_t)1 << (col % 64);
         }
     }
     if (kind == 0) {
-        quantize_rows((const float *)x, shape[0], shape[1], shape[2], shape[3], m, k, position_of,
-                      row_labels ? table_inverse : inverse, row_labels ? zero_point : zp, row_labels, period, qmax,
-                      codes, padded, threads);
-    } else if (kind == 1) {
-        quantize_taps((const float *)x, shape[0], shape[1], shape[2], shape[3], shape[4], shape[5], shape[6],
-                      shape[7], shape[8], shape[9], shape[10], shape[11], position_of, inverse, zp, qmax, codes,
-                      padded, column_at, threads);
-    } else {
+        quantize_rows((const float *)x, shape[0], m, k, row_labels ? table_inverse : inverse,
+                      row_labels ? zero_point : zp, row_labels ? scale : col_scale, row_labels, period, qmax,
+                      position_of, quad_bounds, groups, group_masks, codes, padded, r, threads);
+    } else if (kind == 2) {
         for (int64_t row = 0; row < m; ++row) memcpy(codes + row * padded, (const uint8_t *)x + row * k, (size_t)k);
+    } else {
+        const source src = kind == 3
+            ? (source){.layout = UNFOLDED, .x = (const float *)x, .m = m, .stride_sample = shape[0],
+                       .stride_k = shape[1], .positions = shape[2]}
+            : (source){.layout = IMAGE, .x = (const float *)x, .m = m, .batch = shape[0], .channels = shape[1],
+                       .height = shape[2], .width = shape[3], .kh = shape[4], .kw = shape[5], .pad_h = shape[6],
+                       .pad_w = shape[7], .dil_h = shape[8], .dil_w = shape[9], .out_h = shape[10], .out_w = shape[11]};
+        quantize_blocks(&src, k, position_of, inverse, zp, col_scale, qmax, codes, padded, column_at, r, threads);
     }
-    if (kind != 2)
-        row_sums(codes, m, padded, quad_bounds, groups, count, group_scale, group_zero_point, row_labels, period,
-                 scale, zero_point, r, threads);
     grouped_gemm(codes, m, padded, weight, n, n_padded, quad_bounds, groups, group_scale,
                  row_labels ? row_scale : NULL, row_labels ? a : NULL, 1.0f, coefficient, w_scale,
                  kind == 2 ? NULL : r, gap, bias, acc, out, threads);

@@ -7,8 +7,10 @@ GEMMs for 184 layers, each group padded to 64 columns, plus a gather and a quant
 
 1. The float inputs are quantized with each column's group parameters (per column, or per row for DGQ's pixel
    groups) straight into a code matrix whose columns are in the labelling's order, group after group, each group
-   padded to a multiple of 4 columns; each row's sum of dequantized values comes out of the same pass. A stride-1
-   convolution's unfolding is read from its image (`ImageTaps`), 16 output pixels by 16 code columns at a time.
+   padded to a multiple of 4 columns; each row's sum of dequantized values comes out of the same pass. Rows are
+   quantized in their own order and each group's codes packed by `vpcompressb` (AVX-512 VBMI2; scattered one by one
+   without it). A convolution's unfolding is read 16 output pixels by 16 code columns at a time, a stride-1 one
+   from its image (`ImageTaps`).
 2. Register tiles of 6 rows x 32 outputs accumulate `u8 x s8` products in int32 with `vpdpbusd` within a group, and
    in float32 across groups (`s_g * int32 sum`); the zero points, the weight's per-channel scale, its zero point's
    rank-1 term and the bias are applied once per output.
@@ -44,10 +46,17 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-err
 PANEL, TILE_COLS = 16, 32
 QUAD = 4
 
-def _build() -> ctypes.CDLL | None:
+def build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """Compile (or load from the cache) the kernel for this CPU; None where it lacks AVX-512 VNNI or the build fails.
+
+    Args:
+        extra_flags (`tuple[str, ...]`): compiler flags after `-march=native`: `("-mno-avx512vbmi2",)` builds the code
+            path of VNNI CPUs without VBMI2 (Cascade Lake), which the tests run beside this CPU's.
+    """
     if "avx512_vnni" not in native.cpu_flags():
         return None
-    loaded = native.build("vnni_fused", SOURCE, FLAGS, "channel groups run as one oneDNN GEMM each")
+    flags = [*FLAGS[:2], *extra_flags, *FLAGS[2:]]
+    loaded = native.build("vnni_fused", SOURCE, flags, "channel groups run as one oneDNN GEMM each")
     if loaded is None:
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -59,7 +68,7 @@ def _build() -> ctypes.CDLL | None:
     return loaded
 
 
-_LIBRARY = native.BuiltOnce(_build)
+_LIBRARY = native.BuiltOnce(build)
 
 
 def library() -> ctypes.CDLL | None:
@@ -116,7 +125,9 @@ class PanelWeight:
         n, k = centred.shape
         if len(bounds) > 257:
             raise ValueError(f"the VNNI kernel takes at most 256 channel groups, not {len(bounds) - 1}")
+        # Each group's inputs in ascending order: the kernel packs a group's codes as they come (`vpcompressb`).
         order = torch.arange(k) if order is None else order.long()
+        order = torch.cat([order[start:end].sort().values for start, end in zip(bounds, bounds[1:], strict=False)])
         sizes = [end - start for start, end in zip(bounds, bounds[1:], strict=False)]
         starts = [0]
         for size in sizes:
@@ -154,6 +165,9 @@ class VnniFusedGemm(OnednnGemm):
 
     Each channel labelling carries its own packed weight (`labelled_weights`); W4 layers run group by group
     (`reads_nibbles` False), widening their codes at each call as on oneDNN.
+
+    Args:
+        kernel (`ctypes.CDLL | None`): a `build` of the kernel; None: this CPU's (`library()`).
     """
 
     name = "vnni"
@@ -162,9 +176,9 @@ class VnniFusedGemm(OnednnGemm):
     reads_nibbles = False
     reads_image_taps = True
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: ctypes.CDLL | None = None) -> None:
         super().__init__(exact=True)
-        self.kernel = library()
+        self.kernel = kernel or library()
         if self.kernel is None:
             raise RuntimeError("the fused VNNI kernel needs a CPU with AVX-512 VNNI and a C compiler")
 
@@ -194,13 +208,15 @@ class VnniFusedGemm(OnednnGemm):
             image = inputs.image.contiguous()
             kind, x, m = 1, image, inputs.rows
             shape = (*image.shape, *inputs.kernel_size, *inputs.padding, *inputs.dilation, *inputs.output_size)
-        elif inputs.dim() == 3:  # (B, K, L) im2col unfolding: row m = (m // L, m % L)
-            kind, x, m = 0, inputs, inputs.shape[0] * inputs.shape[2]
-            shape = (inputs.stride(0), inputs.stride(2), inputs.stride(1), inputs.shape[2], m, inputs.shape[1])
+        elif inputs.dim() == 3 and inputs.stride(1) != 1:  # (B, K, L) im2col unfolding: row m = (m // L, m % L)
+            x = inputs if inputs.stride(2) == 1 else inputs.contiguous()
+            kind, m = 3, x.shape[0] * x.shape[2]
+            shape = (x.stride(0), x.stride(1), x.shape[2], m, x.shape[1])
         else:
-            x = inputs if inputs.stride(1) == 1 else inputs.contiguous()
+            rows = inputs.transpose(1, 2).flatten(0, 1) if inputs.dim() == 3 else inputs
+            x = rows if rows.stride(1) == 1 else rows.contiguous()
             kind, m = 0, x.shape[0]
-            shape = (0, x.stride(0), 1, max(m, 1), m, x.shape[1])
+            shape = (x.stride(0), m, x.shape[1])
         labels = None if row_labels is None else row_labels.to(torch.int64).contiguous()
         return self._run(kind, x, shape, m, scale, zero_point, bits, packed, w_scale, zero_point_gap, bias, None,
                          labels)  # fmt: skip
