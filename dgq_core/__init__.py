@@ -28,6 +28,7 @@ from .conditioning import (
     PromptConditioner,
     conditioning,
     pack_prompt_pair,
+    text_conditioning,
     unpack_prompt_pair,
 )
 from .config import (
@@ -115,6 +116,7 @@ __all__ = [
     "collect_unet_stats",
     "component_dtype",
     "conditioning",
+    "text_conditioning",
     "default_calibration_prompts",
     "from_pretrained",
     "int_execution_summary",

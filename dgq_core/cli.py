@@ -181,6 +181,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import read_quant_config
+    from .conditioning import text_conditioning
     from .kernels import int_execution_summary
     from .pipeline import from_pretrained, resolve_model
 
@@ -190,10 +191,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     steps = args.steps or (calibrated.steps if calibrated else 25)
     guidance = args.guidance_scale if args.guidance_scale is not None else (calibrated.guidance_scale if calibrated else 7.5)
     started = time.perf_counter()
-    image = pipe(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-        height=args.height, width=args.width, generator=torch.Generator(device="cpu").manual_seed(args.seed),
-    ).images[0]
+    negatives = None if args.negative_prompt is None else [args.negative_prompt]
+    with text_conditioning(pipe, [args.prompt], negatives, guidance) as text_inputs:
+        image = pipe(
+            **text_inputs, num_inference_steps=steps, guidance_scale=guidance, height=args.height, width=args.width,
+            generator=torch.Generator(device="cpu").manual_seed(args.seed),
+        ).images[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
     seconds = time.perf_counter() - started

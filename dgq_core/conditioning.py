@@ -271,6 +271,33 @@ def conditioning(
         yield text_inputs
 
 
+
+@contextlib.contextmanager
+def text_conditioning(
+    pipe: DiffusionPipeline,
+    prompts: list[str],
+    negative_prompts: list[str] | None,
+    guidance_scale: float,
+    loras: list[AdapterSet] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """`conditioning` from prompt text, in one process (`dgq generate`, the eval harness): a DGQ UNet's
+    cross-attention keys and values are computed once for the call, as the service's API process computes them for
+    its workers, instead of at every denoising step.
+
+    Args:
+        pipe (`DiffusionPipeline`): the pipeline that will run, with its tokenizer(s) and text encoder(s).
+        prompts (`list[str]`): one prompt per image.
+        negative_prompts (`list[str] | None`): one per image; None: "" for each, as diffusers' default.
+        guidance_scale, loras: as `conditioning`'s.
+    """
+    conditioner = PromptConditioner(pipe, cross_attention_processors(pipe.unet))
+    negatives = negative_prompts if negative_prompts is not None else [""] * len(prompts)
+    # Prompts and negative prompts in separate text-encoder calls, as diffusers encodes them.
+    encoded = conditioner.encode(prompts, loras), conditioner.encode(negatives, loras)
+    with conditioning(pipe, *encoded, guidance_scale, loras) as text_inputs:
+        yield text_inputs
+
+
 # --- the wire format: one safetensors blob per job ---
 
 

@@ -156,17 +156,18 @@ def generate(
     """
     images = []
     elapsed = 0.0
-    # side-branch adapters, on every row of every call (with guidance the UNet runs each prompt twice)
+    # side-branch adapters, on every image (and its negative prompt's row)
     adapters = [] if config.merge_loras else [(dgq_core.load_lora(path), scale) for path, scale in config.loras]
-    rows_per_prompt = 2 if config.guidance_scale > 1.0 else 1
     with tqdm(total=len(config.prompts), desc=desc, unit="img") as bar:
         for start in range(0, len(config.prompts), config.batch_size):
             prompts = [prompt + config.prompt_suffix for prompt in config.prompts[start : start + config.batch_size]]
             generators = [torch.Generator().manual_seed(config.seed + start + i) for i in range(len(prompts))]
             began = time.perf_counter()
-            with dgq_core.use_loras(pipeline.unet, [adapters] * (rows_per_prompt * len(prompts))):
+            with dgq_core.text_conditioning(
+                pipeline, prompts, None, config.guidance_scale, [adapters] * len(prompts)
+            ) as text_inputs:
                 output = pipeline(
-                    prompts,
+                    **text_inputs,
                     num_inference_steps=config.num_inference_steps,
                     guidance_scale=config.guidance_scale,
                     generator=generators,

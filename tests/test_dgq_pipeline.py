@@ -20,6 +20,7 @@ from dgq_core.conditioning import (
     PromptConditioner,
     conditioning,
     pack_prompt_pair,
+    text_conditioning,
     unpack_prompt_pair,
     use_prompt_params,
 )
@@ -172,6 +173,28 @@ def test_precomputed_prompt_params_reproduce_the_image_exactly(quantized):
     with use_prompt_params(pipe.unet, one_row), pytest.raises(ValueError, match="samples"):
         pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=generators(), **kwargs)
 
+
+
+def test_text_conditioning_computes_cross_attention_keys_once_per_call(quantized):
+    """`dgq generate` and the eval harness encode prompts the service's way: a cross-attention's keys are computed
+    once per text-encoder call (the prompts', the negative prompts'), not at every step, and the image is the
+    pipeline's own."""
+    pipe, _, _ = quantized
+    attn, _ = next(iter(cross_attention_processors(pipe.unet).values()))
+    calls, unet_calls = [], []
+    hooks = [attn.to_k.register_forward_hook(lambda *_: calls.append(1)),
+             pipe.unet.register_forward_hook(lambda *_: unet_calls.append(1))]  # fmt: skip
+    try:
+        direct = generate(pipe, PROMPTS[:2], [1, 2])
+        per_step = len(calls)
+        calls.clear()
+        with text_conditioning(pipe, PROMPTS[:2], None, 7.5) as text_inputs:
+            conditioned = generate(pipe, None, [1, 2], **text_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert per_step == len(unet_calls) // 2 >= STEPS and len(calls) == 2
+    assert np.array_equal(direct, conditioned)
 
 def test_save_load_generate_gives_the_same_image(quantized):
     pipe, _, out = quantized
