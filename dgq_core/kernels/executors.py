@@ -290,7 +290,8 @@ class IntLinear:
         return out.addr_(_dequantized_row_sums(codes, scale, zero_point), self.zero_point_gap, alpha=-1)
 
     def channel_groups(self, inputs, params, to_rows=None) -> torch.Tensor:
-        """The (M, N) output for channel groups, with the inputs' channel axis at dim 1.
+        """The (M, N) output for channel groups, with the inputs' channel axis at dim 1; a fused backend that
+        `writes_images` gives an unfolding's (B, K, L) (or `ImageTaps`') output as images (B, N, L).
 
         Args:
             inputs (`torch.Tensor`): (M, K) rows, or any tensor with K at dim 1 (an im2col unfolding (B, K, L)).
@@ -556,6 +557,8 @@ class IntConv2d:
             )
         if channel_groups:
             rows = self.linear.channel_groups(columns, params, _unfolded_rows)
+            if self.linear.fused and self.backend.writes_images:
+                return rows.view(x.shape[0], -1, h_out, w_out)
         else:
             rows = self.linear(columns.transpose(1, 2), params).flatten(0, 1)
         # In the UNet's own (contiguous) layout, as `_native` writes it: a channels-last view would send the next

@@ -38,6 +38,7 @@ class IntMmGemm:
     labelled_weights = False
     reads_nibbles = False
     reads_image_taps = False
+    writes_images = False
 
     def __init__(self, device: torch.device | str = "cuda") -> None:
         self.device = torch.device(device)

@@ -75,6 +75,7 @@ class OnednnGemm:
     labelled_weights = False
     reads_nibbles = False
     reads_image_taps = False
+    writes_images = False
 
     def __init__(self, exact: bool = True) -> None:
         self.split_wide = exact and not has_vnni()

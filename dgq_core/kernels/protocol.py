@@ -87,6 +87,9 @@ class GemmBackend(Protocol):
     # Whether `grouped_linear` reads a stride-1 convolution's unfolding from its image (`ImageTaps`), so that
     # channel-grouped convolutions need no im2col copy.
     reads_image_taps: bool
+    # Whether `grouped_linear` returns a convolution's output as its images (B, N, L) when its inputs are an unfolding
+    # (B, K, L) or `ImageTaps` (else as rows (B * L, N), which the executor lays out as images).
+    writes_images: bool
 
     def quantize(self, x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
         """uint8 codes of `x` under one (scale, zero point), equal to `dgq_core.quantizers.quantize_uniform`'s."""

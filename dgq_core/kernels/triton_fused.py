@@ -191,6 +191,7 @@ class FusedGroupGemm:
     labelled_weights = False
     reads_nibbles = True
     reads_image_taps = False
+    writes_images = False
 
     def __init__(self, device: torch.device | str = "cuda") -> None:
         self.device = torch.device(device)

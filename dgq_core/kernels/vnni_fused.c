@@ -101,7 +101,7 @@ static inline void tile(const uint8_t *codes, int64_t padded, const int8_t *w0, 
                         const int32_t *quad_bounds, int64_t groups, const float *group_scale, const float *row_scale,
                         int64_t row0, int64_t m, int64_t n, int64_t col0, const float *a, float a_const,
                         const float *c, const float *w_scale, const float *r, const float *gap, const float *bias,
-                        const float *acc, float *out) {
+                        const float *acc, int64_t positions, float *out) {
     __m512 f[TILE_ROWS][2];
     for (int i = 0; i < TILE_ROWS; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps();
     const uint8_t *rows = codes + row0 * padded;
@@ -155,7 +155,15 @@ static inline void tile(const uint8_t *codes, int64_t padded, const int8_t *w0, 
             if (r && gap) v = _mm512_fnmadd_ps(_mm512_set1_ps(r[row]), _mm512_maskz_loadu_ps(mask, gap + col), v);
             if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + col));
             if (acc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, acc + row * n + col));
-            _mm512_mask_storeu_ps(out + row * n + col, mask, v);
+            if (positions) { /* images (B, n, positions): the 16 channels of one pixel lie positions apart */
+                const __m512i offsets = _mm512_mullo_epi32(
+                    _mm512_add_epi32(_mm512_set1_epi32((int32_t)col), _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8,
+                                                                                       7, 6, 5, 4, 3, 2, 1, 0)),
+                    _mm512_set1_epi32((int32_t)positions));
+                _mm512_mask_i32scatter_ps(out + (row / positions) * n * positions + row % positions, mask, offsets, v, 4);
+            } else {
+                _mm512_mask_storeu_ps(out + row * n + col, mask, v);
+            }
         }
     }
 }
@@ -293,12 +301,14 @@ static __attribute__((noinline)) void zero_point_terms(const int8_t *w0, const i
 /* codes: (rows_padded, padded) with rows_padded a multiple of TILE_ROWS; weight: (n_padded / 16, padded / 4, 16, 4)
    with n_padded a multiple of 32; quad_bounds (groups + 1,): group g is quads quad_bounds[g]:quad_bounds[g + 1].
    group_scale (groups,) or row_scale (rows_padded,) per row (one group); a (m,) or a_const; coefficient (groups,)
-   of the zero points' term; w_scale, gap, bias (n,) (gap, bias, r, acc, a may be NULL). out, acc: (m, n). */
+   of the zero points' term; w_scale, gap, bias (n,) (gap, bias, r, acc, a may be NULL). acc: (m, n); out: (m, n), or
+   with positions > 0 images (m / positions, n, positions) (a convolution's output, row m at pixel m % positions of
+   image m / positions). */
 static void grouped_gemm(const uint8_t *codes, int64_t m, int64_t padded, const int8_t *weight, int64_t n,
                          int64_t n_padded, const int32_t *quad_bounds, int64_t groups, const float *group_scale,
                          const float *row_scale, const float *a, float a_const, const float *coefficient,
                          const float *w_scale, const float *r, const float *gap, const float *bias, const float *acc,
-                         float *out, int threads) {
+                         int64_t positions, float *out, int threads) {
     const int64_t pairs = n_padded / (2 * PANEL), blocks = (m + BLOCK_ROWS - 1) / BLOCK_ROWS;
     const int64_t panel_bytes = (padded / 4) * 64;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
@@ -310,7 +320,7 @@ static void grouped_gemm(const uint8_t *codes, int64_t m, int64_t padded, const 
             zero_point_terms(w0, w1, quad_bounds, groups, coefficient, c);
             for (int64_t row0 = block * BLOCK_ROWS; row0 < end; row0 += TILE_ROWS)
                 tile(codes, padded, w0, w1, quad_bounds, groups, group_scale, row_scale, row0, m, n,
-                     pair * 2 * PANEL, a, a_const, c, w_scale, r, gap, bias, acc, out);
+                     pair * 2 * PANEL, a, a_const, c, w_scale, r, gap, bias, acc, positions, out);
         }
     }
 }
@@ -326,7 +336,8 @@ static void grouped_gemm(const uint8_t *codes, int64_t m, int64_t padded, const 
            term;
    kind 3: x is an im2col unfolding (B, k, L), shape = {stride_sample, stride_k, L, m, k} (source UNFOLDED).
    weight: panels of `padded` columns (position_of, quad_bounds as PanelWeight holds them), n outputs in n_padded.
-   w_scale, gap, bias, acc as grouped_gemm's (gap, bias, acc may be NULL). out: (m, n).
+   w_scale, gap, bias, acc as grouped_gemm's (gap, bias, acc may be NULL). out: (m, n) for kinds 0 and 2; a
+   convolution's images (B, n, L) for kinds 1 (L = out_h * out_w) and 3.
    Returns 0, or the bytes it failed to allocate. */
 int64_t dgq_linear(int kind, const void *x, const int64_t *shape, const float *scale, const float *zero_point,
                 int64_t entries, const int32_t *group_ids, const uint8_t *column_group, int64_t groups,
@@ -392,7 +403,8 @@ int64_t dgq_linear(int kind, const void *x, const int64_t *shape, const float *s
     }
     grouped_gemm(codes, m, padded, weight, n, n_padded, quad_bounds, groups, group_scale,
                  row_labels ? row_scale : NULL, row_labels ? a : NULL, 1.0f, coefficient, w_scale,
-                 kind == 2 ? NULL : r, gap, bias, acc, out, threads);
+                 kind == 2 ? NULL : r, gap, bias, acc, kind == 1 ? shape[10] * shape[11] : kind == 3 ? shape[2] : 0,
+                 out, threads);
     free(scratch);
     free(codes);
     return 0;

@@ -175,6 +175,7 @@ class VnniFusedGemm(OnednnGemm):
     labelled_weights = True
     reads_nibbles = False
     reads_image_taps = True
+    writes_images = True
 
     def __init__(self, kernel: ctypes.CDLL | None = None) -> None:
         super().__init__(exact=True)
@@ -202,36 +203,36 @@ class VnniFusedGemm(OnednnGemm):
     ) -> torch.Tensor:
         """The layer output `dq(x) W^T + b` of float inputs; arguments as `triton_fused.FusedGroupGemm`'s, except
         that `groups` is `index_groups`' packed weight, which replaces `packed`, and that `inputs` may be
-        `ImageTaps`."""
+        `ImageTaps`. A convolution's unfolding (`ImageTaps`, or (B, K, L)) gives its images (B, N, L)
+        (`writes_images`), rows (M, K) give rows (M, N)."""
         packed = groups if groups is not None else packed
         if isinstance(inputs, ImageTaps):
             image = inputs.image.contiguous()
-            kind, x, m = 1, image, inputs.rows
+            kind, x, out_shape = 1, image, (image.shape[0], packed.out_features, inputs.rows // image.shape[0])
             shape = (*image.shape, *inputs.kernel_size, *inputs.padding, *inputs.dilation, *inputs.output_size)
-        elif inputs.dim() == 3 and inputs.stride(1) != 1:  # (B, K, L) im2col unfolding: row m = (m // L, m % L)
+        elif inputs.dim() == 3:  # (B, K, L) im2col unfolding: row m = (m // L, m % L)
             x = inputs if inputs.stride(2) == 1 else inputs.contiguous()
-            kind, m = 3, x.shape[0] * x.shape[2]
-            shape = (x.stride(0), x.stride(1), x.shape[2], m, x.shape[1])
+            kind, out_shape = 3, (x.shape[0], packed.out_features, x.shape[2])
+            shape = (x.stride(0), x.stride(1), x.shape[2], x.shape[0] * x.shape[2], x.shape[1])
         else:
-            rows = inputs.transpose(1, 2).flatten(0, 1) if inputs.dim() == 3 else inputs
-            x = rows if rows.stride(1) == 1 else rows.contiguous()
-            kind, m = 0, x.shape[0]
-            shape = (x.stride(0), m, x.shape[1])
+            x = inputs if inputs.stride(1) == 1 else inputs.contiguous()
+            kind, out_shape = 0, (x.shape[0], packed.out_features)
+            shape = (x.stride(0), *x.shape)
         labels = None if row_labels is None else row_labels.to(torch.int64).contiguous()
-        return self._run(kind, x, shape, m, scale, zero_point, bits, packed, w_scale, zero_point_gap, bias, None,
-                         labels)  # fmt: skip
+        return self._run(kind, x, shape, out_shape, scale, zero_point, bits, packed, w_scale, zero_point_gap, bias,
+                         None, labels)  # fmt: skip
 
     def linear(self, codes, x_scale, x_zero_point, packed, w_scale, bias=None, accumulate=None) -> torch.Tensor:
         codes = codes.contiguous()
         scale, zero_point = torch.tensor([x_scale]), torch.tensor([float(x_zero_point)])
-        return self._run(2, codes, tuple(codes.shape), codes.shape[0], scale, zero_point, 8, packed, w_scale, None,
-                         bias, accumulate, None)  # fmt: skip
+        return self._run(2, codes, tuple(codes.shape), (codes.shape[0], packed.out_features), scale, zero_point, 8,
+                         packed, w_scale, None, bias, accumulate, None)  # fmt: skip
 
-    def _run(self, kind, x, shape, m, scale, zero_point, bits, packed, w_scale, gap, bias, acc, labels):
-        """One `dgq_linear` call of the C kernel (its comment documents the arguments)."""
+    def _run(self, kind, x, shape, out_shape, scale, zero_point, bits, packed, w_scale, gap, bias, acc, labels):
+        """One `dgq_linear` call of the C kernel (its comment documents the arguments) into a new `out_shape`."""
         weight: PanelWeight = packed.handle
-        out = torch.empty(m, packed.out_features)
-        if m == 0:
+        out = torch.empty(out_shape)
+        if out.numel() == 0:
             return out
         scale, zero_point = scale.float().contiguous(), zero_point.float().contiguous()
         vectors = [None if v is None else v.float().contiguous() for v in (w_scale, gap, bias, acc)]
