@@ -155,7 +155,9 @@ CONVS = {
     "1x1": dict(kernel_size=1),
     "3x3-stride2": dict(kernel_size=3, padding=1, stride=2),
     "3x3-dilation2": dict(kernel_size=3, padding=2, dilation=2),
+    "3x3-wide": dict(kernel_size=3, padding=1),  # its image is 4 x 21 (the others' 10 x 10): rows of 16+ pixels
 }
+IMAGE_SIZE = {"3x3-wide": (4, 21)}
 
 
 @pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
@@ -166,7 +168,7 @@ def test_conv_matches_fake(backend_name, w_bits, a_bits, mode, axis, shape):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(16, 24, **CONVS[shape])
     weight = QuantizedWeight.from_float(conv.weight, w_bits)
-    x = channel_outliers(torch.randn(2, 16, 10, 10), 1)
+    x = channel_outliers(torch.randn(2, 16, *IMAGE_SIZE.get(shape, (10, 10))), 1)
     columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
     params = act_params(columns if mode == "group" else x, mode, a_bits, axis, 1 if axis == "channel" else 2)
     ref = fake_conv(conv, weight, x, params)

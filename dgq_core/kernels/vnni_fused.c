@@ -3,7 +3,7 @@
 
    1. The step's tables are read once per call: each column's (or, for pixel groups, each row's) scale, reciprocal
       and zero point.
-   2. quantize_rows / quantize_blocks: float inputs -> uint8 codes in the packed column order (each group's columns
+   2. quantize_rows / quantize_unfolded / quantize_image: float inputs -> uint8 codes in the packed column order (each group's columns
       contiguous, each group padded to a multiple of 4 with code 0), and in the same pass each row's sum of
       dequantized values r[m].
    3. grouped_gemm: out[m, n] = s_w[n] (F[m, n] - a[m] c[n]) - r[m] gap[n] + bias[n] (+ acc[m, n]), where
@@ -180,66 +180,39 @@ static inline void transpose16x16(__m128i r[16]) {
     }
 }
 
-/* Where quantize_blocks reads a block's inputs. Row m of the layer's unfolded input:
-   UNFOLDED: an im2col unfolding (B, K, L): sample m / positions, position m % positions, column k at
-             x + sample * stride_sample + position + k * stride_k;
-   IMAGE: a stride-1 convolution's image (B, C, H, W) contiguous: column col = (c * kh + ky) * kw + kx of row
-          m = (b * out_h + oy) * out_w + ox is x[b, c, oy - pad_h + ky * dil_h, ox - pad_w + kx * dil_w], 0 outside the
-          image (F.unfold's zero padding, whose code is the group's zero point). */
-enum layout { UNFOLDED, IMAGE };
-
-typedef struct {
-    enum layout layout;
-    const float *x;
-    int64_t m;
-    int64_t stride_sample, stride_k, positions;    /* UNFOLDED */
-    int64_t batch, channels, height, width, kh, kw, pad_h, pad_w, dil_h, dil_w, out_h, out_w; /* IMAGE */
-} source;
-
-/* Channel groups' codes of an unfolding whose 16 consecutive rows of a column are contiguous: blocks of up to 16
-   rows (in one sample, and for IMAGE in one output row) are quantized 16 code columns at a time, the 16 rows of one
-   column as one vector, and transposed so that each row's 16 codes are one store (stores scattered a column at a
-   time missed L1 on wide layers).
-   position_of (k,): where column k goes in a code row of `padded` bytes (NULL: to k); inverse, zero_point, scale
-   (k,): each column's parameters. column_at (4 x padded,) is scratch. Padding columns get code 0. r (m,): each
-   row's sum of dequantized values, over its columns in code order. */
-static void quantize_blocks(const source *src, int64_t k, const int32_t *position_of, const float *inverse,
-                            const float *zero_point, const float *scale, float qmax, uint8_t *codes, int64_t padded,
-                            int32_t *column_at, float *r, int threads) {
-    const __m512 top = _mm512_set1_ps(qmax);
-    const int64_t taps = src->kh * src->kw;
-    /* Each code column's input column (and an IMAGE's channel and tap offsets), computed once per call: three
-       integer divisions per column and 16 pixels cost more than the quantization itself. */
-    int32_t *tap_channel = column_at + padded, *tap_dy = tap_channel + padded, *tap_dx = tap_dy + padded;
+/* Each code column's input column: column_at[pos] = col, or -1 for a padding column. */
+static void code_columns(int64_t k, int64_t padded, const int32_t *position_of, int32_t *column_at) {
     for (int64_t pos = 0; pos < padded; ++pos) column_at[pos] = -1;
-    for (int64_t col = 0; col < k; ++col) {
-        const int64_t pos = position_of ? position_of[col] : col;
-        column_at[pos] = (int32_t)col;
-        if (src->layout == IMAGE) {
-            tap_channel[pos] = (int32_t)(col / taps);
-            tap_dy[pos] = (int32_t)((col % taps) / src->kw * src->dil_h - src->pad_h);
-            tap_dx[pos] = (int32_t)(col % src->kw * src->dil_w - src->pad_w);
-        }
-    }
-    const int64_t per_sample = src->layout == UNFOLDED ? (src->positions + 15) / 16 : src->out_h * ((src->out_w + 15) / 16);
-    const int64_t tasks = src->layout == UNFOLDED ? src->m / src->positions * per_sample : src->batch * per_sample;
+    for (int64_t col = 0; col < k; ++col) column_at[position_of ? position_of[col] : col] = (int32_t)col;
+}
+
+/* 16 rows' codes of 16 code columns (tile[i]: column pos0 + i's 16 rows), transposed and stored as the rows' codes. */
+static inline void store_transposed(__m128i tile[16], uint8_t *out, int64_t padded, int64_t pos0, int64_t count) {
+    transpose16x16(tile);
+    const int64_t width16 = padded - pos0 < 16 ? padded - pos0 : 16;
+    const __mmask16 store = (__mmask16)((1u << width16) - 1);
+    for (int64_t j = 0; j < count; ++j) _mm_mask_storeu_epi8(out + j * padded + pos0, store, tile[j]);
+}
+
+/* Channel groups' codes of an im2col unfolding (B, K, L): row m is sample m / positions, position m % positions,
+   column k at x + sample * stride_sample + position + k * stride_k. Blocks of up to 16 rows of one sample are
+   quantized 16 code columns at a time, the 16 rows of one column as one vector, and transposed so that each row's
+   16 codes are one store. position_of (k,): where column k goes in a code row of `padded` bytes (NULL: to k);
+   inverse, zero_point, scale (k,): each column's parameters; column_at (padded,) scratch. Padding columns get code
+   0. r (m,): each row's sum of dequantized values, over its columns in code order. */
+static void quantize_unfolded(const float *x, int64_t stride_sample, int64_t stride_k, int64_t positions, int64_t m,
+                              int64_t k, const int32_t *position_of, const float *inverse, const float *zero_point,
+                              const float *scale, float qmax, uint8_t *codes, int64_t padded, int32_t *column_at,
+                              float *r, int threads) {
+    const __m512 top = _mm512_set1_ps(qmax);
+    code_columns(k, padded, position_of, column_at);
+    const int64_t per_sample = (positions + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t task = 0; task < tasks; ++task) {
-        int64_t row0, count, b = 0, oy = 0, ox0 = 0;
-        const float *base = src->x;
-        if (src->layout == UNFOLDED) {
-            const int64_t sample = task / per_sample, first = (task % per_sample) * 16;
-            row0 = sample * src->positions + first;
-            count = src->positions - first < 16 ? src->positions - first : 16;
-            base = src->x + sample * src->stride_sample + first;
-        } else {
-            const int64_t blocks = (src->out_w + 15) / 16;
-            b = task / per_sample, oy = (task / blocks) % src->out_h, ox0 = (task % blocks) * 16;
-            row0 = (b * src->out_h + oy) * src->out_w + ox0;
-            count = src->out_w - ox0 < 16 ? src->out_w - ox0 : 16;
-        }
+    for (int64_t task = 0; task < m / positions * per_sample; ++task) {
+        const int64_t sample = task / per_sample, first = (task % per_sample) * 16;
+        const int64_t row0 = sample * positions + first, count = positions - first < 16 ? positions - first : 16;
         const __mmask16 rows = (__mmask16)((1u << count) - 1);
-        uint8_t *out = codes + row0 * padded;
+        const float *base = x + sample * stride_sample + first;
         __m512 sum = _mm512_setzero_ps();
         for (int64_t pos0 = 0; pos0 < padded; pos0 += 16) {
             __m128i tile[16];
@@ -249,31 +222,123 @@ static void quantize_blocks(const source *src, int64_t k, const int32_t *positio
                     tile[i] = _mm_setzero_si128();
                     continue;
                 }
-                __m512 values;
-                if (src->layout == UNFOLDED) {
-                    values = _mm512_maskz_loadu_ps(rows, base + col * src->stride_k);
-                } else {
-                    const int64_t c = tap_channel[pos], iy = oy + tap_dy[pos], ix0 = ox0 + tap_dx[pos];
-                    /* lanes j with 0 <= ix0 + j < width and j < count */
-                    const int64_t first = ix0 < 0 ? -ix0 : 0, end = src->width - ix0 < count ? src->width - ix0 : count;
-                    const uint32_t mask = iy >= 0 && iy < src->height && end > first
-                                              ? ((1u << end) - 1) & ~((1u << first) - 1) : 0;
-                    /* Masked lanes are not read, so the row pointer may point before the row's start. */
-                    const float *row = src->x + ((b * src->channels + c) * src->height + iy) * src->width + ix0;
-                    values = _mm512_maskz_loadu_ps((__mmask16)mask, mask ? row : src->x);
-                }
                 const __m512 zp = _mm512_set1_ps(zero_point[col]);
-                const __m512 q = quantize16(values, _mm512_set1_ps(inverse[col]), zp, top);
+                const __m512 q = quantize16(_mm512_maskz_loadu_ps(rows, base + col * stride_k),
+                                            _mm512_set1_ps(inverse[col]), zp, top);
                 sum = _mm512_fmadd_ps(_mm512_sub_ps(q, zp), _mm512_set1_ps(scale[col]), sum);
                 tile[i] = _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q));
             }
-            transpose16x16(tile);
-            const int64_t width16 = padded - pos0 < 16 ? padded - pos0 : 16;
-            const __mmask16 store = (__mmask16)((1u << width16) - 1);
-            for (int64_t j = 0; j < count; ++j) _mm_mask_storeu_epi8(out + j * padded + pos0, store, tile[j]);
+            store_transposed(tile, codes + row0 * padded, padded, pos0, count);
         }
         _mm512_mask_storeu_ps(r + row0, rows, sum);
     }
+}
+
+/* Channel groups' codes of a stride-1 convolution's unfolding, read from its image x (B, C, H, W) contiguous:
+   column col = (c * kh + ky) * kw + kx of row m = (b * out_h + oy) * out_w + ox is
+   x[b, c, oy + dy, ox + dx] with dy = ky * dil_h - pad_h, dx = kx * dil_w - pad_w, 0 outside the image (F.unfold's
+   zero padding, whose code is the group's zero point).
+
+   The image is quantized once per (channel, parameters, dx), not once per tap: into a code plane whose row iy holds
+   the codes of x[b, c, iy, ox + dx] for ox < out_w, so that a tap's codes for output pixels (oy, ox) in row-major
+   order are contiguous in the plane whichever the image's width (plane rows from the smallest dy to out_h - 1 plus
+   the largest). Then blocks of 16 output pixels of one image take each code column's 16 codes as one load, and
+   transpose them into the pixels' code rows.
+   col_param (k,): each column's parameter index into inverse, zero_point, scale (entries,); position_of as
+   quantize_unfolded's. Returns 0, or the bytes it failed to allocate. */
+static int64_t quantize_image(const float *x, const int64_t *shape, int64_t k, const int32_t *position_of,
+                              const int32_t *col_param, int64_t entries, const float *inverse,
+                              const float *zero_point, const float *scale, float qmax, uint8_t *codes,
+                              int64_t padded, int32_t *column_at, float *r, int threads) {
+    const int64_t batch = shape[0], channels = shape[1], height = shape[2], width = shape[3], kh = shape[4],
+                  kw = shape[5], pad_h = shape[6], pad_w = shape[7], dil_h = shape[8], dil_w = shape[9],
+                  out_h = shape[10], out_w = shape[11];
+    const int64_t taps = kh * kw, pixels = out_h * out_w, first_dy = -pad_h;
+    const int64_t plane_rows = out_h + (kh - 1) * dil_h, plane_bytes = plane_rows * out_w;
+    code_columns(k, padded, position_of, column_at);
+    /* The planes: one per distinct (channel, parameter entry, kx) among the columns. */
+    int32_t *plane_of_key = malloc(sizeof(int32_t) * (size_t)(channels * entries * kw));
+    int32_t *plane_of = malloc(sizeof(int32_t) * (size_t)(3 * padded + 3 * k));
+    if (!plane_of_key || !plane_of) {
+        free(plane_of_key), free(plane_of);
+        return (int64_t)sizeof(int32_t) * (channels * entries * kw + 3 * padded + 3 * k);
+    }
+    int32_t *row_of = plane_of + padded, *key_of = row_of + padded, *plane_key = key_of + padded;
+    for (int64_t key = 0; key < channels * entries * kw; ++key) plane_of_key[key] = -1;
+    int64_t planes = 0;
+    for (int64_t pos = 0; pos < padded; ++pos) {
+        const int64_t col = column_at[pos];
+        if (col < 0) continue;
+        const int64_t c = col / taps, ky = col % taps / kw, kx = col % kw;
+        const int64_t key = (c * entries + col_param[col]) * kw + kx;
+        if (plane_of_key[key] < 0) plane_key[planes] = (int32_t)key, plane_of_key[key] = (int32_t)planes++;
+        plane_of[pos] = plane_of_key[key], row_of[pos] = (int32_t)(ky * dil_h);
+    }
+    free(plane_of_key);
+    /* 16 bytes of slack: a block's 16-byte load may pass its plane's end. */
+    uint8_t *plane_codes = malloc((size_t)(batch * planes * plane_bytes + 16));
+    if (!plane_codes) {
+        free(plane_of);
+        return batch * planes * plane_bytes + 16;
+    }
+    const __m512 top = _mm512_set1_ps(qmax);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const int64_t per_sample = (pixels + 15) / 16;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < batch * planes; ++task) {
+            const int64_t b = task / planes, key = plane_key[task % planes];
+            const int64_t c = key / kw / entries, p = key / kw % entries, dx = key % kw * dil_w - pad_w;
+            const __m512 iv = _mm512_set1_ps(inverse[p]), zp = _mm512_set1_ps(zero_point[p]);
+            uint8_t *plane = plane_codes + task * plane_bytes;
+            for (int64_t row = 0; row < plane_rows; ++row) {
+                const int64_t iy = row + first_dy;
+                const float *source = x + ((b * channels + c) * height + iy) * width + dx;
+                for (int64_t ox0 = 0; ox0 < out_w; ox0 += 16) {
+                    /* lanes j with ox0 + j < out_w and 0 <= ox0 + j + dx < width, in a row of the image */
+                    const __m512i ix = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)(ox0 + dx)));
+                    const __mmask16 inside =
+                        iy < 0 || iy >= height
+                            ? 0
+                            : _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int32_t)(out_w - ox0))) &
+                                  _mm512_cmpge_epi32_mask(ix, _mm512_setzero_si512()) &
+                                  _mm512_cmplt_epi32_mask(ix, _mm512_set1_epi32((int32_t)width));
+                    /* Masked lanes are not read, so the pointer may lie outside the image. */
+                    const __m512 values = _mm512_maskz_loadu_ps(inside, inside ? source + ox0 : x);
+                    const __m128i bytes = _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(quantize16(values, iv, zp, top)));
+                    const int64_t left = out_w - ox0;
+                    _mm_mask_storeu_epi8(plane + row * out_w + ox0, left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1), bytes);
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < batch * per_sample; ++task) {
+            const int64_t b = task / per_sample, first = (task % per_sample) * 16;
+            const int64_t row0 = b * pixels + first, count = pixels - first < 16 ? pixels - first : 16;
+            const uint8_t *image_planes = plane_codes + b * planes * plane_bytes + first;
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t pos0 = 0; pos0 < padded; pos0 += 16) {
+                __m128i tile[16];
+                for (int i = 0; i < 16; ++i) {
+                    const int64_t pos = pos0 + i, col = pos < padded ? column_at[pos] : -1;
+                    if (col < 0) {
+                        tile[i] = _mm_setzero_si128();
+                        continue;
+                    }
+                    tile[i] = _mm_loadu_si128((const __m128i *)(image_planes + plane_of[pos] * plane_bytes + row_of[pos] * out_w));
+                    const int64_t p = col_param[col];
+                    const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(tile[i]));
+                    sum = _mm512_fmadd_ps(_mm512_sub_ps(q, _mm512_set1_ps(zero_point[p])), _mm512_set1_ps(scale[p]), sum);
+                }
+                store_transposed(tile, codes + row0 * padded, padded, pos0, count);
+            }
+            _mm512_mask_storeu_ps(r + row0, (__mmask16)((1u << count) - 1), sum);
+        }
+    }
+    free(plane_codes);
+    free(plane_of);
+    return 0;
 }
 
 /* c[32]: sum_g coefficient[g] sum_{k in g} W[n, k] of a panel pair's 32 channels (vpdpbusd with codes 1), the
@@ -329,12 +394,12 @@ static void grouped_gemm(const uint8_t *codes, int64_t m, int64_t padded, const 
    `groups` (column_group[k]: each input column's group; NULL: one group), or with pixel groups by row_labels[m %
    period] for row m (one column group).
 
-   kind 0: x is float rows, row m at x + m * stride_row, shape = {stride_row, m, k} (source ROWS);
+   kind 0: x is float rows, row m at x + m * stride_row, shape = {stride_row, m, k} (quantize_rows);
    kind 1: x is a stride-1 convolution's image, shape = {batch, channels, height, width, kh, kw, pad_h, pad_w,
-           dil_h, dil_w, out_h, out_w} (source IMAGE);
+           dil_h, dil_w, out_h, out_w} (quantize_image);
    kind 2: x is (m, k) uint8 codes already quantized with group 0's parameters, shape = {m, k}: no row sums, no gap
            term;
-   kind 3: x is an im2col unfolding (B, k, L), shape = {stride_sample, stride_k, L, m, k} (source UNFOLDED).
+   kind 3: x is an im2col unfolding (B, k, L), shape = {stride_sample, stride_k, L, m, k} (quantize_unfolded).
    weight: panels of `padded` columns (position_of, quad_bounds as PanelWeight holds them), n outputs in n_padded.
    w_scale, gap, bias, acc as grouped_gemm's (gap, bias, acc may be NULL). out: (m, n) for kinds 0 and 2; a
    convolution's images (B, n, L) for kinds 1 (L = out_h * out_w) and 3.
@@ -351,7 +416,7 @@ int64_t dgq_linear(int kind, const void *x, const int64_t *shape, const float *s
     /* Padding rows of the codes are left as they are: they are not stored. */
     const int64_t codes_bytes = rows_padded * padded;
     const int64_t scratch_bytes = (int64_t)sizeof(uint64_t) * groups * windows +
-                                  (int64_t)sizeof(float) * (3 * k + 4 * padded + entries + 3 * groups + 2 * rows_padded + m);
+                                  (int64_t)sizeof(float) * (4 * k + padded + entries + 3 * groups + 2 * rows_padded + m);
     uint8_t *codes = malloc((size_t)codes_bytes);
     uint64_t *scratch = malloc((size_t)scratch_bytes);
     if (!codes || !scratch) {
@@ -361,8 +426,8 @@ int64_t dgq_linear(int kind, const void *x, const int64_t *shape, const float *s
     }
     uint64_t *group_masks = scratch;
     float *inverse = (float *)(group_masks + groups * windows), *zp = inverse + k, *col_scale = zp + k;
-    int32_t *column_at = (int32_t *)(col_scale + k);
-    float *table_inverse = (float *)(column_at + 4 * padded);
+    int32_t *col_param = (int32_t *)(col_scale + k), *column_at = col_param + k;
+    float *table_inverse = (float *)(column_at + padded);
     float *group_scale = table_inverse + entries, *group_zero_point = group_scale + groups;
     float *coefficient = group_zero_point + groups;
     float *row_scale = coefficient + groups, *a = row_scale + rows_padded, *r = a + rows_padded;
@@ -382,7 +447,7 @@ int64_t dgq_linear(int kind, const void *x, const int64_t *shape, const float *s
         memset(group_masks, 0, sizeof(uint64_t) * (size_t)(groups * windows));
         for (int64_t col = 0; col < k; ++col) {
             const int64_t g = column_group ? column_group[col] : 0, p = group_ids[g];
-            inverse[col] = table_inverse[p], zp[col] = zero_point[p], col_scale[col] = scale[p];
+            inverse[col] = table_inverse[p], zp[col] = zero_point[p], col_scale[col] = scale[p], col_param[col] = (int32_t)p;
             group_masks[g * windows + col / 64] |= (uint64_t)1 << (col % 64);
         }
     }
@@ -392,14 +457,18 @@ int64_t dgq_linear(int kind, const void *x, const int64_t *shape, const float *s
                       position_of, quad_bounds, groups, group_masks, codes, padded, r, threads);
     } else if (kind == 2) {
         for (int64_t row = 0; row < m; ++row) memcpy(codes + row * padded, (const uint8_t *)x + row * k, (size_t)k);
+    } else if (kind == 3) {
+        quantize_unfolded((const float *)x, shape[0], shape[1], shape[2], m, k, position_of, inverse, zp, col_scale,
+                          qmax, codes, padded, column_at, r, threads);
     } else {
-        const source src = kind == 3
-            ? (source){.layout = UNFOLDED, .x = (const float *)x, .m = m, .stride_sample = shape[0],
-                       .stride_k = shape[1], .positions = shape[2]}
-            : (source){.layout = IMAGE, .x = (const float *)x, .m = m, .batch = shape[0], .channels = shape[1],
-                       .height = shape[2], .width = shape[3], .kh = shape[4], .kw = shape[5], .pad_h = shape[6],
-                       .pad_w = shape[7], .dil_h = shape[8], .dil_w = shape[9], .out_h = shape[10], .out_w = shape[11]};
-        quantize_blocks(&src, k, position_of, inverse, zp, col_scale, qmax, codes, padded, column_at, r, threads);
+        const int64_t failed = quantize_image((const float *)x, shape, k, position_of, col_param, entries,
+                                              table_inverse, zero_point, scale, qmax, codes, padded, column_at, r,
+                                              threads);
+        if (failed) {
+            free(scratch);
+            free(codes);
+            return failed;
+        }
     }
     grouped_gemm(codes, m, padded, weight, n, n_padded, quad_bounds, groups, group_scale,
                  row_labels ? row_scale : NULL, row_labels ? a : NULL, 1.0f, coefficient, w_scale,
