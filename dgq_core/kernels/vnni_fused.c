@@ -257,28 +257,32 @@ static int64_t quantize_image(const float *x, const int64_t *shape, int64_t k, c
     const int64_t plane_rows = out_h + (kh - 1) * dil_h, plane_bytes = plane_rows * out_w;
     code_columns(k, padded, position_of, column_at);
     /* The planes: one per distinct (channel, parameter entry, kx) among the columns. */
+    /* Per code column: its codes' offset in an image's planes (-1: a padding column), zero point and scale. */
     int32_t *plane_of_key = malloc(sizeof(int32_t) * (size_t)(channels * entries * kw));
-    int32_t *plane_of = malloc(sizeof(int32_t) * (size_t)(3 * padded + 3 * k));
-    if (!plane_of_key || !plane_of) {
-        free(plane_of_key), free(plane_of);
-        return (int64_t)sizeof(int32_t) * (channels * entries * kw + 3 * padded + 3 * k);
+    int64_t *offset_of = malloc(sizeof(int64_t) * (size_t)(2 * padded + k));
+    if (!plane_of_key || !offset_of) {
+        free(plane_of_key), free(offset_of);
+        return (int64_t)sizeof(int32_t) * channels * entries * kw + (int64_t)sizeof(int64_t) * (2 * padded + k);
     }
-    int32_t *row_of = plane_of + padded, *key_of = row_of + padded, *plane_key = key_of + padded;
+    float *zero_point_of = (float *)(offset_of + padded), *scale_of = zero_point_of + padded;
+    int32_t *plane_key = (int32_t *)(scale_of + padded);
     for (int64_t key = 0; key < channels * entries * kw; ++key) plane_of_key[key] = -1;
     int64_t planes = 0;
     for (int64_t pos = 0; pos < padded; ++pos) {
         const int64_t col = column_at[pos];
+        offset_of[pos] = -1, zero_point_of[pos] = scale_of[pos] = 0.0f;
         if (col < 0) continue;
-        const int64_t c = col / taps, ky = col % taps / kw, kx = col % kw;
-        const int64_t key = (c * entries + col_param[col]) * kw + kx;
+        const int64_t c = col / taps, ky = col % taps / kw, kx = col % kw, p = col_param[col];
+        const int64_t key = (c * entries + p) * kw + kx;
         if (plane_of_key[key] < 0) plane_key[planes] = (int32_t)key, plane_of_key[key] = (int32_t)planes++;
-        plane_of[pos] = plane_of_key[key], row_of[pos] = (int32_t)(ky * dil_h);
+        offset_of[pos] = plane_of_key[key] * plane_bytes + ky * dil_h * out_w;
+        zero_point_of[pos] = zero_point[p], scale_of[pos] = scale[p];
     }
     free(plane_of_key);
     /* 16 bytes of slack: a block's 16-byte load may pass its plane's end. */
     uint8_t *plane_codes = malloc((size_t)(batch * planes * plane_bytes + 16));
     if (!plane_codes) {
-        free(plane_of);
+        free(offset_of);
         return batch * planes * plane_bytes + 16;
     }
     const __m512 top = _mm512_set1_ps(qmax);
@@ -321,15 +325,15 @@ static int64_t quantize_image(const float *x, const int64_t *shape, int64_t k, c
             for (int64_t pos0 = 0; pos0 < padded; pos0 += 16) {
                 __m128i tile[16];
                 for (int i = 0; i < 16; ++i) {
-                    const int64_t pos = pos0 + i, col = pos < padded ? column_at[pos] : -1;
-                    if (col < 0) {
+                    const int64_t pos = pos0 + i, offset = pos < padded ? offset_of[pos] : -1;
+                    if (offset < 0) {
                         tile[i] = _mm_setzero_si128();
                         continue;
                     }
-                    tile[i] = _mm_loadu_si128((const __m128i *)(image_planes + plane_of[pos] * plane_bytes + row_of[pos] * out_w));
-                    const int64_t p = col_param[col];
+                    tile[i] = _mm_loadu_si128((const __m128i *)(image_planes + offset));
                     const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(tile[i]));
-                    sum = _mm512_fmadd_ps(_mm512_sub_ps(q, _mm512_set1_ps(zero_point[p])), _mm512_set1_ps(scale[p]), sum);
+                    sum = _mm512_fmadd_ps(_mm512_sub_ps(q, _mm512_set1_ps(zero_point_of[pos])),
+                                          _mm512_set1_ps(scale_of[pos]), sum);
                 }
                 store_transposed(tile, codes + row0 * padded, padded, pos0, count);
             }
@@ -337,7 +341,7 @@ static int64_t quantize_image(const float *x, const int64_t *shape, int64_t k, c
         }
     }
     free(plane_codes);
-    free(plane_of);
+    free(offset_of);
     return 0;
 }
 
