@@ -156,6 +156,7 @@ CONVS = {
     "3x3-stride2": dict(kernel_size=3, padding=1, stride=2),
     "3x3-dilation2": dict(kernel_size=3, padding=2, dilation=2),
     "3x3-wide": dict(kernel_size=3, padding=1),  # its image is 4 x 21 (the others' 10 x 10): rows of 16+ pixels
+    "3x3-valid": dict(kernel_size=3),  # output narrower than its input
 }
 IMAGE_SIZE = {"3x3-wide": (4, 21)}
 

@@ -259,13 +259,18 @@ static int64_t quantize_image(const float *x, const int64_t *shape, int64_t k, c
     /* The planes: one per distinct (channel, parameter entry, kx) among the columns. */
     /* Per code column: its codes' offset in an image's planes (-1: a padding column), zero point and scale. */
     int32_t *plane_of_key = malloc(sizeof(int32_t) * (size_t)(channels * entries * kw));
-    int64_t *offset_of = malloc(sizeof(int64_t) * (size_t)(2 * padded + k));
+    const int64_t plane_codes_padded = (plane_bytes + 15) / 16 * 16;
+    int64_t *offset_of = malloc(sizeof(int64_t) * (size_t)(2 * padded + k + plane_codes_padded));
     if (!plane_of_key || !offset_of) {
         free(plane_of_key), free(offset_of);
-        return (int64_t)sizeof(int32_t) * channels * entries * kw + (int64_t)sizeof(int64_t) * (2 * padded + k);
+        return (int64_t)sizeof(int32_t) * channels * entries * kw +
+               (int64_t)sizeof(int64_t) * (2 * padded + k + plane_codes_padded);
     }
     float *zero_point_of = (float *)(offset_of + padded), *scale_of = zero_point_of + padded;
     int32_t *plane_key = (int32_t *)(scale_of + padded);
+    /* Each plane code's plane row and output column. */
+    int32_t *plane_row = plane_key + k, *plane_column = plane_row + plane_codes_padded;
+    for (int64_t f = 0; f < plane_codes_padded; ++f) plane_row[f] = (int32_t)(f / out_w), plane_column[f] = (int32_t)(f % out_w);
     for (int64_t key = 0; key < channels * entries * kw; ++key) plane_of_key[key] = -1;
     int64_t planes = 0;
     for (int64_t pos = 0; pos < padded; ++pos) {
@@ -286,7 +291,6 @@ static int64_t quantize_image(const float *x, const int64_t *shape, int64_t k, c
         return batch * planes * plane_bytes + 16;
     }
     const __m512 top = _mm512_set1_ps(qmax);
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const int64_t per_sample = (pixels + 15) / 16;
 #pragma omp parallel num_threads(threads)
     {
@@ -295,25 +299,27 @@ static int64_t quantize_image(const float *x, const int64_t *shape, int64_t k, c
             const int64_t b = task / planes, key = plane_key[task % planes];
             const int64_t c = key / kw / entries, p = key / kw % entries, dx = key % kw * dil_w - pad_w;
             const __m512 iv = _mm512_set1_ps(inverse[p]), zp = _mm512_set1_ps(zero_point[p]);
+            const float *channel = x + (b * channels + c) * height * width;
             uint8_t *plane = plane_codes + task * plane_bytes;
-            for (int64_t row = 0; row < plane_rows; ++row) {
-                const int64_t iy = row + first_dy;
-                const float *source = x + ((b * channels + c) * height + iy) * width + dx;
-                for (int64_t ox0 = 0; ox0 < out_w; ox0 += 16) {
-                    /* lanes j with ox0 + j < out_w and 0 <= ox0 + j + dx < width, in a row of the image */
-                    const __m512i ix = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)(ox0 + dx)));
-                    const __mmask16 inside =
-                        iy < 0 || iy >= height
-                            ? 0
-                            : _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int32_t)(out_w - ox0))) &
-                                  _mm512_cmpge_epi32_mask(ix, _mm512_setzero_si512()) &
-                                  _mm512_cmplt_epi32_mask(ix, _mm512_set1_epi32((int32_t)width));
-                    /* Masked lanes are not read, so the pointer may lie outside the image. */
-                    const __m512 values = _mm512_maskz_loadu_ps(inside, inside ? source + ox0 : x);
-                    const __m128i bytes = _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(quantize16(values, iv, zp, top)));
-                    const int64_t left = out_w - ox0;
-                    _mm_mask_storeu_epi8(plane + row * out_w + ox0, left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1), bytes);
-                }
+            /* 16 plane codes at a time, across plane rows: a narrow image's rows fill the vector. */
+            for (int64_t f0 = 0; f0 < plane_bytes; f0 += 16) {
+                const __m512i iy = _mm512_add_epi32(_mm512_loadu_si512(plane_row + f0), _mm512_set1_epi32((int32_t)first_dy));
+                const __m512i ix = _mm512_add_epi32(_mm512_loadu_si512(plane_column + f0), _mm512_set1_epi32((int32_t)dx));
+                const int64_t left = plane_bytes - f0;
+                const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                const __mmask16 inside = lanes & _mm512_cmpge_epi32_mask(iy, _mm512_setzero_si512()) &
+                                         _mm512_cmplt_epi32_mask(iy, _mm512_set1_epi32((int32_t)height)) &
+                                         _mm512_cmpge_epi32_mask(ix, _mm512_setzero_si512()) &
+                                         _mm512_cmplt_epi32_mask(ix, _mm512_set1_epi32((int32_t)width));
+                /* With out_w == width (a "same" convolution) code f reads input f + first_dy * width + dx: one load,
+                   whose masked lanes are not read, so its address may lie outside the image. */
+                const __m512 values =
+                    out_w == width
+                        ? _mm512_maskz_loadu_ps(inside, inside ? channel + f0 + first_dy * width + dx : x)
+                        : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside,
+                                                   _mm512_add_epi32(_mm512_mullo_epi32(iy, _mm512_set1_epi32((int32_t)width)), ix),
+                                                   channel, 4);
+                _mm_mask_storeu_epi8(plane + f0, lanes, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(quantize16(values, iv, zp, top))));
             }
         }
 #pragma omp for schedule(static)
