@@ -31,6 +31,23 @@ static inline __m512 quantize16(__m512 x, __m512 inverse, __m512 zero_point, __m
     return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
+/* The codes of row xr's 16 columns from k0 (those below k), with their parameters from column_tables
+   {inverse, zero_point, scale} (per column), or as *iv, *zp, *s hold them (column_tables NULL: one set for the
+   row); their dequantized values s (q - z) added to *sum (lanes beyond k add (0 - 0) * 0). */
+static inline __m128i quantize_chunk(const float *xr, int64_t k0, int64_t k, const float *const *column_tables,
+                                     __m512 *iv, __m512 *zp, __m512 *s, __m512 top, __m512 *sum) {
+    const int64_t left = k - k0;
+    const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+    if (column_tables) {
+        *iv = _mm512_maskz_loadu_ps(mask, column_tables[0] + k0);
+        *zp = _mm512_maskz_loadu_ps(mask, column_tables[1] + k0);
+        *s = _mm512_maskz_loadu_ps(mask, column_tables[2] + k0);
+    }
+    const __m512 q = quantize16(_mm512_maskz_loadu_ps(mask, xr + k0), *iv, *zp, top);
+    *sum = _mm512_fmadd_ps(_mm512_sub_ps(q, *zp), *s, *sum);
+    return _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q));
+}
+
 /* Rows of float inputs, row m at x + m * stride_row, column k at + k.
    Channel groups: inverse, zero_point, scale per column (k,); row_params NULL. Pixel groups: row m takes entry
    row_params[m % period] of the tables inverse, zero_point, scale (one group, no permutation).
@@ -44,50 +61,60 @@ static void quantize_rows(const float *x, int64_t stride_row, int64_t m, int64_t
                           float qmax, const int32_t *position_of, const int32_t *quad_bounds, int64_t groups,
                           const uint64_t *group_masks, uint8_t *codes, int64_t padded, float *r, int threads) {
     const __m512 top = _mm512_set1_ps(qmax);
-    const int64_t windows = (k + 63) / 64;
+    const float *columns_params[3] = {inverse, zero_point, scale};
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t row = 0; row < m; ++row) {
         const float *xr = x + row * stride_row;
-        uint8_t natural[windows * 64];
-        uint8_t *out = codes + row * padded, *dest = position_of ? natural : out;
-        if (!position_of && padded > k) memset(out + k, 0, (size_t)(padded - k));
+        uint8_t *out = codes + row * padded;
         __m512 iv = _mm512_setzero_ps(), zp = iv, s = iv, sum = iv;
         if (row_params) {
             const int64_t p = row_params[row % period];
             iv = _mm512_set1_ps(inverse[p]), zp = _mm512_set1_ps(zero_point[p]), s = _mm512_set1_ps(scale[p]);
         }
-        for (int64_t k0 = 0; k0 < k; k0 += 16) {
-            const int64_t left = k - k0;
-            const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-            if (!row_params) {
-                iv = _mm512_maskz_loadu_ps(mask, inverse + k0);
-                zp = _mm512_maskz_loadu_ps(mask, zero_point + k0);
-                s = _mm512_maskz_loadu_ps(mask, scale + k0);
+        const float *const *column_tables = row_params ? NULL : columns_params;
+        if (!position_of) {
+            if (padded > k) memset(out + k, 0, (size_t)(padded - k));
+            for (int64_t k0 = 0; k0 < k; k0 += 16) {
+                const __m128i bytes = quantize_chunk(xr, k0, k, column_tables, &iv, &zp, &s, top, &sum);
+                const int64_t left = k - k0;
+                _mm_mask_storeu_epi8(out + k0, left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1), bytes);
             }
-            const __m512 q = quantize16(_mm512_maskz_loadu_ps(mask, xr + k0), iv, zp, top);
-            sum = _mm512_fmadd_ps(_mm512_sub_ps(q, zp), s, sum); /* masked lanes: (0 - 0) * 0 */
-            _mm_mask_storeu_epi8(dest + k0, mask, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q)));
+            r[row] = _mm512_reduce_add_ps(sum);
+            continue;
         }
-        r[row] = _mm512_reduce_add_ps(sum);
-        if (!position_of) continue;
 #ifdef __AVX512VBMI2__
-        for (int64_t g = 0; g < groups; ++g) {
-            int64_t at = 4 * (int64_t)quad_bounds[g];
-            for (int64_t w = 0; w < windows; ++w) {
+        /* 64 columns' codes at a time in a register, each group's packed by vpcompressb and stored at that group's
+           next code column: exactly its codes, so that groups written out of order do not overwrite each other. */
+        const int64_t windows = (k + 63) / 64;
+        int64_t at[groups];
+        for (int64_t g = 0; g < groups; ++g) at[g] = 4 * (int64_t)quad_bounds[g];
+        for (int64_t w = 0; w < windows; ++w) {
+            const int64_t k0 = 64 * w;
+            __m512i window = _mm512_castsi128_si512(quantize_chunk(xr, k0, k, column_tables, &iv, &zp, &s, top, &sum));
+            window = _mm512_inserti32x4(window, quantize_chunk(xr, k0 + 16, k, column_tables, &iv, &zp, &s, top, &sum), 1);
+            window = _mm512_inserti32x4(window, quantize_chunk(xr, k0 + 32, k, column_tables, &iv, &zp, &s, top, &sum), 2);
+            window = _mm512_inserti32x4(window, quantize_chunk(xr, k0 + 48, k, column_tables, &iv, &zp, &s, top, &sum), 3);
+            for (int64_t g = 0; g < groups; ++g) {
                 const uint64_t columns = group_masks[g * windows + w];
                 if (!columns) continue;
-                const __m512i packed = _mm512_maskz_compress_epi8(columns, _mm512_loadu_si512(natural + 64 * w));
-                const int64_t room = padded - at < 64 ? padded - at : 64;
-                _mm512_mask_storeu_epi8(out + at, room >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << room) - 1), packed);
-                at += __builtin_popcountll(columns);
+                const int count = __builtin_popcountll(columns);
+                const __mmask64 store = count == 64 ? ~(__mmask64)0 : (((__mmask64)1 << count) - 1);
+                _mm512_mask_storeu_epi8(out + at[g], store, _mm512_maskz_compress_epi8(columns, window));
+                at[g] += count;
             }
-            for (; at < 4 * (int64_t)quad_bounds[g + 1]; ++at) out[at] = 0;
         }
+        for (int64_t g = 0; g < groups; ++g)
+            for (int64_t pos = at[g]; pos < 4 * (int64_t)quad_bounds[g + 1]; ++pos) out[pos] = 0;
 #else
         (void)quad_bounds, (void)groups, (void)group_masks;
         memset(out, 0, (size_t)padded);
-        for (int64_t col = 0; col < k; ++col) out[position_of[col]] = natural[col];
+        for (int64_t k0 = 0; k0 < k; k0 += 16) {
+            uint8_t lanes[16];
+            _mm_storeu_si128((__m128i *)lanes, quantize_chunk(xr, k0, k, column_tables, &iv, &zp, &s, top, &sum));
+            for (int64_t col = k0; col < k && col < k0 + 16; ++col) out[position_of[col]] = lanes[col - k0];
+        }
 #endif
+        r[row] = _mm512_reduce_add_ps(sum);
     }
 }
 
