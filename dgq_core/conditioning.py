@@ -271,7 +271,6 @@ def conditioning(
         yield text_inputs
 
 
-
 @contextlib.contextmanager
 def text_conditioning(
     pipe: DiffusionPipeline,

@@ -179,7 +179,7 @@ class VnniFusedGemm(OnednnGemm):
 
     def __init__(self, kernel: ctypes.CDLL | None = None) -> None:
         super().__init__(exact=True)
-        self.kernel = kernel or library()
+        self.kernel = kernel if kernel is not None else library()
         if self.kernel is None:
             raise RuntimeError("the fused VNNI kernel needs a CPU with AVX-512 VNNI and a C compiler")
 
