@@ -3,9 +3,9 @@
 
    1. The step's tables are read once per call: each column's (or, for pixel groups, each row's) scale, reciprocal
       and zero point.
-   2. quantize_rows / quantize_unfolded / quantize_image: float inputs -> uint8 codes in the packed column order (each group's columns
-      contiguous, each group padded to a multiple of 4 with code 0), and in the same pass each row's sum of
-      dequantized values r[m].
+   2. quantize_rows / quantize_unfolded / quantize_image: float inputs -> uint8 codes in the packed column order
+      (each group's columns contiguous, each group padded to a multiple of 4 with code 0), and in the same pass each
+      row's sum of dequantized values r[m].
    3. grouped_gemm: out[m, n] = s_w[n] (F[m, n] - a[m] c[n]) - r[m] gap[n] + bias[n] (+ acc[m, n]), where
       c[n] = sum_g s_g z_g sum_{k in g} W[n, k] (channel groups) or sum_k W[n, k] (pixel groups), computed by each
       task for its 32 channels (zero_point_terms), and F[m, n] = sum_g s_mg sum_{k in g} q[m, k] W[n, k],
@@ -33,7 +33,7 @@ static inline __m512 quantize16(__m512 x, __m512 inverse, __m512 zero_point, __m
 
 /* The codes of row xr's 16 columns from k0 (those below k), with their parameters from column_tables
    {inverse, zero_point, scale} (per column), or as *iv, *zp, *s hold them (column_tables NULL: one set for the
-   row); their dequantized values s (q - z) added to *sum (lanes beyond k add (0 - 0) * 0). */
+   row); their dequantized values s (q - z) added to *sum (a lane beyond k reads 0, whose code is z: it adds 0). */
 static inline __m128i quantize_chunk(const float *xr, int64_t k0, int64_t k, const float *const *column_tables,
                                      __m512 *iv, __m512 *zp, __m512 *s, __m512 top, __m512 *sum) {
     const int64_t left = k - k0;
@@ -90,10 +90,12 @@ static void quantize_rows(const float *x, int64_t stride_row, int64_t m, int64_t
         for (int64_t g = 0; g < groups; ++g) at[g] = 4 * (int64_t)quad_bounds[g];
         for (int64_t w = 0; w < windows; ++w) {
             const int64_t k0 = 64 * w;
-            __m512i window = _mm512_castsi128_si512(quantize_chunk(xr, k0, k, column_tables, &iv, &zp, &s, top, &sum));
-            window = _mm512_inserti32x4(window, quantize_chunk(xr, k0 + 16, k, column_tables, &iv, &zp, &s, top, &sum), 1);
-            window = _mm512_inserti32x4(window, quantize_chunk(xr, k0 + 32, k, column_tables, &iv, &zp, &s, top, &sum), 2);
-            window = _mm512_inserti32x4(window, quantize_chunk(xr, k0 + 48, k, column_tables, &iv, &zp, &s, top, &sum), 3);
+#define CHUNK(offset) quantize_chunk(xr, k0 + (offset), k, column_tables, &iv, &zp, &s, top, &sum)
+            __m512i window = _mm512_castsi128_si512(CHUNK(0));
+            window = _mm512_inserti32x4(window, CHUNK(16), 1);
+            window = _mm512_inserti32x4(window, CHUNK(32), 2);
+            window = _mm512_inserti32x4(window, CHUNK(48), 3);
+#undef CHUNK
             for (int64_t g = 0; g < groups; ++g) {
                 const uint64_t columns = group_masks[g * windows + w];
                 if (!columns) continue;
@@ -187,7 +189,8 @@ static inline void tile(const uint8_t *codes, int64_t padded, const int8_t *w0, 
                     _mm512_add_epi32(_mm512_set1_epi32((int32_t)col), _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8,
                                                                                        7, 6, 5, 4, 3, 2, 1, 0)),
                     _mm512_set1_epi32((int32_t)positions));
-                _mm512_mask_i32scatter_ps(out + (row / positions) * n * positions + row % positions, mask, offsets, v, 4);
+                float *pixel = out + (row / positions) * n * positions + row % positions;
+                _mm512_mask_i32scatter_ps(pixel, mask, offsets, v, 4);
             } else {
                 _mm512_mask_storeu_ps(out + row * n + col, mask, v);
             }
@@ -297,7 +300,8 @@ static int64_t quantize_image(const float *x, const int64_t *shape, int64_t k, c
     int32_t *plane_key = (int32_t *)(scale_of + padded);
     /* Each plane code's plane row and output column. */
     int32_t *plane_row = plane_key + k, *plane_column = plane_row + plane_codes_padded;
-    for (int64_t f = 0; f < plane_codes_padded; ++f) plane_row[f] = (int32_t)(f / out_w), plane_column[f] = (int32_t)(f % out_w);
+    for (int64_t f = 0; f < plane_codes_padded; ++f)
+        plane_row[f] = (int32_t)(f / out_w), plane_column[f] = (int32_t)(f % out_w);
     for (int64_t key = 0; key < channels * entries * kw; ++key) plane_of_key[key] = -1;
     int64_t planes = 0;
     for (int64_t pos = 0; pos < padded; ++pos) {
@@ -326,12 +330,15 @@ static int64_t quantize_image(const float *x, const int64_t *shape, int64_t k, c
             const int64_t b = task / planes, key = plane_key[task % planes];
             const int64_t c = key / kw / entries, p = key / kw % entries, dx = key % kw * dil_w - pad_w;
             const __m512 iv = _mm512_set1_ps(inverse[p]), zp = _mm512_set1_ps(zero_point[p]);
+            const __m512i widths = _mm512_set1_epi32((int32_t)width);
             const float *channel = x + (b * channels + c) * height * width;
             uint8_t *plane = plane_codes + task * plane_bytes;
             /* 16 plane codes at a time, across plane rows: a narrow image's rows fill the vector. */
             for (int64_t f0 = 0; f0 < plane_bytes; f0 += 16) {
-                const __m512i iy = _mm512_add_epi32(_mm512_loadu_si512(plane_row + f0), _mm512_set1_epi32((int32_t)first_dy));
-                const __m512i ix = _mm512_add_epi32(_mm512_loadu_si512(plane_column + f0), _mm512_set1_epi32((int32_t)dx));
+                const __m512i iy =
+                    _mm512_add_epi32(_mm512_loadu_si512(plane_row + f0), _mm512_set1_epi32((int32_t)first_dy));
+                const __m512i ix =
+                    _mm512_add_epi32(_mm512_loadu_si512(plane_column + f0), _mm512_set1_epi32((int32_t)dx));
                 const int64_t left = plane_bytes - f0;
                 const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
                 const __mmask16 inside = lanes & _mm512_cmpge_epi32_mask(iy, _mm512_setzero_si512()) &
@@ -344,9 +351,10 @@ static int64_t quantize_image(const float *x, const int64_t *shape, int64_t k, c
                     out_w == width
                         ? _mm512_maskz_loadu_ps(inside, inside ? channel + f0 + first_dy * width + dx : x)
                         : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside,
-                                                   _mm512_add_epi32(_mm512_mullo_epi32(iy, _mm512_set1_epi32((int32_t)width)), ix),
+                                                   _mm512_add_epi32(_mm512_mullo_epi32(iy, widths), ix),
                                                    channel, 4);
-                _mm_mask_storeu_epi8(plane + f0, lanes, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(quantize16(values, iv, zp, top))));
+                const __m512 q = quantize16(values, iv, zp, top);
+                _mm_mask_storeu_epi8(plane + f0, lanes, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q)));
             }
         }
 #pragma omp for schedule(static)
@@ -447,13 +455,16 @@ int64_t dgq_linear(int kind, const void *x, const int64_t *shape, const float *s
                 const int32_t *position_of, const int32_t *quad_bounds, int64_t padded, int64_t n, int64_t n_padded,
                 const float *w_scale, const float *gap, const float *bias, const float *acc, float *out,
                 int threads) {
-    const int64_t m = kind == 0 ? shape[1] : kind == 1 ? shape[0] * shape[10] * shape[11] : kind == 2 ? shape[0] : shape[3];
-    const int64_t k = kind == 0 ? shape[2] : kind == 1 ? shape[1] * shape[4] * shape[5] : kind == 2 ? shape[1] : shape[4];
+    const int64_t m = kind == 0 ? shape[1] : kind == 1 ? shape[0] * shape[10] * shape[11] : kind == 2 ? shape[0]
+                                                                                                     : shape[3];
+    const int64_t k = kind == 0 ? shape[2] : kind == 1 ? shape[1] * shape[4] * shape[5] : kind == 2 ? shape[1]
+                                                                                                   : shape[4];
     const int64_t rows_padded = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS, windows = (k + 63) / 64;
     /* Padding rows of the codes are left as they are: they are not stored. */
     const int64_t codes_bytes = rows_padded * padded;
     const int64_t scratch_bytes = (int64_t)sizeof(uint64_t) * groups * windows +
-                                  (int64_t)sizeof(float) * (4 * k + padded + entries + 3 * groups + 2 * rows_padded + m);
+                                  (int64_t)sizeof(float) *
+                                      (4 * k + padded + entries + 3 * groups + 2 * rows_padded + m);
     uint8_t *codes = malloc((size_t)codes_bytes);
     uint64_t *scratch = malloc((size_t)scratch_bytes);
     if (!codes || !scratch) {
@@ -484,7 +495,8 @@ int64_t dgq_linear(int kind, const void *x, const int64_t *shape, const float *s
         memset(group_masks, 0, sizeof(uint64_t) * (size_t)(groups * windows));
         for (int64_t col = 0; col < k; ++col) {
             const int64_t g = column_group ? column_group[col] : 0, p = group_ids[g];
-            inverse[col] = table_inverse[p], zp[col] = zero_point[p], col_scale[col] = scale[p], col_param[col] = (int32_t)p;
+            inverse[col] = table_inverse[p], zp[col] = zero_point[p], col_scale[col] = scale[p];
+            col_param[col] = (int32_t)p;
             group_masks[g * windows + col / 64] |= (uint64_t)1 << (col % 64);
         }
     }
