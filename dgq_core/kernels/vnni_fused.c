@@ -286,22 +286,23 @@ static int64_t quantize_image(const float *x, const int64_t *shape, int64_t k, c
     const int64_t taps = kh * kw, pixels = out_h * out_w, first_dy = -pad_h;
     const int64_t plane_rows = out_h + (kh - 1) * dil_h, plane_bytes = plane_rows * out_w;
     code_columns(k, padded, position_of, column_at);
-    /* The planes: one per distinct (channel, parameter entry, kx) among the columns. */
-    /* Per code column: its codes' offset in an image's planes (-1: a padding column), zero point and scale. */
+    /* The planes: one per distinct (channel, parameter entry, kx) among the columns. Per code column: its codes'
+       offset in an image's planes (-1: a padding column), zero point and scale. Per plane: its channel, parameter
+       entry and kx. Per (kx, 16 plane codes): which lanes lie inside the image, and (for the gather) their inputs. */
+    const int64_t chunks = (plane_bytes + 15) / 16;
     int32_t *plane_of_key = malloc(sizeof(int32_t) * (size_t)(channels * entries * kw));
-    const int64_t plane_codes_padded = (plane_bytes + 15) / 16 * 16;
-    int64_t *offset_of = malloc(sizeof(int64_t) * (size_t)(2 * padded + k + plane_codes_padded));
+    const int64_t table_bytes = (int64_t)(sizeof(int64_t) + 2 * sizeof(float)) * padded +
+                                (int64_t)sizeof(int32_t) * (3 * k + kw * chunks * 16) +
+                                (int64_t)sizeof(__mmask16) * kw * chunks;
+    int64_t *offset_of = malloc((size_t)table_bytes);
     if (!plane_of_key || !offset_of) {
         free(plane_of_key), free(offset_of);
-        return (int64_t)sizeof(int32_t) * channels * entries * kw +
-               (int64_t)sizeof(int64_t) * (2 * padded + k + plane_codes_padded);
+        return (int64_t)sizeof(int32_t) * channels * entries * kw + table_bytes;
     }
     float *zero_point_of = (float *)(offset_of + padded), *scale_of = zero_point_of + padded;
-    int32_t *plane_key = (int32_t *)(scale_of + padded);
-    /* Each plane code's plane row and output column. */
-    int32_t *plane_row = plane_key + k, *plane_column = plane_row + plane_codes_padded;
-    for (int64_t f = 0; f < plane_codes_padded; ++f)
-        plane_row[f] = (int32_t)(f / out_w), plane_column[f] = (int32_t)(f % out_w);
+    int32_t *plane_channel = (int32_t *)(scale_of + padded), *plane_param = plane_channel + k;
+    int32_t *plane_kx = plane_param + k, *gather_at = plane_kx + k;
+    __mmask16 *inside_at = (__mmask16 *)(gather_at + kw * chunks * 16);
     for (int64_t key = 0; key < channels * entries * kw; ++key) plane_of_key[key] = -1;
     int64_t planes = 0;
     for (int64_t pos = 0; pos < padded; ++pos) {
@@ -310,11 +311,27 @@ static int64_t quantize_image(const float *x, const int64_t *shape, int64_t k, c
         if (col < 0) continue;
         const int64_t c = col / taps, ky = col % taps / kw, kx = col % kw, p = col_param[col];
         const int64_t key = (c * entries + p) * kw + kx;
-        if (plane_of_key[key] < 0) plane_key[planes] = (int32_t)key, plane_of_key[key] = (int32_t)planes++;
+        if (plane_of_key[key] < 0) {
+            plane_channel[planes] = (int32_t)c, plane_param[planes] = (int32_t)p, plane_kx[planes] = (int32_t)kx;
+            plane_of_key[key] = (int32_t)planes++;
+        }
         offset_of[pos] = plane_of_key[key] * plane_bytes + ky * dil_h * out_w;
         zero_point_of[pos] = zero_point[p], scale_of[pos] = scale[p];
     }
     free(plane_of_key);
+    /* Plane code f = row * out_w + ox of kx holds input (row + first_dy, ox + kx * dil_w - pad_w). */
+    for (int64_t kx = 0; kx < kw; ++kx) {
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+            __mmask16 inside = 0;
+            for (int j = 0; j < 16; ++j) {
+                const int64_t f = chunk * 16 + j, iy = f / out_w + first_dy, ix = f % out_w + kx * dil_w - pad_w;
+                const int in = f < plane_bytes && iy >= 0 && iy < height && ix >= 0 && ix < width;
+                inside |= (__mmask16)(in << j);
+                gather_at[(kx * chunks + chunk) * 16 + j] = in ? (int32_t)(iy * width + ix) : 0;
+            }
+            inside_at[kx * chunks + chunk] = inside;
+        }
+    }
     /* 16 bytes of slack: a block's 16-byte load may pass its plane's end. */
     uint8_t *plane_codes = malloc((size_t)(batch * planes * plane_bytes + 16));
     if (!plane_codes) {
@@ -327,34 +344,26 @@ static int64_t quantize_image(const float *x, const int64_t *shape, int64_t k, c
     {
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < batch * planes; ++task) {
-            const int64_t b = task / planes, key = plane_key[task % planes];
-            const int64_t c = key / kw / entries, p = key / kw % entries, dx = key % kw * dil_w - pad_w;
+            const int64_t b = task / planes, plane_index = task % planes, kx = plane_kx[plane_index];
+            const int64_t p = plane_param[plane_index], dx = kx * dil_w - pad_w;
             const __m512 iv = _mm512_set1_ps(inverse[p]), zp = _mm512_set1_ps(zero_point[p]);
-            const __m512i widths = _mm512_set1_epi32((int32_t)width);
-            const float *channel = x + (b * channels + c) * height * width;
+            const float *channel = x + (b * channels + plane_channel[plane_index]) * height * width;
+            const __mmask16 *inside = inside_at + kx * chunks;
             uint8_t *plane = plane_codes + task * plane_bytes;
             /* 16 plane codes at a time, across plane rows: a narrow image's rows fill the vector. */
-            for (int64_t f0 = 0; f0 < plane_bytes; f0 += 16) {
-                const __m512i iy =
-                    _mm512_add_epi32(_mm512_loadu_si512(plane_row + f0), _mm512_set1_epi32((int32_t)first_dy));
-                const __m512i ix =
-                    _mm512_add_epi32(_mm512_loadu_si512(plane_column + f0), _mm512_set1_epi32((int32_t)dx));
-                const int64_t left = plane_bytes - f0;
-                const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-                const __mmask16 inside = lanes & _mm512_cmpge_epi32_mask(iy, _mm512_setzero_si512()) &
-                                         _mm512_cmplt_epi32_mask(iy, _mm512_set1_epi32((int32_t)height)) &
-                                         _mm512_cmpge_epi32_mask(ix, _mm512_setzero_si512()) &
-                                         _mm512_cmplt_epi32_mask(ix, _mm512_set1_epi32((int32_t)width));
+            for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+                const int64_t f0 = chunk * 16, left = plane_bytes - f0;
                 /* With out_w == width (a "same" convolution) code f reads input f + first_dy * width + dx: one load,
                    whose masked lanes are not read, so its address may lie outside the image. */
                 const __m512 values =
                     out_w == width
-                        ? _mm512_maskz_loadu_ps(inside, inside ? channel + f0 + first_dy * width + dx : x)
-                        : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside,
-                                                   _mm512_add_epi32(_mm512_mullo_epi32(iy, widths), ix),
+                        ? _mm512_maskz_loadu_ps(inside[chunk], inside[chunk] ? channel + f0 + first_dy * width + dx : x)
+                        : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside[chunk],
+                                                   _mm512_loadu_si512(gather_at + (kx * chunks + chunk) * 16),
                                                    channel, 4);
                 const __m512 q = quantize16(values, iv, zp, top);
-                _mm_mask_storeu_epi8(plane + f0, lanes, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q)));
+                _mm_mask_storeu_epi8(plane + f0, left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1),
+                                     _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q)));
             }
         }
 #pragma omp for schedule(static)
