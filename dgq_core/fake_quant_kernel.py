@@ -93,6 +93,7 @@ void dequantize_u8(const uint8_t *restrict codes, float *restrict out, const flo
 """
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-lm"]
 
+
 def _build() -> ctypes.CDLL | None:
     loaded = native.build("fake_quant", SOURCE, FLAGS, "fake quantization runs as torch ops")
     if loaded is None:

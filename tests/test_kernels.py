@@ -1,10 +1,10 @@
 """Integer executors vs the fake-quant reference, per layer type and activation mode, W8/W4, A8/A6; the fused CUDA
 attention vs the reference attention processor.
 
-All four backends are checked on CPU: the fused VNNI kernel (CPUs with AVX-512 VNNI), oneDNN (the other CPUs),
-`torch._int_mm` (the CUDA fallback's code, run on CPU tensors) and the fused Triton kernel (the CUDA backend, run in
-Triton's interpreter), and so is the Triton attention kernel; both Triton kernels are also compiled for sm_90 and
-sm_80.
+All four backends are checked on CPU: the fused VNNI kernel (CPUs with AVX-512 VNNI; also built without VBMI2, as on
+Cascade Lake), oneDNN (the other CPUs), `torch._int_mm` (the CUDA fallback's code, run on CPU tensors) and the fused
+Triton kernel (the CUDA backend, run in Triton's interpreter), and so is the Triton attention kernel; both Triton
+kernels are also compiled for sm_90 and sm_80.
 They must match fake quantization to float rounding for every width: `_int_mm`, the Triton kernel and oneDNN with
 VNNI accumulate in int32, and oneDNN without VNNI splits the codes that could saturate its int16 pair sums (checked
 under `ONEDNN_MAX_CPU_ISA=AVX2`).

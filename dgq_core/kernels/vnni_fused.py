@@ -46,6 +46,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-err
 PANEL, TILE_COLS = 16, 32
 QUAD = 4
 
+
 def build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """Compile (or load from the cache) the kernel for this CPU; None where it lacks AVX-512 VNNI or the build fails.
 
