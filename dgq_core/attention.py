@@ -52,23 +52,29 @@ MAX_RETAINED_SCORES_BYTES = 256 << 20
 DEFAULT_SCORES_BUDGET_BYTES = 256 << 20
 
 
-def _attention_scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
-    """`scale * query @ key^T` as float32 (B, heads, queries, keys), written into a buffer reused across calls.
+def reusable_buffer(name: str, size: int, like: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor of `size` elements of `like`'s dtype and device, kept per thread under `name` and reused by the
+    next call that fits it, up to `MAX_RETAINED_SCORES_BYTES` (larger ones are allocated per call).
 
     The probabilities of a 1024-token self-attention are 64 MB per SD batch of two: a fresh tensor of that size is
     allocated with fresh pages (glibc maps allocations above 32 MB anew each time), and touching them for the first
     time costs four times the matmul that fills them (17 ms vs 3.6 ms, 2 threads). The buffer is only valid until the
-    next attention call of the same thread, which is after this call's probabilities are consumed.
+    next call of the same thread for `name`, which is after this attention call is done with it.
     """
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.numel() < size or buffer.device != like.device or buffer.dtype != like.dtype:
+        buffer = torch.empty(size, dtype=like.dtype, device=like.device)
+        if size * buffer.element_size() <= MAX_RETAINED_SCORES_BYTES:
+            setattr(_scratch, name, buffer)
+    return buffer[:size]
+
+
+def _attention_scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """`scale * query @ key^T` as float32 (B, heads, queries, keys), written into a buffer reused across calls
+    (`reusable_buffer`)."""
     batch, heads, queries, head_dim = query.shape
     keys = key.shape[2]
-    size = batch * heads * queries * keys
-    buffer = getattr(_scratch, "scores", None)
-    if buffer is None or buffer.numel() < size or buffer.device != query.device or buffer.dtype != query.dtype:
-        buffer = torch.empty(size, dtype=query.dtype, device=query.device)
-        if size * buffer.element_size() <= MAX_RETAINED_SCORES_BYTES:
-            _scratch.scores = buffer
-    scores = buffer[:size].view(batch * heads, queries, keys)
+    scores = reusable_buffer("scores", batch * heads * queries * keys, query).view(batch * heads, queries, keys)
     torch.baddbmm(
         scores, query.reshape(-1, queries, head_dim), key.reshape(-1, keys, head_dim).transpose(1, 2),
         beta=0, alpha=scale, out=scores,
@@ -87,6 +93,8 @@ def _softmax_(scores: torch.Tensor) -> torch.Tensor:
 
 # Code steps per halving of the probability of each log quantizer: base 2 (the method) and base sqrt(2).
 LOG_CODE_STEPS_PER_OCTAVE = {"log2": 1, "log-sqrt2": 2}
+# Probability codes by `QuantConfig.prob_quantizer` name, as the fused attention kernels take them.
+PROB_QUANTIZER_IDS = {"log2": 0, "log-sqrt2": 1, "uniform": 2}
 
 
 def sample_scale(probs: torch.Tensor, keep_start: bool) -> torch.Tensor:
@@ -416,7 +424,8 @@ class DGQAttnProcessor(ExplicitAttnProcessor):
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, mask: torch.Tensor | None
     ) -> torch.Tensor:
         if self.fused_attention is not None and mask is None:
-            return self.fused_attention(query, key, value, scale, self.bits, self.prob_quantizer, self.keep_start)
+            return self.fused_attention(query, key, value, scale, self.bits, self.prob_quantizer, self.keep_start,
+                                        scores_budget_bytes=self.scores_budget_bytes)
         return super()._attend(query, key, value, scale, mask)
 
     def on_query(self, query: torch.Tensor) -> torch.Tensor:

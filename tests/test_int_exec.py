@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import math
 import os
@@ -26,6 +27,7 @@ import dgq_core
 from dgq_core.config import DGQConfig
 from dgq_core.kernels import (
     auto_min_weights,
+    cpu_attention,
     disable_int_execution,
     enable_int_execution,
     execution,
@@ -84,9 +86,13 @@ def quantized(request, tmp_path_factory) -> QuantizedPipe:
 
 @torch.no_grad()
 def test_int_images_agree_with_fake_and_repeat(quantized: QuantizedPipe):
+    """Exec mode "int" as `set_exec_mode` gives it on this CPU: every layer in integers, and DGQ's attention in the
+    CPU attention kernel where the CPU has AVX-512."""
     quantized_pipe = quantized.pipe
     fake = generate(quantized_pipe)
-    assert enable_int_execution(quantized_pipe.unet) > 0
+    assert set_exec_mode(quantized_pipe.unet, "int") > 0
+    fused_attention = quantized.config.method == "dgq" and cpu_attention.available()
+    assert ("cpu_attention" in int_execution_summary(quantized_pipe.unet)["int_kernels"]) == fused_attention
     try:
         first, second = generate(quantized_pipe), generate(quantized_pipe)
     finally:
@@ -100,10 +106,11 @@ def test_int_images_agree_with_fake_and_repeat(quantized: QuantizedPipe):
 @torch.no_grad()
 def test_int_unet_output_does_not_depend_on_its_batch(quantized: QuantizedPipe):
     """A row's UNet output in integers is the same, to the bit, alone and batched (the service batches requests):
-    the float sums of the CPU kernels must not depend on the other rows or on the input's memory layout."""
+    the float sums of the CPU kernels, the attention's included, must not depend on the other rows or on the input's
+    memory layout."""
     unet = copy.deepcopy(quantized.pipe.unet)
     dgq_core.make_batch_invariant(unet)
-    assert enable_int_execution(unet) > 0
+    assert set_exec_mode(unet, "int") > 0
     torch.manual_seed(0)
     size, tokens = unet.config.sample_size, quantized.pipe.tokenizer.model_max_length
     sample = torch.randn(3, unet.config.in_channels, size, size)
@@ -128,9 +135,10 @@ def test_fused_cuda_kernels_images_agree_with_fake(quantized: QuantizedPipe):
 
     attention_calls = []
 
-    def counted_attention(*args):
+    @functools.wraps(dgq_attention)
+    def counted_attention(*args, **kwargs):
         attention_calls.append(args[0].shape)
-        return dgq_attention(*args)
+        return dgq_attention(*args, **kwargs)
 
     unet = quantized.pipe.unet
     fake = generate(quantized.pipe)

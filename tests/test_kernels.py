@@ -1,5 +1,5 @@
-"""Integer executors vs the fake-quant reference, per layer type and activation mode, W8/W4, A8/A6; the fused CUDA
-attention vs the reference attention processor.
+"""Integer executors vs the fake-quant reference, per layer type and activation mode, W8/W4, A8/A6; the fused
+attention kernels (CUDA's, in Triton's interpreter, and the CPU's C kernel) vs the reference attention processor.
 
 All four backends are checked on CPU: the fused VNNI kernel (CPUs with AVX-512 VNNI; also built without VBMI2, as on
 Cascade Lake), oneDNN (the other CPUs), `torch._int_mm` (the CUDA fallback's code, run on CPU tensors) and the fused
@@ -12,6 +12,7 @@ under `ONEDNN_MAX_CPU_ISA=AVX2`).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dgq_core.attention import LOG_CODE_STEPS_PER_OCTAVE, DGQAttnProcessor, sample_scale
-from dgq_core.kernels import IntConv2d, IntLinear, vnni_fused
+from dgq_core.kernels import IntConv2d, IntLinear, cpu_attention, vnni_fused
 from dgq_core.kernels.int_mm import IntMmGemm
 from dgq_core.kernels.onednn import OnednnGemm
 from dgq_core.kernels.vnni_fused import VnniFusedGemm
@@ -58,6 +59,24 @@ NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 NEEDS_VNNI = pytest.mark.skipif(not vnni_fused.available(), reason="the CPU has no AVX-512 VNNI")
 BACKEND_MARKS = {"triton": NEEDS_TRITON, "vnni": NEEDS_VNNI, "vnni-no-vbmi2": NEEDS_VNNI}
 BACKEND_PARAMS = [pytest.param(name, marks=BACKEND_MARKS.get(name, ())) for name in BACKENDS]
+NEEDS_AVX512 = pytest.mark.skipif(not cpu_attention.available(), reason="the CPU has no AVX-512")
+
+
+def triton_attention():
+    from dgq_core.kernels.triton_attention import dgq_attention
+
+    return dgq_attention
+
+
+# The fused attention kernels by name; "cpu-recompute" is the CPU kernel with no room to keep the exponentials
+# between its passes (`scores_budget_bytes=0`), so that it computes them twice.
+ATTENTION_KERNELS = {
+    "triton": triton_attention,
+    "cpu": lambda: cpu_attention.dgq_attention,
+    "cpu-recompute": lambda: functools.partial(cpu_attention.dgq_attention, scores_budget_bytes=0),
+}
+ATTENTION_MARKS = {"triton": NEEDS_TRITON, "cpu": NEEDS_AVX512, "cpu-recompute": NEEDS_AVX512}
+ATTENTION_PARAMS = [pytest.param(name, marks=ATTENTION_MARKS[name]) for name in ATTENTION_KERNELS]
 GROUPS = 8
 
 
@@ -417,17 +436,17 @@ def probability_codes(probs: torch.Tensor, keep_start: bool, quantizer: str, bit
     return -LOG_CODE_STEPS_PER_OCTAVE[quantizer] * torch.log2(ratio.clamp_min(2.0**-300))
 
 
-@NEEDS_TRITON
+@pytest.mark.parametrize("kernel", ATTENTION_PARAMS)
 @pytest.mark.parametrize("bits", [8, 6])
 @pytest.mark.parametrize("quantizer", ["log2", "log-sqrt2", "uniform"])
 @pytest.mark.parametrize("keep_start", [True, False], ids=["cross", "self"])
-def test_fused_attention_gives_the_reference_probability_codes(bits, quantizer, keep_start):
-    """The CUDA attention kernel (Triton's interpreter) quantizes every probability to the reference's code: with
-    the values an identity matrix, its output is the quantized probabilities themselves. Two query blocks and three
-    key tiles; a code may differ only at a tie, where the reference's probability lies within float32 rounding of
-    a code boundary (the kernel sums the softmax in another order and multiplies by reciprocals)."""
-    from dgq_core.kernels.triton_attention import dgq_attention
-
+def test_fused_attention_gives_the_reference_probability_codes(kernel, bits, quantizer, keep_start):
+    """Each fused attention kernel quantizes every probability to the reference's code: with the values an identity
+    matrix, its output is the quantized probabilities themselves. Two query blocks and three key tiles (Triton), 13
+    query tiles with a partial one and 5 key vectors with a partial one (CPU); a code may differ only at a tie,
+    where the reference's probability lies within float32 rounding of a code boundary (the kernels sum the softmax
+    in another order and multiply by reciprocals)."""
+    dgq_attention = ATTENTION_KERNELS[kernel]()
     keys = 77
     query, key = attention_inputs(2, 3, 100, keys, keys, keep_start)
     identity = torch.eye(keys).expand(2, 3, keys, keys)
@@ -452,14 +471,13 @@ def test_fused_attention_gives_the_reference_probability_codes(bits, quantizer, 
     torch.testing.assert_close(fused[quantized][same], reference[quantized][same], rtol=1e-5, atol=0)
 
 
-@NEEDS_TRITON
+@pytest.mark.parametrize("kernel", ATTENTION_PARAMS)
 @pytest.mark.parametrize("head_dim", [40, 80, 160])
 @pytest.mark.parametrize("keep_start", [True, False], ids=["cross", "self"])
-def test_fused_attention_matches_the_reference_processor(head_dim, keep_start):
-    """The kernel's output against the reference processor's at each tiling class (SD's head dims), over several
+def test_fused_attention_matches_the_reference_processor(kernel, head_dim, keep_start):
+    """Each kernel's output against the reference processor's at each tiling class (SD's head dims), over several
     query blocks and key tiles, each sample with its own scale."""
-    from dgq_core.kernels.triton_attention import dgq_attention
-
+    dgq_attention = ATTENTION_KERNELS[kernel]()
     queries, keys = (70, 77) if keep_start else (70, 90)
     query, key = attention_inputs(2, 2, queries, keys, head_dim, keep_start)
     value = torch.randn(2, 2, keys, head_dim, generator=torch.Generator().manual_seed(1))
@@ -471,6 +489,25 @@ def test_fused_attention_matches_the_reference_processor(head_dim, keep_start):
         assert float((row_error > 1e-5).float().mean()) <= 0.01
         alone = dgq_attention(query[1:], key[1:], value[1:], head_dim**-0.5, 8, quantizer, keep_start)
         assert torch.equal(alone, fused[1:]), "a sample's attention does not depend on its batch"
+
+
+@NEEDS_AVX512
+@pytest.mark.parametrize("keep_start", [True, False], ids=["cross", "self"])
+def test_cpu_attention_gives_the_same_floats_whether_it_keeps_the_exponentials_or_not(keep_start):
+    """The CPU kernel keeps as many (sample, head) planes of exponentials between its passes as the budget holds and
+    computes the others again: any budget gives the same floats, so a sample's image does not depend on its batch
+    (whose size moves that split). Also the queries as diffusers hands them, a strided view of (B, T, heads, d)."""
+    query, key = attention_inputs(2, 3, 45, 77, 40, keep_start)
+    query = query.transpose(1, 2).contiguous().transpose(1, 2)
+    value = torch.randn(2, 3, 77, 40, generator=torch.Generator().manual_seed(1))
+    plane_bytes = 4 * 45 * (80 + 16)
+    results = [
+        cpu_attention.dgq_attention(query, key, value, 0.2, 8, "log2", keep_start, scores_budget_bytes=budget)
+        for budget in (0, 2 * plane_bytes + 7, 6 * plane_bytes, 1 << 30)
+    ]
+    assert all(torch.equal(result, results[0]) for result in results[1:])
+    reference = reference_attention(8, "log2", keep_start)._attend(query, key, value, 0.2, None)
+    torch.testing.assert_close(results[0], reference, rtol=1e-4, atol=1e-5)
 
 
 COMPILE_SCRIPT = """

@@ -6,7 +6,8 @@
     y = executor(x, act_params)            # act_params: dgq_core.layers.StepActParams of the current step
 
 Rooms: `protocol` (the `GemmBackend` protocol every backend follows), one module per backend (`vnni_fused`, `onednn`, `int_mm`,
-`triton_fused`), the fused DGQ attention for CUDA (`triton_attention`), `backends` (which of them runs on a device),
+`triton_fused`), the fused DGQ attention for CUDA (`triton_attention`) and for CPUs with AVX-512 (`cpu_attention`),
+`backends` (which of them runs on a device),
 `executors` (DGQ's groups, im2col and 4-bit codes on any backend), `execution` (exec modes on a whole model),
 `graphs` (a UNet's calls as CUDA graphs).
 """

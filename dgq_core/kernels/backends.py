@@ -54,14 +54,20 @@ def select_backend(device: torch.device | str, exact: bool = True) -> GemmBacken
 
 def select_attention_kernel(device: torch.device | str) -> Callable | None:
     """The fused DGQ attention for `device`: on CUDA the Triton kernel (`kernels.triton_attention.dgq_attention`)
-    where Triton is installed; None elsewhere, where the reference attention (`DGQAttnProcessor._attend`, in blocks
-    of query rows within its scores budget) runs.
+    where Triton is installed, on CPUs with AVX-512 the C kernel (`kernels.cpu_attention.dgq_attention`); None
+    elsewhere, where the reference attention (`DGQAttnProcessor._attend`, in blocks of query rows within its scores
+    budget) runs.
 
     Args:
         device (`torch.device | str`): where the attention runs.
     """
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+    device = torch.device(device)
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         from .triton_attention import dgq_attention
 
         return dgq_attention
+    if device.type == "cpu":
+        from . import cpu_attention
+
+        return cpu_attention.dgq_attention if cpu_attention.available() else None
     return None

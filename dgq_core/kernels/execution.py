@@ -1,8 +1,8 @@
 """Exec modes of a whole quantized model: `set_exec_mode(model, "auto" | "int" | "fake")`.
 
 Where a device runs integers, DGQ's attention runs there in the fused kernel of `select_attention_kernel` too (on
-CUDA: `kernels.triton_attention`), which never materializes the probabilities; elsewhere, and in "fake", the
-reference attention runs.
+CUDA `kernels.triton_attention`, which never materializes the probabilities; on CPUs with AVX-512
+`kernels.cpu_attention`, one C call); elsewhere, and in "fake", the reference attention runs.
 
 In "int" mode an 8-bit weight lives only in the backend's packed int8 form: the layer's uint8 code buffer is emptied
 so that no second copy stays resident; "fake" (and moving the model to another device) writes the codes back. A
@@ -159,8 +159,8 @@ def enable_fused_attention(
 
     Args:
         model (`nn.Module`): a quantized UNet.
-        kernel (`Callable | None`): `triton_attention.dgq_attention` or a function of its signature; None:
-            `select_attention_kernel` of each processor's device (none on CPU).
+        kernel (`Callable | None`): `triton_attention.dgq_attention`, `cpu_attention.dgq_attention` or a function of
+            their signature; None: `select_attention_kernel` of each processor's device.
         device (`torch.device | None`): only the processors on this device; None: all.
 
     Returns:
@@ -237,13 +237,16 @@ def int_execution_summary(model: nn.Module) -> dict[str, str]:
 
     Returns:
         `dict[str, str]`: "int_layers", the layers with an integer executor out of all quantized ones ("280/280"),
-        and "int_kernels", their backends' names ("onednn", "triton", "int_mm"), with "triton_attention" where the
-        fused attention runs ("none" when nothing runs in integers).
+        and "int_kernels", their backends' names ("vnni", "onednn", "triton", "int_mm"), with the fused attention's
+        module where one runs ("triton_attention", "cpu_attention"; "none" when nothing runs in integers).
     """
     layers = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
     executors = [layer.int_executor for layer in layers if layer.int_executor is not None]
     kernels = {executor.backend.name for executor in executors}
-    if any(isinstance(m, DGQAttnProcessor) and m.fused_attention is not None for m in model.modules()):
-        kernels.add("triton_attention")
+    kernels |= {
+        m.fused_attention.__module__.rpartition(".")[2]
+        for m in model.modules()
+        if isinstance(m, DGQAttnProcessor) and m.fused_attention is not None
+    }
     kernels = sorted(kernels) or ["none"]
     return {"int_layers": f"{len(executors)}/{len(layers)}", "int_kernels": ",".join(kernels)}

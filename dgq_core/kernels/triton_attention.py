@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention import PROB_QUANTIZER_IDS
 from ..quantizers import EXPONENT_BITS, LOG2_ROUNDING_CARRY, qmax
 from .triton_fused import check_triton_device
 
@@ -43,8 +44,6 @@ _EXPONENT = tl.constexpr(EXPONENT_BITS)
 _ROUNDING_MAGIC = tl.constexpr(8388608.0)
 _SMALLEST_NORMAL = tl.constexpr(torch.finfo(torch.float32).tiny)
 
-# Probability codes by `QuantConfig.prob_quantizer` name, as `_quantized_attention`'s `quantizer` takes them.
-QUANTIZER_IDS = {"log2": 0, "log-sqrt2": 1, "uniform": 2}
 # Three TF32 tensor-core products per dot (big x big + big x small + small x big): about FP32's accuracy at tensor-core
 # speed; "ieee" would be exact FP32 FMA on the CUDA cores, "tf32" one product (10-bit mantissas: codes then move).
 DOT_PRECISION = "tf32x3"
@@ -197,6 +196,7 @@ def dgq_attention(
     quantizer: str = "log2",
     keep_start: bool = False,
     precision: str = DOT_PRECISION,
+    scores_budget_bytes: int | None = None,
 ) -> torch.Tensor:
     """DGQ attention `P^ V` with P^ the per-sample quantized probabilities of `softmax(scale * q k^T)`.
 
@@ -211,6 +211,8 @@ def dgq_attention(
         quantizer (`str`): "log2", "log-sqrt2" or "uniform" (`QuantConfig.prob_quantizer`).
         keep_start (`bool`): key 0 (`<start>`) keeps its exact probability and is left out of the scale.
         precision (`str`): Triton's `input_precision` of the dots on the GPU (the interpreter computes in FP32).
+        scores_budget_bytes (`int | None`): the processor's scores budget, which every call meets: the kernels keep
+            three floats per query row (the signature is that of every fused attention, `cpu_attention`'s too).
 
     Returns:
         `torch.Tensor`: (B, heads, queries, head_dim) in `value`'s dtype, a view of a (B, queries, heads, head_dim)
@@ -235,7 +237,7 @@ def dgq_attention(
     _quantized_attention[(triton.cdiv(n_queries, attention_tiles.queries), batch * heads)](
         query, key, value, stats, sample_scale, out, *q_strides, *k_strides, *v_strides,
         out.stride(0), out.stride(2), out.stride(1), heads, n_queries, n_keys, head_dim, float(scale),
-        float(qmax(bits)), QUANTIZER_IDS[quantizer], int(keep_start), PRECISION=precision,
+        float(qmax(bits)), PROB_QUANTIZER_IDS[quantizer], int(keep_start), PRECISION=precision,
         BM=attention_tiles.queries, BN=attention_tiles.keys, BD=attention_tiles.dims,
         num_warps=attention_tiles.warps, num_stages=attention_tiles.stages,
     )  # fmt: skip
