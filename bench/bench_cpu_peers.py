@@ -3,7 +3,8 @@
 (a) diffusers' default `UNet2DConditionModel` (SD v1.5 architecture, random init), 256 px (32x32 latents), batch 2,
 77 tokens, as bench/bench_unet.py builds it. Every quantized variant calibrates on the timed call's own inputs (DGQ's
 activation groups as bench_unet.py calibrates them, NNCF's statistics likewise). Rows:
-    PyTorch FP32 eager; dgq-serve DGQ-int W8A8 (named by its CPU kernel, vnni or onednn); torch.ao dynamic int8
+    PyTorch FP32 eager; dgq-serve DGQ-int W8A8 in exec mode "int" (named by its CPU kernels: vnni or onednn, and
+    cpu_attention where the CPU has AVX-512); torch.ao dynamic int8
     (Linear layers); torchao Int8DynamicActivationInt8Weight, eager (and compiled with --compile); SDNQ int8
     Linear + Conv with its quantized matmuls; torch.compile FP32 (--compile); OpenVINO FP32 IR with the f32 hint and with the default hint (bf16 where
     the CPU has it); OpenVINO INT8 by NNCF PTQ, default and SmoothQuant (`model_type=TRANSFORMER`).
@@ -53,7 +54,7 @@ from bench_unet import (  # noqa: E402
 from common import load_average, machine, median, time_interleaved  # noqa: E402
 
 import dgq_core  # noqa: E402
-from dgq_core.kernels import enable_int_execution, select_backend  # noqa: E402
+from dgq_core.kernels import int_execution_summary, set_exec_mode  # noqa: E402
 from dgq_eval import harness, metrics, openvino_unet  # noqa: E402
 from dgq_zoo import bundled_model_dir  # noqa: E402
 
@@ -226,8 +227,8 @@ def bench_unet_call(repeats: int, warmup: int, groups: int, with_compile: bool, 
     inputs = unet_inputs(fp32)
     calibrated, stats = calibrate_one_call(fp32, quant_config(8, groups), inputs)
     dgq = quantized_copy(fp32, calibrated, stats)
-    enable_int_execution(dgq)
-    models = {"PyTorch FP32 eager": fp32, f"dgq-serve DGQ-int W8A8 ({select_backend('cpu').name})": dgq}
+    set_exec_mode(dgq, "int")  # as workers run it: integer layers and, with AVX-512, the fused attention
+    models = {"PyTorch FP32 eager": fp32, f"dgq-serve DGQ-int W8A8 ({int_execution_summary(dgq)['int_kernels']})": dgq}
     peers, peer_notes = torch_peers(with_compile)
     notes.update(peer_notes)
     for name, make in tqdm(peers.items(), desc="building peers", unit="peer"):

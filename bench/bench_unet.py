@@ -6,7 +6,8 @@ memory do not depend on the weight values. Input: 256 px images (32x32 latents),
 inputs, the way `dgq quantize` calibrates one sampler step.
 
 Variants (all timed interleaved, round after round; medians reported):
-    FP32 eager; DGQ-int W8A8; DGQ-int W4A8; DGQ-fake W8A8 and W4A8; torch.ao dynamic int8 on the Linear layers (the
+    FP32 eager; DGQ-int W8A8 and W4A8 (exec mode "int" as `set_exec_mode` gives it: on CPUs with AVX-512 the fused
+    attention too); DGQ-fake W8A8 and W4A8; torch.ao dynamic int8 on the Linear layers (the
     nearest peer with real CPU kernels); where the CPU kernel is the fused VNNI one (dgq_core/kernels/vnni_fused.py)
     also DGQ-int W8A8 on oneDNN, one GEMM per channel group; on CPUs without VNNI also DGQ-int W8A8 with the single
     saturating GEMM instead of the exact split (see dgq_core/kernels/onednn.py).
@@ -54,7 +55,7 @@ from dgq_core.diffusers_quantizer import (  # noqa: E402
     load_quantized_unet,
     save_quantized_unet,
 )
-from dgq_core.kernels import enable_int_execution, select_backend  # noqa: E402
+from dgq_core.kernels import select_backend, set_exec_mode  # noqa: E402
 from dgq_core.kernels.onednn import OnednnGemm, has_vnni  # noqa: E402
 from dgq_core.layers import QuantConv2d, QuantizedWeight, QuantLinear  # noqa: E402
 from dgq_core.memory import peak_rss_bytes, trim_heap  # noqa: E402
@@ -243,7 +244,7 @@ def rss_child(variant: str, checkpoint: str | None) -> None:
     else:
         unet = load_quantized_unet(checkpoint)
         if variant.startswith("dgq-int"):
-            enable_int_execution(unet)
+            set_exec_mode(unet, "int")
     model_bytes = resident_bytes() - before
     inputs = unet_inputs(unet)
     unet(**inputs)
@@ -308,7 +309,7 @@ def main() -> None:
         if not args.skip_rss:
             checkpoints[bits] = save_quantized_unet(fakes[bits], workdir / f"w{bits}")
         ints[bits] = copy.deepcopy(fakes[bits])
-        enable_int_execution(ints[bits])
+        set_exec_mode(ints[bits], "int")  # integer layers and, with AVX-512, the fused attention
         stages.update(1)
     ao = ao_dynamic_copy(fp32)
     stages.update(1)
@@ -317,7 +318,7 @@ def main() -> None:
     backend = select_backend("cpu")
     if backend.name != "onednn":  # the same model on oneDNN's per-group GEMMs, side by side
         models[ONEDNN_VARIANT] = copy.deepcopy(fakes[8])
-        enable_int_execution(models[ONEDNN_VARIANT], backend=OnednnGemm())
+        set_exec_mode(models[ONEDNN_VARIANT], "int", backend=OnednnGemm())
     if args.w4:
         models["DGQ-int W4A8"] = ints[4]
     models.update({"DGQ-fake W8A8": fakes[8], "torch.ao dynamic int8 (Linear)": ao})
