@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, synchronized, time_interleaved  # noqa: E402
 
 from dgq_core.attention import DGQAttnProcessor  # noqa: E402
-from dgq_core.kernels.triton_attention import dgq_attention  # noqa: E402
 from dgq_core.layers import ActQuantizer  # noqa: E402
 from dgq_core.steps import StepState  # noqa: E402
 
@@ -69,6 +68,8 @@ def measure(device: torch.device, shapes: list[tuple], repeats: int, warmup: int
 
 
 def measure_shape(device, name, batch, heads, queries, keys, head_dim, repeats, warmup) -> list[dict]:
+    from dgq_core.kernels.triton_attention import dgq_attention  # here: the CPU benchmark imports this module
+
     generator = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(batch, heads, n, head_dim, generator=generator, device=device) for n in (queries, keys, keys))
     keep_start = keys == 77  # cross-attention over a prompt's 77 tokens keeps <start> exact

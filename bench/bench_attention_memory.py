@@ -6,7 +6,8 @@ W8A8 with DGQ the way bench/bench_unet.py does it (activation groups calibrated 
 weight ranges): memory does not depend on the weight values. Each variant runs in a fresh process that loads the
 checkpoint (exec mode "auto", as the service runs it), sets the attention budget and makes one UNet call on a
 128x128 latent (1024x1024 pixels) with 77 text tokens; it reports its peak RSS (VmHWM), the RSS the model added, the
-largest attention-score block it materialized and the call's seconds, and writes its output, so that the blocked and
+largest attention-score block it materialized (the reference's scores, or the exponentials the CPU attention
+kernel keeps between its passes) and the call's seconds, and writes its output, so that the blocked and
 unblocked outputs of the same input are compared.
 
 Variants:
@@ -42,6 +43,7 @@ from common import machine  # noqa: E402
 import dgq_core  # noqa: E402
 from dgq_core import attention  # noqa: E402
 from dgq_core.diffusers_quantizer import load_quantized_unet, save_quantized_unet  # noqa: E402
+from dgq_core.kernels import cpu_attention  # noqa: E402
 
 SIDE = 1024
 LATENT = SIDE // 8
@@ -78,7 +80,18 @@ def child(checkpoint: Path, batch: int, budget: int, output: Path) -> None:
         largest = max(largest, scores.numel() * scores.element_size())
         return scores
 
-    attention._attention_scores = recording  # observes the sizes; the computation is the library's
+    keep = cpu_attention.reusable_buffer
+
+    def recording_buffer(name: str, size: int, like: torch.Tensor) -> torch.Tensor:
+        nonlocal largest
+        buffer = keep(name, size, like)
+        if name == cpu_attention.EXPONENTIALS_BUFFER:
+            largest = max(largest, buffer.numel() * buffer.element_size())
+        return buffer
+
+    # Both observe the sizes; the computation is the library's.
+    attention._attention_scores = recording
+    cpu_attention.reusable_buffer = recording_buffer
     dgq_core.reset_peak_rss()
     started = time.perf_counter()
     out = unet(sample, torch.tensor(500), encoder_hidden_states=text).sample

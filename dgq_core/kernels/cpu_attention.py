@@ -42,6 +42,8 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-err
 # The C kernel's padding of the keys and its largest head dim (its on-stack query tile).
 LANES, MAX_HEAD_DIM = 16, 256
 REQUIRED_FLAGS = ("avx512f", "avx512dq", "avx512bw")
+# `attention.reusable_buffer` names of the packed keys and of the exponentials kept between the passes.
+KEYS_BUFFER, EXPONENTIALS_BUFFER = "cpu_attention_keys", "cpu_attention_exponentials"
 
 
 def build() -> ctypes.CDLL | None:
@@ -112,8 +114,8 @@ def dgq_attention(
     row_floats = padded + LANES  # cpu_attention.c: the exponentials' row stride
     plane_bytes = 4 * n_queries * row_floats
     stored_planes = min(batch * heads, scores_budget_bytes // plane_bytes)
-    keys_t = reusable_buffer("cpu_attention_keys", batch * heads * head_dim * padded, query)
-    exps = reusable_buffer("cpu_attention_exps", stored_planes * n_queries * row_floats, query)
+    keys_t = reusable_buffer(KEYS_BUFFER, batch * heads * head_dim * padded, query)
+    exps = reusable_buffer(EXPONENTIALS_BUFFER, stored_planes * n_queries * row_floats, query)
     stats = torch.empty(3 * batch * heads * n_queries)
     sample_scales = torch.empty(batch)
     library.dgq_attention_f32(
