@@ -510,6 +510,21 @@ def test_cpu_attention_gives_the_same_floats_whether_it_keeps_the_exponentials_o
     torch.testing.assert_close(results[0], reference, rtol=1e-4, atol=1e-5)
 
 
+@NEEDS_AVX512
+def test_cpu_attention_takes_any_head_dim_and_dtype():
+    """A head dim past the register tiles' 48 lanes and not a multiple of 16, and bfloat16 inputs (computed in
+    float32, returned in the values' dtype): what a model's attention may hand the kernel, without an error."""
+    query, key = attention_inputs(2, 2, 30, 40, 300, False)
+    value = torch.randn(2, 2, 40, 300, generator=torch.Generator().manual_seed(1))
+    reference = reference_attention(8, "log2", False)._attend(query, key, value, 300**-0.5, None)
+    fused = cpu_attention.dgq_attention(query, key, value, 300**-0.5, 8, "log2", False)
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
+    halves = [t.bfloat16() for t in (query, key, value)]
+    in_bfloat16 = cpu_attention.dgq_attention(*halves, 300**-0.5, 8, "log2", False)
+    expected = cpu_attention.dgq_attention(*(t.float() for t in halves), 300**-0.5, 8, "log2", False)
+    assert in_bfloat16.dtype == torch.bfloat16 and torch.equal(in_bfloat16, expected.bfloat16())
+
+
 COMPILE_SCRIPT = """
 import json, sys
 import triton

@@ -177,7 +177,7 @@ void dgq_attention_f32(const float *q, const float *k, const float *v, float *ou
 #pragma omp parallel
     {
         float *scratch = aligned_alloc(64, sizeof(float) * (size_t)(ROWS * ld));
-        float qt[ROWS * 256];  /* head dims up to 256: the Python side checks */
+        float *qt = malloc(sizeof(float) * (size_t)(ROWS * head_dim));
 #pragma omp for schedule(static)
         for (int64_t plane = 0; plane < planes; ++plane) {
             const int64_t b = plane / heads, h = plane % heads;
@@ -247,6 +247,7 @@ void dgq_attention_f32(const float *q, const float *k, const float *v, float *ou
             attend_values(tile, ld, rows, v + b * stride_vb + h * stride_vh, stride_vn, n_keys, head_dim,
                           out + (b * n_queries + first) * stride_om + h * head_dim, stride_om);
         }
+        free(qt);
         free(scratch);
     }
     free(quantizers);

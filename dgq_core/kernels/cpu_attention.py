@@ -39,8 +39,8 @@ from ..quantizers import EXPONENT_BITS, LOG2_ROUNDING_CARRY, qmax
 
 SOURCE = Path(__file__).with_name("cpu_attention.c").read_text()
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-lm"]
-# The C kernel's padding of the keys and its largest head dim (its on-stack query tile).
-LANES, MAX_HEAD_DIM = 16, 256
+# The C kernel's padding of the keys (a vector of float32).
+LANES = 16
 REQUIRED_FLAGS = ("avx512f", "avx512dq", "avx512bw")
 # `attention.reusable_buffer` names of the packed keys and of the exponentials kept between the passes.
 KEYS_BUFFER, EXPONENTIALS_BUFFER = "cpu_attention_keys", "cpu_attention_exponentials"
@@ -83,8 +83,8 @@ def dgq_attention(
     `DGQAttnProcessor._attend` computes for method "dgq" without a mask, in one C call.
 
     Args:
-        query (`torch.Tensor`): (B, heads, queries, head_dim) float32 on the CPU, quantized; any strides with a unit
-            last one.
+        query (`torch.Tensor`): (B, heads, queries, head_dim) on the CPU, quantized; any strides with a unit last
+            one. Other dtypes than float32 are computed in float32.
         key, value (`torch.Tensor`): (B, heads, keys, head_dim), quantized (the `<start>` key exact).
         scale (`float`): the score scale (`attn.scale`).
         bits (`int`): probability code width.
@@ -94,22 +94,19 @@ def dgq_attention(
             `scores_budget_bytes`); planes beyond it are computed twice.
 
     Returns:
-        `torch.Tensor`: (B, heads, queries, head_dim) float32, a view of a (B, queries, heads, head_dim) tensor, so
-        that merging the heads is free.
+        `torch.Tensor`: (B, heads, queries, head_dim) in `value`'s dtype, a view of a (B, queries, heads, head_dim)
+        tensor, so that merging the heads is free.
     """
     library = _LIBRARY.get()
     if library is None:
         raise RuntimeError("the CPU attention kernel needs AVX-512 and a C compiler (see `available()`)")
     batch, heads, n_queries, head_dim = query.shape
     n_keys = key.shape[2]
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"the CPU attention kernel takes head dims up to {MAX_HEAD_DIM}, not {head_dim}")
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (query, key, value)):
-        raise ValueError("the CPU attention kernel takes float32 CPU tensors")
-    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    dtype = value.dtype
+    query, key, value = ((t if t.stride(-1) == 1 else t.contiguous()).float() for t in (query, key, value))
     out = torch.empty(batch, n_queries, heads, head_dim)
     if out.numel() == 0 or n_keys == 0:
-        return out.zero_().transpose(1, 2)
+        return out.zero_().to(dtype).transpose(1, 2)
     padded = -(-n_keys // LANES) * LANES
     row_floats = padded + LANES  # cpu_attention.c: the exponentials' row stride
     plane_bytes = 4 * n_queries * row_floats
@@ -124,4 +121,4 @@ def dgq_attention(
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], float(scale), float(qmax(bits)),
         PROB_QUANTIZER_IDS[quantizer], int(keep_start), stored_planes, LOG2_ROUNDING_CARRY, EXPONENT_BITS,
     )  # fmt: skip
-    return out.transpose(1, 2)
+    return out.to(dtype).transpose(1, 2)
