@@ -1,6 +1,7 @@
 /* DGQ attention on CPUs with AVX-512: cpu_attention.py says what it computes and why it is laid out this way. */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -162,8 +163,9 @@ static void attend_values(const float *p, int64_t ld, int rows, const float *v, 
    of padded + 16 floats (a row stride off the 4 KiB that the 8 rows of a tile would otherwise share a cache set at),
    the exponentials of the first stored_planes (sample, head) planes kept between the passes (the others are computed
    again);
-   stats: 3 * batch * heads * n_queries floats; sample_scales: batch floats (out: each sample's scale). */
-void dgq_attention_f32(const float *q, const float *k, const float *v, float *out, float *kt, float *exps,
+   stats: 3 * batch * heads * n_queries floats; sample_scales: batch floats (out: each sample's scale). Returns 0, or
+   -1 where its scratch could not be allocated. */
+int32_t dgq_attention_f32(const float *q, const float *k, const float *v, float *out, float *kt, float *exps,
                        float *stats, float *sample_scales, int64_t batch, int64_t heads, int64_t n_queries,
                        int64_t n_keys, int64_t head_dim, int64_t stride_qb, int64_t stride_qh, int64_t stride_qn,
                        int64_t stride_kb, int64_t stride_kh, int64_t stride_kn, int64_t stride_vb, int64_t stride_vh,
@@ -173,11 +175,21 @@ void dgq_attention_f32(const float *q, const float *k, const float *v, float *ou
     const int64_t tiles = (n_queries + ROWS - 1) / ROWS, tasks = planes * tiles, plane_stats = planes * n_queries;
     float *row_max = stats, *inverse_sum = stats + plane_stats, *largest = stats + 2 * plane_stats;
     const int64_t first_quantized = keep_start ? 1 : 0;
+    /* Each thread's score tile (ROWS rows of ld) and transposed query tile, allocated before the threads start so
+       that a failed allocation is an error code, not a crash. */
+    const int threads = omp_get_max_threads();
+    const size_t thread_floats = (size_t)(ROWS * ld + (ROWS * head_dim + LANES - 1) / LANES * LANES);  /* 64 B */
     ProbQuantizer *quantizers = malloc(sizeof(ProbQuantizer) * (size_t)batch);
-#pragma omp parallel
+    float *thread_scratch = aligned_alloc(64, sizeof(float) * thread_floats * (size_t)threads);
+    if (quantizers == NULL || thread_scratch == NULL) {
+        free(quantizers);
+        free(thread_scratch);
+        return -1;
+    }
+#pragma omp parallel num_threads(threads)
     {
-        float *scratch = aligned_alloc(64, sizeof(float) * (size_t)(ROWS * ld));
-        float *qt = malloc(sizeof(float) * (size_t)(ROWS * head_dim));
+        float *scratch = thread_scratch + thread_floats * (size_t)omp_get_thread_num();
+        float *qt = scratch + ROWS * ld;
 #pragma omp for schedule(static)
         for (int64_t plane = 0; plane < planes; ++plane) {
             const int64_t b = plane / heads, h = plane % heads;
@@ -247,8 +259,8 @@ void dgq_attention_f32(const float *q, const float *k, const float *v, float *ou
             attend_values(tile, ld, rows, v + b * stride_vb + h * stride_vh, stride_vn, n_keys, head_dim,
                           out + (b * n_queries + first) * stride_om + h * head_dim, stride_om);
         }
-        free(qt);
-        free(scratch);
     }
+    free(thread_scratch);
     free(quantizers);
+    return 0;
 }
