@@ -402,8 +402,9 @@ class DGQAttnProcessor(ExplicitAttnProcessor):
         self.state = state
         self.register_buffer("prob_scale", prob_scale if prob_scale is not None else torch.zeros(0))
         self.register_buffer("prob_zero_point", prob_zero_point if prob_zero_point is not None else torch.zeros(0))
-        # In exec mode "int" on CUDA, the fused kernel that computes `_attend` without materializing the
-        # probabilities (`kernels.triton_attention.dgq_attention`, given by `kernels.set_exec_mode`); None: `_attend`.
+        # Where integers run (`kernels.set_exec_mode`), the fused kernel that computes `_attend` in one call:
+        # `kernels.triton_attention.dgq_attention` on CUDA, `kernels.cpu_attention.dgq_attention` on CPUs with
+        # AVX-512; None: `_attend`.
         self.fused_attention: Callable | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

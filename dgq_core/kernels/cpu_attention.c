@@ -18,7 +18,8 @@ static inline __mmask16 lanes_below(int64_t count) {
 
 /* exp(x) for x <= 0 (scores minus their row's maximum), Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, a degree-6
    polynomial for e^r, then the exponent added by vscalefps (which takes the result down through the subnormals to
-   zero). Within 2 ulp of expf: a probability's code changes only next to a code boundary. */
+   zero). Within 1 ulp of glibc's expf wherever that is a normal float (every seventh float of [-104, 0] checked):
+   a probability's code changes only next to a code boundary. */
 static inline __m512 exp_nonpositive(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f)); /* e^-150 is 0 in float32; keeps -inf out of the reduction */
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -89,8 +90,14 @@ static inline __attribute__((always_inline)) void score_block(const float *qt, c
             if (r < rows) _mm512_storeu_ps(s + r * ld + u * LANES, _mm512_mul_ps(acc[r][u], scales));
 }
 
-static void scores(const float *qt, const float *kt, int64_t padded, int64_t head_dim, float scale, float *s,
-                   int64_t ld, int rows) {
+/* The scores of a tile's `rows` queries (from `queries`, stride_qn apart) against a plane's keys into s (rows of ld);
+   qt: scratch for the queries transposed (the register rows past `rows` repeat the last query). */
+static void scores(const float *queries, int64_t stride_qn, int rows, float *qt, const float *kt, int64_t padded,
+                   int64_t head_dim, float scale, float *s, int64_t ld) {
+    for (int r = 0; r < ROWS; ++r) {
+        const float *query = queries + (r < rows ? r : rows - 1) * stride_qn;
+        for (int64_t d = 0; d < head_dim; ++d) qt[d * ROWS + r] = query[d];
+    }
     int64_t j = 0;
     for (; j + TILE_VECTORS * LANES <= padded; j += TILE_VECTORS * LANES)
         score_block(qt, kt + j * head_dim, head_dim, scale, s + j, ld, rows, TILE_VECTORS);
@@ -118,6 +125,18 @@ static float row_maximum(const float *row, int64_t n_keys, int64_t from) {
         best = _mm512_mask_max_ps(best, valid, best, _mm512_maskz_loadu_ps(valid, row + j));
     }
     return _mm512_reduce_max_ps(best);
+}
+
+/* A row's exponentials become its quantized probabilities p = e / l in place; the <start> column keeps p exact. */
+static void quantize_row(float *row, int64_t n_keys, float inverse_sum, int keep_start, const ProbQuantizer *q) {
+    const float start = row[0] * inverse_sum;
+    const __m512 inverse = _mm512_set1_ps(inverse_sum);
+    for (int64_t j = 0; j < n_keys; j += LANES) {
+        const __mmask16 valid = lanes_below(n_keys - j);
+        const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, row + j), inverse);
+        _mm512_mask_storeu_ps(row + j, valid, quantize(p, q));
+    }
+    if (keep_start) row[0] = start;
 }
 
 /* out_r[d0 .. d0 + 16 VECTORS) = sum_j p[r][j] v_j over the tile's rows (p: rows of ld; v rows stride_vn); the
@@ -172,6 +191,7 @@ int32_t dgq_attention_f32(const float *q, const float *k, const float *v, float 
                        int64_t stride_vn, float scale, float qmax, int32_t kind, int32_t keep_start,
                        int64_t stored_planes, uint32_t carry, uint32_t exponent) {
     const int64_t planes = batch * heads, padded = (n_keys + LANES - 1) / LANES * LANES, ld = padded + LANES;
+    const int64_t plane_keys = head_dim * padded;
     const int64_t tiles = (n_queries + ROWS - 1) / ROWS, tasks = planes * tiles, plane_stats = planes * n_queries;
     float *row_max = stats, *inverse_sum = stats + plane_stats, *largest = stats + 2 * plane_stats;
     const int64_t first_quantized = keep_start ? 1 : 0;
@@ -193,19 +213,16 @@ int32_t dgq_attention_f32(const float *q, const float *k, const float *v, float 
 #pragma omp for schedule(static)
         for (int64_t plane = 0; plane < planes; ++plane) {
             const int64_t b = plane / heads, h = plane % heads;
-            pack_keys(k + b * stride_kb + h * stride_kh, stride_kn, n_keys, head_dim, padded, kt + plane * head_dim * padded);
+            pack_keys(k + b * stride_kb + h * stride_kh, stride_kn, n_keys, head_dim, padded, kt + plane * plane_keys);
         }
         /* Pass 1: each row's maximum, 1 / sum of exponentials and largest quantized probability. */
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; ++task) {
             const int64_t plane = task / tiles, first = task % tiles * ROWS, b = plane / heads, h = plane % heads;
             const int rows = (int)(n_queries - first < ROWS ? n_queries - first : ROWS);
-            for (int r = 0; r < ROWS; ++r) {
-                const float *query = q + b * stride_qb + h * stride_qh + (first + (r < rows ? r : rows - 1)) * stride_qn;
-                for (int64_t d = 0; d < head_dim; ++d) qt[d * ROWS + r] = query[d];
-            }
             float *tile = plane < stored_planes ? exps + (plane * n_queries + first) * ld : scratch;
-            scores(qt, kt + plane * head_dim * padded, padded, head_dim, scale, tile, ld, rows);
+            scores(q + b * stride_qb + h * stride_qh + first * stride_qn, stride_qn, rows, qt, kt + plane * plane_keys,
+                   padded, head_dim, scale, tile, ld);
             for (int r = 0; r < rows; ++r) {
                 float *row = tile + r * ld;
                 const int64_t at = plane * n_queries + first + r;
@@ -232,29 +249,17 @@ int32_t dgq_attention_f32(const float *q, const float *k, const float *v, float 
         for (int64_t task = 0; task < tasks; ++task) {
             const int64_t plane = task / tiles, first = task % tiles * ROWS, b = plane / heads, h = plane % heads;
             const int rows = (int)(n_queries - first < ROWS ? n_queries - first : ROWS);
+            const int64_t at = plane * n_queries + first;
             float *tile = scratch;
             if (plane < stored_planes) {
-                tile = exps + (plane * n_queries + first) * ld;
+                tile = exps + at * ld;
             } else {
-                for (int r = 0; r < ROWS; ++r) {
-                    const float *query = q + b * stride_qb + h * stride_qh + (first + (r < rows ? r : rows - 1)) * stride_qn;
-                    for (int64_t d = 0; d < head_dim; ++d) qt[d * ROWS + r] = query[d];
-                }
-                scores(qt, kt + plane * head_dim * padded, padded, head_dim, scale, tile, ld, rows);
-                for (int r = 0; r < rows; ++r) exponentiate(tile + r * ld, n_keys, row_max[plane * n_queries + first + r]);
+                scores(q + b * stride_qb + h * stride_qh + first * stride_qn, stride_qn, rows, qt,
+                       kt + plane * plane_keys, padded, head_dim, scale, tile, ld);
+                for (int r = 0; r < rows; ++r) exponentiate(tile + r * ld, n_keys, row_max[at + r]);
             }
-            const ProbQuantizer *quantizer = &quantizers[b];
-            for (int r = 0; r < rows; ++r) {
-                float *row = tile + r * ld;
-                const __m512 inverse = _mm512_set1_ps(inverse_sum[plane * n_queries + first + r]);
-                const float start = row[0] * inverse_sum[plane * n_queries + first + r];
-                for (int64_t j = 0; j < n_keys; j += LANES) {
-                    const __mmask16 valid = lanes_below(n_keys - j);
-                    const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, row + j), inverse);
-                    _mm512_mask_storeu_ps(row + j, valid, quantize(p, quantizer));
-                }
-                if (keep_start) row[0] = start;
-            }
+            for (int r = 0; r < rows; ++r)
+                quantize_row(tile + r * ld, n_keys, inverse_sum[at + r], keep_start, &quantizers[b]);
             const int64_t stride_om = heads * head_dim;
             attend_values(tile, ld, rows, v + b * stride_vb + h * stride_vh, stride_vn, n_keys, head_dim,
                           out + (b * n_queries + first) * stride_om + h * head_dim, stride_om);

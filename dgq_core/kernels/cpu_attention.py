@@ -17,13 +17,13 @@ two passes, with register tiles of 8 query rows:
 
 Agreement with the reference: the same codes, except where a probability lies within float32 rounding of a code
 boundary: the kernel sums the scores' dot products and the softmax denominator in another order, takes its
-exponentials from a polynomial (within 2 ulp of expf) and multiplies by `1 / l` and `1 / s` where the reference
-divides (`tests/test_kernels.py` checks that every differing code is such a tie, as for the Triton kernel). A row's
-result depends only on its own sample: a batch changes which planes are kept, and kept or computed again the
-exponentials are the same floats.
+exponentials from a polynomial (within 1 ulp of glibc's expf) and multiplies by `1 / l` and `1 / s` where the
+reference divides (`tests/test_kernels.py` checks that every differing code is such a tie, as for the Triton
+kernel). A row's result depends only on its own sample: a batch changes which planes are kept, and kept or computed
+again the exponentials are the same floats.
 
-Built by `native.build` at first use where the CPU has AVX-512 (F, with DQ and BW for the masks); `available()`
-says whether it can run.
+Built by `native.build` at first use where the CPU has AVX-512 (its foundation instructions); `available()` says
+whether it can run.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ SOURCE = Path(__file__).with_name("cpu_attention.c").read_text()
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-lm"]
 # The C kernel's padding of the keys (a vector of float32).
 LANES = 16
-REQUIRED_FLAGS = ("avx512f", "avx512dq", "avx512bw")
+REQUIRED_FLAGS = ("avx512f",)
 # `attention.reusable_buffer` names of the packed keys and of the exponentials kept between the passes.
 KEYS_BUFFER, EXPONENTIALS_BUFFER = "cpu_attention_keys", "cpu_attention_exponentials"
 
