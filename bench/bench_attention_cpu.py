@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention_cuda import markdown, reference_processor  # noqa: E402
-from common import machine, median, time_interleaved  # noqa: E402
+from bench_attention_cuda import REFERENCE, compare_calls, markdown, reference_processor  # noqa: E402
+from common import machine  # noqa: E402
 
 from dgq_core.kernels import cpu_attention  # noqa: E402
 
@@ -52,23 +52,13 @@ def measure_shape(name, batch, heads, queries, keys, head_dim, repeats, warmup) 
     reference = reference_processor(keep_start)
     kernel = functools.partial(cpu_attention.dgq_attention, q, k, v, scale, 8, "log2", keep_start)
     calls = {
-        "reference (fp32, blocked)": lambda: reference._attend(q, k, v, scale, None),
+        REFERENCE: lambda: reference._attend(q, k, v, scale, None),
         "cpu kernel": kernel,
         "cpu kernel, exponentials computed twice": functools.partial(kernel, scores_budget_bytes=0),
         "sdpa fp32 (unquantized)": lambda: F.scaled_dot_product_attention(q, k, v),
     }
-    outputs = {variant: call() for variant, call in calls.items()}
-    times = time_interleaved(calls, repeats, warmup)
-    expected = outputs["reference (fp32, blocked)"]
-    return [
-        {
-            "shape": name, "batch": batch, "heads": heads, "queries": queries, "keys": keys, "head_dim": head_dim,
-            "variant": variant, "s_per_call": median(times[variant]), "call_peak_bytes": None,
-            "x_reference": median(times["reference (fp32, blocked)"]) / median(times[variant]),
-            "max_error_vs_reference": float((outputs[variant] - expected).abs().max() / expected.abs().max()),
-        }
-        for variant in calls
-    ]  # fmt: skip
+    shape = {"shape": name, "batch": batch, "heads": heads, "queries": queries, "keys": keys, "head_dim": head_dim}
+    return compare_calls(torch.device("cpu"), shape, calls, repeats, warmup)
 
 
 def main() -> None:

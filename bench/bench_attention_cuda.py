@@ -77,19 +77,30 @@ def measure_shape(device, name, batch, heads, queries, keys, head_dim, repeats, 
     reference = reference_processor(keep_start)
     half = torch.float16 if device.type == "cuda" else torch.bfloat16
     q16, k16, v16 = q.to(half), k.to(half), v.to(half)
-    calls = {"reference (fp32, blocked)": lambda: reference._attend(q, k, v, scale, None)}
+    calls = {REFERENCE: lambda: reference._attend(q, k, v, scale, None)}
     # The interpreter computes every dot in FP32 whatever the precision: one of them on CPU.
     for precision in PRECISIONS if device.type == "cuda" else PRECISIONS[:1]:
         calls[f"fused {precision}"] = lambda p=precision: dgq_attention(q, k, v, scale, 8, "log2", keep_start, p)
     calls["sdpa fp16 (unquantized)"] = lambda: F.scaled_dot_product_attention(q16, k16, v16)
+    shape = {"shape": name, "batch": batch, "heads": heads, "queries": queries, "keys": keys, "head_dim": head_dim}
+    return compare_calls(device, shape, calls, repeats, warmup)
+
+
+REFERENCE = "reference (fp32, blocked)"
+
+
+def compare_calls(device, shape: dict, calls: dict, repeats: int, warmup: int) -> list[dict]:
+    """A row per variant of one shape (`calls`, the reference's under `REFERENCE`), timed interleaved: seconds per
+    call, its ratio to the reference's, call memory (CUDA), difference from the reference's output."""
     calls = {variant: synchronized(device, call) for variant, call in calls.items()}
     outputs = {variant: call().float() for variant, call in calls.items()}
     times = time_interleaved(calls, repeats, warmup)
-    expected = outputs["reference (fp32, blocked)"]
+    expected = outputs[REFERENCE]
     return [
         {
-            "shape": name, "batch": batch, "heads": heads, "queries": queries, "keys": keys, "head_dim": head_dim,
-            "variant": variant, "s_per_call": median(times[variant]), "call_peak_bytes": peak_bytes(device, call),
+            **shape, "variant": variant, "s_per_call": median(times[variant]),
+            "x_reference": median(times[REFERENCE]) / median(times[variant]),
+            "call_peak_bytes": peak_bytes(device, call),
             "max_error_vs_reference": float((outputs[variant] - expected).abs().max() / expected.abs().max()),
         }
         for variant, call in calls.items()

@@ -43,10 +43,10 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
-# Per thread: each thread that runs attention keeps the largest scores tensor it needed (see `_attention_scores`),
-# up to this size; larger ones (SD at 512 px: 1 GiB per CFG pair) are allocated per call rather than held for good.
+# Per thread: each thread that runs attention keeps the largest buffer of each name it needed (`reusable_buffer`), up
+# to this size; larger ones (SD at 512 px: 1 GiB of scores per CFG pair) are allocated per call, not held for good.
 _scratch = threading.local()
-MAX_RETAINED_SCORES_BYTES = 256 << 20
+MAX_RETAINED_BUFFER_BYTES = 256 << 20
 # The scores one attention call materializes at most (float32, all samples and heads); larger calls run in blocks of
 # query rows. SD v1.5 at 512 px needs 1 GiB for a CFG pair's self-attention, at 1024 px 16 GiB.
 DEFAULT_SCORES_BUDGET_BYTES = 256 << 20
@@ -54,7 +54,7 @@ DEFAULT_SCORES_BUDGET_BYTES = 256 << 20
 
 def reusable_buffer(name: str, size: int, like: torch.Tensor) -> torch.Tensor:
     """A 1-D tensor of `size` elements of `like`'s dtype and device, kept per thread under `name` and reused by the
-    next call that fits it, up to `MAX_RETAINED_SCORES_BYTES` (larger ones are allocated per call).
+    next call that fits it, up to `MAX_RETAINED_BUFFER_BYTES` (larger ones are allocated per call).
 
     The probabilities of a 1024-token self-attention are 64 MB per SD batch of two: a fresh tensor of that size is
     allocated with fresh pages (glibc maps allocations above 32 MB anew each time), and touching them for the first
@@ -64,7 +64,7 @@ def reusable_buffer(name: str, size: int, like: torch.Tensor) -> torch.Tensor:
     buffer = getattr(_scratch, name, None)
     if buffer is None or buffer.numel() < size or buffer.device != like.device or buffer.dtype != like.dtype:
         buffer = torch.empty(size, dtype=like.dtype, device=like.device)
-        if size * buffer.element_size() <= MAX_RETAINED_SCORES_BYTES:
+        if size * buffer.element_size() <= MAX_RETAINED_BUFFER_BYTES:
             setattr(_scratch, name, buffer)
     return buffer[:size]
 

@@ -182,10 +182,9 @@ static void attend_values(const float *p, int64_t ld, int rows, const float *v, 
    of padded + 16 floats (a row stride off the 4 KiB that the 8 rows of a tile would otherwise share a cache set at),
    the exponentials of the first stored_planes (sample, head) planes kept between the passes (the others are computed
    again);
-   stats: 3 * batch * heads * n_queries floats; sample_scales: batch floats (out: each sample's scale). Returns 0, or
-   -1 where its scratch could not be allocated. */
+   stats: 3 * batch * heads * n_queries floats. Returns 0, or -1 where its scratch could not be allocated. */
 int32_t dgq_attention_f32(const float *q, const float *k, const float *v, float *out, float *kt, float *exps,
-                       float *stats, float *sample_scales, int64_t batch, int64_t heads, int64_t n_queries,
+                       float *stats, int64_t batch, int64_t heads, int64_t n_queries,
                        int64_t n_keys, int64_t head_dim, int64_t stride_qb, int64_t stride_qh, int64_t stride_qn,
                        int64_t stride_kb, int64_t stride_kh, int64_t stride_kn, int64_t stride_vb, int64_t stride_vh,
                        int64_t stride_vn, float scale, float qmax, int32_t kind, int32_t keep_start,
@@ -194,7 +193,6 @@ int32_t dgq_attention_f32(const float *q, const float *k, const float *v, float 
     const int64_t plane_keys = head_dim * padded;
     const int64_t tiles = (n_queries + ROWS - 1) / ROWS, tasks = planes * tiles, plane_stats = planes * n_queries;
     float *row_max = stats, *inverse_sum = stats + plane_stats, *largest = stats + 2 * plane_stats;
-    const int64_t first_quantized = keep_start ? 1 : 0;
     /* Each thread's score tile (ROWS rows of ld) and transposed query tile, allocated before the threads start so
        that a failed allocation is an error code, not a crash. */
     const int threads = omp_get_max_threads();
@@ -227,7 +225,7 @@ int32_t dgq_attention_f32(const float *q, const float *k, const float *v, float 
                 float *row = tile + r * ld;
                 const int64_t at = plane * n_queries + first + r;
                 const float maximum = row_maximum(row, n_keys, 0);
-                const float quantized_max = keep_start ? row_maximum(row, n_keys, first_quantized) : maximum;
+                const float quantized_max = keep_start ? row_maximum(row, n_keys, 1) : maximum;
                 const float inverse = 1.0f / exponentiate(row, n_keys, maximum);
                 row_max[at] = maximum;
                 inverse_sum[at] = inverse;
@@ -240,7 +238,6 @@ int32_t dgq_attention_f32(const float *q, const float *k, const float *v, float 
             for (int64_t at = b * heads * n_queries; at < (b + 1) * heads * n_queries; ++at)
                 s = largest[at] > s ? largest[at] : s;
             const float step = fmaxf(s / qmax, 1.17549435e-38f);
-            sample_scales[b] = s;
             quantizers[b] = (ProbQuantizer){kind, s, 1.0f / s, step, 1.0f / step, qmax,
                                             fmaxf(exp2f(-qmax), 1.17549435e-38f), carry, exponent};
         }

@@ -55,7 +55,7 @@ def build() -> ctypes.CDLL | None:
         return None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     loaded.dgq_attention_f32.argtypes = (
-        [pointer] * 8 + [i64] * 14 + [ctypes.c_float] * 2 + [i32] * 2 + [i64] + [ctypes.c_uint32] * 2
+        [pointer] * 7 + [i64] * 14 + [ctypes.c_float] * 2 + [i32] * 2 + [i64] + [ctypes.c_uint32] * 2
     )
     loaded.dgq_attention_f32.restype = ctypes.c_int32
     return loaded
@@ -114,10 +114,9 @@ def dgq_attention(
     keys_t = reusable_buffer(KEYS_BUFFER, batch * heads * head_dim * padded, query)
     exps = reusable_buffer(EXPONENTIALS_BUFFER, stored_planes * n_queries * row_floats, query)
     stats = torch.empty(3 * batch * heads * n_queries)
-    sample_scales = torch.empty(batch)
     status = library.dgq_attention_f32(
         query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), keys_t.data_ptr(), exps.data_ptr(),
-        stats.data_ptr(), sample_scales.data_ptr(), batch, heads, n_queries, n_keys, head_dim,
+        stats.data_ptr(), batch, heads, n_queries, n_keys, head_dim,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], float(scale), float(qmax(bits)),
         PROB_QUANTIZER_IDS[quantizer], int(keep_start), stored_planes, LOG2_ROUNDING_CARRY, EXPONENT_BITS,
     )  # fmt: skip
